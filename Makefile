@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` and `make test`. Everything else is plumbing for them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-fast test-reliability bench lint system-deps venv clean
+
+# System packages (Debian): the dataset, sshd for remote-train tests, dockerd for image tests,
+# Postgres 15 for the tracking node, Java 17 for TorchServe. Skipped when already present.
+system-deps:
+	@bash scripts/system-deps.sh
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	@bash scripts/system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" wheel
+	# torch first and exactly pinned: otherwise a dependency pulls the CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps torchvision==0.28.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/flywheel demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not reliability" tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not reliability" tests
+
+test-reliability: $(STAMP)
+	$(PY) -m pytest -q -m reliability tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) mlruns mlflow.db .flywheel

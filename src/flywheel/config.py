@@ -1,0 +1,90 @@
+"""One typed place for configuration: environment variables first, CLI flags override.
+
+Nothing here touches the filesystem or MLflow at import time; `Settings.from_env()` only reads
+`os.environ`, and `Settings.apply()` is the one call that points the MLflow client somewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "fashion-classifier"
+DEFAULT_EXPERIMENT = "flywheel"
+ALIASES = ("candidate", "dev", "prod")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Flywheel tracks, stores and names things. Build with `Settings.from_env()`."""
+
+    tracking_uri: str
+    work_dir: Path  # local state: embedded store, caches, stack state (FLYWHEEL_HOME)
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    data_dir: Path | None = None  # FLYWHEEL_DATA_DIR: where dataset files are looked up first
+
+    @property
+    def embedded(self) -> bool:
+        """True when tracking runs in-process on SQLite rather than against a server."""
+        return self.tracking_uri.startswith("sqlite:")
+
+    @property
+    def artifact_root(self) -> str | None:
+        """Local artifact directory used for new experiments of the embedded store."""
+        return (self.work_dir / "mlartifacts").resolve().as_uri() if self.embedded else None
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from env vars; keyword overrides (CLI flags) win when not None."""
+        work_dir = Path(_env("FLYWHEEL_HOME", str(Path.cwd() / ".flywheel")))
+        data_dir = _env("FLYWHEEL_DATA_DIR")
+        settings = cls(
+            tracking_uri=_env("MLFLOW_TRACKING_URI") or f"sqlite:///{(work_dir / 'mlflow.db').resolve()}",
+            work_dir=work_dir,
+            experiment=_env("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT),
+            model_name=_env("FLYWHEEL_MODEL_NAME", DEFAULT_MODEL_NAME),
+            username=_env("MLFLOW_TRACKING_USERNAME"),
+            password=_env("MLFLOW_TRACKING_PASSWORD"),
+            data_dir=Path(data_dir) if data_dir else None,
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "work_dir" in given and "MLFLOW_TRACKING_URI" not in os.environ and "tracking_uri" not in given:
+            wd = Path(str(given["work_dir"]))
+            given["tracking_uri"] = f"sqlite:///{(wd / 'mlflow.db').resolve()}"
+        return replace(settings, **given) if given else settings
+
+    def apply(self) -> Settings:
+        """Point the MLflow client at this tracking server (and create the embedded store's dir)."""
+        import mlflow
+
+        if self.embedded:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        # The MLflow client reads credentials from the environment only.
+        if self.username is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = self.username
+        if self.password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        return self
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a subprocess (mlflow run, torchrun) that must log to the same place."""
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "FLYWHEEL_HOME": str(self.work_dir),
+               "MLFLOW_EXPERIMENT_NAME": self.experiment, "FLYWHEEL_MODEL_NAME": self.model_name}
+        if self.username is not None:
+            env["MLFLOW_TRACKING_USERNAME"] = self.username
+        if self.password is not None:
+            env["MLFLOW_TRACKING_PASSWORD"] = self.password
+        if self.data_dir is not None:
+            env["FLYWHEEL_DATA_DIR"] = str(self.data_dir)
+        return env

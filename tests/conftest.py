@@ -1,0 +1,39 @@
+"""Shared pytest fixtures. Each area keeps its server fixtures in its own plugin module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures_core",
+    "tests.fixtures_tracking",
+    "tests.fixtures_ssh",
+    "tests.fixtures_serving",
+    "tests.fixtures_monitor",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bind to 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """Every test starts with no tracking server configured and its own FLYWHEEL_HOME."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "FLYWHEEL_MODEL_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "flywheel-home"))
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
