@@ -1,0 +1,427 @@
+"""Capture served traffic to a store (local directory or gs://bucket/prefix), off the request path.
+
+This module is copied into every TorchServe archive next to the handler, so it imports only the
+standard library and numpy at module level (google-cloud-storage lazily, for gs:// only) and never
+other flywheel modules.
+
+Writer: `CaptureWriter.submit(record)` puts the record on a bounded queue and returns at once; a
+daemon thread batches records into one JSON-lines object per flush. A slow, full or unreachable store
+therefore never fails a request or delays it: records that do not fit are counted in `dropped`.
+
+Store layout (one layout for both backends; object names sort by time):
+    <root>/<model>/captures/<ts_ns:019d>-<writer>-<seq:08d>.jsonl   one line per captured request
+    <root>/<model>/feedback/<ts_ns:019d>-<writer>-<seq:08d>.jsonl   {"prediction_id", "label"} lines
+The batch name is the monitor's cursor: `iter_captures(..., since=name)` yields strictly newer batches.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+CAPTURES = "captures"
+FEEDBACK = "feedback"
+_SENTINEL = object()
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(model: str) -> str:
+    """A model name usable as one path segment in a directory or a bucket."""
+    cleaned = _SAFE.sub("_", model).strip("._")
+    if not cleaned:
+        raise ValueError(f"model name {model!r} has no usable characters for a capture path")
+    return cleaned
+
+
+def batch_key(ts: float | None = None, writer: str = "", seq: int = 0) -> str:
+    """Sortable object name: nanosecond timestamp first, so lexical order is time order."""
+    ns = int((time.time() if ts is None else ts) * 1e9)
+    return f"{ns:019d}-{writer}-{seq:08d}.jsonl" if writer else f"{ns:019d}"
+
+
+def key_time(key: str) -> float:
+    """Seconds since the epoch encoded in a batch key (inverse of `batch_key`)."""
+    return int(key.split("-", 1)[0].split(".", 1)[0]) / 1e9
+
+
+# ---------------------------------------------------------------------------------------- stores
+class LocalStore:
+    """A directory; writes go to a temp file then `os.replace`, so readers never see half a batch."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def list(self, prefix: str, after: str | None = None) -> list[str]:
+        folder = self.root / prefix
+        if not folder.is_dir():
+            return []
+        names = sorted(p.name for p in folder.iterdir() if p.suffix == ".jsonl" and not p.name.startswith("."))
+        return [f"{prefix}/{n}" for n in names if after is None or n > after]
+
+    def get(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+
+class GCSStore:
+    """gs://bucket/prefix through google-cloud-storage (honours STORAGE_EMULATOR_HOST)."""
+
+    def __init__(self, bucket: str, prefix: str = "", timeout: float = 5.0):
+        self.bucket_name, self.prefix, self.timeout = bucket, prefix.strip("/"), timeout
+        self.uri = f"gs://{bucket}/{self.prefix}".rstrip("/")
+        self._bucket = None
+
+    def _b(self):
+        if self._bucket is None:
+            from google.cloud import storage  # lazy: serving without gs:// never imports it
+
+            self._bucket = storage.Client().bucket(self.bucket_name)
+        return self._bucket
+
+    def _full(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, name: str, data: bytes) -> None:
+        # No client-side retry loop: a failing store must cost one bounded attempt, then count as dropped.
+        self._b().blob(self._full(name)).upload_from_string(
+            data, content_type="application/x-ndjson", timeout=self.timeout, retry=None)
+
+    def list(self, prefix: str, after: str | None = None) -> list[str]:
+        full = self._full(prefix) + "/"
+        start = full + after + "\x00" if after else None  # start_offset is inclusive; skip `after` itself
+        blobs = self._b().client.list_blobs(self.bucket_name, prefix=full, start_offset=start,
+                                            timeout=self.timeout)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(b.name[strip:] for b in blobs if b.name.endswith(".jsonl"))
+
+    def get(self, name: str) -> bytes:
+        return self._b().blob(self._full(name)).download_as_bytes(timeout=self.timeout)
+
+
+def open_store(uri: str) -> LocalStore | GCSStore:
+    """`gs://bucket/prefix` or a local directory (plain path or file:// URI)."""
+    if not uri:
+        raise ValueError("capture store URI is empty: give a directory or gs://bucket/prefix")
+    if uri.startswith("gs://"):
+        bucket, _, prefix = uri[len("gs://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"capture store URI {uri!r} names no bucket: use gs://bucket/prefix")
+        return GCSStore(bucket, prefix)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        raise ValueError(f"capture store URI {uri!r}: only local directories and gs://bucket/prefix are supported")
+    return LocalStore(uri)
+
+
+# ---------------------------------------------------------------------------------------- records
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float32).round(6).tolist() if value.dtype.kind == "f" else value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def encode_record(record: dict) -> str:
+    """One JSON line; image bytes as base64, arrays as lists."""
+    out = {}
+    for key, value in record.items():
+        if key == "image_png" and isinstance(value, (bytes, bytearray)):
+            out["image_png_b64"] = base64.b64encode(bytes(value)).decode("ascii")
+        else:
+            out[key] = _jsonable(value)
+    return json.dumps(out, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One captured request, as the monitor and `data snapshot` read it back."""
+
+    prediction_id: str
+    model: str
+    version: str
+    ts: float
+    embedding: np.ndarray | None
+    label: str | None
+    label_index: int | None
+    confidence: float | None
+    probs: np.ndarray | None
+    image_png: bytes | None = field(repr=False)
+    batch: str = ""  # the store object it came from: the reader's cursor
+
+
+def decode_record(line: str, batch: str = "") -> Capture:
+    raw = json.loads(line)
+    emb = raw.get("embedding")
+    probs = raw.get("probs")
+    img = raw.get("image_png_b64")
+    return Capture(
+        prediction_id=str(raw.get("prediction_id", "")),
+        model=str(raw.get("model", "")),
+        version=str(raw.get("version", "")),
+        ts=float(raw.get("ts") or 0.0),
+        embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
+        label=raw.get("label"),
+        label_index=None if raw.get("label_index") is None else int(raw["label_index"]),
+        confidence=None if raw.get("confidence") is None else float(raw["confidence"]),
+        probs=None if probs is None else np.asarray(probs, dtype=np.float32),
+        image_png=None if img is None else base64.b64decode(img),
+        batch=batch,
+    )
+
+
+# ---------------------------------------------------------------------------------------- writer
+class CaptureWriter:
+    """Bounded, sampled, batched capture writer. `submit` never blocks and never raises."""
+
+    def __init__(self, uri: str, sample_rate: float = 1.0, max_queue: int = 1024, flush_every: int = 64,
+                 flush_seconds: float = 1.0, model: str | None = None):
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"capture sample_rate must be within [0, 1], got {sample_rate}")
+        if max_queue < 1 or flush_every < 1 or flush_seconds <= 0:
+            raise ValueError("capture max_queue and flush_every must be >= 1 and flush_seconds > 0")
+        self.store = open_store(uri)
+        self.uri = uri
+        self.sample_rate = float(sample_rate)
+        self.flush_every = int(flush_every)
+        self.flush_seconds = float(flush_seconds)
+        self.model = model  # default folder when a record carries no "model"
+        self._queue: queue.Queue = queue.Queue(maxsize=int(max_queue))
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._writer_id = uuid.uuid4().hex[:8]
+        self._seq = 0
+        self._closed = False
+        self.submitted = 0  # accepted onto the queue
+        self.sampled_out = 0
+        self.dropped = 0  # queue full, store failure or unencodable record
+        self.written = 0
+        self.errors = 0  # failed store writes (each drops its whole batch)
+        self.last_error: str | None = None
+        self._processed = 0  # taken off the queue and written or dropped (for flush)
+
+    # -- request path ------------------------------------------------------------------------
+    def submit(self, record: dict) -> bool:
+        """Queue one record for capture. False when sampled out, closed, or the queue is full."""
+        try:
+            if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+                with self._lock:
+                    self.sampled_out += 1
+                return False
+            if self._closed:
+                self._count_dropped(1)
+                return False
+            self._ensure_thread()
+            self._queue.put_nowait(record)
+            with self._lock:
+                self.submitted += 1
+            return True
+        except queue.Full:
+            self._count_dropped(1)
+            return False
+        except Exception as exc:  # noqa: BLE001 - capture must never fail a request
+            self._count_dropped(1, f"{type(exc).__name__}: {exc}")
+            return False
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"submitted": self.submitted, "written": self.written, "dropped": self.dropped,
+                    "sampled_out": self.sampled_out, "errors": self.errors, "pending": self.pending}
+
+    # -- background ----------------------------------------------------------------------------
+    def _count_dropped(self, n: int, error: str | None = None) -> None:
+        with self._lock:
+            self.dropped += n
+            if error is not None:
+                self.errors += 1
+                self.last_error = error
+
+    def _ensure_thread(self) -> None:
+        # Started lazily (and again after a fork): constructing a writer does no work.
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="flywheel-capture", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        batch: list[dict] = []
+        deadline = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is _SENTINEL:
+                self._write(batch)
+                return
+            if item is not None:
+                if not batch:
+                    deadline = time.monotonic() + self.flush_seconds
+                batch.append(item)
+            if batch and (len(batch) >= self.flush_every or time.monotonic() >= deadline):
+                self._write(batch)
+                batch, deadline = [], None
+
+    def _write(self, batch: list[dict]) -> None:
+        if not batch:
+            return
+        try:
+            self._write_groups(batch)
+        finally:
+            with self._lock:
+                self._processed += len(batch)
+
+    def _write_groups(self, batch: list[dict]) -> None:
+        groups: dict[str, list[str]] = {}
+        for record in batch:
+            try:
+                folder = safe_name(str(record.get("model") or self.model or "model"))
+                groups.setdefault(folder, []).append(encode_record(record))
+            except Exception as exc:  # noqa: BLE001 - one bad record must not lose the batch
+                self._count_dropped(1, f"unencodable record: {type(exc).__name__}: {exc}")
+        for folder, lines in groups.items():
+            self._seq += 1
+            name = f"{folder}/{CAPTURES}/{batch_key(writer=self._writer_id, seq=self._seq)}"
+            try:
+                self.store.put(name, ("\n".join(lines) + "\n").encode())
+            except Exception as exc:  # noqa: BLE001 - store down: count, never raise
+                self._count_dropped(len(lines), f"{type(exc).__name__}: {exc}")
+                continue
+            with self._lock:
+                self.written += len(lines)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written (or dropped). True when the queue drained."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                done = self._processed >= self.submitted
+            if done:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued and stop the thread (waits at most `timeout` seconds)."""
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        try:
+            self._queue.put(_SENTINEL, timeout=timeout)
+        except queue.Full:
+            return
+        thread.join(timeout)
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- readers
+def list_batches(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
+                 kind: str = CAPTURES) -> list[str]:
+    """Batch names (e.g. `0001700000000000000-abcd-00000001.jsonl`) newer than `since`, oldest first.
+
+    `settle_seconds` leaves out batches younger than that: several serving workers write concurrently,
+    and a cursor must not jump past a batch another worker is still about to write.
+    """
+    store = open_store(uri)
+    prefix = f"{safe_name(model)}/{kind}"
+    names = [n.rsplit("/", 1)[-1] for n in store.list(prefix, after=since)]
+    if settle_seconds > 0:
+        horizon = time.time() - settle_seconds
+        names = [n for n in names if key_time(n) <= horizon]
+    return names
+
+
+def read_batch(uri: str, model: str, name: str, kind: str = CAPTURES) -> list[str]:
+    store = open_store(uri)
+    text = store.get(f"{safe_name(model)}/{kind}/{name}").decode()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def iter_captures(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
+                  limit_batches: int | None = None) -> Iterator[Capture]:
+    """Captured records of `model` in batches newer than cursor `since`, in time order.
+
+    Each record's `.batch` is its batch name: pass the last one seen back as `since` to resume.
+    Corrupt lines are skipped (a crash mid-write cannot happen with atomic puts, but hand-edited
+    stores can hold anything).
+    """
+    names = list_batches(uri, model, since, settle_seconds)
+    if limit_batches is not None:
+        names = names[:limit_batches]
+    for name in names:
+        for line in read_batch(uri, model, name):
+            try:
+                yield decode_record(line, batch=name)
+            except (ValueError, TypeError, KeyError):
+                continue
+
+
+def write_feedback(uri: str, model: str, labels: list[tuple[str, str]] | dict[str, str]) -> str:
+    """Store ground-truth labels for captured predictions: (prediction_id, class name) pairs.
+
+    Returns the batch name written. Labels are joined with captures by `flywheel data snapshot`.
+    """
+    pairs = list(labels.items()) if isinstance(labels, dict) else list(labels)
+    if not pairs:
+        raise ValueError("no labels given")
+    lines = []
+    now = time.time()
+    for pid, label in pairs:
+        if not str(pid) or not str(label):
+            raise ValueError(f"feedback needs a prediction id and a label, got {pid!r}: {label!r}")
+        lines.append(json.dumps({"prediction_id": str(pid), "label": str(label), "ts": now}))
+    name = batch_key(writer=uuid.uuid4().hex[:8], seq=0)
+    open_store(uri).put(f"{safe_name(model)}/{FEEDBACK}/{name}", ("\n".join(lines) + "\n").encode())
+    return name
+
+
+def read_feedback(uri: str, model: str) -> dict[str, str]:
+    """prediction_id → latest label given for it."""
+    out: dict[str, str] = {}
+    for name in list_batches(uri, model, kind=FEEDBACK):
+        for line in read_batch(uri, model, name, kind=FEEDBACK):
+            try:
+                raw = json.loads(line)
+                out[str(raw["prediction_id"])] = str(raw["label"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
