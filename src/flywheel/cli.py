@@ -260,6 +260,61 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command("remote-train")
+def remote_train(
+    node: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_NODE", help="Training node as user@host[:port] (or use --nodes).")] = None,
+    nodes: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_NODES", help="nodes.yaml path (or its YAML text): the pool; the reachable node "
+                                      "with the most free GPU memory is used.")] = None,
+    commit: Annotated[str, typer.Option(help="Commit to train (SHA, branch or tag in --repo).")] = "HEAD",
+    repo: Annotated[Path, typer.Option(help="Git checkout the commit is archived from.")] = Path("."),
+    entry: Annotated[str, typer.Option(help="MLproject entry point to run.")] = "train",
+    param: Annotated[Optional[list[str]], typer.Option(
+        "-P", "--param", help="Entry point parameter key=value (repeatable).")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        min=1, help="Processes (GPUs) per node; passed as the entry's nproc_per_node parameter.")] = None,
+    env_manager: Annotated[str, typer.Option(help="mlflow run --env-manager on the node: local|conda|docker.")
+                           ] = "local",
+    env_activate: Annotated[str, typer.Option(
+        help="Shell snippet run on a --node before mlflow, e.g. 'source /opt/venv/bin/activate'.")] = "",
+    workdir: Annotated[str, typer.Option(
+        help="Jobs directory on a --node (relative to the login's home).")] = "flywheel-jobs",
+    attach: Annotated[Optional[str], typer.Option(
+        metavar="COMMIT", help="Follow an already started job of this commit (SHA or prefix) to its end.")
+                      ] = None,
+    cancel: Annotated[Optional[str], typer.Option(
+        metavar="COMMIT", help="Stop the running job of this commit on the node(s).")] = None,
+    identity: Annotated[Optional[str], typer.Option(
+        "--identity", "-i", envvar="FLYWHEEL_SSH_KEY", help="SSH private key: a path or the key text.")] = None,
+    known_hosts: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_SSH_KNOWN_HOSTS", help="known_hosts path or text; unknown hosts are refused "
+                                                "(default ~/.ssh/known_hosts).")] = None,
+    connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a node to answer.")
+                               ] = 10.0,
+    reconnect_timeout: Annotated[float, typer.Option(
+        min=0.0, help="Seconds to keep reconnecting after the SSH connection drops.")] = 300.0,
+    plots_dir: Annotated[Optional[Path], typer.Option(
+        help="Download the run's plots here for the CI job summary.")] = None,
+    tracking_uri: TrackingOpt = None,
+    model_name: ModelNameOpt = None,
+) -> None:
+    """Train a commit on a GPU node over SSH with `mlflow run`; stream it and exit with its exit code."""
+    from flywheel.errors import FlywheelError
+    from flywheel.remote import CommandOptions, run_command
+
+    opts = CommandOptions(node=node, nodes=nodes, commit=commit, repo=repo, entry=entry, params=tuple(param or ()),
+                          nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
+                          workdir=workdir, attach=attach, cancel=cancel, identity=identity,
+                          known_hosts=known_hosts, connect_timeout=connect_timeout,
+                          reconnect_timeout=reconnect_timeout, plots_dir=plots_dir)
+    try:
+        code = run_command(opts, _settings(tracking_uri, model_name), tracking_given=tracking_uri is not None)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()
