@@ -1,0 +1,164 @@
+"""remote-train: pure parts (node specs, pool ranking, params, env file) and SSH refusals.
+
+The end-to-end training runs through a real sshd are in test_remote_train.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from flywheel.errors import FlywheelError
+from flywheel.remote import (
+    Node,
+    NodeProbe,
+    RemoteTrainConfig,
+    SSHAuth,
+    _env_file,
+    connect,
+    load_nodes,
+    mlflow_command,
+    parse_free_memory,
+    parse_params,
+    pick_node,
+    rank_nodes,
+    resolve_commit,
+)
+from tests.conftest import free_port
+
+
+# ------------------------------------------------------------------------------------ pure parts
+def test_node_spec_parsing():
+    assert Node.parse("train@gpu-1") == Node(host="gpu-1", user="train", port=22)
+    assert Node.parse("u@10.0.0.5:2222").port == 2222
+    for bad in ("gpu-1", "u@", "u@h:port", "u@h:22:1"):
+        with pytest.raises(FlywheelError, match="user@host"):
+            Node.parse(bad)
+
+
+def test_nodes_yaml_defaults_and_errors(tmp_path):
+    path = tmp_path / "nodes.yaml"
+    path.write_text("defaults:\n  user: train\n  env_activate: source /opt/v/bin/activate\n"
+                    "nodes:\n  - {name: a, host: a.lan}\n  - {host: b.lan, port: 2200, user: ops,\n"
+                    "     env: {FLYWHEEL_DATA_DIR: /data}}\n")
+    a, b = load_nodes(str(path))
+    assert (a.name, a.host, a.user, a.port, a.env_activate) == ("a", "a.lan", "train", 22, "source /opt/v/bin/activate")
+    assert (b.user, b.port, b.env, b.label) == ("ops", 2200, (("FLYWHEEL_DATA_DIR", "/data"),), "ops@b.lan:2200")
+    # The YAML text itself works too (CI keeps it in a secret).
+    assert load_nodes(path.read_text())[1] == b
+    for text, match in [("nodes: []\n", "non-empty"), ("nodes:\n  - {host: x}\n", "host` and `user"),
+                        ("nodes:\n  - {host: x, user: u, gpu: 1}\n", "unknown keys"), ("a: [\n", "not valid YAML")]:
+        with pytest.raises(FlywheelError, match=match):
+            load_nodes(text)
+    with pytest.raises(FlywheelError, match="not found"):
+        load_nodes(str(tmp_path / "missing.yaml"))
+
+
+def test_nvidia_smi_parsing_and_ranking():
+    # The exact shape of `nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits` on 2 GPUs.
+    assert parse_free_memory("81037\n40211\n") == (81037, 40211)
+    assert parse_free_memory("NVIDIA-SMI has failed because it couldn't communicate with the driver\n") == ()
+    cpu = NodeProbe(Node(host="cpu", user="u"))
+    small = NodeProbe(Node(host="small", user="u"), free_gpu_mib=(20000,))
+    big = NodeProbe(Node(host="big", user="u"), free_gpu_mib=(70000, 1000))
+    two = NodeProbe(Node(host="two", user="u"), free_gpu_mib=(40000, 40000))
+    down = NodeProbe(Node(host="down", user="u"), error="timed out")
+    assert [p.node.host for p in rank_nodes([cpu, small, down, big, two])] == ["big", "two", "small", "cpu"]
+    # With 2 processes per node the node with two roomy GPUs wins.
+    assert [p.node.host for p in rank_nodes([cpu, big, two], nproc=2)] == ["two", "big", "cpu"]
+
+
+def test_params_and_command_quoting():
+    assert parse_params(["dataset=digits", "note=a=b c"]) == (("dataset", "digits"), ("note", "a=b c"))
+    for bad in ("novalue", "=x", "bad key=1"):
+        with pytest.raises(FlywheelError, match="key=value"):
+            parse_params([bad])
+    cfg = RemoteTrainConfig(commit="a" * 40, params=(("note", "it's; rm -rf /"),), nproc_per_node=2)
+    cmd = mlflow_command(Node(host="h", user="u", mlflow="/opt/v/bin/mlflow"), cfg)
+    out = subprocess.run(["bash", "-c", f"cd /tmp && printf '%s\\n' {cmd}"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["/opt/v/bin/mlflow", "run", "/tmp/src", "-e", "train", "--env-manager", "local",
+                   "-P", "note=it's; rm -rf /", "-P", "nproc_per_node=2"]
+    with pytest.raises(FlywheelError, match="env-manager"):
+        RemoteTrainConfig(commit="a" * 40, env_manager="venv")
+    with pytest.raises(FlywheelError, match="40-character"):
+        RemoteTrainConfig(commit="abc123")
+
+
+def test_env_file_round_trips_through_bash(tmp_path):
+    env = {"MLFLOW_TRACKING_PASSWORD": "p'a\"s $HOME `id` \\ s", "MLFLOW_TRACKING_URI": "http://h:5000/x?a=1&b=2"}
+    path = tmp_path / "job.env"
+    path.write_text(_env_file(env))
+    script = f". {path}; printf '%s\\0%s' \"$MLFLOW_TRACKING_PASSWORD\" \"$MLFLOW_TRACKING_URI\""
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split("\0") == [env["MLFLOW_TRACKING_PASSWORD"], env["MLFLOW_TRACKING_URI"]]
+
+
+def test_unknown_commit_and_not_a_repo(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with pytest.raises(FlywheelError, match="not a git repository"):
+        resolve_commit(repo, "HEAD")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    sha = resolve_commit(repo, "HEAD")
+    assert len(sha) == 40 and resolve_commit(repo, sha[:8]) == sha
+    with pytest.raises(FlywheelError, match="unknown commit"):
+        resolve_commit(repo, "0" * 40)
+
+
+# ------------------------------------------------------------------------------------ SSH refusals
+def _auth(ssh_node, known_hosts=None, key=None) -> SSHAuth:
+    return SSHAuth.load(str(key or ssh_node.key_path), str(known_hosts or ssh_node.known_hosts), connect_timeout=5)
+
+
+def _node(ssh_node) -> Node:
+    return Node(host=ssh_node.host, user=ssh_node.user, port=ssh_node.port, workdir=str(ssh_node.workdir))
+
+
+@pytest.mark.integration
+def test_connects_with_verified_host_key(ssh_node):
+    client = connect(_node(ssh_node), _auth(ssh_node))
+    try:
+        _, out, _ = client.exec_command("whoami")
+        assert out.read().decode().strip() == ssh_node.user
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_host_key_mismatch_is_refused(ssh_node, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "impostor")], check=True)
+    key_type, b64 = (tmp_path / "impostor.pub").read_text().split()[:2]
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{ssh_node.port} {key_type} {b64}\n")
+    with pytest.raises(FlywheelError, match="host key mismatch"):
+        connect(_node(ssh_node), _auth(ssh_node, known_hosts=wrong))
+    # A host missing from known_hosts is refused too (never auto-added).
+    absent = tmp_path / "known_hosts_other"
+    absent.write_text(f"[127.0.0.1]:{free_port()} {key_type} {b64}\n")
+    with pytest.raises(FlywheelError, match="not in known_hosts"):
+        connect(_node(ssh_node), _auth(ssh_node, known_hosts=absent))
+
+
+@pytest.mark.integration
+def test_unauthorized_key_is_refused(ssh_node, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    with pytest.raises(FlywheelError, match="SSH key refused"):
+        connect(_node(ssh_node), _auth(ssh_node, key=tmp_path / "stranger"))
+
+
+@pytest.mark.integration
+def test_pool_skips_unreachable_node(ssh_node):
+    dead = Node(host="127.0.0.1", user=ssh_node.user, port=free_port(), name="dead")
+    live = _node(ssh_node)
+    warnings: list[str] = []
+    chosen = pick_node([dead, live], _auth(ssh_node), "b" * 40, warn=warnings.append)
+    assert chosen == live
+    assert any("skipping dead" in w for w in warnings), warnings
+    with pytest.raises(FlywheelError, match="none of the 1 training nodes is reachable"):
+        pick_node([dead], _auth(ssh_node), "b" * 40, warn=warnings.append)
