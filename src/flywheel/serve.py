@@ -1,0 +1,299 @@
+"""Run a real TorchServe (token auth on) and talk to it: inference, management and metrics.
+
+`start_torchserve` writes a config.properties with every address explicit (HTTP and gRPC), starts
+`torchserve --foreground` in its own session (so stopping the process group takes the Java frontend
+and its Python workers down together), and waits for /ping. Several servers can run side by side:
+each has its own ports, work dir (key_file.json, logs), model store and worker socket range.
+
+`TorchServeClient` reads the tokens from the server's key_file.json and re-reads it once on a 401,
+because TorchServe rotates keys through its token API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from flywheel.errors import FlywheelError
+
+REPO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "serving"
+KEY_FILE = "key_file.json"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One TorchServe instance. Addresses default to loopback; production binds inference publicly."""
+
+    work_dir: Path  # cwd of the server: key_file.json, logs/, config.properties
+    model_store: Path
+    inference_address: str = "http://127.0.0.1:8080"
+    management_address: str = "http://127.0.0.1:8081"  # model API: never on a public address
+    metrics_address: str = "http://127.0.0.1:8082"
+    grpc_inference_address: str = "127.0.0.1"
+    grpc_inference_port: int = 7070
+    grpc_management_address: str = "127.0.0.1"
+    grpc_management_port: int = 7071
+    worker_port_base: int = 9000  # workers use unix sockets /tmp/.ts.sock.<port>: distinct per server
+    token_expiration_min: int = 1440
+    models: tuple[str, ...] = ()  # archives to load at start: "file.mar" or "name=file.mar"
+    extra: dict = field(default_factory=dict)  # any other config.properties keys
+
+    @classmethod
+    def local(cls, work_dir: Path, model_store: Path, **overrides) -> ServeConfig:
+        """Loopback-only config on free random ports (tests, demo, several servers side by side)."""
+        ports = [_free_port() for _ in range(5)]
+        cfg = cls(Path(work_dir), Path(model_store),
+                  inference_address=f"http://127.0.0.1:{ports[0]}",
+                  management_address=f"http://127.0.0.1:{ports[1]}",
+                  metrics_address=f"http://127.0.0.1:{ports[2]}",
+                  grpc_inference_port=ports[3], grpc_management_port=ports[4],
+                  worker_port_base=random.randrange(20000, 60000, 100))
+        return replace(cfg, **overrides) if overrides else cfg
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render_properties(cfg: ServeConfig, metrics_config: Path | None = None) -> str:
+    """config.properties for this instance (same keys as deploy/serving/config.properties)."""
+    metrics_config = metrics_config or REPO_DEPLOY / "metrics.yaml"
+    props = {
+        "inference_address": cfg.inference_address,
+        "management_address": cfg.management_address,
+        "metrics_address": cfg.metrics_address,
+        "grpc_inference_address": cfg.grpc_inference_address,
+        "grpc_inference_port": cfg.grpc_inference_port,
+        "grpc_management_address": cfg.grpc_management_address,
+        "grpc_management_port": cfg.grpc_management_port,
+        "enable_model_api": "true",  # releases register versions; management stays on loopback
+        "disable_token_authorization": "false",
+        "token_expiration_min": cfg.token_expiration_min,
+        "metrics_mode": "prometheus",
+        "metrics_config": str(metrics_config),
+        "model_store": str(cfg.model_store),
+        "initial_worker_port": cfg.worker_port_base,
+        "default_workers_per_model": 1,
+        "install_py_dep_per_model": "false",
+        "vmargs": "-Xmx1g -XX:+ExitOnOutOfMemoryError",
+        **cfg.extra,
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+class TorchServe:
+    """A started TorchServe process group; `stop()` ends it (also as a context manager)."""
+
+    def __init__(self, cfg: ServeConfig, proc: subprocess.Popen, log_path: Path):
+        self.cfg = cfg
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def key_file(self) -> Path:
+        return self.cfg.work_dir / KEY_FILE
+
+    def client(self, timeout: float = 30.0) -> TorchServeClient:
+        return TorchServeClient(self.cfg.inference_address, self.cfg.management_address,
+                                metrics_url=self.cfg.metrics_address, key_file=self.key_file, timeout=timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the whole process group (frontend + workers), SIGKILL what is left."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # workers may outlive the launcher for a moment
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        # Worker sockets are not removed by TorchServe on a signal.
+        for sock in Path("/tmp").glob(f".ts.sock.{self.cfg.worker_port_base // 100}*"):
+            if sock.name.startswith(".ts.sock.") and sock.name[9:].isdigit() and \
+                    self.cfg.worker_port_base <= int(sock.name[9:]) < self.cfg.worker_port_base + 100:
+                sock.unlink(missing_ok=True)
+
+    def __enter__(self) -> TorchServe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_torchserve(cfg: ServeConfig, wait_s: float = 120.0, env: dict | None = None) -> TorchServe:
+    """Start TorchServe with `cfg` and wait until /ping answers Healthy with the inference token."""
+    exe = Path(sys.executable).with_name("torchserve")
+    if not exe.exists():
+        raise FlywheelError("torchserve not found beside this Python: pip install torchserve==0.12.0 (needs Java 17)")
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    cfg.model_store.mkdir(parents=True, exist_ok=True)
+    (cfg.work_dir / KEY_FILE).unlink(missing_ok=True)  # a stale file would carry dead tokens
+    props = cfg.work_dir / "config.properties"
+    props.write_text(render_properties(cfg))
+    cmd = [str(exe), "--foreground", "--ts-config", str(props), "--model-store", str(cfg.model_store), "--ncs"]
+    if cfg.models:
+        cmd += ["--models", *cfg.models]
+    log_path = cfg.work_dir / "torchserve.log"
+    child_env = {**os.environ, "LOG_LOCATION": str(cfg.work_dir / "logs"),
+                 "METRICS_LOCATION": str(cfg.work_dir / "logs"), **(env or {})}
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(cmd, cwd=cfg.work_dir, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                start_new_session=True, env=child_env)
+    server = TorchServe(cfg, proc, log_path)
+    try:
+        _wait_healthy(server, wait_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_healthy(server: TorchServe, wait_s: float) -> None:
+    import requests
+
+    deadline = time.monotonic() + wait_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise FlywheelError(f"torchserve exited with {server.proc.returncode}; log:\n{server.log_tail()}")
+        if server.key_file.exists():
+            try:
+                r = server.client(timeout=5).ping()
+                if r.status_code == 200 and r.json().get("status") == "Healthy":
+                    return
+                last = f"{r.status_code} {r.text[:200]}"
+            except (requests.RequestException, ValueError, KeyError, FlywheelError) as exc:
+                last = str(exc)  # FlywheelError: key file seen while still being written
+        time.sleep(0.25)
+    raise FlywheelError(f"torchserve not healthy after {wait_s:.0f}s ({last}); log:\n{server.log_tail()}")
+
+
+class TorchServeClient:
+    """Authenticated client for TorchServe's inference, management and metrics APIs."""
+
+    def __init__(self, inference_url: str, management_url: str | None = None, *, metrics_url: str | None = None,
+                 key_file: Path | None = None, inference_key: str | None = None,
+                 management_key: str | None = None, timeout: float = 30.0):
+        import requests
+
+        self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/") if management_url else None
+        self.metrics_url = metrics_url.rstrip("/") if metrics_url else None
+        self.key_file = Path(key_file) if key_file else None
+        self._keys = {"inference": inference_key, "management": management_key}
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _key(self, kind: str, reload: bool = False) -> str | None:
+        if self.key_file is not None and (reload or self._keys.get(kind) is None):
+            self._keys.update(read_keys(self.key_file))
+        return self._keys.get(kind)
+
+    def _call(self, kind: str, method: str, url: str, **kwargs):
+        kwargs.setdefault("timeout", self.timeout)
+        for attempt in (0, 1):
+            key = self._key(kind, reload=attempt == 1)
+            headers = dict(kwargs.pop("headers", None) or {})
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            r = self.session.request(method, url, headers=headers, **kwargs)
+            if r.status_code != 401 or self.key_file is None:
+                return r
+        return r
+
+    def _mgmt(self, method: str, path: str, **kwargs):
+        if not self.management_url:
+            raise FlywheelError("no management URL given: management calls need --management-url")
+        return self._call("management", method, f"{self.management_url}{path}", **kwargs)
+
+    # inference API
+    def ping(self):
+        return self._call("inference", "GET", f"{self.inference_url}/ping")
+
+    def predict(self, model: str, data: bytes | dict | list, version: str | None = None, **kwargs):
+        url = f"{self.inference_url}/predictions/{model}" + (f"/{version}" if version else "")
+        if isinstance(data, (dict, list)):
+            return self._call("inference", "POST", url, data=json.dumps(data),
+                              headers={"Content-Type": "application/json"}, **kwargs)
+        return self._call("inference", "POST", url, data=data,
+                          headers={"Content-Type": "application/octet-stream"}, **kwargs)
+
+    # management API
+    def register(self, url: str, *, initial_workers: int = 1, synchronous: bool = True, timeout_s: int = 120):
+        params = {"url": url, "initial_workers": initial_workers, "synchronous": str(synchronous).lower()}
+        return self._mgmt("POST", "/models", params=params, timeout=timeout_s + 10)
+
+    def scale(self, model: str, version: str, min_worker: int, max_worker: int | None = None):
+        params = {"min_worker": min_worker, "max_worker": max_worker or min_worker, "synchronous": "true"}
+        return self._mgmt("PUT", f"/models/{model}/{version}", params=params, timeout=120)
+
+    def set_default(self, model: str, version: str):
+        return self._mgmt("PUT", f"/models/{model}/{version}/set-default")
+
+    def unregister(self, model: str, version: str):
+        return self._mgmt("DELETE", f"/models/{model}/{version}", timeout=120)
+
+    def describe(self, model: str, version: str | None = None):
+        return self._mgmt("GET", f"/models/{model}" + (f"/{version}" if version else ""))
+
+    def list_models(self):
+        return self._mgmt("GET", "/models")
+
+    def versions(self, model: str) -> dict[str, bool]:
+        """{version: is_default} for every registered version of `model` ({} when none)."""
+        r = self.describe(model, "all")
+        if r.status_code == 404:
+            return {}
+        _raise_for(r, f"describe {model}")
+        return {str(m["modelVersion"]): bool(m.get("isDefault", False)) for m in r.json()}
+
+    def default_version(self, model: str) -> str | None:
+        return next((v for v, d in self.versions(model).items() if d), None)
+
+    def metrics(self) -> str:
+        if not self.metrics_url:
+            raise FlywheelError("no metrics URL given")
+        return self._call("management", "GET", f"{self.metrics_url}/metrics").text
+
+
+def read_keys(key_file: Path) -> dict[str, str]:
+    """{"inference": key, "management": key} from TorchServe's key_file.json."""
+    try:
+        data = json.loads(Path(key_file).read_text())
+        return {"inference": data["inference"]["key"], "management": data["management"]["key"]}
+    except FileNotFoundError:
+        raise FlywheelError(f"TorchServe key file {key_file} not found: it is written into the server's "
+                            "working directory at start; pass --key-file with its path") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FlywheelError(f"TorchServe key file {key_file} is not valid key_file.json ({exc})") from None
+
+
+def _raise_for(r, what: str) -> None:
+    if r.status_code >= 400:
+        raise FlywheelError(f"torchserve {what} failed: HTTP {r.status_code} {r.text[:300]}")

@@ -1,0 +1,327 @@
+"""TorchServe handler for Flywheel models: image bytes or base64 JSON in, top-k JSON out.
+
+Shipped inside every .mar beside `preprocessing.py` (and `capture.py` when present), so it imports
+only stdlib, numpy, torch, onnxruntime, Pillow, TorchServe and those two modules.
+
+Request forms (one request may carry one image, or a list of images in JSON):
+  * raw PNG/JPEG bytes (any Content-Type but JSON/text)
+  * JSON {"image": "<base64>"}  or  {"images": ["<base64>", ...], "top_k": 3}
+
+Each request in a TorchServe batch succeeds or fails on its own: a bad request gets a 4xx JSON
+error `{"error": ..., "code": ...}` while the rest of the batch is served, and the worker never
+raises because of input.
+
+Configuration (env wins over the archive's model-config.yaml `handler:` section):
+  FLYWHEEL_CAPTURE_URI / capture_uri       where served traffic is captured (off when unset)
+  FLYWHEEL_CAPTURE_SAMPLE / capture_sample fraction of predictions captured (default 1.0)
+  FLYWHEEL_TOP_K / top_k                   default number of labels returned (default 3)
+  max_images_per_request                   JSON list limit (default 64)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+try:  # inside a .mar the shared modules sit beside this file
+    import preprocessing as _pp
+except ImportError:  # in the repository (unit tests) they live in the flywheel package
+    from flywheel import preprocessing as _pp
+
+try:
+    import capture as _capture
+except ImportError:
+    try:
+        from flywheel import capture as _capture
+    except ImportError:  # capture is optional: serving works without it
+        _capture = None
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "flywheel_manifest.json"
+LATENCY_METRIC = "FlywheelInferenceLatency"
+CONFIDENCE_METRIC = "FlywheelPredictionConfidence"
+
+
+class RequestError(Exception):
+    """A client error in one request of a batch: becomes that request's 4xx JSON response."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class _Batch:
+    """Preprocessed batch: valid images stacked, per-request slices, and per-request errors."""
+
+    images: list = field(default_factory=list)  # decoded uint8 (S, S) arrays, all requests
+    slices: list = field(default_factory=list)  # per request: (start, stop, single, top_k) or RequestError
+    tensor: torch.Tensor | None = None
+
+
+def _image_bytes_from_b64(value, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(400, f"{where} must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:  # tolerate data URLs
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{where} is not valid base64") from None
+
+
+class FlywheelHandler(BaseHandler):
+    """BaseHandler loads the TorchScript/ONNX artifact; this adds checksum, decoding, top-k, capture."""
+
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = properties.get("model_dir")
+        with open(os.path.join(model_dir, MANIFEST_FILE)) as f:
+            self.fw_manifest = json.load(f)
+        artifact = self.fw_manifest["artifact"]
+        path = os.path.join(model_dir, artifact["file"])
+        # Refuse to serve bytes that are not the ones packaged and parity-checked.
+        actual = sha256_file(path)
+        if actual != artifact["sha256"]:
+            raise RuntimeError(f"refusing to serve: {artifact['file']} sha256 {actual} does not match the "
+                               f"manifest's {artifact['sha256']} (archive corrupted or tampered with)")
+        self.format = artifact["format"]
+        if self.format == "tensorrt":
+            self._init_tensorrt(context, path)
+        else:
+            super().initialize(context)  # .pt → torch.jit.load, .onnx → onnxruntime session
+        self.class_names = list(self.fw_manifest["class_names"])
+        self.spec = _pp.PreprocessSpec.from_dict(self.fw_manifest["preprocess"])
+        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        self.top_k = int(os.environ.get("FLYWHEEL_TOP_K") or cfg.get("top_k", 3))
+        self.max_images = int(cfg.get("max_images_per_request", 64))
+        self.model_label = self.fw_manifest["model_name"]
+        self.version = str(self.fw_manifest["model_version"])
+        self.capture = None
+        uri = os.environ.get("FLYWHEEL_CAPTURE_URI") or cfg.get("capture_uri")
+        if uri:
+            if _capture is None:
+                logger.warning("capture URI %s set but capture.py is not in this archive; not capturing", uri)
+            else:
+                rate = float(os.environ.get("FLYWHEEL_CAPTURE_SAMPLE") or cfg.get("capture_sample", 1.0))
+                self.capture = _capture.CaptureWriter(uri, sample_rate=rate)
+        logger.info("flywheel handler ready: %s v%s (%s, sha256 ok)", self.model_label, self.version, self.format)
+        self.initialized = True
+
+    def _init_tensorrt(self, context, path):
+        """Deserialize a TensorRT engine (only packaged when tensorrt + CUDA were present)."""
+        import tensorrt as trt  # noqa: PLC0415 - only on GPU nodes
+
+        gpu = context.system_properties.get("gpu_id") or 0
+        self.device = torch.device(f"cuda:{gpu}")
+        self.manifest = context.manifest
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        with open(path, "rb") as f:
+            self.model = runtime.deserialize_cuda_engine(f.read())
+        self.trt_context = self.model.create_execution_context()
+
+    # ------------------------------------------------------------------------------- preprocess
+    def _decode_request(self, row) -> tuple[list, bool, int]:
+        """One request → (images, single, top_k); raises RequestError naming the problem."""
+        value = row.get("data") if isinstance(row, dict) else None
+        if value is None and isinstance(row, dict):
+            value = row.get("body")
+            if value is None and row:
+                value = next(iter(row.values()))
+        if value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0):
+            raise RequestError(400, "empty request: send PNG/JPEG bytes or JSON {\"image\": \"<base64>\"}")
+        if isinstance(value, (bytes, bytearray)):
+            head = bytes(value[:64]).lstrip()
+            if head[:1] in (b"{", b"["):  # TorchServe forwards undecodable JSON as bytes
+                try:
+                    value = json.loads(bytes(value).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise RequestError(400, f"malformed JSON body: {exc}") from None
+            else:
+                return [self._decode_image(bytes(value), "body")], True, self.top_k
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise RequestError(400, "text body is neither JSON nor an image: send PNG/JPEG bytes or "
+                                        "JSON {\"image\": \"<base64>\"}") from None
+        top_k = self.top_k
+        if isinstance(value, dict):
+            if "top_k" in value:
+                k = value["top_k"]
+                if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self.class_names):
+                    raise RequestError(400, f"top_k must be an integer in 1..{len(self.class_names)}")
+                top_k = k
+            if "image" in value:
+                data = _image_bytes_from_b64(value["image"], "'image'")
+                return [self._decode_image(data, "'image'")], True, top_k
+            if "images" in value:
+                value = value["images"]
+            else:
+                raise RequestError(400, "JSON must have 'image' (base64 string) or 'images' (list of base64 "
+                                        f"strings); got keys {sorted(value)[:5]}")
+        if not isinstance(value, list):
+            raise RequestError(400, f"JSON must be an object or a list of base64 strings, not {type(value).__name__}")
+        if not value:
+            raise RequestError(400, "'images' is empty")
+        if len(value) > self.max_images:
+            raise RequestError(413, f"too many images: {len(value)} > limit {self.max_images} per request")
+        images = [self._decode_image(_image_bytes_from_b64(v, f"images[{i}]"), f"images[{i}]")
+                  for i, v in enumerate(value)]
+        return images, False, top_k
+
+    def _decode_image(self, data: bytes, where: str) -> np.ndarray:
+        try:
+            return _pp.decode_image(data, self.spec)
+        except _pp.InvalidImage as exc:
+            code = 413 if "too large" in str(exc) else 400
+            raise RequestError(code, f"{where}: {exc}") from None
+
+    def preprocess(self, data):
+        batch = _Batch()
+        for row in data:
+            try:
+                images, single, top_k = self._decode_request(row)
+            except RequestError as exc:
+                batch.slices.append(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - input must never kill the worker
+                logger.warning("unexpected error decoding a request", exc_info=True)
+                batch.slices.append(RequestError(400, f"could not read request: {type(exc).__name__}"))
+                continue
+            start = len(batch.images)
+            batch.images.extend(images)
+            batch.slices.append((start, len(batch.images), single, top_k))
+        if batch.images:
+            batch.tensor = _pp.to_tensor(np.stack(batch.images), self.spec)
+        return batch
+
+    # -------------------------------------------------------------------------------- inference
+    def inference(self, batch, *args, **kwargs):
+        if batch.tensor is None:
+            return batch, None, None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if self.format == "onnx":
+                logits, emb = self.model.run(None, {self.model.get_inputs()[0].name: batch.tensor.numpy()})
+                logits, emb = torch.from_numpy(logits), torch.from_numpy(emb)
+            elif self.format == "tensorrt":
+                logits, emb = self._run_tensorrt(batch.tensor)
+            else:
+                logits, emb = self.model(batch.tensor.to(self.device))
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            emb = emb.float().cpu().numpy()
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        self._metric(LATENCY_METRIC, elapsed_ms, "ms")
+        return batch, probs, emb
+
+    def _run_tensorrt(self, x: torch.Tensor):
+        engine, ctx = self.model, self.trt_context
+        x = x.to(self.device).contiguous()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        ctx.set_input_shape(names[0], tuple(x.shape))
+        outputs = {}
+        for name in names[1:]:
+            shape = tuple(ctx.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            ctx.set_tensor_address(name, outputs[name].data_ptr())
+        ctx.set_tensor_address(names[0], x.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        ctx.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return outputs["logits"], outputs["embedding"]
+
+    # ------------------------------------------------------------------------------ postprocess
+    def postprocess(self, result):
+        batch, probs, emb = result
+        out = []
+        for idx, item in enumerate(batch.slices):
+            if isinstance(item, RequestError):
+                self._respond(idx, item.code)
+                out.append(json.dumps({"error": item.message, "code": item.code}))
+                continue
+            start, stop, single, top_k = item
+            preds = [self._prediction(batch.images[i], probs[i], emb[i], top_k) for i in range(start, stop)]
+            self._respond(idx, 200)
+            if single:
+                out.append(json.dumps(preds[0]))
+            else:
+                out.append(json.dumps({"model": self.model_label, "version": self.version, "predictions": preds}))
+        return out
+
+    def _respond(self, idx: int, code: int) -> None:
+        if self.context is None:
+            return
+        self.context.set_response_content_type(idx, "application/json")
+        if code != 200:
+            self.context.set_response_status(code, "Bad Request" if code == 400 else "Client Error", idx)
+
+    def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int) -> dict:
+        order = np.argsort(-probs)[:top_k]
+        best = int(order[0])
+        pred = {
+            "prediction_id": uuid.uuid4().hex,
+            "model": self.model_label,
+            "version": self.version,
+            "label": self.class_names[best],
+            "label_index": best,
+            "confidence": float(probs[best]),
+            "top_k": [{"label": self.class_names[i], "index": int(i), "probability": float(probs[i])}
+                      for i in order],
+        }
+        self._metric(CONFIDENCE_METRIC, float(probs[best]), "ratio", MetricTypes.HISTOGRAM)
+        if self.capture is not None:
+            record = dict(pred, ts=time.time(), image_png=_pp.encode_png(image), embedding=emb,
+                          probs=probs.tolist())
+            record.pop("top_k")
+            self.capture.submit(record)  # never blocks or raises
+        return pred
+
+    def _metric(self, name: str, value: float, unit: str, kind=MetricTypes.HISTOGRAM) -> None:
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            dims = [Dimension("ModelName", self.model_label), Dimension("Level", "Model")]
+            metrics.add_metric(name, value, unit, None, dims, kind)
+        except Exception:  # noqa: BLE001 - a metrics problem must not fail a prediction
+            logger.debug("metric %s not recorded", name, exc_info=True)
+
+
+_service: FlywheelHandler | None = None
+
+
+def handle(data, context):
+    """Archive entry point (`--handler handler.py:handle`): a module-level function, because
+    TorchServe's class lookup wants exactly one class per handler module and this one has helpers."""
+    global _service
+    if _service is None:
+        service = FlywheelHandler()
+        service.initialize(context)  # raises (worker refuses to load) on a checksum mismatch
+        _service = service
+    if data is None:  # TorchServe's load-time call
+        return None
+    return _service.handle(data, context)
