@@ -315,6 +315,142 @@ def remote_train(
     raise typer.Exit(code)
 
 
+# serving node: flywheel package | release | predict | serve
+InferenceUrlOpt = Annotated[str, typer.Option(
+    "--endpoint", "--inference-url", envvar="FLYWHEEL_TS_INFERENCE_URL", help="TorchServe inference API URL.")]
+KeyFileOpt = Annotated[Optional[Path], typer.Option(
+    "--key-file", envvar="FLYWHEEL_TS_KEY_FILE", help="TorchServe's key_file.json (tokens).")]
+
+
+@app.command()
+def package(
+    model: Annotated[Optional[str], typer.Option("--model", envvar="FLYWHEEL_MODEL_NAME",
+                                                 help="Registered model name.")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Registry version to package.")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="...or the version holding this alias.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Model store to write NAME-VERSION.mar into "
+                                                     "(default $FLYWHEEL_HOME/model-store).")] = None,
+    artifact_format: Annotated[str, typer.Option("--format", help="auto | onnx | torchscript | tensorrt.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="TorchServe batch size.")] = 16,
+    max_batch_delay: Annotated[int, typer.Option(min=0, help="TorchServe max batch delay (ms).")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Workers per model.")] = 1,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Export a registry version (TorchScript, ONNX, TensorRT if possible), check parity, build the .mar."""
+    from flywheel.errors import FlywheelError
+    from flywheel.package import PackageConfig, package_version
+
+    settings = _settings(tracking_uri, model, data_dir)
+    cfg = PackageConfig(settings.model_name, version=version, alias=alias, out_dir=out,
+                        artifact_format=artifact_format, batch_size=batch_size,
+                        max_batch_delay_ms=max_batch_delay, workers=workers)
+    try:
+        result = package_version(cfg, settings)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    m = result.manifest
+    for e in m["exports"]:
+        typer.echo(f"  {e['format']:12s} " + (f"skipped: {e['skipped']}" if e["skipped"]
+                                              else f"max abs diff {e['max_abs_diff']:.2e}"))
+    typer.echo(f"{result.mar_path}  ({m['model_name']} v{m['model_version']}, serving {m['artifact']['format']}, "
+               f"sha256 {m['artifact']['sha256'][:12]})")
+
+
+@app.command()
+def release(
+    version: Annotated[str, typer.Option(help="Registry version to release.")],
+    env: Annotated[str, typer.Option(help="dev | prod: the registry alias moved on success.")],
+    model: Annotated[Optional[str], typer.Option("--model", envvar="FLYWHEEL_MODEL_NAME",
+                                                 help="Registered model name.")] = None,
+    inference_url: InferenceUrlOpt = "http://127.0.0.1:8080",
+    management_url: Annotated[str, typer.Option(envvar="FLYWHEEL_TS_MANAGEMENT_URL",
+                                                help="TorchServe management API URL.")] = "http://127.0.0.1:8081",
+    key_file: KeyFileOpt = None,
+    model_store: Annotated[Optional[Path], typer.Option(
+        envvar="FLYWHEEL_TS_MODEL_STORE", help="The server's model store directory.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Workers for the new version.")] = 1,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds before retired versions are unregistered.")] = 10.0,
+    keep_previous: Annotated[int, typer.Option(min=0, help="Earlier versions kept reachable for A/B.")] = 1,
+    min_accuracy: Annotated[float, typer.Option(help="Acceptance: accuracy on a labelled sample.")] = 0.8,
+    p95_slo_ms: Annotated[float, typer.Option(help="Acceptance: p95 latency of single requests (ms).")] = 100.0,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Release a registry version to a TorchServe: register, accept, switch, retire; roll back on failure."""
+    from flywheel.errors import FlywheelError
+    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
+
+    settings = _settings(tracking_uri, model, data_dir)
+    if key_file is None or model_store is None:
+        _fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
+    target = ManagementTarget(inference_url, management_url, key_file, model_store, workers=workers,
+                              grace_s=grace, keep_previous=keep_previous)
+    try:
+        result = release_version(settings, settings.model_name, version, env, target,
+                                 AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms))
+    except FlywheelError as exc:
+        _fail(str(exc))
+    for line in result.events:
+        typer.echo(f"  {line}")
+    typer.echo(f"released {result.model} v{result.version} to {env} ({result.target})")
+
+
+@app.command()
+def predict(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", envvar="FLYWHEEL_MODEL_NAME",
+                                                 help="Model name on the server.")] = None,
+    endpoint: InferenceUrlOpt = "http://127.0.0.1:8080",
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Predict every image under this folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write JSON lines here (default: stdout).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Ask this version (A/B), not the default.")] = None,
+    key_file: KeyFileOpt = None,
+    token: Annotated[Optional[str], typer.Option(envvar="FLYWHEEL_TS_TOKEN", help="Inference token.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+) -> None:
+    """Batch inference over image files against a TorchServe endpoint, with progress."""
+    from flywheel.config import DEFAULT_MODEL_NAME
+    from flywheel.errors import FlywheelError
+    from flywheel.predict import run_predict
+
+    try:
+        summary = run_predict(endpoint, model or DEFAULT_MODEL_NAME, list(images or []), directory, out, key_file,
+                              token, version, concurrency)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    typer.echo(f"{summary.ok}/{summary.total} predicted" + (f", {summary.failed} failed" if summary.failed else "")
+               + (f" → {summary.out}" if summary.out else ""), err=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model_store: Annotated[Path, typer.Option(help="Model store with NAME-VERSION.mar files.")],
+    work_dir: Annotated[Path, typer.Option(help="Server directory: key_file.json, logs, config.")] = Path("serving"),
+    load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
+) -> None:
+    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C."""
+    import time
+
+    from flywheel.errors import FlywheelError
+    from flywheel.serve import ServeConfig, start_torchserve
+
+    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()))
+    try:
+        server = start_torchserve(cfg)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
+               f"metrics {cfg.metrics_address}\nkey file {server.key_file}")
+    try:
+        while server.alive():
+            time.sleep(1)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     try:
         app()

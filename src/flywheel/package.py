@@ -87,21 +87,12 @@ def sha256_file(path: Path) -> str:
 
 
 def resolve_version(settings: Settings, name: str, version: str | None = None, alias: str | None = None):
-    """The registry ModelVersion named by version or alias, with a fixable error when absent."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """The registry ModelVersion named by exactly one of version or alias."""
+    from flywheel.registry import get_version
 
     if (version is None) == (alias is None):
         raise FlywheelError("name exactly one of --version or --alias")
-    client = MlflowClient()
-    try:
-        if alias is not None:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        which = f"alias {alias!r}" if alias is not None else f"version {version}"
-        raise FlywheelError(f"registered model {name!r} has no {which} in {settings.tracking_uri} "
-                            f"({exc.error_code}); list versions with the MLflow UI or `flywheel register`") from None
+    return get_version(settings, name, str(version if version is not None else alias))
 
 
 def held_batch(dataset: str, settings: Settings, n: int = HELD_BATCH) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +292,7 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
     mv = resolve_version(settings, cfg.model_name, cfg.version, cfg.alias)
     run = MlflowClient().get_run(mv.run_id)
     tags = {**run.data.tags, **(mv.tags or {})}
-    dataset = tags.get("dataset")
+    dataset = tags.get("dataset") or run.data.params.get("dataset")
     if not dataset:
         raise FlywheelError(f"{cfg.model_name} v{mv.version} has no 'dataset' tag: it was not trained by "
                             "`flywheel train`, so no held batch can check its exports")

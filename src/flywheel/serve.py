@@ -245,8 +245,11 @@ class TorchServeClient:
                           headers={"Content-Type": "application/octet-stream"}, **kwargs)
 
     # management API
-    def register(self, url: str, *, initial_workers: int = 1, synchronous: bool = True, timeout_s: int = 120):
+    def register(self, url: str, *, model_name: str | None = None, initial_workers: int = 1,
+                 synchronous: bool = True, timeout_s: int = 120):
         params = {"url": url, "initial_workers": initial_workers, "synchronous": str(synchronous).lower()}
+        if model_name:
+            params["model_name"] = model_name
         return self._mgmt("POST", "/models", params=params, timeout=timeout_s + 10)
 
     def scale(self, model: str, version: str, min_worker: int, max_worker: int | None = None):

@@ -1,0 +1,89 @@
+"""`flywheel predict`: send image files to a TorchServe endpoint, one JSON line per file.
+
+A few requests run concurrently (TorchServe batches them server-side); results are written in the
+input order so a results file lines up with a sorted folder listing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from flywheel.data import IMAGE_SUFFIXES
+from flywheel.errors import FlywheelError
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    total: int
+    ok: int
+    failed: int
+    out: Path | None
+
+
+def collect_images(images: list[Path], directory: Path | None) -> list[Path]:
+    files = [Path(p) for p in images]
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise FlywheelError(f"image file not found: {missing[0]}")
+    if directory is not None:
+        if not directory.is_dir():
+            raise FlywheelError(f"--dir {directory} is not a directory")
+        files += sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FlywheelError("no images to predict: pass image files or --dir with .png/.jpg files in it")
+    return files
+
+
+def predict_files(client, model: str, files: list[Path], version: str | None = None,
+                  concurrency: int = 4) -> Iterator[dict]:
+    """Yield one result dict per file, in input order: the prediction, or the error and HTTP status."""
+    import requests
+
+    def one(path: Path) -> dict:
+        try:
+            r = client.predict(model, path.read_bytes(), version=version)
+        except (OSError, requests.RequestException) as exc:
+            return {"file": str(path), "status": None, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"error": r.text[:300]}
+        if not isinstance(body, dict):
+            body = {"result": body}
+        return {"file": str(path), "status": r.status_code, **body}
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        yield from pool.map(one, files)
+
+
+def run_predict(endpoint: str, model: str, images: list[Path], directory: Path | None = None,
+                out: Path | None = None, key_file: Path | None = None, token: str | None = None,
+                version: str | None = None, concurrency: int = 4, progress: bool = True) -> PredictSummary:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flywheel.serve import TorchServeClient
+
+    if key_file is None and token is None:
+        raise FlywheelError("TorchServe needs a token: pass --key-file (the server's key_file.json) or --token")
+    files = collect_images(images, directory)
+    client = TorchServeClient(endpoint, key_file=key_file, inference_key=token)
+    ok = failed = 0
+    sink = open(out, "w") if out else sys.stdout
+    try:
+        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not progress or out is None, transient=True) as bar:
+            task = bar.add_task("predict", total=len(files))
+            for result in predict_files(client, model, files, version, concurrency):
+                ok += result.get("status") == 200
+                failed += result.get("status") != 200
+                sink.write(json.dumps(result) + "\n")
+                bar.advance(task)
+    finally:
+        if out:
+            sink.close()
+    return PredictSummary(len(files), ok, failed, out)

@@ -1,0 +1,300 @@
+"""`flywheel release`: put exactly one registry version behind an endpoint, prove it, never break traffic.
+
+Management target (a running TorchServe): copy the version's .mar into the server's model store,
+register it beside the serving default, warm it up, run acceptance on /predictions/M/V (smoke
+predictions on fixed samples, accuracy on a labelled sample, p95 latency), then `set-default`, an
+atomic switch for clients of /predictions/M. Earlier versions stay registered (reachable at
+/predictions/M/VERSION for A/B) up to `keep_previous`; older ones are unregistered after a grace
+period. Any failed step rolls back to the previous default and unregisters what this release added.
+
+Docker target (docker SDK, local socket or ssh://): load the image M:V, start it beside the old
+container on its own port, health + the same acceptance, then stop the old one (`docker_release`).
+
+Only a release that passed moves registry alias `dev`/`prod` and tags `deployed_<env>_at`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from flywheel.config import Settings
+from flywheel.errors import FlywheelError
+
+log = logging.getLogger(__name__)
+ENVS = ("dev", "prod")
+
+
+class ReleaseFailed(FlywheelError):
+    """A release that did not pass; the endpoint was rolled back and no alias moved."""
+
+    def __init__(self, message: str, result: ReleaseResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class AcceptanceConfig:
+    min_accuracy: float = 0.8  # on `accuracy_samples` labelled test images
+    p95_slo_ms: float = 100.0  # single-image requests, one client
+    smoke_samples: int = 8
+    accuracy_samples: int = 200
+    latency_requests: int = 40
+    warmup_requests: int = 5
+    sample_offset: int = 64  # past package's parity batch, so acceptance sees other images
+
+
+@dataclass
+class AcceptanceReport:
+    smoke_ok: bool = False
+    accuracy: float = 0.0
+    p50_ms: float = float("inf")
+    p95_ms: float = float("inf")
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.failures)
+        return (f"acceptance {verdict} (smoke {'ok' if self.smoke_ok else 'failed'}, accuracy {self.accuracy:.3f}, "
+                f"p50 {self.p50_ms:.1f} ms, p95 {self.p95_ms:.1f} ms)")
+
+
+@dataclass
+class ReleaseResult:
+    model: str
+    version: str
+    env: str
+    target: str
+    previous: str | None = None
+    report: AcceptanceReport | None = None
+    switched: bool = False
+    rolled_back: bool = False
+    unregistered: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    def event(self, text: str) -> None:
+        log.info("release %s v%s → %s: %s", self.model, self.version, self.env, text)
+        self.events.append(text)
+
+
+@dataclass(frozen=True)
+class AcceptanceData:
+    """Fixed labelled images (the version's dataset, frozen test split) used by every check."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    @classmethod
+    def for_dataset(cls, dataset: str, settings: Settings, cfg: AcceptanceConfig) -> AcceptanceData:
+        from flywheel.data import load_splits
+
+        splits = load_splits(dataset, data_dir=settings.data_dir)
+        test = splits.test
+        n = max(cfg.smoke_samples, cfg.accuracy_samples, cfg.latency_requests)
+        start = cfg.sample_offset if len(test) >= cfg.sample_offset + n else 0
+        return cls(test.images[start:start + n], test.labels[start:start + n], splits.class_names)
+
+
+def run_acceptance(predict: Callable[[bytes | dict], object], data: AcceptanceData, version: str,
+                   cfg: AcceptanceConfig) -> AcceptanceReport:
+    """Smoke, accuracy and latency checks against one endpoint. `predict(body)` returns a response."""
+    from flywheel.preprocessing import encode_png
+
+    report = AcceptanceReport()
+    pngs = [encode_png(img) for img in data.images]
+    for png in pngs[:cfg.warmup_requests]:
+        predict(png)
+    # Smoke: fixed samples answer 200 with a known label from exactly this version.
+    bad = []
+    for i, png in enumerate(pngs[:cfg.smoke_samples]):
+        r = predict(png)
+        body = _json(r)
+        if r.status_code != 200 or body.get("label") not in data.class_names or str(body.get("version")) != version:
+            bad.append(f"sample {i}: HTTP {r.status_code} {str(body)[:120]}")
+    report.smoke_ok = not bad
+    if bad:
+        report.failures.append(f"smoke predictions failed ({len(bad)}/{cfg.smoke_samples}): {bad[0]}")
+        return report
+    # Accuracy: labelled sample, sent as JSON batches of base64 images.
+    n = min(cfg.accuracy_samples, len(pngs))
+    correct = 0
+    for start in range(0, n, 32):
+        chunk = pngs[start:min(n, start + 32)]
+        r = predict({"images": [base64.b64encode(p).decode() for p in chunk], "top_k": 1})
+        preds = _json(r).get("predictions") if r.status_code == 200 else None
+        if not preds or len(preds) != len(chunk):
+            report.failures.append(f"accuracy batch failed: HTTP {r.status_code} {r.text[:120]}")
+            return report
+        correct += sum(int(p["label_index"]) == int(y) for p, y in zip(preds, data.labels[start:start + len(chunk)]))
+    report.accuracy = correct / n
+    if report.accuracy < cfg.min_accuracy:
+        report.failures.append(f"accuracy {report.accuracy:.3f} < threshold {cfg.min_accuracy}")
+    # Latency: sequential single-image requests, as one client sees them.
+    times = []
+    for i in range(cfg.latency_requests):
+        t0 = time.perf_counter()
+        r = predict(pngs[i % len(pngs)])
+        times.append((time.perf_counter() - t0) * 1000.0)
+        if r.status_code != 200:
+            report.failures.append(f"latency probe failed: HTTP {r.status_code}")
+            return report
+    report.p50_ms, report.p95_ms = (float(v) for v in np.percentile(times, [50, 95]))
+    if report.p95_ms > cfg.p95_slo_ms:
+        report.failures.append(f"p95 latency {report.p95_ms:.1f} ms > SLO {cfg.p95_slo_ms} ms")
+    return report
+
+
+def _json(r) -> dict:
+    try:
+        body = r.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+@dataclass(frozen=True)
+class ManagementTarget:
+    """A running TorchServe reached through its management API."""
+
+    inference_url: str
+    management_url: str
+    key_file: Path
+    model_store: Path  # the server's model store (same filesystem): the .mar is copied here
+    workers: int = 1
+    grace_s: float = 10.0  # in-flight requests on the old default finish before it is unregistered
+    keep_previous: int = 1  # earlier versions left registered for A/B and instant rollback
+
+    def describe(self) -> str:
+        return f"torchserve {self.inference_url}"
+
+    def client(self):
+        from flywheel.serve import TorchServeClient
+
+        return TorchServeClient(self.inference_url, self.management_url, key_file=self.key_file)
+
+
+def release_version(settings: Settings, model: str, version: str, env: str, target: ManagementTarget,
+                    acceptance: AcceptanceConfig = AcceptanceConfig(), mar_path: Path | None = None,
+                    package_options: dict | None = None) -> ReleaseResult:
+    """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc."""
+    from flywheel.package import PackageConfig, package_version, read_manifest, resolve_version
+    from flywheel.registry import mark_deployed
+
+    if env not in ENVS:
+        raise FlywheelError(f"unknown environment {env!r}; choose one of: {', '.join(ENVS)}")
+    settings.apply()
+    mv = resolve_version(settings, model, version=str(version))
+    version = str(mv.version)
+    result = ReleaseResult(model, version, env, target.describe())
+    client = target.client()
+    versions = client.versions(model)
+    result.previous = next((v for v, d in versions.items() if d), None)
+    result.event(f"serving default before release: {result.previous or 'none'}")
+
+    # 1. The archive: this version's .mar in the server's model store.
+    if mar_path is None:
+        mar_path = package_version(PackageConfig(model, version=version, **(package_options or {})),
+                                   settings).mar_path
+    manifest = read_manifest(mar_path)
+    if str(manifest["model_version"]) != version or manifest["model_name"] != model:
+        raise FlywheelError(f"{mar_path} holds {manifest['model_name']} v{manifest['model_version']}, "
+                            f"not {model} v{version}")
+    store_name = f"{model}-{version}.mar"
+    target.model_store.mkdir(parents=True, exist_ok=True)
+    if Path(mar_path).resolve() != (target.model_store / store_name).resolve():
+        shutil.copy(mar_path, target.model_store / store_name)
+    data = AcceptanceData.for_dataset(manifest["dataset"], settings, acceptance)
+
+    registered_here = version not in versions
+    try:
+        # 2. Register beside the current default (clients keep hitting the old one) and scale.
+        if registered_here:
+            r = client.register(store_name, initial_workers=target.workers)
+            if r.status_code != 200:
+                raise ReleaseFailed(f"register failed: HTTP {r.status_code} {_json(r).get('message', r.text[:200])}")
+            result.event(f"registered {store_name} with {target.workers} worker(s)")
+        else:
+            r = client.scale(model, version, target.workers)
+            if r.status_code != 200:
+                raise ReleaseFailed(f"scale failed: HTTP {r.status_code} {r.text[:200]}")
+            result.event("version already registered; scaled")
+        # 3. Warm-up and acceptance on /predictions/M/V only.
+        report = run_acceptance(lambda body: client.predict(model, body, version=version), data, version,
+                                acceptance)
+        result.report = report
+        result.event(report.summary())
+        if not report.passed:
+            raise ReleaseFailed(f"{model} v{version} failed acceptance: {'; '.join(report.failures)}")
+        # 4. Switch: set-default is atomic for /predictions/M.
+        r = client.set_default(model, version)
+        if r.status_code != 200:
+            raise ReleaseFailed(f"set-default failed: HTTP {r.status_code} {r.text[:200]}")
+        result.switched = True
+        check = client.predict(model, _first_png(data))
+        if check.status_code != 200 or str(_json(check).get("version")) != version:
+            raise ReleaseFailed(f"after the switch /predictions/{model} answered HTTP {check.status_code} "
+                                f"version {_json(check).get('version')}, not {version}")
+        result.event(f"default switched {result.previous or 'none'} → {version}")
+    except Exception as exc:
+        _rollback(client, result, registered_here)
+        if isinstance(exc, ReleaseFailed):
+            exc.result = result
+            raise
+        raise ReleaseFailed(f"release of {model} v{version} failed ({type(exc).__name__}: {exc}); rolled back",
+                            result) from exc
+
+    # 5. Only now does the registry move.
+    mark_deployed(settings, model, version, env, target.describe())
+    result.event(f"alias {env} → v{version}")
+    # 6. Retire versions beyond keep_previous after the grace period (in-flight requests finish).
+    others = sorted((v for v in client.versions(model) if v != version), key=_version_key, reverse=True)
+    if result.previous in others:  # the old default is the first one kept
+        others.remove(result.previous)
+        others.insert(0, result.previous)
+    retire = others[target.keep_previous:]
+    if retire:
+        time.sleep(target.grace_s)
+        for v in retire:
+            if client.unregister(model, v).status_code == 200:
+                result.unregistered.append(v)
+        result.event(f"unregistered old version(s) {', '.join(result.unregistered) or 'none'}")
+    return result
+
+
+def _rollback(client, result: ReleaseResult, registered_here: bool) -> None:
+    """Put the previous default back and remove what this release registered."""
+    try:
+        if result.switched and result.previous:
+            client.set_default(result.model, result.previous)
+            result.event(f"rolled back default to {result.previous}")
+        if registered_here:
+            client.unregister(result.model, result.version)
+            result.event(f"unregistered v{result.version}")
+    except Exception as exc:  # noqa: BLE001 - report the original failure, log this one
+        log.error("rollback step failed: %s", exc)
+        result.event(f"rollback step failed: {exc}")
+    result.rolled_back = True
+
+
+def _first_png(data: AcceptanceData) -> bytes:
+    from flywheel.preprocessing import encode_png
+
+    return encode_png(data.images[0])
+
+
+def _version_key(v: str):
+    try:
+        return (0, float(v))
+    except ValueError:
+        return (1, v)
