@@ -55,6 +55,14 @@ def test_nodes_yaml_defaults_and_errors(tmp_path):
         load_nodes(str(tmp_path / "missing.yaml"))
 
 
+def test_example_nodes_file_parses():
+    from tests.conftest import REPO
+
+    nodes = load_nodes(str(REPO / "nodes.example.yaml"))
+    assert [n.name for n in nodes] == ["gpu-a100", "gpu-spare", "cpu-fallback"]
+    assert all(n.env_activate for n in nodes) and nodes[1].port == 2222
+
+
 def test_nvidia_smi_parsing_and_ranking():
     # The exact shape of `nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits` on 2 GPUs.
     assert parse_free_memory("81037\n40211\n") == (81037, 40211)
