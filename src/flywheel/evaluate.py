@@ -1,0 +1,93 @@
+"""Evaluate a model on the frozen test split: accuracy, macro-F1 and a per-class report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flywheel.config import Settings
+from flywheel.data import Split, load_splits
+from flywheel.models import FlywheelNet, ModelSpec, load_model
+from flywheel.preprocessing import to_tensor
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    model_uri: str
+    dataset: str
+    n: int
+    accuracy: float
+    macro_f1: float
+    class_names: tuple[str, ...]
+    per_class: dict[str, dict[str, float]] = field(repr=False)
+    confusion: np.ndarray = field(repr=False)
+
+    def metrics(self, prefix: str = "test_") -> dict[str, float]:
+        return {f"{prefix}accuracy": self.accuracy, f"{prefix}macro_f1": self.macro_f1}
+
+
+@torch.no_grad()
+def predict(model: FlywheelNet, images: np.ndarray, spec: ModelSpec, batch_size: int = 1024,
+            device: str | torch.device = "cpu", with_embeddings: bool = False):
+    """Logits (and optionally embeddings) for uint8 images, in batches, as numpy arrays."""
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size], spec.preprocess).to(device)
+        emb = model.embed(x)
+        logits.append(model.head(emb).float().cpu())
+        if with_embeddings:
+            embeddings.append(emb.float().cpu())
+    out = torch.cat(logits).numpy()
+    return (out, torch.cat(embeddings).numpy()) if with_embeddings else out
+
+
+def evaluate_model(model: FlywheelNet, spec: ModelSpec, split: Split, model_uri: str = "", dataset: str = "",
+                   device: str | torch.device = "cpu") -> EvalReport:
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    pred = predict(model, split.images, spec, device=device).argmax(axis=1)
+    labels = np.arange(len(spec.class_names))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        split.labels, pred, labels=labels, zero_division=0)
+    per_class = {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                 for name, p, r, f, s in zip(spec.class_names, precision, recall, f1, support)}
+    return EvalReport(model_uri=model_uri, dataset=dataset, n=len(split),
+                      accuracy=float((pred == split.labels).mean()),
+                      macro_f1=float(f1_score(split.labels, pred, labels=labels, average="macro", zero_division=0)),
+                      class_names=spec.class_names, per_class=per_class,
+                      confusion=confusion_matrix(split.labels, pred, labels=labels))
+
+
+def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0,
+                 data_dir: Path | None = None) -> EvalReport:
+    """Load a logged model by URI and evaluate it on `dataset`'s frozen test split."""
+    splits = load_splits(dataset, data_dir or settings.data_dir, seed)
+    model, spec = load_model(model_uri)
+    check_compatible(spec, splits.class_names, model_uri, dataset)
+    return evaluate_model(model, spec, splits.test, model_uri, dataset)
+
+
+def check_compatible(spec: ModelSpec, class_names: tuple[str, ...], model_uri: str, dataset: str) -> None:
+    from flywheel.errors import FlywheelError
+
+    if tuple(spec.class_names) != tuple(class_names):
+        raise FlywheelError(f"{model_uri} predicts classes {list(spec.class_names)[:4]}…, but dataset "
+                            f"{dataset!r} has {list(class_names)[:4]}…: evaluate it on the data it was trained for")
+
+
+def print_report(report: EvalReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.model_uri} on {report.dataset} test split (n={report.n})")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in report.per_class.items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console = Console()
+    console.print(table)
+    console.print(f"accuracy [bold]{report.accuracy:.4f}[/]   macro-F1 [bold]{report.macro_f1:.4f}[/]")

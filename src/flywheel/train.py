@@ -1,0 +1,331 @@
+"""Train a model, log everything to MLflow, then gate and register it.
+
+Runs single-process or under `torchrun` (DistributedDataParallel: NCCL on GPUs, gloo on CPU).
+Only rank 0 talks to MLflow; the other ranks train their shard and meet rank 0 at barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flywheel.config import Settings
+from flywheel.data import Splits, load_splits
+from flywheel.errors import FlywheelError
+from flywheel.evaluate import EvalReport, evaluate_model, predict
+from flywheel.models import ModelSpec, build_model, save_extras
+
+REFERENCE_SIZE = 1000  # validation embeddings kept as the monitor's drift reference
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    model: str = "small-cnn"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 3e-3  # peak of the one-cycle schedule
+    weight_decay: float = 1e-4
+    seed: int = 0
+    register: bool = True
+    margin: float = 0.0
+    extra_data: tuple[Path, ...] = ()
+    max_train_samples: int | None = None
+    device: str | None = None
+    log_every_epoch: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    registered_version: str | None
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> DistContext:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def select_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise FlywheelError(f"--device {requested}: CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_info(source_dir: Path) -> dict[str, str]:
+    """Commit and dirty flag of the code being trained. A shipped `git archive` has no .git, so the
+    commit comes from FLYWHEEL_GIT_COMMIT (set by remote-train) when git can't tell."""
+    commit = os.environ.get("FLYWHEEL_GIT_COMMIT", "")
+    dirty = os.environ.get("FLYWHEEL_GIT_DIRTY", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source_dir,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout
+            dirty = str(bool(status.strip())).lower()
+        except (OSError, subprocess.SubprocessError):
+            commit, dirty = "unknown", "unknown"
+    return {"git_commit": commit, "git_dirty": dirty or "false"}
+
+
+def _amp(device: torch.device):
+    """bf16 autocast on GPUs that support it, fp16 (+ grad scaling) on older ones, none on CPU."""
+    if device.type != "cuda":
+        return nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
+                    transient=False)
+
+
+def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
+    """Train per `cfg`, log to the tracking server in `settings`; returns the result on rank 0."""
+    ctx = DistContext.from_env()
+    if ctx.is_main:
+        from flywheel.tracking import preflight
+
+        preflight(settings)  # wrong credentials / dead server fail here, not after training
+    splits = load_splits(cfg.dataset, settings.data_dir, cfg.seed, cfg.extra_data)
+    device = select_device(cfg.device, ctx.local_rank)
+    if ctx.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, settings, splits, device, ctx)
+    finally:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.device,
+           ctx: DistContext) -> TrainResult | None:
+    import mlflow
+
+    from flywheel.preprocessing import to_tensor
+    from flywheel.tracking import RunLogger, active_run_id, ensure_experiment
+
+    seed_everything(cfg.seed)
+    x_all, y_all = splits.train.images, splits.train.labels
+    if cfg.max_train_samples:
+        pick = np.random.default_rng(cfg.seed).permutation(len(y_all))[:cfg.max_train_samples]
+        x_all, y_all = x_all[np.sort(pick)], y_all[np.sort(pick)]
+    spec = ModelSpec(cfg.model, splits.class_names, splits.preprocess, 0)
+    x_train = to_tensor(x_all, spec.preprocess)  # preprocess once: the dataset fits in memory
+    y_train = torch.from_numpy(y_all)
+    model = build_model(cfg.model, len(splits.class_names)).to(device)
+    spec = ModelSpec(cfg.model, splits.class_names, splits.preprocess, model.embedding_dim)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+           if ctx.distributed else model)
+
+    # Each rank takes every world_size-th batch of one shared permutation; the last partial batch is dropped
+    # so all ranks step the same number of times (DDP all-reduces every step).
+    steps_per_epoch = max(1, len(y_train) // (cfg.batch_size * ctx.world_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                    steps_per_epoch=steps_per_epoch)
+    autocast, scaler = _amp(device)
+    params = {**asdict(cfg), "extra_data": ",".join(map(str, cfg.extra_data)), "world_size": ctx.world_size,
+              "device": device.type, "train_samples": len(y_train), "val_samples": len(splits.val),
+              "test_samples": len(splits.test), "steps_per_epoch": steps_per_epoch,
+              "parameters": sum(p.numel() for p in model.parameters())}
+
+    logger = run = None
+    if ctx.is_main:
+        experiment_id = ensure_experiment(settings)
+        run = mlflow.start_run(run_id=active_run_id(), experiment_id=None if active_run_id() else experiment_id,
+                               log_system_metrics=True)
+        logger = RunLogger(run.info.run_id)
+        logger.log_params(params)
+        logger.set_tags({**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
+                         "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"),
+                         "flywheel.device": str(device)})
+        _log_dataset(splits)
+
+    history: list[dict[str, float]] = []
+    train_seconds = 0.0
+    loss_fn = nn.CrossEntropyLoss()
+    with _progress(ctx.is_main) as progress:
+        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, status="")
+        for epoch in range(cfg.epochs):
+            ddp.train()
+            started = time.perf_counter()
+            perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+            for step in range(steps_per_epoch):
+                begin = (step * ctx.world_size + ctx.rank) * cfg.batch_size
+                idx = perm[begin:begin + cfg.batch_size]
+                xb = x_train[idx].to(device, non_blocking=True)
+                yb = y_train[idx].to(device, non_blocking=True)
+                if device.type == "cpu":
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    logits = ddp(xb)
+                    loss = loss_fn(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                scheduler.step()
+                totals += torch.tensor([loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)],
+                                       dtype=torch.float64)
+                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
+            if ctx.distributed:
+                dist.all_reduce(totals)
+            train_seconds += time.perf_counter() - started
+            if ctx.is_main:
+                val_loss, val_acc = _val_metrics(model, splits, spec, device)
+                row = {"train_loss": totals[0].item() / totals[2].item(), "train_accuracy": totals[1].item() / totals[2].item(),
+                       "val_loss": val_loss, "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0],
+                       "epoch_seconds": time.perf_counter() - started}
+                history.append(row)
+                logger.log_metrics(row, step=epoch)
+                progress.update(task, status=f"epoch {epoch + 1}/{cfg.epochs} val acc {val_acc:.4f}")
+            if ctx.distributed:
+                dist.barrier()
+
+    if not ctx.is_main:
+        return None
+    try:
+        report = evaluate_model(model, spec, splits.test, f"runs:/{run.info.run_id}/model", splits.name, device)
+        logger.log_metrics({**report.metrics(), "train_seconds": train_seconds})
+        model_info = _log_model_and_artifacts(logger, model.cpu().eval(), spec, splits, history, report)
+        logger.flush()
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+
+    decision = None
+    if cfg.register:
+        from flywheel.registry import gate_run
+
+        decision = gate_run(run.info.run_id, settings, dataset=splits.name, margin=cfg.margin, splits=splits,
+                            challenger_accuracy=report.accuracy)
+    _print_summary(run.info.run_id, report, train_seconds, decision)
+    return TrainResult(run.info.run_id, model_info.model_uri, {**report.metrics(), "train_seconds": train_seconds},
+                       decision.registered_version if decision else None, train_seconds)
+
+
+@torch.no_grad()
+def _val_metrics(model: nn.Module, splits: Splits, spec: ModelSpec, device: torch.device) -> tuple[float, float]:
+    logits = torch.from_numpy(predict(model, splits.val.images, spec, device=device))
+    labels = torch.from_numpy(splits.val.labels)
+    return nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def _log_dataset(splits: Splits) -> None:
+    """Record the exact data: an MLflow dataset input whose digest is our content digest."""
+    import mlflow
+
+    sample = splits.train.images[:2].reshape(2, -1).astype(np.float32)
+    ds = mlflow.data.from_numpy(sample, targets=splits.train.labels[:2], source=splits.source,
+                                name=splits.name, digest=splits.digest[:32])
+    mlflow.log_input(ds, context="training", tags={"dataset_digest": splits.digest,
+                                                   "train": str(len(splits.train)), "val": str(len(splits.val)),
+                                                   "test": str(len(splits.test))})
+
+
+def _log_model_and_artifacts(logger, model, spec: ModelSpec, splits: Splits, history: list[dict[str, float]],
+                             report: EvalReport):
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from flywheel.plots import confusion_matrix_png, loss_curve_png
+    from flywheel.preprocessing import to_tensor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plots = tmp / "plots"
+        plots.mkdir()
+        loss_curve_png(history, plots / "loss_curve.png")
+        confusion_matrix_png(report.confusion, spec.class_names, plots / "confusion_matrix.png")
+        logger.log_artifacts(plots, "plots")
+        (tmp / "per_class_report.json").write_text(json.dumps(
+            {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "per_class": report.per_class}, indent=2))
+        logger.log_artifact(tmp / "per_class_report.json", "evaluation")
+
+        reference = tmp / "reference"
+        reference.mkdir()
+        n = min(REFERENCE_SIZE, len(splits.val))
+        pick = np.sort(np.random.default_rng(0).permutation(len(splits.val))[:n])
+        logits, embeddings = predict(model, splits.val.images[pick], spec, with_embeddings=True)
+        np.save(reference / "embeddings.npy", embeddings.astype(np.float32))
+        np.save(reference / "labels.npy", splits.val.labels[pick])
+        np.save(reference / "predictions.npy", logits.argmax(1))
+        priors = np.bincount(splits.train.labels, minlength=len(spec.class_names)) / len(splits.train)
+        (reference / "class_priors.json").write_text(json.dumps(priors.tolist()))
+        logger.log_artifacts(reference, "reference")
+
+        extras = save_extras(model, spec, tmp / "extras")
+        example = to_tensor(splits.val.images[:2], spec.preprocess).numpy()  # batch 2: batch dim stays dynamic
+        with torch.no_grad():
+            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        return mlflow.pytorch.log_model(model, name="model", input_example=example, signature=signature,
+                                        extra_files=extras, serialization_format="pt2",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                          f"mlflow=={mlflow.__version__}"])
+
+
+def _print_summary(run_id: str, report: EvalReport, seconds: float, decision) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"run [bold]{run_id}[/]: test accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f}, "
+                  f"{seconds:.1f} s of training")
+    if decision is not None:
+        console.print(decision.summary())
