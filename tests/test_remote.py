@@ -170,3 +170,23 @@ def test_pool_skips_unreachable_node(ssh_node):
     assert any("skipping dead" in w for w in warnings), warnings
     with pytest.raises(FlywheelError, match="none of the 1 training nodes is reachable"):
         pick_node([dead], _auth(ssh_node), "b" * 40, warn=warnings.append)
+
+
+@pytest.mark.integration
+def test_cli_refuses_without_tracking_server_and_unreachable_node(ssh_node, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from tests.conftest import REPO
+
+    ssh_args = ["--repo", str(REPO), "-i", str(ssh_node.key_path), "--known-hosts", str(ssh_node.known_hosts)]
+    # No tracking server configured: refused before anything is shipped.
+    result = CliRunner().invoke(app, ["remote-train", "--node", ssh_node.spec, *ssh_args])
+    assert result.exit_code == 2 and "tracking server the node can reach" in result.output, result.output
+    port = free_port()  # nothing listens there
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI in-process; make sure it is undone after.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    result = CliRunner().invoke(app, ["remote-train", "--node", f"{ssh_node.user}@127.0.0.1:{port}", *ssh_args,
+                                      "--connect-timeout", "3", "--tracking-uri", "http://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach {ssh_node.user}@127.0.0.1:{port}" in result.output

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -406,6 +406,10 @@ trap 'rm -f {upload} {envfile}' EXIT
 exec 9>>job.lock
 if ! flock -n 9; then echo "commit already training here" >&2; exit {busy}; fi
 rm -rf src job.exit job.exit.tmp job.pid
+# Leftovers of attempts whose connection died mid-upload (may hold secrets): remove them.
+for f in job.env.* upload-*.tar.gz; do
+  if [ -e "$f" ] && [ "$f" != {envfile} ] && [ "$f" != {upload} ]; then rm -f -- "$f"; fi
+done
 mkdir src
 tar -xzf {upload} -C src
 if [ -f job.log ]; then mv job.log job.log.previous; fi
@@ -478,9 +482,8 @@ class RemoteJob:
     def start(self, settings: Settings, cfg: RemoteTrainConfig, archive: bytes) -> None:
         """Upload the commit and start it detached; FlywheelError if it is already running here."""
         with self._session() as (client, sftp, jobdir):
-            root = jobdir.rsplit("/", 1)[0]
-            code, _, err = _exec(client, f"mkdir -p {shlex.quote(jobdir)} && chmod 700 {shlex.quote(root)} "
-                                 f"{shlex.quote(jobdir)}")
+            # 0700: the env file inside is 0600 too, but nobody else should even list the job.
+            code, _, err = _exec(client, f"mkdir -p {shlex.quote(jobdir)} && chmod 700 {shlex.quote(jobdir)}")
             if code != 0:
                 raise FlywheelError(f"cannot create {jobdir} on {self.node.label}: {err.strip()}")
             self._refuse_if_busy(client, jobdir)
@@ -495,8 +498,10 @@ class RemoteJob:
                 code, out, err = _exec(client, STARTER.format(jobdir=shlex.quote(jobdir), upload=upload,
                                                               envfile=envfile, busy=BUSY_EXIT))
             except BaseException:
-                # Don't leave secrets or half uploads behind on the node.
-                _exec(client, f"cd {shlex.quote(jobdir)} && rm -f {upload} {envfile}")
+                # Don't leave secrets or half uploads behind on the node (best effort: the
+                # connection may be what failed).
+                with suppress(Exception):
+                    _exec(client, f"cd {shlex.quote(jobdir)} && rm -f {upload} {envfile}")
                 raise
             if code == BUSY_EXIT:
                 raise self._busy_error()
