@@ -9,7 +9,6 @@ second, fresh client.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import uuid
@@ -131,6 +130,8 @@ def check_artifact_roundtrip(settings: Settings) -> Check:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from flywheel.tracking import quick_failure
+
     payload = f"flywheel doctor {uuid.uuid4()}\n"
     settings.apply()
     # Doctor must answer in seconds, not after MLflow's ~4 minutes of retries.
@@ -165,23 +166,6 @@ def check_artifact_roundtrip(settings: Settings) -> Check:
                     writer.delete_run(run_id)
                 except MlflowException:
                     pass
-
-
-@contextlib.contextmanager
-def quick_failure(retries: int = 1, timeout: int = 15):
-    """Let MLflow's HTTP client give up after `retries` quick retries (it reads these env vars per call)."""
-    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_doctor(settings: Settings, targets: DoctorTargets | None = None) -> list[Check]:

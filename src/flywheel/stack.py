@@ -149,7 +149,7 @@ class PostgresServer:
         # Postgres refuses to run as root; run its tools as the `postgres` system user then.
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if check and proc.returncode != 0:
             raise StackError(f"Postgres `{' '.join(args[:2])}` failed in {self.data_dir}: "
                              f"{(proc.stderr or proc.stdout).strip()[-800:]}"
@@ -172,7 +172,7 @@ class PostgresServer:
                 shutil.chown(path, "postgres", "postgres")
             os.chmod(self.data_dir, 0o700)
             probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.data_dir)],
-                                   capture_output=True)
+                                   check=False, capture_output=True)
             if probe.returncode != 0:
                 shutil.rmtree(pwdir, ignore_errors=True)
                 raise StackError(f"the postgres system user cannot reach {self.data_dir}: a parent directory "
@@ -283,9 +283,10 @@ class Daemon:
         raise StackError(f"{self.name} did not answer {self.url}{self.health_path} within {timeout:.0f} s; "
                          f"last lines of {self.log}:\n{_tail(self.log)}")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        # uvicorn waits for idle keep-alive clients on SIGTERM; a few seconds, then SIGKILL.
         if self.pid:
-            stop_process_group(self.pid)
+            stop_process_group(self.pid, timeout=grace)
         if self._popen is not None:
             self._popen.poll()
 
@@ -318,17 +319,22 @@ def start_gcs_emulator(data_dir: Path, port: int, bucket: str, log: Path | None 
 
 
 # ----------------------------------------------------------------------------------- MLflow server
-def write_auth_ini(path: Path, database_uri: str, default_permission: str = "NO_PERMISSIONS") -> Path:
+def write_auth_ini(path: Path, database_uri: str, default_permission: str = "NO_PERMISSIONS",
+                   auth_cache_ttl: int = 60) -> Path:
     """basic-auth config; the admin password is deliberately NOT in it (env/secret file only).
 
     default_permission NO_PERMISSIONS: a new user sees nothing until granted, the safe default for a
-    node that holds every model of the team.
+    node that holds every model of the team. auth_cache_ttl_seconds: without it every request
+    re-runs PBKDF2 on the password (~0.5-1 s per call on a busy 2-core box, so an epoch's metrics or a
+    model upload of a dozen files crawl); the price is that a changed password keeps working on
+    other workers for up to a minute.
     """
     write_secret(path, "[mlflow]\n"
                        f"default_permission = {default_permission}\n"
                        f"database_uri = {database_uri}\n"
                        f"admin_username = {ADMIN_USER}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       f"auth_cache_ttl_seconds = {auth_cache_ttl}\n")
     return path
 
 
@@ -373,7 +379,7 @@ def check_database(uri: str, timeout: int = 10) -> None:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
         engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - any driver error is the message we want to show
+    except Exception as exc:  # any driver error: its message is what we show
         safe = _redact(uri)
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise StackError(f"backend database {safe} is not usable: {reason}. Check host, port, user, "

@@ -1,0 +1,49 @@
+#!/bin/sh
+# Start the MLflow tracking server (basic-auth, Postgres backend, proxied GCS artifacts).
+# Used by the container image and by the systemd unit. Secrets come from files (docker secrets,
+# systemd credentials) or the environment; there is no default password anywhere.
+set -eu
+
+# read_secret VAR FILE_VAR: VAR from the environment, else from the file named by FILE_VAR.
+read_secret() {
+  eval "val=\${$1:-}"
+  eval "file=\${$2:-}"
+  if [ -z "$val" ] && [ -n "$file" ]; then
+    [ -r "$file" ] || { echo "entrypoint: $2=$file is not readable" >&2; exit 2; }
+    val=$(cat "$file")
+  fi
+  [ -n "$val" ] || { echo "entrypoint: set $1 or $2 (no default is provided)" >&2; exit 2; }
+  printf '%s' "$val"
+}
+
+PGPASSWORD=$(read_secret POSTGRES_PASSWORD POSTGRES_PASSWORD_FILE)
+MLFLOW_AUTH_ADMIN_PASSWORD=$(read_secret MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD_FILE)
+MLFLOW_FLASK_SERVER_SECRET_KEY=$(read_secret MLFLOW_FLASK_SERVER_SECRET_KEY MLFLOW_FLASK_SERVER_SECRET_KEY_FILE)
+if [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ]; then
+  echo "entrypoint: the admin password must have at least 12 characters" >&2; exit 2
+fi
+export MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
+
+: "${POSTGRES_HOST:?set POSTGRES_HOST}" "${ARTIFACTS_DESTINATION:?set ARTIFACTS_DESTINATION (gs://BUCKET/PREFIX)}"
+PGUSER=${POSTGRES_USER:-mlflow}
+PGPORT=${POSTGRES_PORT:-5432}
+PW_ENC=$(python -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$PGPASSWORD")
+BACKEND="postgresql+psycopg2://${PGUSER}:${PW_ENC}@${POSTGRES_HOST}:${PGPORT}/${POSTGRES_DB:-mlflow}"
+AUTH_DB="postgresql+psycopg2://${PGUSER}:${PW_ENC}@${POSTGRES_HOST}:${PGPORT}/${POSTGRES_AUTH_DB:-mlflow_auth}"
+
+# The auth ini carries the DB password, so it is written at start into a private runtime dir.
+RUNTIME=${RUNTIME_DIRECTORY:-/tmp/mlflow-runtime}
+mkdir -p "$RUNTIME" && chmod 700 "$RUNTIME"
+umask 077
+sed "s|@AUTH_DATABASE_URI@|${AUTH_DB}|" "${AUTH_INI_TEMPLATE:-/etc/mlflow/basic_auth.ini}" > "$RUNTIME/basic_auth.ini"
+export MLFLOW_AUTH_CONFIG_PATH="$RUNTIME/basic_auth.ini"
+# GenAI evaluation jobs are not used by Flywheel; the job runner would add ~9 processes.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+
+exec mlflow server \
+  --backend-store-uri "$BACKEND" \
+  --artifacts-destination "$ARTIFACTS_DESTINATION" --serve-artifacts \
+  --app-name basic-auth \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" \
+  --workers "${MLFLOW_WORKERS:-4}" \
+  --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost,127.0.0.1}" "$@"

@@ -1,0 +1,206 @@
+"""The tracking node itself: auth, fail-fast on bad stores, doctor, `flywheel stack`, deploy files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from flywheel.doctor import DoctorTargets, run_doctor
+from flywheel.stack import (
+    StackError,
+    check_database,
+    check_gcs_bucket,
+    free_port,
+    start_mlflow_server,
+    write_auth_ini,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy" / "tracking"
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+# ------------------------------------------------------------------------------ no servers needed
+def test_auth_ini_has_no_password(tmp_path):
+    ini = write_auth_ini(tmp_path / "a.ini", "postgresql+psycopg2://u:p@h/db")
+    text = ini.read_text()
+    assert "admin_password" not in text and "NO_PERMISSIONS" in text
+    assert oct(ini.stat().st_mode & 0o777) == "0o600"
+
+
+def test_short_admin_password_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(StackError, match="at least 12 characters"):
+        start_mlflow_server(tmp_path, free_port(), "sqlite:///x.db", "gs://b/p", "short", "k" * 32,
+                            "sqlite:///a.db")
+
+
+def test_wrong_db_uri_names_the_cause():
+    port = free_port()  # nothing listens there
+    with pytest.raises(StackError, match=r"backend database .*127\.0\.0\.1:\d+.* is not usable"):
+        check_database(f"postgresql+psycopg2://mlflow:pw@127.0.0.1:{port}/mlflow", timeout=3)
+
+
+def test_unreachable_gcs_names_the_cause():
+    with pytest.raises(StackError, match="GCS is unreachable"):
+        check_gcs_bucket("gs://bucket/prefix", f"http://127.0.0.1:{free_port()}", timeout=3)
+
+
+def test_deploy_compose_file_is_valid(tmp_path):
+    compose = shutil.which("docker-compose") or str(Path(sys.executable).parent / "docker-compose")
+    env = {**os.environ, "GCS_BUCKET": "team-mlflow"}
+    for profile in ([], ["--profile", "gcs-emulator"]):
+        proc = subprocess.run([compose, "-f", str(DEPLOY / "docker-compose.yml"), *profile, "config", "-q"],
+                              capture_output=True, text=True, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr
+    # Without the bucket the file refuses to render, naming the variable.
+    env.pop("GCS_BUCKET")
+    proc = subprocess.run([compose, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"],
+                          capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode != 0 and "GCS_BUCKET" in proc.stderr
+    # Secrets reach the services only as files: no password value in the rendered environment.
+    env["GCS_BUCKET"] = "team-mlflow"
+    rendered = yaml.safe_load(subprocess.run(
+        [compose, "-f", str(DEPLOY / "docker-compose.yml"), "config"], capture_output=True, text=True,
+        env=env, check=True).stdout)
+    for name in ("postgres", "mlflow"):
+        environment = rendered["services"][name]["environment"]
+        assert not [k for k in environment if "PASSWORD" in k and not k.endswith("_FILE")], environment
+    assert rendered["services"]["mlflow"]["environment"]["ARTIFACTS_DESTINATION"] == "gs://team-mlflow/mlflow"
+    assert "--app-name basic-auth" in (DEPLOY / "entrypoint.sh").read_text()
+
+
+def test_entrypoint_refuses_to_start_without_secrets(tmp_path):
+    env = {"PATH": os.environ["PATH"], "POSTGRES_HOST": "127.0.0.1", "ARTIFACTS_DESTINATION": "gs://b/p"}
+    proc = subprocess.run(["sh", str(DEPLOY / "entrypoint.sh")], capture_output=True, text=True, env=env,
+                          check=False)
+    assert proc.returncode == 2 and "no default" in proc.stderr
+
+
+# --------------------------------------------------------------------------- against the real stack
+@pytest.mark.integration
+def test_unauthenticated_and_wrong_password_get_401(tracking_stack):
+    url = tracking_stack.uri + SEARCH
+    assert requests.get(tracking_stack.uri + "/health", timeout=10).status_code == 200
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, auth=("admin", "not-the-password"), timeout=10).status_code == 401
+    assert requests.get(url, auth=("nobody", tracking_stack.password), timeout=10).status_code == 401
+    assert requests.get(url, auth=(tracking_stack.username, tracking_stack.password), timeout=10).status_code == 200
+    # Artifact proxy and registry are behind auth too.
+    assert requests.get(tracking_stack.uri + "/api/2.0/mlflow-artifacts/artifacts", timeout=10).status_code == 401
+    assert requests.get(tracking_stack.uri + "/api/2.0/mlflow/registered-models/search",
+                        timeout=10).status_code == 401
+
+
+@pytest.mark.integration
+def test_doctor_passes_on_a_healthy_stack(tracking_stack):
+    targets = DoctorTargets(backend_store_uri=tracking_stack.pg.uri("mlflow"),
+                            artifacts_destination=tracking_stack.artifacts_destination,
+                            gcs_emulator_url=tracking_stack.gcs.url)
+    checks = run_doctor(tracking_stack.settings(), targets)
+    assert [c.name for c in checks] == ["server reachable", "auth enforced", "credentials accepted",
+                                        "database schema", "artifact bucket", "artifact round-trip"]
+    assert all(c.ok for c in checks), checks
+    # The round-trip object really is in the emulator's bucket, under the configured prefix.
+    blobs = [b.name for b in tracking_stack.gcs_client().list_blobs(tracking_stack.bucket,
+                                                                    prefix=tracking_stack.prefix)]
+    assert any(n.endswith("doctor/roundtrip.txt") for n in blobs), blobs
+
+
+@pytest.mark.integration
+def test_doctor_names_wrong_credentials_missing_bucket_and_down_server(tracking_stack):
+    bad = run_doctor(tracking_stack.settings(password="wrong-password-123"))
+    assert bad[-1].name == "credentials accepted" and bad[-1].ok is False and "401" in bad[-1].detail
+
+    missing = run_doctor(tracking_stack.settings(), DoctorTargets(
+        artifacts_destination="gs://no-such-bucket/x", gcs_emulator_url=tracking_stack.gcs.url))
+    assert missing[-1].ok is False and "no-such-bucket" in missing[-1].detail
+    assert "does not exist" in missing[-1].detail
+
+    down = run_doctor(tracking_stack.settings(tracking_uri=f"http://127.0.0.1:{free_port()}"))
+    assert down[0].ok is False and "cannot connect" in down[0].detail
+
+
+@pytest.mark.integration
+def test_doctor_cli_exit_codes(tracking_stack):
+    env = {**os.environ, **tracking_stack.env()}
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    ok = subprocess.run([flywheel, "doctor"], capture_output=True, text=True, env=env, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "artifact round-trip" in ok.stdout
+    env["MLFLOW_TRACKING_PASSWORD"] = "wrong-password-123"
+    bad = subprocess.run([flywheel, "doctor"], capture_output=True, text=True, env=env, check=False)
+    assert bad.returncode == 1 and "wrong username or password" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.integration
+def test_server_with_wrong_db_password_fails_fast_naming_the_cause(tracking_stack, tmp_path):
+    wrong = tracking_stack.pg.uri("mlflow").replace(tracking_stack.pg.password, "wrong-pg-password")
+    t0 = time.monotonic()
+    with pytest.raises(StackError, match="password authentication failed"):
+        start_mlflow_server(tmp_path, free_port(), wrong, tracking_stack.artifacts_destination,
+                            "admin-password-123", "k" * 32, wrong, gcs_emulator_url=tracking_stack.gcs.url)
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.integration
+def test_server_with_missing_bucket_fails_fast(tracking_stack, tmp_path):
+    with pytest.raises(StackError, match="bucket 'missing-bucket' does not exist"):
+        start_mlflow_server(tmp_path, free_port(), tracking_stack.pg.uri("mlflow"), "gs://missing-bucket/p",
+                            "admin-password-123", "k" * 32, tracking_stack.pg.uri("mlflow_auth"),
+                            gcs_emulator_url=tracking_stack.gcs.url)
+
+
+@pytest.mark.integration
+def test_server_crashing_at_start_reports_its_log(tracking_stack, tmp_path):
+    """Even without our pre-checks, a server that dies while starting is reported with its log tail."""
+    wrong = "nosuchdb://mlflow"  # MLflow rejects the scheme at once (a dead DB it retries ~100 s)
+    with pytest.raises(StackError, match=r"mlflow-server exited with code \d+.*\n(.*\n)*.*nosuchdb"):
+        start_mlflow_server(tmp_path, free_port(), wrong, tracking_stack.artifacts_destination,
+                            "admin-password-123", "k" * 32, tracking_stack.pg.uri("mlflow_auth"), check=False,
+                            timeout=120)
+
+
+@pytest.mark.integration
+def test_stack_cli_up_status_down(tmp_path):
+    # Not under pytest's 0700 tmp dir: the postgres system user must reach its data dir.
+    import tempfile
+
+    state = Path(tempfile.mkdtemp(prefix="flywheel-stack-cli-"))
+    os.chmod(state, 0o711)
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
+
+    def run(*args):
+        return subprocess.run([flywheel, "stack", *args, "--state-dir", str(state / "s")], capture_output=True,
+                              text=True, env=env, check=False, timeout=300)
+    try:
+        up = run("up", "--throwaway")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "tracking URI: http://127.0.0.1:" in up.stdout and "password in" in up.stdout
+        password = (state / "s" / "secrets" / "admin_password").read_text().strip()
+        assert len(password) >= 12
+        assert oct((state / "s" / "secrets" / "admin_password").stat().st_mode & 0o777) == "0o600"
+        status = run("status")
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("running (pid") == 3
+        uri = status.stdout.splitlines()[0].split()[-1]
+        assert requests.get(uri + SEARCH, auth=("admin", password), timeout=10).status_code == 200
+        assert requests.get(uri + SEARCH, timeout=10).status_code == 401
+        again = run("up")  # idempotent: same stack, nothing new started
+        assert again.returncode == 0 and uri in again.stdout
+    finally:
+        down = run("down")
+    assert down.returncode == 0 and "mlflow-server" in down.stdout and "postgres" in down.stdout
+    assert not (state / "s").exists()  # throwaway
+    with pytest.raises(requests.ConnectionError):
+        requests.get(uri + "/health", timeout=5)
+    shutil.rmtree(state, ignore_errors=True)
