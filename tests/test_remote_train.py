@@ -1,0 +1,205 @@
+"""remote-train end to end: a real sshd on 127.0.0.1 is the training node, a real MLflow server the
+tracking node, and the commit is a real git commit of this working tree, trained on digits.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, VENV_BIN, free_port
+
+pytestmark = pytest.mark.integration
+TRAIN = ["-P", "dataset=digits", "-P", "epochs=1"]
+QUICK = [*TRAIN, "-P", "register=false"]  # where the gate isn't what the test is about
+SECRET = f"flywheel-test-secret-{secrets.token_hex(6)}"  # must never show up in logs or `ps`
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), "-c", "user.name=flywheel-test",
+                           "-c", "user.email=test@flywheel.invalid", *args],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def project_repo(tmp_path_factory) -> Path:
+    """A git repo whose HEAD is this working tree (tracked + new, unignored files).
+
+    In CI's fresh clone that is exactly HEAD; on a dev box it includes uncommitted work, which is
+    what the tests should exercise. The node gets it through `git archive`, like a real commit.
+    """
+    repo = tmp_path_factory.mktemp("project") / "repo"
+    repo.mkdir()
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, check=True).stdout
+    for rel in filter(None, listed.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():  # skip files deleted in the work tree
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "flywheel working tree under test")
+    return repo
+
+
+def _commit(repo: Path, message: str) -> str:
+    """A fresh commit (so each test's runs can be told apart by their git_commit tag)."""
+    _git(repo, "commit", "-q", "--allow-empty", "-m", message)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def _cli_env(tracking, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(MLFLOW_TRACKING_URI=tracking.uri, MLFLOW_TRACKING_PASSWORD=SECRET,
+               MLFLOW_TRACKING_USERNAME="ci", GITHUB_OUTPUT=str(tmp_path / "gh_output"),
+               GITHUB_STEP_SUMMARY=str(tmp_path / "gh_summary.md"))
+    return env
+
+
+def _cli(ssh_node, repo: Path, *args: str) -> list[str]:
+    from tests.fixtures_ssh import VENV_ACTIVATE
+
+    return [str(VENV_BIN / "flywheel"), "remote-train", "--identity", str(ssh_node.key_path),
+            "--known-hosts", str(ssh_node.known_hosts), "--repo", str(repo), *args,
+            *(["--env-activate", VENV_ACTIVATE, "--workdir", str(ssh_node.workdir)] if "--node" in args else [])]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _runs_for(tracking, sha: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, filter_string=f"tags.git_commit = '{sha}'")
+
+
+def _job_files_clean(ssh_node, sha: str) -> None:
+    job = ssh_node.workdir / sha
+    leftovers = sorted(p.name for p in job.iterdir() if p.name.startswith(("job.env", "upload-")))
+    assert leftovers == [], f"secrets or uploads left on the node: {leftovers}"
+    for name in ("job.log", "run.sh"):
+        assert SECRET not in (job / name).read_text(errors="replace"), f"secret leaked into {name}"
+
+
+def _lock_held(ssh_node, sha: str) -> bool:
+    lock = ssh_node.workdir / sha / "job.lock"
+    return lock.exists() and subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode != 0
+
+
+def test_remote_train_through_pool_logs_the_commit(ssh_node, node_tracking_server, project_repo, tmp_path):
+    sha = _commit(project_repo, "remote-train happy path")
+    dead = {"name": "dead-node", "host": "127.0.0.1", "port": free_port(), "user": ssh_node.user}
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text(yaml.safe_dump({"nodes": [dead, ssh_node.node_entry("live-node")]}))
+    done = _run(_cli(ssh_node, project_repo, "--nodes", str(nodes), "--commit", sha, *TRAIN,
+                               "--plots-dir", str(tmp_path / "plots")),
+                _cli_env(node_tracking_server, tmp_path), timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    assert "skipping dead-node" in out and "using live-node" in out, out[-3000:]
+    runs = _runs_for(node_tracking_server, sha)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert f"MLflow run id: {run.info.run_id}" in out
+    assert run.data.tags["git_commit"] == sha
+    _job_files_clean(ssh_node, sha)
+    assert not _lock_held(ssh_node, sha)
+    outputs = (tmp_path / "gh_output").read_text()
+    assert f"run_id={run.info.run_id}\n" in outputs and "exit_code=0\n" in outputs
+    assert run.info.run_id in (tmp_path / "gh_summary.md").read_text()
+
+
+def test_failing_run_propagates_exit_code(ssh_node, node_tracking_server, project_repo, tmp_path):
+    sha = _commit(project_repo, "remote-train failing run")
+    done = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha,
+                               "-P", "dataset=no-such-dataset", "-P", "epochs=1"),
+                _cli_env(node_tracking_server, tmp_path), timeout=600)
+    out = done.stdout + done.stderr
+    remote_code = int((ssh_node.workdir / sha / "job.exit").read_text())
+    assert remote_code != 0, out[-3000:]
+    assert done.returncode == remote_code, out[-3000:]
+    assert "unknown dataset 'no-such-dataset'" in out, out[-3000:]  # the node's error reached the client
+    assert not _lock_held(ssh_node, sha), "the failed job must not keep running"
+    _job_files_clean(ssh_node, sha)
+
+
+def test_unknown_commit_is_refused_before_touching_the_node(ssh_node, node_tracking_server, project_repo,
+                                                            tmp_path):
+    done = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", "f" * 40, *TRAIN),
+                _cli_env(node_tracking_server, tmp_path), timeout=120)
+    assert done.returncode == 2 and "unknown commit" in done.stderr, done.stderr
+    assert not (ssh_node.workdir / ("f" * 40)).exists()
+
+
+class _Reader(threading.Thread):
+    """Collects a subprocess's output while the test does other things."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.text = proc, ""
+
+    def run(self) -> None:
+        for line in self.proc.stdout:
+            self.text += line
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"never saw {needle!r} (exit {self.proc.poll()}):\n{self.text[-5000:]}")
+            time.sleep(0.2)
+
+
+def test_dropped_session_training_survives_and_reattaches(ssh_node, node_tracking_server, project_repo,
+                                                          tmp_path):
+    import psutil
+
+    sha = _commit(project_repo, "remote-train dropped session")
+    env = _cli_env(node_tracking_server, tmp_path)
+    proc = subprocess.Popen(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha, *QUICK,
+                                 "--reconnect-timeout", "120"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    reader = _Reader(proc)
+    reader.start()
+    try:
+        reader.wait_for("MLflow run id:", timeout=300)
+        assert _lock_held(ssh_node, sha)
+        # The secret is in no process's command line while the job runs.
+        for p in psutil.process_iter(["cmdline"]):
+            assert SECRET not in " ".join(p.info["cmdline"] or []), p.info["cmdline"]
+        # The network drops: every SSH session dies; the detached job must not.
+        assert ssh_node.drop_sessions() >= 1
+        # Meanwhile, starting the same commit again on the node is refused.
+        again = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha, *QUICK),
+                     env, timeout=120)
+        assert again.returncode != 0 and "already training" in again.stderr, again.stderr
+        assert proc.wait(timeout=600) == 0, reader.text[-5000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    reader.join(timeout=10)
+    assert "lost" in reader.text and "reconnected" in reader.text, reader.text[-3000:]
+    # A later client (the CI job re-run) picks the finished job up and reports its status.
+    attached = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--attach", sha[:10]),
+                    env, timeout=120)
+    assert attached.returncode == 0, attached.stderr[-3000:]
+    assert "exit code 0" in attached.stderr
+    runs = _runs_for(node_tracking_server, sha)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
+    assert runs[0].info.run_id in attached.stderr
+    assert not _lock_held(ssh_node, sha)
