@@ -86,15 +86,16 @@ def read_idx(path: Path, expect_dims: int) -> np.ndarray:
 
 
 def _fashion_dir(data_dir: Path | None) -> Path:
-    candidates = [d for d in (data_dir, FASHION_SYSTEM_DIR) if d is not None]
-    for base in candidates:
-        for d in (base, base / "fashion-mnist", base / "FashionMNIST" / "raw"):
-            if all((d / f).is_file() for f in FASHION_FILES.values()):
+    if data_dir is not None:
+        for d in (data_dir, data_dir / "fashion-mnist", data_dir / "FashionMNIST" / "raw"):
+            present = [f for f in FASHION_FILES.values() if (d / f).is_file()]
+            if len(present) == len(FASHION_FILES):
                 return d
-    if data_dir is not None and data_dir.is_dir():
-        missing = [f for f in FASHION_FILES.values() if not (data_dir / f).is_file()]
-        if len(missing) < len(FASHION_FILES):
-            raise DataError(f"dataset file missing: {data_dir / missing[0]}; {HOW_TO_GET_FASHION}")
+            if present:  # a half-filled --data-dir is a mistake worth naming, not a reason to look elsewhere
+                missing = next(f for f in FASHION_FILES.values() if f not in present)
+                raise DataError(f"dataset file missing: {d / missing}; {HOW_TO_GET_FASHION}")
+    if all((FASHION_SYSTEM_DIR / f).is_file() for f in FASHION_FILES.values()):
+        return FASHION_SYSTEM_DIR
     return _download_fashion(data_dir)
 
 

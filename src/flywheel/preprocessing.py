@@ -89,7 +89,7 @@ def to_tensor(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> to
     if images.ndim == 2:
         images = images[None]
     images = resize(images, spec.image_size)
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(torch.float32).div_(255.0)  # copy: inputs may be read-only
     if spec.invert:
         x = 1.0 - x
     return x.sub_(spec.mean).div_(spec.std).unsqueeze(1)

@@ -186,7 +186,10 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
         run = mlflow.start_run(run_id=active_run_id(), experiment_id=None if active_run_id() else experiment_id,
                                log_system_metrics=True)
         logger = RunLogger(run.info.run_id)
-        logger.log_params(params)
+        # Under `mlflow run` the project's parameters are already logged (as given); MLflow forbids
+        # re-logging a key with another spelling of its value ("true" vs "True"), so skip those keys.
+        logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+        logger.log_params({k: v for k, v in params.items() if k not in logged})
         logger.set_tags({**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
                          "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"),
                          "flywheel.device": str(device)})
