@@ -62,7 +62,14 @@ class SSHNode:
             children = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [p.pid for p in children if p.name().startswith("sshd")]
+        pids = []
+        for p in children:
+            try:
+                if p.name().startswith("sshd"):
+                    pids.append(p.pid)
+            except psutil.NoSuchProcess:  # a session that ended while we looked
+                pass
+        return pids
 
     def drop_sessions(self) -> int:
         """Kill every open SSH session (what a network drop looks like to both ends). Returns how many."""
@@ -212,48 +219,6 @@ def _stop_jobs(workdir: Path) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except (ValueError, ProcessLookupError, PermissionError):
             pass
-
-
-@dataclass(frozen=True)
-class PlainTracking:
-    uri: str  # http://127.0.0.1:PORT
-    pid: int
-
-
-@pytest.fixture(scope="session")
-def node_tracking_server(tmp_path_factory) -> PlainTracking:
-    """A plain `mlflow server` (SQLite + proxied artifacts) a training node can log to over HTTP."""
-    import requests
-
-    from tests.conftest import VENV_BIN, free_port
-
-    base = tmp_path_factory.mktemp("node-tracking")
-    port = free_port()
-    log = base / "mlflow.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job workers: faster start and stop
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-             "--artifacts-destination", str(base / "artifacts")],
-            cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start on {uri}:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
-        yield PlainTracking(uri=uri, pid=proc.pid)
-    finally:
-        _stop_group(proc)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -1,5 +1,9 @@
-"""remote-train end to end: a real sshd on 127.0.0.1 is the training node, a real MLflow server the
-tracking node, and the commit is a real git commit of this working tree, trained on digits.
+"""remote-train end to end: a real sshd on 127.0.0.1 is the training node, the real tracking node
+(MLflow with basic-auth on Postgres + GCS emulator, `tracking_stack`) takes the runs, and the
+commit is a real git commit of this working tree, trained on digits.
+
+The runs go to their own experiment and registered model name so the shared stack's other users
+never see them. The tracking password doubles as the secret that must never reach a log or `ps`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from tests.conftest import REPO, VENV_BIN, free_port
 pytestmark = pytest.mark.integration
 TRAIN = ["-P", "dataset=digits", "-P", "epochs=1"]
 QUICK = [*TRAIN, "-P", "register=false"]  # where the gate isn't what the test is about
-SECRET = f"flywheel-test-secret-{secrets.token_hex(6)}"  # must never show up in logs or `ps`
+MODEL = f"remote-train-test-{secrets.token_hex(4)}"
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -60,9 +64,8 @@ def _commit(repo: Path, message: str) -> str:
 
 def _cli_env(tracking, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(MLFLOW_TRACKING_URI=tracking.uri, MLFLOW_TRACKING_PASSWORD=SECRET,
-               MLFLOW_TRACKING_USERNAME="ci", GITHUB_OUTPUT=str(tmp_path / "gh_output"),
-               GITHUB_STEP_SUMMARY=str(tmp_path / "gh_summary.md"))
+    env.update(tracking.env(), FLYWHEEL_MODEL_NAME=MODEL, MLFLOW_EXPERIMENT_NAME=MODEL,
+               GITHUB_OUTPUT=str(tmp_path / "gh_output"), GITHUB_STEP_SUMMARY=str(tmp_path / "gh_summary.md"))
     return env
 
 
@@ -78,20 +81,22 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.Comp
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _runs_for(tracking, sha: str):
+def _runs_for(tracking, sha: str, monkeypatch):
     from mlflow import MlflowClient
 
+    for key, value in tracking.env().items():
+        monkeypatch.setenv(key, value)  # the MLflow client reads credentials from the environment
     client = MlflowClient(tracking_uri=tracking.uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(ids, filter_string=f"tags.git_commit = '{sha}'")
+    experiment = client.get_experiment_by_name(MODEL)
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.git_commit = '{sha}'")
 
 
-def _job_files_clean(ssh_node, sha: str) -> None:
+def _job_files_clean(ssh_node, sha: str, secret: str) -> None:
     job = ssh_node.workdir / sha
     leftovers = sorted(p.name for p in job.iterdir() if p.name.startswith(("job.env", "upload-")))
     assert leftovers == [], f"secrets or uploads left on the node: {leftovers}"
     for name in ("job.log", "run.sh"):
-        assert SECRET not in (job / name).read_text(errors="replace"), f"secret leaked into {name}"
+        assert secret not in (job / name).read_text(errors="replace"), f"secret leaked into {name}"
 
 
 def _lock_held(ssh_node, sha: str) -> bool:
@@ -99,48 +104,53 @@ def _lock_held(ssh_node, sha: str) -> bool:
     return lock.exists() and subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode != 0
 
 
-def test_remote_train_through_pool_logs_the_commit(ssh_node, node_tracking_server, project_repo, tmp_path):
+def test_remote_train_through_pool_logs_the_commit(ssh_node, tracking_stack, project_repo, tmp_path, monkeypatch):
     sha = _commit(project_repo, "remote-train happy path")
     dead = {"name": "dead-node", "host": "127.0.0.1", "port": free_port(), "user": ssh_node.user}
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text(yaml.safe_dump({"nodes": [dead, ssh_node.node_entry("live-node")]}))
     done = _run(_cli(ssh_node, project_repo, "--nodes", str(nodes), "--commit", sha, *TRAIN,
                                "--plots-dir", str(tmp_path / "plots")),
-                _cli_env(node_tracking_server, tmp_path), timeout=600)
+                _cli_env(tracking_stack, tmp_path), timeout=600)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert "skipping dead-node" in out and "using live-node" in out, out[-3000:]
-    runs = _runs_for(node_tracking_server, sha)
+    runs = _runs_for(tracking_stack, sha, monkeypatch)
     assert len(runs) == 1, [r.info.run_id for r in runs]
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert f"MLflow run id: {run.info.run_id}" in out
     assert run.data.tags["git_commit"] == sha
-    _job_files_clean(ssh_node, sha)
+    _job_files_clean(ssh_node, sha, tracking_stack.password)
     assert not _lock_held(ssh_node, sha)
     outputs = (tmp_path / "gh_output").read_text()
     assert f"run_id={run.info.run_id}\n" in outputs and "exit_code=0\n" in outputs
-    assert run.info.run_id in (tmp_path / "gh_summary.md").read_text()
+    # A fresh model name has no champion: the gate registers version 1 as candidate, which the
+    # workflow's release-dev job keys on; the summary's plots were downloaded for upload.
+    assert "candidate_version=1\n" in outputs
+    summary = (tmp_path / "gh_summary.md").read_text()
+    assert run.info.run_id in summary and "candidate version 1" in summary
+    assert list((tmp_path / "plots").rglob("*.png")), "no plots downloaded for the job summary"
 
 
-def test_failing_run_propagates_exit_code(ssh_node, node_tracking_server, project_repo, tmp_path):
+def test_failing_run_propagates_exit_code(ssh_node, tracking_stack, project_repo, tmp_path):
     sha = _commit(project_repo, "remote-train failing run")
     done = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha,
                                "-P", "dataset=no-such-dataset", "-P", "epochs=1"),
-                _cli_env(node_tracking_server, tmp_path), timeout=600)
+                _cli_env(tracking_stack, tmp_path), timeout=600)
     out = done.stdout + done.stderr
     remote_code = int((ssh_node.workdir / sha / "job.exit").read_text())
     assert remote_code != 0, out[-3000:]
     assert done.returncode == remote_code, out[-3000:]
     assert "unknown dataset 'no-such-dataset'" in out, out[-3000:]  # the node's error reached the client
     assert not _lock_held(ssh_node, sha), "the failed job must not keep running"
-    _job_files_clean(ssh_node, sha)
+    _job_files_clean(ssh_node, sha, tracking_stack.password)
 
 
-def test_unknown_commit_is_refused_before_touching_the_node(ssh_node, node_tracking_server, project_repo,
+def test_unknown_commit_is_refused_before_touching_the_node(ssh_node, tracking_stack, project_repo,
                                                             tmp_path):
     done = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", "f" * 40, *TRAIN),
-                _cli_env(node_tracking_server, tmp_path), timeout=120)
+                _cli_env(tracking_stack, tmp_path), timeout=120)
     assert done.returncode == 2 and "unknown commit" in done.stderr, done.stderr
     assert not (ssh_node.workdir / ("f" * 40)).exists()
 
@@ -164,12 +174,12 @@ class _Reader(threading.Thread):
             time.sleep(0.2)
 
 
-def test_dropped_session_training_survives_and_reattaches(ssh_node, node_tracking_server, project_repo,
-                                                          tmp_path):
+def test_dropped_session_training_survives_and_reattaches(ssh_node, tracking_stack, project_repo, tmp_path,
+                                                          monkeypatch):
     import psutil
 
     sha = _commit(project_repo, "remote-train dropped session")
-    env = _cli_env(node_tracking_server, tmp_path)
+    env = _cli_env(tracking_stack, tmp_path)
     proc = subprocess.Popen(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha, *QUICK,
                                  "--reconnect-timeout", "120"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -181,7 +191,7 @@ def test_dropped_session_training_survives_and_reattaches(ssh_node, node_trackin
         assert _lock_held(ssh_node, sha)
         # The secret is in no process's command line while the job runs.
         for p in psutil.process_iter(["cmdline"]):
-            assert SECRET not in " ".join(p.info["cmdline"] or []), p.info["cmdline"]
+            assert tracking_stack.password not in " ".join(p.info["cmdline"] or []), p.info["cmdline"]
         # The network drops: every SSH session dies; the detached job must not.
         assert ssh_node.drop_sessions() >= 1
         # Meanwhile, starting the same commit again on the node is refused.
@@ -199,7 +209,7 @@ def test_dropped_session_training_survives_and_reattaches(ssh_node, node_trackin
                     env, timeout=120)
     assert attached.returncode == 0, attached.stderr[-3000:]
     assert "exit code 0" in attached.stderr
-    runs = _runs_for(node_tracking_server, sha)
+    runs = _runs_for(tracking_stack, sha, monkeypatch)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
     assert runs[0].info.run_id in attached.stderr
     assert not _lock_held(ssh_node, sha)
