@@ -16,6 +16,7 @@ from flywheel.remote import (
     RemoteTrainConfig,
     SSHAuth,
     _env_file,
+    check_entry,
     connect,
     load_nodes,
     mlflow_command,
@@ -101,6 +102,31 @@ def test_env_file_round_trips_through_bash(tmp_path):
     script = f". {path}; printf '%s\\0%s' \"$MLFLOW_TRACKING_PASSWORD\" \"$MLFLOW_TRACKING_URI\""
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split("\0") == [env["MLFLOW_TRACKING_PASSWORD"], env["MLFLOW_TRACKING_URI"]]
+
+
+def test_entry_and_params_checked_against_the_commits_mlproject(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "README").write_text("no project yet")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    sha = resolve_commit(repo, "HEAD")
+    with pytest.raises(FlywheelError, match="no MLproject"):
+        check_entry(repo, sha, RemoteTrainConfig(commit=sha))
+    (repo / "MLproject").write_text("name: p\nentry_points:\n  train:\n    parameters:\n"
+                                    "      dataset: {type: string, default: digits}\n    command: python t.py\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "two"], check=True)
+    sha = resolve_commit(repo, "HEAD")
+    check_entry(repo, sha, RemoteTrainConfig(commit=sha, params=(("dataset", "x"),)))
+    with pytest.raises(FlywheelError, match="no entry point 'eval'; it has: train"):
+        check_entry(repo, sha, RemoteTrainConfig(commit=sha, entry="eval"))
+    with pytest.raises(FlywheelError, match="no parameter\\(s\\) epochs"):
+        check_entry(repo, sha, RemoteTrainConfig(commit=sha, params=(("epochs", "1"),)))
+    with pytest.raises(FlywheelError, match="nproc_per_node"):
+        check_entry(repo, sha, RemoteTrainConfig(commit=sha, nproc_per_node=2))
 
 
 def test_unknown_commit_and_not_a_repo(tmp_path):

@@ -236,6 +236,29 @@ def archive_commit(repo: Path, sha: str) -> bytes:
     return done.stdout
 
 
+def check_entry(repo: Path, sha: str, cfg: RemoteTrainConfig) -> None:
+    """Fail here, not on the node, if the commit's MLproject lacks the entry point or a -P parameter."""
+    import yaml
+
+    done = _git(repo, "show", f"{sha}:MLproject")
+    if done.returncode != 0:
+        raise FlywheelError(f"commit {sha[:12]} has no MLproject at its root; remote-train runs `mlflow run`")
+    try:
+        entries = (yaml.safe_load(done.stdout) or {}).get("entry_points") or {}
+    except yaml.YAMLError as exc:
+        raise FlywheelError(f"MLproject at {sha[:12]} is not valid YAML: {exc}") from exc
+    if cfg.entry not in entries:
+        raise FlywheelError(f"MLproject at {sha[:12]} has no entry point {cfg.entry!r}; it has: "
+                            f"{', '.join(entries) or 'none'}")
+    declared = set((entries[cfg.entry] or {}).get("parameters") or {})
+    wanted = [k for k, _ in cfg.params] + (["nproc_per_node"] if cfg.nproc_per_node is not None else [])
+    # MLflow would append undeclared parameters as extra --flags, which the entry then rejects.
+    unknown = [k for k in wanted if k not in declared]
+    if unknown:
+        raise FlywheelError(f"entry point {cfg.entry!r} of MLproject at {sha[:12]} has no parameter(s) "
+                            f"{', '.join(unknown)}; it takes: {', '.join(sorted(declared)) or 'none'}")
+
+
 # ------------------------------------------------------------------------------------ SSH
 _TRANSIENT = (OSError, EOFError)
 
@@ -813,6 +836,7 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
         cfg = RemoteTrainConfig(commit=sha, entry=opts.entry, params=parse_params(opts.params),
                                 nproc_per_node=opts.nproc_per_node, env_manager=opts.env_manager,
                                 reconnect_timeout=opts.reconnect_timeout)
+        check_entry(opts.repo, sha, cfg)
         result = remote_train(cfg, settings, nodes, auth, archive_commit(opts.repo, sha), warn=warn)
     warn(f"commit {result.commit[:12]} on {result.node}: MLflow run {result.run_id or 'unknown'}, "
          f"exit code {result.exit_code}")
