@@ -95,6 +95,19 @@ def test_params_and_command_quoting():
         RemoteTrainConfig(commit="abc123")
 
 
+def test_docker_job_script_is_valid_bash_without_secret_values():
+    from flywheel.remote import RUNNER
+
+    node = Node(host="h", user="u", docker_build_args="--build-arg BASE_IMAGE=python:3.11-slim")
+    cfg = RemoteTrainConfig(commit="c" * 40, env_manager="docker", params=(("dataset", "digits"),))
+    command = mlflow_command(node, cfg, ["MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"])
+    script = RUNNER.format(activate="", sha=cfg.commit, entry="train", command=command)
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # syntax only
+    assert "docker build --build-arg BASE_IMAGE=python:3.11-slim -t flywheel-train:cccccccccccc src" in script
+    assert "-e MLFLOW_TRACKING_PASSWORD -e MLFLOW_TRACKING_URI" in script  # by name: values stay in the env
+    assert "mlflow run /project -e train --env-manager local -P dataset=digits" in script
+
+
 def test_env_file_round_trips_through_bash(tmp_path):
     env = {"MLFLOW_TRACKING_PASSWORD": "p'a\"s $HOME `id` \\ s", "MLFLOW_TRACKING_URI": "http://h:5000/x?a=1&b=2"}
     path = tmp_path / "job.env"

@@ -54,6 +54,7 @@ class Node:
     mlflow: str = "mlflow"
     workdir: str = "flywheel-jobs"  # jobs root; relative paths are relative to the login's home
     env: tuple[tuple[str, str], ...] = ()  # non-secret extras, e.g. FLYWHEEL_DATA_DIR
+    docker_build_args: str = ""  # --env-manager docker, e.g. `--build-arg BASE_IMAGE=python:3.11-slim`
 
     @property
     def label(self) -> str:
@@ -68,7 +69,7 @@ class Node:
         return cls(**{**defaults, "user": m[1], "host": m[2], "port": int(m[3] or 22)})
 
 
-_NODE_KEYS = {"name", "host", "user", "port", "env_activate", "mlflow", "workdir", "env"}
+_NODE_KEYS = {"name", "host", "user", "port", "env_activate", "mlflow", "workdir", "env", "docker_build_args"}
 
 
 def load_nodes(source: str) -> list[Node]:
@@ -458,15 +459,32 @@ def remote_env(settings: Settings, node: Node, sha: str) -> dict[str, str]:
     return env
 
 
-def mlflow_command(node: Node, cfg: RemoteTrainConfig) -> str:
+def mlflow_command(node: Node, cfg: RemoteTrainConfig, env_names: Sequence[str] = ()) -> str:
+    """The job's shell command. `env_names` (docker only) are passed into the container by name."""
     params = list(cfg.params)
     if cfg.nproc_per_node is not None:
         params.append(("nproc_per_node", str(cfg.nproc_per_node)))
-    args = [node.mlflow, "run", "$PWD/src", "-e", cfg.entry, "--env-manager", cfg.env_manager]
-    for key, value in params:
-        args += ["-P", f"{key}={value}"]
-    # $PWD must expand on the node; everything else is quoted literally.
-    return " ".join('"$PWD/src"' if a == "$PWD/src" else shlex.quote(a) for a in args)
+    p_args = [a for key, value in params for a in ("-P", f"{key}={value}")]
+    if cfg.env_manager != "docker":
+        args = [node.mlflow, "run", "$PWD/src", "-e", cfg.entry, "--env-manager", cfg.env_manager, *p_args]
+        # $PWD must expand on the node; everything else is quoted literally.
+        return " ".join('"$PWD/src"' if a == "$PWD/src" else shlex.quote(a) for a in args)
+    # docker: build the commit's own Dockerfile (its flywheel installed inside), run `mlflow run`
+    # in it on the host network. `-e NAME` without a value copies the variable from this shell,
+    # so secrets stay off the docker command line too.
+    tag = f"flywheel-train:{cfg.commit[:12]}"
+    name = f"flywheel-train-{cfg.commit[:12]}"
+    env_args = " ".join(f"-e {shlex.quote(n)}" for n in sorted(env_names))
+    run_args = " ".join(shlex.quote(a) for a in ["mlflow", "run", "/project", "-e", cfg.entry,
+                                                  "--env-manager", "local", *p_args])
+    return (f"docker build {node.docker_build_args} -t {tag} src || exit $?\n"
+            "gpus=(); if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all); fi\n"
+            # The node's datasets, read-only at the same paths the job's env names.
+            "data=(); for d in \"${FLYWHEEL_DATA_DIR:-}\" /usr/share/datasets; do "
+            "if [ -n \"$d\" ] && [ -d \"$d\" ]; then data+=(-v \"$d:$d:ro\"); fi; done\n"
+            f"docker rm -f {name} >/dev/null 2>&1\n"
+            f"docker run --rm --name {name} --network host \"${{gpus[@]}}\" \"${{data[@]}}\" {env_args} -e FLYWHEEL_HOME=/tmp/flywheel "
+            f"-v \"$PWD/src:/project:ro\" --entrypoint \"\" {tag} {run_args}")
 
 
 @dataclass(frozen=True)
@@ -513,10 +531,11 @@ class RemoteJob:
             tag = secrets.token_hex(6)
             upload, envfile = f"upload-{tag}.tar.gz", f"job.env.{tag}"
             try:
-                _put(sftp, f"{jobdir}/{envfile}", _env_file(remote_env(settings, self.node, self.sha)), 0o600)
+                env = remote_env(settings, self.node, self.sha)
+                _put(sftp, f"{jobdir}/{envfile}", _env_file(env), 0o600)
                 _put(sftp, f"{jobdir}/{upload}", archive, 0o600)
                 runner = RUNNER.format(activate=self.node.env_activate, sha=self.sha, entry=cfg.entry,
-                                       command=mlflow_command(self.node, cfg))
+                                       command=mlflow_command(self.node, cfg, list(env)))
                 _put(sftp, f"{jobdir}/run.sh", runner, 0o700)
                 code, out, err = _exec(client, STARTER.format(jobdir=shlex.quote(jobdir), upload=upload,
                                                               envfile=envfile, busy=BUSY_EXIT))
@@ -614,8 +633,11 @@ class RemoteJob:
             if not self._lock_held(client, jobdir):
                 return False
             q = shlex.quote(jobdir)
+            # A docker job's container belongs to dockerd, not to the job's process group.
             _exec(client, f"cd {q} && pg=$(cat job.pid) && kill -TERM -- -$pg; sleep 2; "
-                  f"kill -KILL -- -$pg 2>/dev/null; [ -f job.exit ] || echo 143 > job.exit")
+                  f"kill -KILL -- -$pg 2>/dev/null; "
+                  f"if grep -q 'docker run' run.sh; then docker rm -f flywheel-train-{self.sha[:12]}; fi >/dev/null 2>&1; "
+                  f"[ -f job.exit ] || echo 143 > job.exit")
             return True
 
 
