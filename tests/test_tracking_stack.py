@@ -204,3 +204,25 @@ def test_stack_cli_up_status_down(tmp_path):
     with pytest.raises(requests.ConnectionError):
         requests.get(uri + "/health", timeout=5)
     shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_users_see_nothing_until_granted_and_rotate_their_password(tracking_stack, monkeypatch):
+    """The runbook's user procedures, against the real server."""
+    import mlflow
+    from mlflow.server import get_app_client
+
+    tracking_stack.settings().apply()
+    admin = get_app_client("basic-auth", tracking_uri=tracking_stack.uri)
+    exp_id = mlflow.MlflowClient(tracking_stack.uri).create_experiment("granted-only")
+    admin.create_user("rotator", "first-password-123")
+    url = f"{tracking_stack.uri}/api/2.0/mlflow/experiments/get?experiment_id={exp_id}"
+    assert requests.get(url, auth=("rotator", "first-password-123"), timeout=10).status_code == 403
+    admin.grant_user_permission("rotator", "experiment", exp_id, "READ")
+    assert requests.get(url, auth=("rotator", "first-password-123"), timeout=10).status_code == 200
+    # Self-service rotation, as documented: logged in as the user, with the current password.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "rotator")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "first-password-123")
+    get_app_client("basic-auth", tracking_uri=tracking_stack.uri).update_user_password(
+        "rotator", "second-password-456", current_password="first-password-123")
+    assert requests.get(url, auth=("rotator", "second-password-456"), timeout=10).status_code == 200
