@@ -232,3 +232,40 @@ def _stop_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), "-c", "user.name=flywheel-test",
+                           "-c", "user.email=test@flywheel.invalid", *args],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def project_repo(tmp_path_factory) -> Path:
+    """A git repo whose HEAD is this working tree (tracked + new, unignored files).
+
+    In CI's fresh clone that is exactly HEAD; on a dev box it includes uncommitted work, which is
+    what the tests should exercise. The node gets it through `git archive`, like a real commit.
+    """
+    from tests.conftest import REPO
+
+    repo = tmp_path_factory.mktemp("project") / "repo"
+    repo.mkdir()
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, check=True).stdout
+    for rel in filter(None, listed.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():  # skip files deleted in the work tree
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "flywheel working tree under test")
+    return repo
+
+
+def commit_on(repo: Path, message: str) -> str:
+    """A fresh commit (so each test's runs can be told apart by their git_commit tag)."""
+    _git(repo, "commit", "-q", "--allow-empty", "-m", message)
+    return _git(repo, "rev-parse", "HEAD")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import threading
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, VENV_BIN, free_port
+from tests.conftest import VENV_BIN, free_port
+from tests.fixtures_ssh import commit_on
 
 pytestmark = pytest.mark.integration
 TRAIN = ["-P", "dataset=digits", "-P", "epochs=1"]
@@ -27,44 +27,9 @@ QUICK = [*TRAIN, "-P", "register=false"]  # where the gate isn't what the test i
 MODEL = f"remote-train-test-{secrets.token_hex(4)}"
 
 
-def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), "-c", "user.name=flywheel-test",
-                           "-c", "user.email=test@flywheel.invalid", *args],
-                          capture_output=True, text=True, check=True)
-    return done.stdout.strip()
-
-
-@pytest.fixture(scope="session")
-def project_repo(tmp_path_factory) -> Path:
-    """A git repo whose HEAD is this working tree (tracked + new, unignored files).
-
-    In CI's fresh clone that is exactly HEAD; on a dev box it includes uncommitted work, which is
-    what the tests should exercise. The node gets it through `git archive`, like a real commit.
-    """
-    repo = tmp_path_factory.mktemp("project") / "repo"
-    repo.mkdir()
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], capture_output=True, check=True).stdout
-    for rel in filter(None, listed.decode().split("\0")):
-        src = REPO / rel
-        if src.is_file():  # skip files deleted in the work tree
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    _git(repo, "init", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "flywheel working tree under test")
-    return repo
-
-
-def _commit(repo: Path, message: str) -> str:
-    """A fresh commit (so each test's runs can be told apart by their git_commit tag)."""
-    _git(repo, "commit", "-q", "--allow-empty", "-m", message)
-    return _git(repo, "rev-parse", "HEAD")
-
-
 def _cli_env(tracking, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(tracking.env(), FLYWHEEL_MODEL_NAME=MODEL, MLFLOW_EXPERIMENT_NAME=MODEL,
+    env.update(tracking.env(), FLYWHEEL_MODEL_NAME=MODEL, MLFLOW_EXPERIMENT_NAME=MODEL, COLUMNS="400",
                GITHUB_OUTPUT=str(tmp_path / "gh_output"), GITHUB_STEP_SUMMARY=str(tmp_path / "gh_summary.md"))
     return env
 
@@ -105,7 +70,7 @@ def _lock_held(ssh_node, sha: str) -> bool:
 
 
 def test_remote_train_through_pool_logs_the_commit(ssh_node, tracking_stack, project_repo, tmp_path, monkeypatch):
-    sha = _commit(project_repo, "remote-train happy path")
+    sha = commit_on(project_repo, "remote-train happy path")
     dead = {"name": "dead-node", "host": "127.0.0.1", "port": free_port(), "user": ssh_node.user}
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text(yaml.safe_dump({"nodes": [dead, ssh_node.node_entry("live-node")]}))
@@ -134,7 +99,7 @@ def test_remote_train_through_pool_logs_the_commit(ssh_node, tracking_stack, pro
 
 
 def test_failing_run_propagates_exit_code(ssh_node, tracking_stack, project_repo, tmp_path):
-    sha = _commit(project_repo, "remote-train failing run")
+    sha = commit_on(project_repo, "remote-train failing run")
     done = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha,
                                "-P", "dataset=no-such-dataset", "-P", "epochs=1"),
                 _cli_env(tracking_stack, tmp_path), timeout=600)
@@ -178,7 +143,7 @@ def test_dropped_session_training_survives_and_reattaches(ssh_node, tracking_sta
                                                           monkeypatch):
     import psutil
 
-    sha = _commit(project_repo, "remote-train dropped session")
+    sha = commit_on(project_repo, "remote-train dropped session")
     env = _cli_env(tracking_stack, tmp_path)
     proc = subprocess.Popen(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", sha, *QUICK,
                                  "--reconnect-timeout", "120"),

@@ -438,6 +438,9 @@ mkdir src
 tar -xzf {upload} -C src
 if [ -f job.log ]; then mv job.log job.log.previous; fi
 mv {envfile} job.env
+# Job control on: without it bash starts background jobs with SIGINT ignored, and then neither
+# the job nor mlflow could be interrupted cleanly by --cancel.
+set -m
 setsid nohup bash run.sh >job.log 2>&1 </dev/null &
 echo started
 """
@@ -628,17 +631,30 @@ class RemoteJob:
                 self.warn(f"MLflow run id: {self.run_id}")
 
     def cancel(self) -> bool:
-        """Stop a running job (its whole process group). True if something was running."""
+        """Stop a running job: SIGINT first (mlflow marks the run KILLED), then TERM, then KILL."""
         with self._session() as (client, _, jobdir):
             if not self._lock_held(client, jobdir):
                 return False
-            q = shlex.quote(jobdir)
-            # A docker job's container belongs to dockerd, not to the job's process group.
-            _exec(client, f"cd {q} && pg=$(cat job.pid) && kill -TERM -- -$pg; sleep 2; "
-                  f"kill -KILL -- -$pg 2>/dev/null; "
-                  f"if grep -q 'docker run' run.sh; then docker rm -f flywheel-train-{self.sha[:12]}; fi >/dev/null 2>&1; "
-                  f"[ -f job.exit ] || echo 143 > job.exit")
+            script = CANCEL.format(jobdir=shlex.quote(jobdir), container=f"flywheel-train-{self.sha[:12]}")
+            code, _, err = _exec(client, script, timeout=120)
+            if code != 0:
+                raise FlywheelError(f"could not stop the job on {self.node.label}: {err.strip()}")
             return True
+
+
+# The lock is held by every process of the job, so "lock free" means "all of it is gone".
+CANCEL = """cd {jobdir} || exit 1
+pg=$(cat job.pid)
+gone() {{ flock -n job.lock true; }}
+kill -INT -- "-$pg" 2>/dev/null
+for _ in $(seq 40); do gone && break; sleep 0.5; done
+if ! gone; then kill -TERM -- "-$pg" 2>/dev/null; sleep 5; kill -KILL -- "-$pg" 2>/dev/null; fi
+# A docker job's container belongs to dockerd, not to the job's process group.
+if grep -q 'docker run' run.sh; then docker rm -f {container} >/dev/null 2>&1; fi
+for _ in $(seq 20); do gone && break; sleep 0.5; done
+[ -f job.exit ] || echo 130 > job.exit
+gone
+"""
 
 
 def _put(sftp: paramiko.SFTPClient, path: str, data: str | bytes, mode: int) -> None:
