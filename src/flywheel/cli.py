@@ -392,21 +392,32 @@ def release(
     keep_previous: Annotated[int, typer.Option(min=0, help="Earlier versions kept reachable for A/B.")] = 1,
     min_accuracy: Annotated[float, typer.Option(help="Acceptance: accuracy on a labelled sample.")] = 0.8,
     p95_slo_ms: Annotated[float, typer.Option(help="Acceptance: p95 latency of single requests (ms).")] = 100.0,
+    target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION).")
+                      ] = "torchserve",
+    docker_host: Annotated[Optional[str], typer.Option(
+        envvar="DOCKER_HOST", help="Docker target: unix:///var/run/docker.sock or ssh://user@host.")] = None,
+    image_tar: Annotated[Optional[Path], typer.Option(help="Docker target: `docker save` tarball to load.")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Release a registry version to a TorchServe: register, accept, switch, retire; roll back on failure."""
     from flywheel.errors import FlywheelError
-    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
+    from flywheel.release import AcceptanceConfig, DockerTarget, ManagementTarget, docker_release, release_version
 
     settings = _settings(tracking_uri, model, data_dir)
-    if key_file is None or model_store is None:
-        _fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
-    target = ManagementTarget(inference_url, management_url, key_file, model_store, workers=workers,
-                              grace_s=grace, keep_previous=keep_previous)
+    accept = AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms)
     try:
-        result = release_version(settings, settings.model_name, version, env, target,
-                                 AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms))
+        if target == "docker":
+            result = docker_release(settings, settings.model_name, version, env,
+                                    DockerTarget(base_url=docker_host, image_tar=image_tar, grace_s=grace), accept)
+        elif target == "torchserve":
+            if key_file is None or model_store is None:
+                _fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
+            ts = ManagementTarget(inference_url, management_url, key_file, model_store, workers=workers,
+                                  grace_s=grace, keep_previous=keep_previous)
+            result = release_version(settings, settings.model_name, version, env, ts, accept)
+        else:
+            _fail(f"unknown --target {target!r}; choose torchserve or docker")
     except FlywheelError as exc:
         _fail(str(exc))
     for line in result.events:

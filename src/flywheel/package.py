@@ -256,7 +256,7 @@ def build_mar(staging: Path, artifact: str, name: str, version: str, out_dir: Pa
                "--extra-files", ",".join(str(staging / e) for e in extra),
                "--config-file", str(staging / "model-config.yaml"), "--export-path", str(export), "--force"]
         # The archiver stages files in $TMPDIR/<model-name>: a private TMPDIR lets packagings run at once.
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         if proc.returncode != 0:
             raise FlywheelError(f"torch-model-archiver failed: {proc.stderr.strip() or proc.stdout.strip()}")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,13 @@ input order so a results file lines up with a sorted folder listing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from flywheel.data import IMAGE_SUFFIXES
 from flywheel.errors import FlywheelError
@@ -73,17 +74,13 @@ def run_predict(endpoint: str, model: str, images: list[Path], directory: Path |
     files = collect_images(images, directory)
     client = TorchServeClient(endpoint, key_file=key_file, inference_key=token)
     ok = failed = 0
-    sink = open(out, "w") if out else sys.stdout
-    try:
-        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      disable=not progress or out is None, transient=True) as bar:
-            task = bar.add_task("predict", total=len(files))
-            for result in predict_files(client, model, files, version, concurrency):
-                ok += result.get("status") == 200
-                failed += result.get("status") != 200
-                sink.write(json.dumps(result) + "\n")
-                bar.advance(task)
-    finally:
-        if out:
-            sink.close()
+    bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not progress or out is None, transient=True)
+    with (open(out, "w") if out else contextlib.nullcontext(sys.stdout)) as sink, bar:
+        task = bar.add_task("predict", total=len(files))
+        for result in predict_files(client, model, files, version, concurrency):
+            ok += result.get("status") == 200
+            failed += result.get("status") != 200
+            sink.write(json.dumps(result) + "\n")
+            bar.advance(task)
     return PredictSummary(len(files), ok, failed, out)

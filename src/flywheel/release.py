@@ -18,10 +18,11 @@ from __future__ import annotations
 import base64
 import logging
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -188,15 +189,11 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
                     acceptance: AcceptanceConfig = AcceptanceConfig(), mar_path: Path | None = None,
                     package_options: dict | None = None) -> ReleaseResult:
     """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc."""
-    from flywheel.package import PackageConfig, package_version, read_manifest, resolve_version
+    from flywheel.package import PackageConfig, package_version, read_manifest
     from flywheel.registry import mark_deployed
 
-    if env not in ENVS:
-        raise FlywheelError(f"unknown environment {env!r}; choose one of: {', '.join(ENVS)}")
-    settings.apply()
-    mv = resolve_version(settings, model, version=str(version))
-    version = str(mv.version)
-    result = ReleaseResult(model, version, env, target.describe())
+    _, result = _begin(settings, model, version, env, target.describe())
+    version = result.version
     client = target.client()
     versions = client.versions(model)
     result.previous = next((v for v, d in versions.items() if d), None)
@@ -272,6 +269,17 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     return result
 
 
+def _begin(settings: Settings, model: str, version: str, env: str, where: str):
+    """Validate the environment and resolve the registry version: (ModelVersion, a new ReleaseResult)."""
+    from flywheel.package import resolve_version
+
+    if env not in ENVS:
+        raise FlywheelError(f"unknown environment {env!r}; choose one of: {', '.join(ENVS)}")
+    settings.apply()
+    mv = resolve_version(settings, model, version=str(version))
+    return mv, ReleaseResult(model, str(mv.version), env, where)
+
+
 def _rollback(client, result: ReleaseResult, registered_here: bool) -> None:
     """Put the previous default back and remove what this release registered."""
     try:
@@ -298,3 +306,172 @@ def _version_key(v: str):
         return (0, float(v))
     except ValueError:
         return (1, v)
+
+
+# ------------------------------------------------------------------------------------ Docker target
+@dataclass(frozen=True)
+class DockerTarget:
+    """A Docker host running the serving image (deploy/serving/Dockerfile) blue/green.
+
+    Two slots of host-network ports (inference p, management p+1, metrics p+2, gRPC p+3/p+4): the
+    new version starts in the slot the old one does not use, is health-checked and accepted there,
+    then the old container is removed after the grace period. A load balancer in front health-checks
+    both slots' /ping, so traffic moves when the old container goes (the switch).
+    """
+
+    base_url: str | None = None  # unix:///var/run/docker.sock | ssh://user@host[:port]; None: DOCKER_HOST
+    image: str | None = None  # default "<model>:<version>"
+    image_tar: Path | None = None  # `docker save` tarball to load first (no registry needed)
+    host: str = "127.0.0.1"  # where this machine reaches the containers' ports
+    slots: tuple[int, int] = (8080, 8090)
+    environment: dict = field(default_factory=dict)  # e.g. FLYWHEEL_CAPTURE_URI
+    health_timeout_s: float = 180.0
+    grace_s: float = 10.0
+
+    def describe(self) -> str:
+        return f"docker {self.base_url or 'DOCKER_HOST'}"
+
+
+def build_context(mar_paths: list[Path], dest: Path) -> Path:
+    """A Docker build context: deploy/serving's files plus model-store/ with the given archives."""
+    from flywheel.serve import REPO_DEPLOY
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Dockerfile", "config.properties", "metrics.yaml", "healthcheck.py", "requirements-serving.txt"):
+        shutil.copy(REPO_DEPLOY / name, dest / name)
+    (dest / "model-store").mkdir(exist_ok=True)
+    for mar in mar_paths:
+        shutil.copy(mar, dest / "model-store" / Path(mar).name)
+    return dest
+
+
+def build_image(target: DockerTarget, mar_path: Path, tag: str, build_args: dict | None = None) -> str:
+    """Build the serving image MODEL:VERSION with the .mar baked into its model store."""
+    from docker.errors import BuildError
+
+    client = _docker_client(target)
+    with tempfile.TemporaryDirectory(prefix="flywheel-image-") as tmp:
+        ctx = build_context([mar_path], Path(tmp))
+        try:
+            image, _ = client.images.build(path=str(ctx), tag=tag, buildargs=build_args or {}, rm=True,
+                                           network_mode="host")
+        except BuildError as exc:
+            tail = "".join(str(line.get("stream", line)) for line in list(exc.build_log)[-15:])
+            raise FlywheelError(f"docker build of {tag} failed: {exc.msg}\n{tail}") from None
+    return image.id
+
+
+def _docker_client(target: DockerTarget):
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.DockerClient(base_url=target.base_url) if target.base_url else docker.from_env()
+        client.ping()
+    except DockerException as exc:
+        raise FlywheelError(f"cannot reach the Docker engine at {target.describe()}: {exc}") from None
+    return client
+
+
+def _slot_env(port: int) -> dict[str, str]:
+    # config.properties sets enable_envvars_config=true, so TS_* variables override its addresses.
+    return {"TS_INFERENCE_ADDRESS": f"http://0.0.0.0:{port}", "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{port + 1}",
+            "TS_METRICS_ADDRESS": f"http://0.0.0.0:{port + 2}", "TS_GRPC_INFERENCE_PORT": str(port + 3),
+            "TS_GRPC_MANAGEMENT_PORT": str(port + 4)}
+
+
+def _wait_container_healthy(container, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        container.reload()
+        state = container.attrs.get("State", {})
+        health = (state.get("Health") or {}).get("Status")
+        if health == "healthy":
+            return
+        if state.get("Status") in ("exited", "dead") or health == "unhealthy":
+            logs = container.logs(tail=30).decode(errors="replace")
+            raise ReleaseFailed(f"container {container.name} is {health or state.get('Status')}; last log:\n{logs}")
+        time.sleep(1.0)
+    raise ReleaseFailed(f"container {container.name} not healthy after {timeout_s:.0f}s")
+
+
+def docker_release(settings: Settings, model: str, version: str, env: str, target: DockerTarget,
+                   acceptance: AcceptanceConfig = AcceptanceConfig()) -> ReleaseResult:
+    """Release image MODEL:VERSION to `env` on a Docker host; see DockerTarget. Rolls back on failure."""
+    import json
+
+    from docker.errors import APIError, ImageNotFound, NotFound
+
+    from flywheel.registry import mark_deployed
+    from flywheel.serve import TorchServeClient
+
+    mv, result = _begin(settings, model, version, env, target.describe())
+    version = result.version
+    client = _docker_client(target)
+    ref = target.image or f"{model}:{version}"
+    if target.image_tar is not None:
+        with open(target.image_tar, "rb") as f:
+            client.images.load(f.read())
+        result.event(f"loaded {target.image_tar}")
+    try:
+        client.images.get(ref)
+    except ImageNotFound:
+        try:
+            client.images.pull(ref)
+        except (APIError, NotFound) as exc:
+            raise ReleaseFailed(f"image {ref} is not on {target.describe()} and could not be pulled ({exc}); "
+                                "build it from deploy/serving/Dockerfile or pass image_tar", result) from None
+    labels = {"flywheel.model": model, "flywheel.env": env}
+    old = client.containers.list(filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+    used = {c.labels.get("flywheel.slot") for c in old}
+    port = next((p for p in target.slots if str(p) not in used), target.slots[0])
+    result.previous = old[0].labels.get("flywheel.version") if old else None
+    name = f"flywheel-{model}-{env}-v{version}".replace("/", "-")
+    for stale in client.containers.list(all=True, filters={"name": f"^{name}$"}):
+        stale.remove(force=True)
+    container = client.containers.run(
+        ref, detach=True, name=name, network_mode="host",
+        environment={**_slot_env(port), **target.environment},
+        labels={**labels, "flywheel.version": version, "flywheel.slot": str(port)})
+    url = f"http://{target.host}:{port}"
+    result.event(f"started {name} ({ref}) on {url}")
+    try:
+        _wait_container_healthy(container, target.health_timeout_s)
+        code, out = container.exec_run(["cat", "/opt/flywheel/run/key_file.json"])
+        if code != 0:
+            raise ReleaseFailed(f"could not read the key file in {name}: {out[:200]!r}")
+        ts = TorchServeClient(url, inference_key=json.loads(out)["inference"]["key"])
+        data = AcceptanceData.for_dataset(_dataset_of(mv), settings, acceptance)
+        report = run_acceptance(lambda body: ts.predict(model, body, version=version), data, version, acceptance)
+        result.report = report
+        result.event(report.summary())
+        if not report.passed:
+            raise ReleaseFailed(f"{model} v{version} failed acceptance: {'; '.join(report.failures)}")
+    except Exception as exc:
+        container.remove(force=True)
+        result.rolled_back = True
+        result.event(f"removed {name}; {len(old)} old container(s) untouched")
+        if isinstance(exc, ReleaseFailed):
+            exc.result = result
+            raise
+        raise ReleaseFailed(f"docker release of {model} v{version} failed ({type(exc).__name__}: {exc})",
+                            result) from exc
+    result.switched = True
+    mark_deployed(settings, model, version, env, f"{target.describe()} {url}")
+    result.event(f"alias {env} → v{version}")
+    if old:
+        time.sleep(target.grace_s)
+        for c in old:
+            c.remove(force=True)
+            result.unregistered.append(c.labels.get("flywheel.version", c.name))
+        result.event(f"removed old container(s) {', '.join(c.name for c in old)}")
+    return result
+
+
+def _dataset_of(mv) -> str:
+    from mlflow import MlflowClient
+
+    dataset = (mv.tags or {}).get("dataset") or MlflowClient().get_run(mv.run_id).data.tags.get("dataset")
+    if not dataset:
+        raise FlywheelError(f"version {mv.version} has no 'dataset' tag: acceptance needs its labelled test data")
+    return dataset

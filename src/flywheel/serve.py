@@ -133,13 +133,12 @@ class TorchServe:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        # Worker sockets are not removed by TorchServe on a signal.
-        for sock in Path("/tmp").glob(f".ts.sock.{self.cfg.worker_port_base // 100}*"):
-            if sock.name.startswith(".ts.sock.") and sock.name[9:].isdigit() and \
-                    self.cfg.worker_port_base <= int(sock.name[9:]) < self.cfg.worker_port_base + 100:
-                sock.unlink(missing_ok=True)
+        # Worker sockets (/tmp/.ts.sock.<port>, Java's tmpdir) are not removed on a signal.
+        for port in range(self.cfg.worker_port_base, self.cfg.worker_port_base + 100):
+            for suffix in ("", ".lock"):
+                Path(f"/tmp/.ts.sock.{port}{suffix}").unlink(missing_ok=True)
 
-    def __enter__(self) -> TorchServe:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -160,7 +159,10 @@ def start_torchserve(cfg: ServeConfig, wait_s: float = 120.0, env: dict | None =
     if cfg.models:
         cmd += ["--models", *cfg.models]
     log_path = cfg.work_dir / "torchserve.log"
-    child_env = {**os.environ, "LOG_LOCATION": str(cfg.work_dir / "logs"),
+    # TMPDIR: the launcher keeps its pid file in $TMPDIR/.model_server.pid and refuses to start a
+    # second server while it exists; a private one lets servers run side by side.
+    (cfg.work_dir / "tmp").mkdir(exist_ok=True)
+    child_env = {**os.environ, "LOG_LOCATION": str(cfg.work_dir / "logs"), "TMPDIR": str(cfg.work_dir / "tmp"),
                  "METRICS_LOCATION": str(cfg.work_dir / "logs"), **(env or {})}
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(cmd, cwd=cfg.work_dir, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
@@ -274,7 +276,23 @@ class TorchServeClient:
         if r.status_code == 404:
             return {}
         _raise_for(r, f"describe {model}")
-        return {str(m["modelVersion"]): bool(m.get("isDefault", False)) for m in r.json()}
+        d = self.describe(model)  # without a version TorchServe describes the default one
+        _raise_for(d, f"describe {model}")
+        default = str(d.json()[0]["modelVersion"])
+        return {str(m["modelVersion"]): str(m["modelVersion"]) == default for m in r.json()}
+
+    def wait_ready(self, model: str, version: str | None = None, timeout: float = 120.0) -> list[dict]:
+        """Block until every worker of the model (version) is READY; returns the workers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.describe(model, version)
+            workers = r.json()[0].get("workers", []) if r.status_code == 200 else []
+            if workers and all(w.get("status") == "READY" for w in workers):
+                return workers
+            if time.monotonic() > deadline:
+                raise FlywheelError(f"workers of {model} {version or ''} not READY after {timeout:.0f}s: "
+                                    f"HTTP {r.status_code} {workers or r.text[:200]}")
+            time.sleep(0.25)
 
     def default_version(self, model: str) -> str | None:
         return next((v for v, d in self.versions(model).items() if d), None)

@@ -133,7 +133,7 @@ class FlywheelHandler(BaseHandler):
 
     def _init_tensorrt(self, context, path):
         """Deserialize a TensorRT engine (only packaged when tensorrt + CUDA were present)."""
-        import tensorrt as trt  # noqa: PLC0415 - only on GPU nodes
+        import tensorrt as trt
 
         gpu = context.system_properties.get("gpu_id") or 0
         self.device = torch.device(f"cuda:{gpu}")
@@ -208,7 +208,7 @@ class FlywheelHandler(BaseHandler):
             except RequestError as exc:
                 batch.slices.append(exc)
                 continue
-            except Exception as exc:  # noqa: BLE001 - input must never kill the worker
+            except Exception as exc:
                 logger.warning("unexpected error decoding a request", exc_info=True)
                 batch.slices.append(RequestError(400, f"could not read request: {type(exc).__name__}"))
                 continue
@@ -307,7 +307,7 @@ class FlywheelHandler(BaseHandler):
         try:
             dims = [Dimension("ModelName", self.model_label), Dimension("Level", "Model")]
             metrics.add_metric(name, value, unit, None, dims, kind)
-        except Exception:  # noqa: BLE001 - a metrics problem must not fail a prediction
+        except Exception:
             logger.debug("metric %s not recorded", name, exc_info=True)
 
 

@@ -1,0 +1,192 @@
+"""Benchmark: one registry version served by TorchServe (flywheel handler, batching on) vs
+`mlflow models serve --env-manager local` (1 worker, as shipped).
+
+N concurrent clients send single-image requests for T seconds; servers alternate per round so
+both see the same machine state. Prints req/s, p50, p99 per server and the ratios, at 16 clients
+and at 1 client. Goal at 16 clients: >=3x throughput and <=0.4x p99; at 1 client: p50 no worse.
+
+Both servers get the same image: TorchServe as PNG bytes (the handler decodes and normalises),
+MLflow as the normalised float tensor its signature takes (its pyfunc has no image decoding).
+`mlflow models serve --workers 2` is not used: uvicorn adds ~45 ms per reused connection there.
+
+    python benchmarks/serving.py                      # trains a small Fashion-MNIST model first
+    python benchmarks/serving.py --tracking-uri URI --model NAME --version V --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(send, clients: int, seconds: float) -> dict:
+    """`clients` threads call send(session) back to back for `seconds`; latency of each 200 call."""
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def worker():
+        session = requests.Session()
+        mine, bad = [], 0
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                ok = send(session).status_code == 200
+            except requests.RequestException:
+                ok = False
+            if ok:
+                mine.append(time.perf_counter() - t0)
+            else:
+                bad += 1
+        with lock:
+            lat.extend(mine)
+            errors[0] += bad
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    arr = np.asarray(lat) * 1000.0
+    return {"rps": len(lat) / elapsed, "p50": float(np.percentile(arr, 50)) if len(arr) else float("nan"),
+            "p99": float(np.percentile(arr, 99)) if len(arr) else float("nan"), "n": len(lat), "errors": errors[0]}
+
+
+def merge(runs: list[dict]) -> dict:
+    return {k: float(np.median([r[k] for r in runs])) for k in ("rps", "p50", "p99")} | {
+        "n": sum(r["n"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+
+
+def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    with open(workdir / "mlflow-serve.log", "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
+                                 "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlflow models serve exited: {(workdir / 'mlflow-serve.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("mlflow models serve did not answer /ping in 180 s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tracking-uri")
+    ap.add_argument("--model", default="fashion-classifier")
+    ap.add_argument("--version")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--clients", type=int, nargs="+", default=[16, 1])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-batch-delay", type=int, default=2)
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+
+    from flywheel.config import Settings
+    from flywheel.data import load_splits
+    from flywheel.models import load_model
+    from flywheel.package import PackageConfig, package_version
+    from flywheel.preprocessing import encode_png, to_tensor
+    from flywheel.serve import ServeConfig, start_torchserve
+
+    work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
+                                 work_dir=work, model_name=args.model).apply()
+    version = args.version
+    if version is None:
+        import mlflow
+
+        from flywheel.train import TrainConfig, run_training
+
+        print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
+        result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
+                                          register=False), settings)
+        version = str(mlflow.register_model(result.model_uri, args.model).version)
+    pkg = package_version(PackageConfig(args.model, version=version, out_dir=work / "store",
+                                        batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay),
+                          settings)
+    _, spec = load_model(f"models:/{args.model}/{version}")
+    image = load_splits("fashion-mnist", settings.data_dir).test.images[0]
+    png = encode_png(image)
+    tensor_json = json.dumps({"inputs": to_tensor(image[None], spec.preprocess).numpy().tolist()})
+
+    ts = start_torchserve(ServeConfig.local(work / "ts", work / "store", models=(f"{args.model}={pkg.mar_path.name}",)))
+    ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
+    try:
+        key = json.loads(ts.key_file.read_text())["inference"]["key"]
+        ts_url = f"{ts.cfg.inference_address}/predictions/{args.model}"
+        ts_headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
+        ml_headers = {"Content-Type": "application/json"}
+
+        def send_ts(s):
+            return s.post(ts_url, data=png, headers=ts_headers, timeout=30)
+
+        def send_ml(s):
+            return s.post(f"{ml_url}/invocations", data=tensor_json, headers=ml_headers, timeout=30)
+
+        assert send_ts(requests).status_code == 200 and send_ml(requests).status_code == 200
+        for send in (send_ts, send_ml):  # warm both
+            load(send, 4, 2.0)
+        results = {}
+        for clients in args.clients:
+            runs = {"torchserve": [], "mlflow": []}
+            for r in range(args.rounds):
+                order = [("torchserve", send_ts), ("mlflow", send_ml)]
+                for name, send in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
+                    runs[name].append(load(send, clients, args.seconds))
+            results[clients] = {k: merge(v) for k, v in runs.items()}
+    finally:
+        ts.stop()
+        os.killpg(ml_proc.pid, signal.SIGTERM)
+        ml_proc.wait(30)
+
+    print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, "
+          f"TorchServe batch {args.batch_size} / {args.max_batch_delay} ms, 1 worker each, {os.cpu_count()} CPUs")
+    print(f"{'clients':>7} {'server':>11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for clients, res in results.items():
+        for name in ("torchserve", "mlflow"):
+            r = res[name]
+            print(f"{clients:>7} {name:>11} {r['rps']:>9.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6}")
+        t, m = res["torchserve"], res["mlflow"]
+        print(f"{clients:>7} {'ratio':>11} {t['rps'] / m['rps']:>8.2f}x {t['p50'] / m['p50']:>7.2f}x "
+              f"{t['p99'] / m['p99']:>7.2f}x   (torchserve / mlflow)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
