@@ -41,12 +41,16 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 def small_cnn(num_classes: int, in_channels: int = 1) -> FlywheelNet:
-    """~0.2M-parameter CNN sized for a 2-core CPU: ≥91% on Fashion-MNIST in under a minute."""
+    """~0.4M-parameter CNN sized for a 2-core CPU: ≥91% on Fashion-MNIST in three short epochs.
+
+    Pooling right after each conv keeps the expensive 32→64 conv at 14×14 (a quarter of the cost
+    at 28×28); the flattened 7×7 map keeps spatial layout that global pooling would throw away.
+    """
     features = nn.Sequential(
         *_conv_bn(in_channels, 32), nn.MaxPool2d(2),  # 28 → 14
         *_conv_bn(32, 64), nn.MaxPool2d(2),  # 14 → 7
-        *_conv_bn(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # global pooling: any input size
-        nn.Linear(128, 128), nn.ReLU(inplace=True), nn.Dropout(0.1),
+        nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(64 * 7 * 7, 128), nn.ReLU(inplace=True),
     )
     return FlywheelNet(features, 128, num_classes)
 
