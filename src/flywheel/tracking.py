@@ -191,13 +191,16 @@ class RunLogger:
     def flush(self) -> None:
         """Wait until everything logged so far is stored (long retry budget); raise if it can't be."""
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         configure_retries()
-        self.flush_pending(quick=False)
-        if self._pending:
+        try:
+            self.flush_pending(quick=False)
+        except (MlflowException, OSError) as exc:
             raise FlywheelError(f"{len(self._pending)} logged entries of run {self.run_id} could not be stored "
-                                f"on the tracking server; they are kept in {self.spool_path}. Bring the server "
-                                "back and run `flywheel.tracking.replay_spool` on that file.")
+                                f"on the tracking server ({_short(exc)}); they are kept in {self.spool_path}. "
+                                "Bring the server back (`flywheel doctor`) and run "
+                                "`flywheel.tracking.replay_spool` on that file.") from exc
         mlflow.flush_async_logging()
         if not self._embedded:
             self.spool_path.unlink(missing_ok=True)
