@@ -33,6 +33,8 @@ import numpy as np
 
 CAPTURES = "captures"
 FEEDBACK = "feedback"
+STATS = "stats"  # <root>/<model>/stats/<writer>.json: each writer's counters, for the monitor's metrics
+STATS_EVERY_S = 10.0
 _SENTINEL = object()
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -71,11 +73,11 @@ class LocalStore:
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
-    def list(self, prefix: str, after: str | None = None) -> list[str]:
+    def list(self, prefix: str, after: str | None = None, suffix: str = ".jsonl") -> list[str]:
         folder = self.root / prefix
         if not folder.is_dir():
             return []
-        names = sorted(p.name for p in folder.iterdir() if p.suffix == ".jsonl" and not p.name.startswith("."))
+        names = sorted(p.name for p in folder.iterdir() if p.suffix == suffix and not p.name.startswith("."))
         return [f"{prefix}/{n}" for n in names if after is None or n > after]
 
     def get(self, name: str) -> bytes:
@@ -105,13 +107,13 @@ class GCSStore:
         self._b().blob(self._full(name)).upload_from_string(
             data, content_type="application/x-ndjson", timeout=self.timeout, retry=None)
 
-    def list(self, prefix: str, after: str | None = None) -> list[str]:
+    def list(self, prefix: str, after: str | None = None, suffix: str = ".jsonl") -> list[str]:
         full = self._full(prefix) + "/"
         start = full + after + "\x00" if after else None  # start_offset is inclusive; skip `after` itself
         blobs = self._b().client.list_blobs(self.bucket_name, prefix=full, start_offset=start,
                                             timeout=self.timeout)
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(b.name[strip:] for b in blobs if b.name.endswith(".jsonl"))
+        return sorted(b.name[strip:] for b in blobs if b.name.endswith(suffix))
 
     def get(self, name: str) -> bytes:
         return self._b().blob(self._full(name)).download_as_bytes(timeout=self.timeout)
@@ -222,6 +224,8 @@ class CaptureWriter:
         self.errors = 0  # failed store writes (each drops its whole batch)
         self.last_error: str | None = None
         self._processed = 0  # taken off the queue and written or dropped (for flush)
+        self._stats_at = 0.0
+        self._folders: set[str] = set()
 
     # -- request path ------------------------------------------------------------------------
     def submit(self, record: dict) -> bool:
@@ -284,6 +288,7 @@ class CaptureWriter:
                 item = None
             if item is _SENTINEL:
                 self._write(batch)
+                self._write_stats(force=True)
                 return
             if item is not None:
                 if not batch:
@@ -301,12 +306,28 @@ class CaptureWriter:
         finally:
             with self._lock:
                 self._processed += len(batch)
+        self._write_stats()
+
+    def _write_stats(self, force: bool = False) -> None:
+        """Publish this writer's counters to the store (rate-limited), so the monitor can export
+        dropped captures even though it never talks to the serving workers."""
+        now = time.monotonic()
+        if not force and now - self._stats_at < STATS_EVERY_S:
+            return
+        self._stats_at = now
+        data = json.dumps({**self.stats(), "writer": self._writer_id, "pid": os.getpid(), "ts": time.time()}).encode()
+        for folder in self._folders:
+            try:
+                self.store.put(f"{folder}/{STATS}/{self._writer_id}.json", data)
+            except Exception:  # noqa: BLE001 - the store being down is exactly what these stats report
+                return
 
     def _write_groups(self, batch: list[dict]) -> None:
         groups: dict[str, list[str]] = {}
         for record in batch:
             try:
                 folder = safe_name(str(record.get("model") or self.model or "model"))
+                self._folders.add(folder)
                 groups.setdefault(folder, []).append(encode_record(record))
             except Exception as exc:  # noqa: BLE001 - one bad record must not lose the batch
                 self._count_dropped(1, f"unencodable record: {type(exc).__name__}: {exc}")
@@ -424,4 +445,16 @@ def read_feedback(uri: str, model: str) -> dict[str, str]:
                 out[str(raw["prediction_id"])] = str(raw["label"])
             except (ValueError, KeyError, TypeError):
                 continue
+    return out
+
+
+def read_writer_stats(uri: str, model: str) -> list[dict]:
+    """The latest counters each capture writer published (one dict per writer)."""
+    store = open_store(uri)
+    out = []
+    for name in store.list(f"{safe_name(model)}/{STATS}", suffix=".json"):
+        try:
+            out.append(json.loads(store.get(name)))
+        except (ValueError, OSError):
+            continue
     return out
