@@ -117,22 +117,26 @@ def test_env_file_round_trips_through_bash(tmp_path):
     assert out.split("\0") == [env["MLFLOW_TRACKING_PASSWORD"], env["MLFLOW_TRACKING_URI"]]
 
 
+def _commit_files(repo, **files: str) -> str:
+    """Write `files` into `repo` (a new git repo on first use), commit them, return the SHA."""
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    if not (repo / ".git").exists():
+        subprocess.run([*git, "init", "-q"], check=True)
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "test"], check=True)
+    return resolve_commit(repo, "HEAD")
+
+
 def test_entry_and_params_checked_against_the_commits_mlproject(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    (repo / "README").write_text("no project yet")
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "one"], check=True)
-    sha = resolve_commit(repo, "HEAD")
+    sha = _commit_files(repo, README="no project yet")
     with pytest.raises(FlywheelError, match="no MLproject"):
         check_entry(repo, sha, RemoteTrainConfig(commit=sha))
-    (repo / "MLproject").write_text("name: p\nentry_points:\n  train:\n    parameters:\n"
-                                    "      dataset: {type: string, default: digits}\n    command: python t.py\n")
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "two"], check=True)
-    sha = resolve_commit(repo, "HEAD")
+    sha = _commit_files(repo, MLproject="name: p\nentry_points:\n  train:\n    parameters:\n"
+                                        "      dataset: {type: string, default: digits}\n    command: python t.py\n")
     check_entry(repo, sha, RemoteTrainConfig(commit=sha, params=(("dataset", "x"),)))
     with pytest.raises(FlywheelError, match="no entry point 'eval'; it has: train"):
         check_entry(repo, sha, RemoteTrainConfig(commit=sha, entry="eval"))
@@ -147,12 +151,7 @@ def test_unknown_commit_and_not_a_repo(tmp_path):
     repo.mkdir()
     with pytest.raises(FlywheelError, match="not a git repository"):
         resolve_commit(repo, "HEAD")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    (repo / "f").write_text("x")
-    subprocess.run([*git, "add", "f"], check=True)
-    subprocess.run([*git, "commit", "-qm", "one"], check=True)
-    sha = resolve_commit(repo, "HEAD")
+    sha = _commit_files(repo, f="x")
     assert len(sha) == 40 and resolve_commit(repo, sha[:8]) == sha
     with pytest.raises(FlywheelError, match="unknown commit"):
         resolve_commit(repo, "0" * 40)
