@@ -409,7 +409,8 @@ RUNNER = """#!/usr/bin/env bash
 cd "$(dirname "$0")" || exit 1
 echo $$ > job.pid
 # Secrets arrive in a 0600 file rather than on a command line; read it, then remove it at once.
-. ./job.env && rm -f job.env
+if ! . ./job.env; then echo "flywheel: job.env missing: start jobs with remote-train" >&2; exit 1; fi
+rm -f job.env
 {activate}
 export FLYWHEEL_HOME="$PWD/home"
 # Ship-exactly-this-commit: the archive's package wins over whatever flywheel the node has installed.
