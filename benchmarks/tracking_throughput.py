@@ -55,8 +55,7 @@ def _server(root: Path, args) -> dict[str, float]:
 
     state = stack_up(StackConfig(state_dir=root / "stack", throwaway=True))
     try:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = state.username
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = Path(state.password_file).read_text().strip()
+        os.environ.update(state.client_env())
         client = mlflow.MlflowClient(state.tracking_uri)
         run = client.create_run(client.create_experiment("bench"))
         return _measure(client, run.info.run_id, args.single, args.batches, args.batch_size)

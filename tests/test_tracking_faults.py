@@ -112,6 +112,25 @@ def test_mlflow_server_killed_for_20s_mid_run(fault_stack, tmp_path):
     assert "tracking server unavailable" in log.read_text()
 
 
+def test_mlflow_server_killed_while_artifacts_and_model_upload(fault_stack, tmp_path):
+    """The outage starts as the first artifacts (plots) land, so the reference files and
+    `log_model`'s uploads (logged-model record, MLmodel, weights, extra files) meet a dead server."""
+    name = "fault-kill-at-upload"
+    proc, log = _start_training(fault_stack, tmp_path, name)
+    run_id = _wait_for_first_epoch(fault_stack, name, proc, log)
+    bucket = fault_stack.gcs_client().bucket(fault_stack.bucket)
+    deadline = time.monotonic() + 600
+    while not any(b.name.endswith("plots/loss_curve.png") for b in bucket.list_blobs(prefix=fault_stack.prefix)
+                  if run_id in b.name):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    fault_stack.mlflow.kill()
+    time.sleep(OUTAGE_S)
+    assert proc.poll() is None, f"training died during the outage:\n{log.read_text()[-4000:]}"
+    fault_stack.restart_mlflow()
+    _assert_complete(fault_stack, name, run_id, proc, log)
+
+
 def test_postgres_restarted_mid_run(fault_stack, tmp_path):
     name = "fault-postgres-restart"
     proc, log = _start_training(fault_stack, tmp_path, name)

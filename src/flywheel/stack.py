@@ -482,6 +482,11 @@ class StackState:
     mlflow_pid: int | None
     throwaway: bool
 
+    def client_env(self) -> dict[str, str]:
+        """MLFLOW_TRACKING_URI/USERNAME/PASSWORD for a client of this stack (e.g. the demo)."""
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_TRACKING_USERNAME": self.username,
+                "MLFLOW_TRACKING_PASSWORD": Path(self.password_file).read_text().strip()}
+
     def save(self) -> None:
         write_secret(Path(self.state_dir) / STACK_FILE, json.dumps(asdict(self), indent=2))
 
