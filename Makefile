@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 
 venv: $(STAMP)
 
+# FULL=1: tracking node on Postgres + GCS emulator + auth; KEEP=1: leave the servers running.
 demo: $(STAMP)
-	$(VENV)/bin/flywheel demo
+	$(VENV)/bin/flywheel demo $(if $(filter 1 true yes,$(FULL)),--full) $(if $(filter 1 true yes,$(KEEP)),--keep)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not reliability" tests
