@@ -94,6 +94,13 @@ def test_remote_train_through_pool_logs_the_commit(ssh_node, tracking_stack, pro
     summary = (tmp_path / "gh_summary.md").read_text()
     assert run.info.run_id in summary and "candidate version 1" in summary
     assert list((tmp_path / "plots").rglob("*.png")), "no plots downloaded for the job summary"
+    # release.yml's summary step: the same report for a registry version, by alias here.
+    env = _cli_env(tracking_stack, tmp_path)
+    env["GITHUB_STEP_SUMMARY"] = str(tmp_path / "release_summary.md")
+    report = _run([str(VENV_BIN / "flywheel"), "report", "--version", "candidate"], env, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert f"### {MODEL} v1" in report.stdout and run.info.run_id in report.stdout
+    assert (tmp_path / "release_summary.md").read_text() == report.stdout
 
 
 def test_failing_run_propagates_exit_code(ssh_node, tracking_stack, project_repo, tmp_path):
