@@ -62,4 +62,4 @@ def test_serving_image_release_and_replace(dockerd, serving_base_image, serving_
     r = TorchServeClient(f"http://127.0.0.1:{port}", inference_key=key).predict(
         name, encode_png(load_splits("fashion-mnist").test.images[0]))
     assert r.status_code == 200 and r.json()["version"] == v2
-    assert MlflowClient().get_model_version_by_alias(name, "prod").version == v2
+    assert str(MlflowClient().get_model_version_by_alias(name, "prod").version) == v2

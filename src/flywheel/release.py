@@ -251,8 +251,13 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         raise ReleaseFailed(f"release of {model} v{version} failed ({type(exc).__name__}: {exc}); rolled back",
                             result) from exc
 
-    # 5. Only now does the registry move.
-    mark_deployed(settings, model, version, env, target.describe())
+    # 5. Only now does the registry move; if it cannot, the endpoint goes back to match it.
+    try:
+        mark_deployed(settings, model, version, env, target.describe())
+    except Exception as exc:
+        _rollback(client, result, registered_here)
+        raise ReleaseFailed(f"could not move alias {env!r} to v{version} ({type(exc).__name__}: {exc}); "
+                            "the endpoint was rolled back so it matches the registry", result) from exc
     result.event(f"alias {env} → v{version}")
     # 6. Retire versions beyond keep_previous after the grace period (in-flight requests finish).
     others = sorted((v for v in client.versions(model) if v != version), key=_version_key, reverse=True)
