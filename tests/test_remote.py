@@ -211,7 +211,7 @@ def test_pool_skips_unreachable_node(ssh_node):
 
 
 @pytest.mark.integration
-def test_cli_refuses_without_tracking_server_and_unreachable_node(ssh_node, monkeypatch):
+def test_cli_refuses_bad_input_before_shipping(ssh_node, monkeypatch):
     from typer.testing import CliRunner
 
     from flywheel.cli import app
@@ -228,3 +228,8 @@ def test_cli_refuses_without_tracking_server_and_unreachable_node(ssh_node, monk
                                       "--connect-timeout", "3", "--tracking-uri", "http://127.0.0.1:9"])
     assert result.exit_code == 2, result.output
     assert f"cannot reach {ssh_node.user}@127.0.0.1:{port}" in result.output
+    # An unknown commit is refused before anything reaches the node.
+    result = CliRunner().invoke(app, ["remote-train", "--node", ssh_node.spec, *ssh_args, "--commit", "f" * 40,
+                                      "--workdir", str(ssh_node.workdir), "--tracking-uri", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "unknown commit" in result.output, result.output
+    assert not (ssh_node.workdir / ("f" * 40)).exists()

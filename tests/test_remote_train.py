@@ -115,11 +115,3 @@ def test_failing_run_propagates_exit_code(ssh_node, tracking_stack, project_repo
     assert "unknown dataset 'no-such-dataset'" in out, out[-3000:]  # the node's error reached the client
     assert not _lock_held(ssh_node, sha), "the failed job must not keep running"
     _job_files_clean(ssh_node, sha, tracking_stack.password)
-
-
-def test_unknown_commit_is_refused_before_touching_the_node(ssh_node, tracking_stack, project_repo,
-                                                            tmp_path):
-    done = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--commit", "f" * 40, *TRAIN),
-                _cli_env(tracking_stack, tmp_path), timeout=120)
-    assert done.returncode == 2 and "unknown commit" in done.stderr, done.stderr
-    assert not (ssh_node.workdir / ("f" * 40)).exists()
