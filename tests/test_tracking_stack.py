@@ -226,3 +226,39 @@ def test_users_see_nothing_until_granted_and_rotate_their_password(tracking_stac
     get_app_client("basic-auth", tracking_uri=tracking_stack.uri).update_user_password(
         "rotator", "second-password-456", current_password="first-password-123")
     assert requests.get(url, auth=("rotator", "second-password-456"), timeout=10).status_code == 200
+
+
+@pytest.mark.integration
+@pytest.mark.reliability  # three server starts: ~1.5 min
+def test_persistent_stack_keeps_data_password_and_uri_across_down_up(monkeypatch):
+    import tempfile
+
+    import mlflow
+
+    from flywheel.stack import StackConfig, stack_down, stack_status, stack_up, stop_process_group
+
+    root = Path(tempfile.mkdtemp(prefix="flywheel-stack-persist-")) / "s"
+    os.chmod(root.parent, 0o711)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "first-admin-password")
+    try:
+        first = stack_up(StackConfig(state_dir=root))
+        assert first.client_env()["MLFLOW_TRACKING_PASSWORD"] == "first-admin-password"
+        for k, v in first.client_env().items():
+            monkeypatch.setenv(k, v)
+        exp_id = mlflow.MlflowClient(first.tracking_uri).create_experiment("persisted")
+        assert len(stack_down(root)) == 3
+        # A different env password is ignored once the stack exists: the auth DB holds the first one.
+        monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "another-admin-password")
+        second = stack_up(StackConfig(state_dir=root))
+        assert second.tracking_uri == first.tracking_uri
+        assert second.client_env() == first.client_env()
+        assert mlflow.MlflowClient(second.tracking_uri).get_experiment_by_name("persisted").experiment_id == exp_id
+        # Only the dead part is restarted.
+        stop_process_group(second.mlflow_pid)
+        third = stack_up(StackConfig(state_dir=root))
+        assert (third.pg_pid, third.gcs_pid) == (second.pg_pid, second.gcs_pid)
+        assert third.mlflow_pid != second.mlflow_pid
+        assert all(v.startswith("running") for v in stack_status(root).values())
+    finally:
+        stack_down(root)
+        shutil.rmtree(root.parent, ignore_errors=True)

@@ -499,56 +499,69 @@ class StackState:
 
 
 def admin_password_from_env(secret_file: Path) -> str:
-    """Admin password: MLFLOW_AUTH_ADMIN_PASSWORD, else FLYWHEEL_ADMIN_PASSWORD_FILE, else a random
-    one generated once into `secret_file`. There is never a built-in default."""
-    if value := os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
-        return value
-    if path := os.environ.get("FLYWHEEL_ADMIN_PASSWORD_FILE"):
+    """The stack's admin password. Once a stack exists its secret file wins (the auth DB holds that
+    password; MLflow reads MLFLOW_AUTH_ADMIN_PASSWORD only when it creates the admin). For a new stack:
+    MLFLOW_AUTH_ADMIN_PASSWORD, else FLYWHEEL_ADMIN_PASSWORD_FILE, else a random one. Never a default."""
+    if secret_file.exists():
+        return secret_file.read_text().strip()
+    value = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+    if not value and (path := os.environ.get("FLYWHEEL_ADMIN_PASSWORD_FILE")):
         try:
-            return Path(path).read_text().strip()
+            value = Path(path).read_text().strip()
         except OSError as exc:
             raise StackError(f"FLYWHEEL_ADMIN_PASSWORD_FILE={path} cannot be read: {exc}") from exc
-    return read_or_create_secret(secret_file)
+    value = value or secrets.token_urlsafe(18)
+    if len(value) < MIN_ADMIN_PASSWORD:
+        raise StackError(f"the admin password must have at least {MIN_ADMIN_PASSWORD} characters.")
+    write_secret(secret_file, value)
+    return value
 
 
 def stack_up(cfg: StackConfig) -> StackState:
-    """Start Postgres, the GCS emulator (bucket created) and MLflow with auth; idempotent."""
-    state = StackState.load(cfg.state_dir)
-    if state is not None and pid_alive(state.mlflow_pid):
-        return state
+    """Start Postgres, the GCS emulator (bucket created) and MLflow with auth; idempotent.
+
+    A part still running from an earlier `up` is kept; a persistent stack keeps its ports, bucket
+    and data across `down`/`up`.
+    """
+    prev = StackState.load(cfg.state_dir)
+    if prev is not None and pid_alive(prev.mlflow_pid):
+        return prev
     root = cfg.state_dir
     root.mkdir(parents=True, exist_ok=True)
     # 0711: the postgres system user must traverse into its data dir; secrets/ itself is 0700.
     os.chmod(root, 0o711)
     secrets_dir = root / "secrets"
     admin_pw = admin_password_from_env(secrets_dir / "admin_password")
-    if len(admin_pw) < MIN_ADMIN_PASSWORD:
-        raise StackError(f"the admin password must have at least {MIN_ADMIN_PASSWORD} characters.")
-    write_secret(secrets_dir / "admin_password", admin_pw)
     secret_key = read_or_create_secret(secrets_dir / "flask_secret_key", 32)
-    # Reuse the previous ports so a persistent stack keeps its URI across up/down.
-    prev = state
+    bucket = prev.bucket if prev else cfg.bucket
+    destination = prev.artifacts_destination if prev else f"gs://{cfg.bucket}/{cfg.prefix}"
     pg_port = cfg.pg_port or (prev.pg_port if prev else 0) or free_port()
     gcs_port = cfg.gcs_port or (int(prev.gcs_url.rsplit(":", 1)[1]) if prev else 0) or free_port()
     ml_port = cfg.mlflow_port or (int(prev.tracking_uri.rsplit(":", 1)[1]) if prev else 0) or free_port()
     started: list = []
     try:
-        pg = start_postgres(root / "postgres", pg_port, log=root / "logs" / "postgres.log")
-        started.append(pg)
-        gcs = start_gcs_emulator(root / "gcs", gcs_port, cfg.bucket, log=root / "logs" / "gcs-emulator.log")
-        started.append(gcs)
-        destination = f"gs://{cfg.bucket}/{cfg.prefix}"
+        pg = PostgresServer(data_dir=(root / "postgres").resolve(), port=pg_port,
+                            password=read_or_create_secret(secrets_dir / "postgres_password"),
+                            log=root / "logs" / "postgres.log")
+        if not pid_alive(pg.pid):
+            pg = start_postgres(pg.data_dir, pg_port, pg.password, log=pg.log)
+            started.append(pg)
+        if prev is not None and pid_alive(prev.gcs_pid) and _http_ok(f"{prev.gcs_url}/storage/v1/b/{bucket}"):
+            gcs_url, gcs_pid = prev.gcs_url, prev.gcs_pid
+        else:
+            gcs = start_gcs_emulator(root / "gcs", gcs_port, bucket, log=root / "logs" / "gcs-emulator.log")
+            started.append(gcs)
+            gcs_url, gcs_pid = gcs.url, gcs.pid
         ml = start_mlflow_server(root / "mlflow", ml_port, pg.uri("mlflow"), destination, admin_pw, secret_key,
-                                 pg.uri("mlflow_auth"), gcs_emulator_url=gcs.url)
-        started.append(ml)
+                                 pg.uri("mlflow_auth"), gcs_emulator_url=gcs_url)
     except BaseException:
         for part in reversed(started):
             part.stop()
         raise
     state = StackState(state_dir=str(root), tracking_uri=ml.tracking_uri, username=ADMIN_USER,
-                       password_file=str(secrets_dir / "admin_password"), bucket=cfg.bucket,
-                       artifacts_destination=destination, gcs_url=gcs.url, pg_port=pg_port,
-                       pg_data=str(pg.data_dir), pg_pid=pg.pid, gcs_pid=gcs.pid, mlflow_pid=ml.pid,
+                       password_file=str(secrets_dir / "admin_password"), bucket=bucket,
+                       artifacts_destination=destination, gcs_url=gcs_url, pg_port=pg_port,
+                       pg_data=str(pg.data_dir), pg_pid=pg.pid, gcs_pid=gcs_pid, mlflow_pid=ml.pid,
                        throwaway=cfg.throwaway)
     state.save()
     (root / "env").write_text(
