@@ -146,4 +146,8 @@ def test_dropped_session_training_survives_and_reattaches(ssh_node, tracking_sta
     runs = _runs_for(tracking_stack, sha, monkeypatch)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
     assert runs[0].info.run_id in attached.stderr
+    # The MLflow run id works as the handle too (what the CI log printed first).
+    by_run = _run(_cli(ssh_node, project_repo, "--node", ssh_node.spec, "--attach", runs[0].info.run_id), env,
+                  timeout=120)
+    assert by_run.returncode == 0 and f"commit {sha[:12]}" in by_run.stderr, by_run.stderr[-3000:]
     assert not _lock_held(ssh_node, sha)

@@ -282,7 +282,7 @@ def remote_train(
     workdir: Annotated[str, typer.Option(
         help="Jobs directory on a --node (relative to the login's home).")] = "flywheel-jobs",
     attach: Annotated[Optional[str], typer.Option(
-        metavar="COMMIT", help="Follow an already started job of this commit (SHA or prefix) to its end.")
+        metavar="RUN", help="Follow a started job to its end: its commit (SHA or prefix) or MLflow run id.")
                       ] = None,
     cancel: Annotated[Optional[str], typer.Option(
         metavar="COMMIT", help="Stop the running job of this commit on the node(s).")] = None,

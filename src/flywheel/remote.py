@@ -741,6 +741,18 @@ def attach(nodes: Sequence[Node], auth: SSHAuth, commit: str, reconnect_timeout:
     return JobResult(node=node.label, commit=sha, exit_code=code, run_id=job.run_id)
 
 
+def _commit_of_run(settings: Settings, run_id: str) -> str | None:
+    """The `git_commit` tag of an MLflow run, or None if there is no such run (then it's a SHA prefix)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    settings.apply()
+    try:
+        return MlflowClient().get_run(run_id).data.tags.get("git_commit")
+    except MlflowException:
+        return None
+
+
 # ------------------------------------------------------------------------------------ reporting
 @dataclass(frozen=True)
 class RunReport:
@@ -866,7 +878,10 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
         warn(f"{'stopped' if stopped else 'nothing running for'} commit {sha[:12]} on {node.label}")
         return 0
     if opts.attach:
-        result = attach(nodes, auth, opts.attach, opts.reconnect_timeout, warn=warn)
+        target = opts.attach
+        if re.fullmatch(r"[0-9a-f]{32}", target) and tracking_given:
+            target = _commit_of_run(settings, target) or target  # an MLflow run id names its commit
+        result = attach(nodes, auth, target, opts.reconnect_timeout, warn=warn)
     else:
         if not tracking_given:
             raise FlywheelError("remote-train needs a tracking server the node can reach: set MLFLOW_TRACKING_URI "
