@@ -77,6 +77,19 @@ def test_deploy_compose_file_is_valid(tmp_path):
     assert "--app-name basic-auth" in (DEPLOY / "entrypoint.sh").read_text()
 
 
+def test_systemd_unit_verifies_cleanly(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed to check deploy/tracking/systemd (apt-get install systemd)"
+    unit = (DEPLOY / "systemd" / "mlflow-tracking.service").read_text()
+    # Point ExecStart at the repo's script (the unit expects it installed in /usr/local/bin).
+    (tmp_path / "mlflow-tracking.service").write_text(
+        unit.replace("/usr/local/bin/mlflow-entrypoint", str(DEPLOY / "entrypoint.sh")))
+    proc = subprocess.run([analyze, "verify", str(tmp_path / "mlflow-tracking.service")], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    assert "LoadCredential=admin_password:" in unit and "PASSWORD=" not in unit.replace("_FILE=", "")
+
+
 def test_entrypoint_refuses_to_start_without_secrets(tmp_path):
     env = {"PATH": os.environ["PATH"], "POSTGRES_HOST": "127.0.0.1", "ARTIFACTS_DESTINATION": "gs://b/p"}
     proc = subprocess.run(["sh", str(DEPLOY / "entrypoint.sh")], capture_output=True, text=True, env=env,
@@ -262,3 +275,53 @@ def test_persistent_stack_keeps_data_password_and_uri_across_down_up(monkeypatch
     finally:
         stack_down(root)
         shutil.rmtree(root.parent, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.reliability  # a second MLflow server start (~25 s): kept out of `make test`'s budget
+def test_production_entrypoint_serves_with_auth_on_postgres_and_gcs(tracking_stack, tmp_path):
+    """deploy/tracking/entrypoint.sh + basic_auth.ini, as the container and the systemd unit run them,
+    against the real Postgres and GCS emulator: secrets from files, auth on, artifacts proxied."""
+    from flywheel.stack import stop_process_group
+
+    (tmp_path / "secrets").mkdir(mode=0o700)
+    for name, value in (("pg", tracking_stack.pg.password), ("admin", tracking_stack.password),
+                        ("flask", "f" * 40)):
+        (tmp_path / "secrets" / name).write_text(value)
+    port = free_port()
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+           "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(tracking_stack.pg.port),
+           "POSTGRES_USER": tracking_stack.pg.user, "POSTGRES_PASSWORD_FILE": str(tmp_path / "secrets" / "pg"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(tmp_path / "secrets" / "admin"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": str(tmp_path / "secrets" / "flask"),
+           "ARTIFACTS_DESTINATION": f"gs://{tracking_stack.bucket}/entrypoint",
+           "STORAGE_EMULATOR_HOST": tracking_stack.gcs.url, "AUTH_INI_TEMPLATE": str(DEPLOY / "basic_auth.ini"),
+           "RUNTIME_DIRECTORY": str(tmp_path / "run"), "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
+           "MLFLOW_WORKERS": "1"}
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert requests.get(url + SEARCH, timeout=10).status_code == 401
+        assert requests.get(url + SEARCH, auth=("admin", tracking_stack.password), timeout=10).status_code == 200
+        ini = (tmp_path / "run" / "basic_auth.ini")
+        assert oct(ini.stat().st_mode & 0o777) == "0o600" and "@AUTH_DATABASE_URI@" not in ini.read_text()
+        # An artifact put through this server lands under its destination prefix in the bucket.
+        put = requests.put(url + "/api/2.0/mlflow-artifacts/artifacts/probe/hello.txt", data=b"hi",
+                           auth=("admin", tracking_stack.password), timeout=30)
+        assert put.status_code == 200, put.text
+        blob = tracking_stack.gcs_client().bucket(tracking_stack.bucket).blob("entrypoint/probe/hello.txt")
+        assert blob.download_as_bytes() == b"hi"
+        assert tracking_stack.password not in (tmp_path / "server.log").read_text()
+    finally:
+        stop_process_group(proc.pid, timeout=5)

@@ -40,10 +40,15 @@ export MLFLOW_AUTH_CONFIG_PATH="$RUNTIME/basic_auth.ini"
 # GenAI evaluation jobs are not used by Flywheel; the job runner would add ~9 processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 
+# Host-header check (DNS rebinding): MLflow's default allows localhost and private IPs on any port.
+# A name you expose it under must be listed, with its port if clients send one ("host:*").
+if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then
+  set -- "$@" --allowed-hosts "$MLFLOW_ALLOWED_HOSTS"
+fi
+
 exec mlflow server \
   --backend-store-uri "$BACKEND" \
   --artifacts-destination "$ARTIFACTS_DESTINATION" --serve-artifacts \
   --app-name basic-auth \
   --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" \
-  --workers "${MLFLOW_WORKERS:-4}" \
-  --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost,127.0.0.1}" "$@"
+  --workers "${MLFLOW_WORKERS:-4}" "$@"
