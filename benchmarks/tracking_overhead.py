@@ -1,0 +1,229 @@
+"""Benchmark: what MLflow tracking costs a training run (goal: epoch wall time ratio on/off <= 1.01).
+
+The same training (dataset, subset, seed, batch size, epochs, model) runs in fresh subprocesses,
+alternating "on" and "off" `--repeats` times so both see the same machine state:
+
+* on:  `flywheel.train.run_training` itself (register=False): the run is created, params/tags and the
+  dataset input are logged, system metrics are sampled by MLflow's background thread, each epoch's
+  metrics go through `RunLogger`, and the model + reference artifacts are logged at the end.
+* off: the same loop built from the same flywheel functions (`load_splits`, `to_tensor`,
+  `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train._val_metrics`) with no MLflow
+  call at all. `run_training` has no logging switch today, so this plain loop is the "off" side.
+
+What is compared:
+
+* epoch wall time, measured from one epoch's end-of-epoch point to the next (on: the server-side
+  timestamps of the logged `val_accuracy` metric; off: `time.time()` at the same point). This
+  includes the per-epoch logging call, the validation pass and any interference of the
+  system-metrics thread: everything tracking adds *during* training. Goal <= 1.01.
+* train compute (`train_seconds` as `run_training` reports it vs the plain loop's), which leaves out
+  validation and logging.
+* one-off costs of the "on" side: setup (run, params, dataset input) and the final model/artifact
+  logging, reported in seconds; they do not grow with epochs.
+
+    .venv/bin/python benchmarks/tracking_overhead.py                 # Fashion-MNIST 12k images, 4 epochs, 3x
+    .venv/bin/python benchmarks/tracking_overhead.py --quick         # digits, 4 epochs, 2x (~1 min)
+    .venv/bin/python benchmarks/tracking_overhead.py --tracking-uri http://user:pw@host:5000  # a server
+
+The last stdout line is `BENCH_JSON {...}` (also written to --json-out), which benchmarks/run_all.py reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+# ------------------------------------------------------------------------------------ workers
+def _plain_loop(args) -> dict:
+    """The training loop of flywheel.train._train, minus every MLflow call."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from flywheel.config import Settings
+    from flywheel.data import load_splits
+    from flywheel.models import ModelSpec, build_model
+    from flywheel.preprocessing import to_tensor
+    from flywheel.train import _progress, _val_metrics, seed_everything
+
+    t_start, wall_start = time.perf_counter(), time.time()
+    settings = Settings.from_env()
+    splits = load_splits(args.dataset, settings.data_dir, args.seed)
+    seed_everything(args.seed)
+    x_all, y_all = splits.train.images, splits.train.labels
+    if args.samples:
+        pick = np.random.default_rng(args.seed).permutation(len(y_all))[:args.samples]
+        x_all, y_all = x_all[np.sort(pick)], y_all[np.sort(pick)]
+    spec = ModelSpec(args.model, splits.class_names, splits.preprocess, 0)
+    x_train, y_train = to_tensor(x_all, spec.preprocess), torch.from_numpy(y_all)
+    model = build_model(args.model, len(splits.class_names)).to(memory_format=torch.channels_last)
+    spec = ModelSpec(args.model, splits.class_names, splits.preprocess, model.embedding_dim)
+    steps = max(1, len(y_train) // args.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
+                                                    steps_per_epoch=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    device = torch.device("cpu")
+    epoch_ends, train_seconds, val_acc, setup_s = [], 0.0, 0.0, 0.0
+    progress = _progress(True)  # run_training's progress bar: not tracking, so on both sides
+    task = progress.add_task("train", total=args.epochs * steps, status="")
+    progress.start()
+    for epoch in range(args.epochs):
+        model.train()
+        if epoch == 0:
+            setup_s = time.time() - wall_start
+        started = time.perf_counter()
+        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        totals = torch.zeros(3, dtype=torch.float64)
+        for step in range(steps):
+            idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
+            xb = x_train[idx].contiguous(memory_format=torch.channels_last)
+            yb = y_train[idx]
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            totals += torch.tensor([loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)],
+                                   dtype=torch.float64)
+            progress.update(task, advance=1, status=f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
+        train_seconds += time.perf_counter() - started
+        _, val_acc = _val_metrics(model, splits, spec, device)
+        epoch_ends.append(time.time())  # where run_training logs the epoch's metrics
+        progress.update(task, status=f"epoch {epoch + 1}/{args.epochs} val acc {val_acc:.4f}")
+    progress.stop()
+    return {"epoch_ends": epoch_ends, "train_seconds": train_seconds, "setup_s": setup_s,
+            "total_s": time.perf_counter() - t_start, "val_accuracy": val_acc}
+
+
+def _tracked_run(args) -> dict:
+    import mlflow
+
+    from flywheel.config import Settings
+    from flywheel.train import TrainConfig, run_training
+
+    t_start, wall_start = time.perf_counter(), time.time()
+    settings = Settings.from_env(**({"tracking_uri": args.tracking_uri} if args.tracking_uri else {})).apply()
+    cfg = TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed, register=False, max_train_samples=args.samples or None,
+                      device="cpu")
+    result = run_training(cfg, settings)
+    total = time.perf_counter() - t_start
+    client = mlflow.MlflowClient()
+    history = sorted(client.get_metric_history(result.run_id, "val_accuracy"), key=lambda m: m.step)
+    run = client.get_run(result.run_id)
+    epoch_ends = [m.timestamp / 1000.0 for m in history]
+    # Setup: from the worker's start to the start of epoch 1 (first epoch end minus its duration).
+    first_epoch = client.get_metric_history(result.run_id, "epoch_seconds")
+    first_epoch_s = min(first_epoch, key=lambda m: m.step).value if first_epoch else 0.0
+    return {"epoch_ends": epoch_ends, "train_seconds": result.train_seconds, "total_s": total,
+            "setup_s": max(0.0, epoch_ends[0] - first_epoch_s - wall_start) if epoch_ends else 0.0,
+            "finish_s": (run.info.end_time / 1000.0 - epoch_ends[-1]) if epoch_ends else 0.0,
+            "val_accuracy": history[-1].value if history else 0.0, "run_id": result.run_id}
+
+
+# ------------------------------------------------------------------------------------- driver
+def _spawn(mode: str, args, home: Path) -> dict:
+    home.mkdir(parents=True, exist_ok=True)
+    out = home / f"{mode}.json"
+    cmd = [sys.executable, __file__, "--worker", mode, "--json-out", str(out), "--dataset", args.dataset,
+           "--model", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--seed", str(args.seed), "--samples", str(args.samples)]
+    if args.tracking_uri:
+        cmd += ["--tracking-uri", args.tracking_uri]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(FLYWHEEL_HOME=str(home), PYTHONPATH=str(REPO / "src"), TERM="dumb")
+    if args.tracking_uri is None:
+        env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def _epoch_walls(ends: list[float]) -> list[float]:
+    return [b - a for a, b in zip(ends, ends[1:], strict=False)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=["on", "off"], help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="digits, 4 epochs, 2 alternations (~1 min)")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--samples", type=int, default=12000, help="training subset size (0: all)")
+    ap.add_argument("--model", default="small-cnn")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="on/off alternations")
+    ap.add_argument("--tracking-uri", help="log to this server (default: embedded SQLite in a temp dir)")
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+
+    if args.worker:
+        result = (_tracked_run if args.worker == "on" else _plain_loop)(args)
+        args.json_out.write_text(json.dumps(result))
+        return
+    if args.quick:
+        args.dataset, args.samples, args.epochs, args.repeats = "digits", 0, 4, 2
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2 (epoch wall time is measured between epoch ends)")
+
+    rows = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory(prefix="fw-overhead-") as tmp:
+        for r in range(args.repeats):
+            # Alternate which side goes first, so a drift in machine load does not favour one side.
+            for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                res = _spawn(mode, args, Path(tmp) / f"{mode}-{r}")
+                rows[mode].append(res)
+                walls = _epoch_walls(res["epoch_ends"])
+                print(f"round {r + 1} {mode:>3}: epoch wall {statistics.median(walls):.3f} s, train compute "
+                      f"{res['train_seconds']:.2f} s, total {res['total_s']:.1f} s, val acc {res['val_accuracy']:.4f}",
+                      flush=True)
+
+    def med(mode: str, f) -> float:
+        return statistics.median(f(r) for r in rows[mode])
+
+    epoch_on = med("on", lambda r: statistics.median(_epoch_walls(r["epoch_ends"])))
+    epoch_off = med("off", lambda r: statistics.median(_epoch_walls(r["epoch_ends"])))
+    compute_on, compute_off = med("on", lambda r: r["train_seconds"]), med("off", lambda r: r["train_seconds"])
+    summary = {
+        "benchmark": "tracking_overhead", "dataset": args.dataset, "samples": args.samples, "epochs": args.epochs,
+        "repeats": args.repeats, "store": args.tracking_uri.split("@")[-1] if args.tracking_uri else "embedded sqlite",
+        "epoch_wall_on_s": epoch_on, "epoch_wall_off_s": epoch_off, "epoch_wall_ratio": epoch_on / epoch_off,
+        "train_compute_on_s": compute_on, "train_compute_off_s": compute_off,
+        "train_compute_ratio": compute_on / compute_off,
+        "setup_on_s": med("on", lambda r: r["setup_s"]), "setup_off_s": med("off", lambda r: r["setup_s"]),
+        "finish_on_s": med("on", lambda r: r["finish_s"]),
+        "total_on_s": med("on", lambda r: r["total_s"]), "total_off_s": med("off", lambda r: r["total_s"]),
+        "goal_epoch_wall_ratio": 1.01,
+    }
+    print(f"\n{args.dataset} ({args.samples or 'all'} images), {args.epochs} epochs, {args.repeats} alternations, "
+          f"store: {summary['store']}")
+    print(f"{'':28s} {'on':>9s} {'off':>9s} {'ratio':>7s}")
+    print(f"{'epoch wall time (s)':28s} {epoch_on:9.3f} {epoch_off:9.3f} {epoch_on / epoch_off:7.3f}  (goal <= 1.01)")
+    print(f"{'train compute (s)':28s} {compute_on:9.2f} {compute_off:9.2f} {compute_on / compute_off:7.3f}")
+    print(f"{'one-off: setup (s)':28s} {summary['setup_on_s']:9.2f} {summary['setup_off_s']:9.2f}")
+    print(f"{'one-off: model+artifacts (s)':28s} {summary['finish_on_s']:9.2f} {'-':>9s}")
+    print(f"{'whole process (s)':28s} {summary['total_on_s']:9.1f} {summary['total_off_s']:9.1f} "
+          f"{summary['total_on_s'] / summary['total_off_s']:7.2f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(summary, indent=2))
+    print("BENCH_JSON " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
