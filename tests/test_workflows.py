@@ -86,6 +86,9 @@ def test_retrain_on_dispatch_and_schedule_reuses_train():
     assert doc["on"]["schedule"][0]["cron"]
     (job,) = doc["jobs"].values()
     assert job["uses"] == "./.github/workflows/train.yml" and job["secrets"] == "inherit"
+    # The monitor's payload (flywheel.triggers.RetrainEvent) feeds the run: its snapshot becomes extra data.
+    assert "client_payload.dataset" in job["with"]["dataset"]
+    assert "extra_data={0}" in job["with"]["extra_params"] and "client_payload.snapshot" in job["with"]["extra_params"]
 
 
 @pytest.mark.parametrize("name", NAMES)
