@@ -97,6 +97,21 @@ def test_entrypoint_refuses_to_start_without_secrets(tmp_path):
     assert proc.returncode == 2 and "no default" in proc.stderr
 
 
+def test_doctor_on_the_embedded_store_keeps_artifacts_in_flywheel_home(tmp_path):
+    import mlflow
+
+    from flywheel.config import Settings
+
+    settings = Settings.from_env(work_dir=tmp_path / "home")
+    assert [c.ok for c in run_doctor(settings)] == [None, None]  # nothing created yet: nothing to check
+    settings.apply()
+    mlflow.MlflowClient().search_experiments()  # creates the store
+    checks = run_doctor(settings)
+    assert [(c.name, c.ok) for c in checks] == [("server reachable", None), ("database schema", True),
+                                                 ("artifact round-trip", True)]
+    assert str((tmp_path / "home" / "mlartifacts").resolve()) in checks[-1].detail
+
+
 # --------------------------------------------------------------------------- against the real stack
 @pytest.mark.integration
 def test_unauthenticated_and_wrong_password_get_401(tracking_stack):

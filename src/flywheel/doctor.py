@@ -140,7 +140,8 @@ def check_artifact_roundtrip(settings: Settings) -> Check:
         run_id = None
         try:
             exp = writer.get_experiment_by_name(DOCTOR_EXPERIMENT)
-            exp_id = exp.experiment_id if exp else writer.create_experiment(DOCTOR_EXPERIMENT)
+            exp_id = exp.experiment_id if exp else writer.create_experiment(
+                DOCTOR_EXPERIMENT, artifact_location=settings.artifact_root)  # embedded: inside FLYWHEEL_HOME
             run_id = writer.create_run(exp_id, run_name="doctor").info.run_id
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "roundtrip.txt"
