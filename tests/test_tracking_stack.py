@@ -127,6 +127,31 @@ def test_unauthenticated_and_wrong_password_get_401(tracking_stack):
                         timeout=10).status_code == 401
 
 
+def _group_cmdlines(pid: int) -> list[str]:
+    import psutil
+
+    pgid = os.getpgid(pid)
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(p.info["pid"]) == pgid:
+                out.append(" ".join(p.info["cmdline"] or []))
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+@pytest.mark.integration
+def test_no_secret_in_server_command_lines_or_auth_ini(tracking_stack):
+    cmdlines = _group_cmdlines(tracking_stack.mlflow.pid)
+    assert any("mlflow" in c for c in cmdlines) and any("uvicorn" in c for c in cmdlines), cmdlines
+    for secret in (tracking_stack.pg.password, tracking_stack.password, tracking_stack.secret_key):
+        assert not [c for c in cmdlines if secret in c]
+    ini = (tracking_stack.root / "mlflow" / "basic_auth.ini").read_text()
+    assert tracking_stack.pg.password not in ini and "postgresql+psycopg2://postgres@" in ini
+    assert oct((tracking_stack.root / "mlflow" / "pgpass").stat().st_mode & 0o777) == "0o600"
+
+
 @pytest.mark.integration
 def test_doctor_passes_on_a_healthy_stack(tracking_stack):
     targets = DoctorTargets(backend_store_uri=tracking_stack.pg.uri("mlflow"),
@@ -328,6 +353,9 @@ def test_production_entrypoint_serves_with_auth_on_postgres_and_gcs(tracking_sta
         assert requests.get(url + SEARCH, auth=("admin", tracking_stack.password), timeout=10).status_code == 200
         ini = (tmp_path / "run" / "basic_auth.ini")
         assert oct(ini.stat().st_mode & 0o777) == "0o600" and "@AUTH_DATABASE_URI@" not in ini.read_text()
+        assert tracking_stack.pg.password not in ini.read_text()
+        for secret in (tracking_stack.pg.password, tracking_stack.password, "f" * 40):
+            assert not [c for c in _group_cmdlines(proc.pid) if secret in c]
         # An artifact put through this server lands under its destination prefix in the bucket.
         put = requests.put(url + "/api/2.0/mlflow-artifacts/artifacts/probe/hello.txt", data=b"hi",
                            auth=("admin", tracking_stack.password), timeout=30)

@@ -27,14 +27,22 @@ export MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
 : "${POSTGRES_HOST:?set POSTGRES_HOST}" "${ARTIFACTS_DESTINATION:?set ARTIFACTS_DESTINATION (gs://BUCKET/PREFIX)}"
 PGUSER=${POSTGRES_USER:-mlflow}
 PGPORT=${POSTGRES_PORT:-5432}
-PW_ENC=$(python -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$PGPASSWORD")
-BACKEND="postgresql+psycopg2://${PGUSER}:${PW_ENC}@${POSTGRES_HOST}:${PGPORT}/${POSTGRES_DB:-mlflow}"
-AUTH_DB="postgresql+psycopg2://${PGUSER}:${PW_ENC}@${POSTGRES_HOST}:${PGPORT}/${POSTGRES_AUTH_DB:-mlflow_auth}"
+BACKEND="postgresql+psycopg2://${PGUSER}@${POSTGRES_HOST}:${PGPORT}/${POSTGRES_DB:-mlflow}"
+AUTH_DB="postgresql+psycopg2://${PGUSER}@${POSTGRES_HOST}:${PGPORT}/${POSTGRES_AUTH_DB:-mlflow_auth}"
 
-# The auth ini carries the DB password, so it is written at start into a private runtime dir.
+# The DB password goes into a libpq password file in a private runtime dir: never into the command
+# line (visible in `ps`) or the auth ini.
 RUNTIME=${RUNTIME_DIRECTORY:-/tmp/mlflow-runtime}
 mkdir -p "$RUNTIME" && chmod 700 "$RUNTIME"
 umask 077
+# Values reach python through its environment: argv would show the password in `ps`.
+PGPASS_HOST="$POSTGRES_HOST" PGPASS_PORT="$PGPORT" PGPASS_USER="$PGUSER" PGPASS_PW="$PGPASSWORD" python -c '
+import os
+e = lambda s: s.replace("\\", "\\\\").replace(":", "\\:")
+print(":".join([e(os.environ["PGPASS_HOST"]), os.environ["PGPASS_PORT"], "*",
+                e(os.environ["PGPASS_USER"]), e(os.environ["PGPASS_PW"])]))' > "$RUNTIME/pgpass"
+export PGPASSFILE="$RUNTIME/pgpass"
+unset PGPASSWORD
 sed "s|@AUTH_DATABASE_URI@|${AUTH_DB}|" "${AUTH_INI_TEMPLATE:-/etc/mlflow/basic_auth.ini}" > "$RUNTIME/basic_auth.ini"
 export MLFLOW_AUTH_CONFIG_PATH="$RUNTIME/basic_auth.ini"
 # GenAI evaluation jobs are not used by Flywheel; the job runner would add ~9 processes.

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from flywheel.errors import FlywheelError
 
@@ -386,6 +386,27 @@ def check_database(uri: str, timeout: int = 10) -> None:
                          "password and that the database exists.") from exc
 
 
+def move_passwords_to_pgpass(uris: list[str], pgpass: Path) -> tuple[list[str], Path]:
+    """The URIs without their passwords, and a 0600 libpq password file that holds them.
+
+    libpq (psycopg2) reads PGPASSFILE, so the server connects as before while no password appears in
+    its command line or config files.
+    """
+    lines, stripped = [], []
+    for uri in uris:
+        parts = urlsplit(uri)
+        if not parts.scheme.startswith("postgresql") or parts.password is None:
+            stripped.append(uri)
+            continue
+        fields = [parts.hostname or "localhost", str(parts.port or 5432), parts.path.lstrip("/") or "*",
+                  unquote(parts.username or "*"), unquote(parts.password)]
+        lines.append(":".join(f.replace("\\", "\\\\").replace(":", "\\:") for f in fields))
+        netloc = f"{parts.username}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        stripped.append(parts._replace(netloc=netloc).geturl())
+    write_secret(pgpass, "".join(line + "\n" for line in lines))
+    return stripped, pgpass
+
+
 def _redact(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.password:
@@ -423,8 +444,11 @@ def start_mlflow_server(state_dir: Path, port: int, backend_uri: str, artifacts_
         if auth_db_uri != backend_uri:
             check_database(auth_db_uri)
         check_gcs_bucket(artifacts_destination, gcs_emulator_url)
-    ini = write_auth_ini(state_dir / "basic_auth.ini", auth_db_uri)
+    # DB passwords go to a pgpass file, not into argv (world-readable in `ps`) or the auth ini.
+    (backend_arg, auth_arg), pgpass = move_passwords_to_pgpass([backend_uri, auth_db_uri], state_dir / "pgpass")
+    ini = write_auth_ini(state_dir / "basic_auth.ini", auth_arg)
     env = {**os.environ,
+           "PGPASSFILE": str(pgpass),
            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
            # Only read when the admin user does not exist yet (first start on an empty auth DB).
@@ -437,7 +461,7 @@ def start_mlflow_server(state_dir: Path, port: int, backend_uri: str, artifacts_
         env["STORAGE_EMULATOR_HOST"] = gcs_emulator_url
     server = MlflowServer(
         name="mlflow-server",
-        argv=[_venv_bin("mlflow"), "server", "--backend-store-uri", backend_uri,
+        argv=[_venv_bin("mlflow"), "server", "--backend-store-uri", backend_arg,
               "--artifacts-destination", artifacts_destination, "--serve-artifacts",
               "--app-name", "basic-auth", "--host", HOST, "--port", str(port), "--workers", str(workers)],
         env=env, cwd=state_dir, log=state_dir / "mlflow-server.log", port=port, health_path="/health",
