@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from flywheel.errors import FlywheelError
 
-PG_BIN = Path(os.environ.get("FLYWHEEL_PG_BIN", "/usr/lib/postgresql/15/bin"))
+DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
 HOST = "127.0.0.1"
 ADMIN_USER = "admin"
 MIN_ADMIN_PASSWORD = 12  # MLflow's basic-auth refuses shorter admin passwords
@@ -57,6 +57,11 @@ def _tail(path: Path, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text[-lines:])
+
+
+def pg_bin() -> Path:
+    """Postgres server binaries (FLYWHEEL_PG_BIN overrides, e.g. another major version's bin dir)."""
+    return Path(os.environ.get("FLYWHEEL_PG_BIN") or DEFAULT_PG_BIN)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -145,7 +150,7 @@ class PostgresServer:
         return self.uri("postgres")
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [str(PG_BIN / args[0]), *args[1:]]
+        cmd = [str(pg_bin() / args[0]), *args[1:]]
         # Postgres refuses to run as root; run its tools as the `postgres` system user then.
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
@@ -160,8 +165,8 @@ class PostgresServer:
         """initdb once: password (scram) auth for every connection, the password in a 0600 file."""
         if (self.data_dir / "PG_VERSION").exists():
             return
-        if not (PG_BIN / "initdb").exists():
-            raise StackError(f"Postgres 15 binaries not found in {PG_BIN}: install postgresql-15 "
+        if not (pg_bin() / "initdb").exists():
+            raise StackError(f"Postgres 15 binaries not found in {pg_bin()}: install postgresql-15 "
                              "(apt-get install postgresql-15) or set FLYWHEEL_PG_BIN.")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         pwdir = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
