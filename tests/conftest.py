@@ -30,10 +30,19 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
-    """Every test starts with no tracking server configured and its own FLYWHEEL_HOME."""
+    """Every test starts with no tracking server configured and its own FLYWHEEL_HOME, and whatever it
+    points MLflow at (Settings.apply sets MLFLOW_TRACKING_URI in os.environ) is undone afterwards."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # a session fixture may have pointed the client somewhere
+    saved = dict(os.environ)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "FLYWHEEL_MODEL_NAME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "flywheel-home"))
     monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
+    yield
+    mlflow.set_tracking_uri(None)  # forget the module-level URI too
+    os.environ.clear()
+    os.environ.update(saved)

@@ -17,7 +17,7 @@ from flywheel.data import DATASETS, load_splits, read_idx
 from flywheel.errors import DataError, FlywheelError
 from flywheel.models import ARCHITECTURES, build_model
 from flywheel.preprocessing import InvalidImage, PreprocessSpec, decode_image, encode_png, to_tensor
-from flywheel.project import translate
+from flywheel.project import split_nproc, translate
 
 
 
@@ -170,6 +170,9 @@ def test_mlproject_parameters_translate_to_cli_flags():
             "--extra-data", "''", "--data-dir", "", "--lr", "0.003"]
     assert translate(argv) == ["train", "--dataset", "digits", "--epochs", "2", "--no-register", "--lr", "0.003"]
     assert translate(["--extra-data", "a,b"]) == ["--extra-data", "a", "--extra-data", "b"]
+    assert split_nproc(translate(["train", "--nproc-per-node", "2.0", "--epochs", "1"])) == (
+        2, ["train", "--epochs", "1"])
+    assert split_nproc(["train"]) == (1, ["train"])
 
 
 def _cli(*args):
