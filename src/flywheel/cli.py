@@ -479,6 +479,120 @@ def serve(
     finally:
         server.stop()
 
+# monitor node: flywheel monitor, flywheel data snapshot | feedback
+CaptureUriOpt = Annotated[str, typer.Option(
+    "--capture-uri", envvar="FLYWHEEL_CAPTURE_URI", help="Capture store: a directory or gs://bucket/prefix.")]
+
+
+@app.command()
+def monitor(
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: --model-name).")] = None,
+    env: Annotated[str, typer.Option(help="Alias whose served traffic is monitored: prod | dev.")] = "prod",
+    capture_uri: CaptureUriOpt = ".flywheel/captures",
+    once: Annotated[bool, typer.Option("--once", help="Process what is there, then exit (cron).")] = False,
+    window: Annotated[int, typer.Option(min=10, help="Captured predictions per drift test.")] = 100,
+    alpha: Annotated[float, typer.Option(help="False-alarm budget per window.")] = 0.01,
+    interval: Annotated[float, typer.Option(help="Seconds between ticks of the service.")] = 30.0,
+    consecutive: Annotated[int, typer.Option(min=1, help="Drifting windows in a row that open an episode.")] = 3,
+    cooldown: Annotated[float, typer.Option(help="Seconds after a retrain before drift may trigger again.")] = 3600.0,
+    schedule: Annotated[Optional[float], typer.Option(help="Also retrain every this many seconds.")] = None,
+    min_labelled: Annotated[Optional[int], typer.Option(help="Also retrain after this many new labels.")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Cursor, policy, outbox (default $FLYWHEEL_HOME/monitor).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(envvar="FLYWHEEL_MONITOR_PORT",
+                                                        help="Serve Prometheus /metrics on this port.")] = None,
+    metrics_addr: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
+    snapshot_dir: Annotated[Optional[Path], typer.Option(help="Where `data snapshot` writes (sent with retrains).")] = None,
+    github_repo: Annotated[Optional[str], typer.Option(envvar="FLYWHEEL_GITHUB_REPO",
+                                                       help="owner/name: retrain by repository_dispatch.")] = None,
+    github_api: Annotated[str, typer.Option(envvar="GITHUB_API_URL", help="GitHub API base URL.")] = "https://api.github.com",
+    ssh_node: Annotated[Optional[str], typer.Option(help="user@host[:port]: retrain by running --ssh-command there.")] = None,
+    ssh_command: Annotated[Optional[str], typer.Option(help="Command template for --ssh-node.")] = None,
+    ssh_key: Annotated[Optional[str], typer.Option(help="Private key for --ssh-node.")] = None,
+    known_hosts: Annotated[Optional[str], typer.Option(help="known_hosts pinning --ssh-node's host key.")] = None,
+    local_command: Annotated[Optional[str], typer.Option(help="Retrain by running this command here.")] = None,
+    tracking_uri: TrackingOpt = None,
+    model_name: ModelNameOpt = None,
+) -> None:
+    """Watch captured traffic for drift against the version's reference and trigger retraining."""
+    import logging
+    import os
+
+    from flywheel.errors import FlywheelError
+    from flywheel.monitor import Monitor, MonitorConfig
+    from flywheel.triggers import PolicyConfig, build_actions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(tracking_uri, model_name)
+    try:
+        actions = build_actions(github_repo, os.environ.get("GITHUB_TOKEN"), github_api, ssh_node, ssh_command,
+                                ssh_key, known_hosts, local_command)
+        cfg = MonitorConfig(model=model or settings.model_name, capture_uri=capture_uri, env=env,
+                            state_dir=state_dir or settings.work_dir / "monitor" / f"{model or settings.model_name}-{env}",
+                            window=window, alpha=alpha, interval_s=interval, metrics_port=metrics_port,
+                            metrics_addr=metrics_addr, snapshot_dir=snapshot_dir)
+        policy = PolicyConfig(consecutive=consecutive, cooldown_s=cooldown, schedule_s=schedule,
+                              min_labelled=min_labelled)
+        mon = Monitor(cfg, settings, actions, policy)
+        if once:
+            for r in mon.tick():
+                typer.echo(f"window {r.index} v{r.version}: p={r.p_value:.3g} (embedding {r.p_embedding:.3g}, "
+                           f"prediction {r.p_prediction:.3g}) drift={r.drift}"
+                           + (f" accuracy={r.accuracy:.3f}" if r.accuracy is not None else "")
+                           + (f" -> retrain ({r.trigger})" if r.trigger else ""))
+        else:
+            mon.serve_forever()
+    except FlywheelError as exc:
+        _fail(str(exc))
+
+
+@data_app.command("snapshot")
+def data_snapshot(
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: --model-name).")] = None,
+    capture_uri: Annotated[Optional[str], typer.Option(
+        "--capture-uri", envvar="FLYWHEEL_CAPTURE_URI", help="Capture store with feedback labels.")] = None,
+    labelled: Annotated[Optional[list[Path]], typer.Option(
+        "--labelled", help="Labelling export in imagefolder layout (<dir>/<class>/<image>); repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Snapshot root (default $FLYWHEEL_HOME/snapshots).")] = None,
+    model_name: ModelNameOpt = None,
+) -> None:
+    """Turn labelled captures into a new versioned imagefolder dataset (prints its path and digest)."""
+    from flywheel.errors import FlywheelError
+    from flywheel.snapshot import take_snapshot
+
+    settings = _settings(None, model_name)
+    try:
+        snap = take_snapshot(capture_uri, model or settings.model_name, out or settings.work_dir / "snapshots",
+                             tuple(labelled or ()))
+    except FlywheelError as exc:
+        _fail(str(exc))
+    state = "new" if snap.new else "unchanged, existing"
+    typer.echo(f"snapshot v{snap.version} ({state}): {snap.path}\ndigest {snap.digest}\n{snap.images} images "
+               f"{snap.per_class}\ntrain with: flywheel train --extra-data {snap.path}")
+
+
+@data_app.command("feedback")
+def data_feedback(
+    labels: Annotated[list[str], typer.Argument(help="PREDICTION_ID=LABEL pairs (the class name).")],
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: --model-name).")] = None,
+    capture_uri: CaptureUriOpt = ".flywheel/captures",
+    model_name: ModelNameOpt = None,
+) -> None:
+    """Send ground-truth labels for served predictions (joined with captures by `data snapshot`)."""
+    from flywheel.capture import write_feedback
+
+    pairs = []
+    for item in labels:
+        pid, sep, label = item.partition("=")
+        if not sep or not pid or not label:
+            _fail(f"{item!r} is not PREDICTION_ID=LABEL")
+        pairs.append((pid, label))
+    settings = _settings(None, model_name)
+    try:
+        name = write_feedback(capture_uri, model or settings.model_name, pairs)
+    except (OSError, ValueError) as exc:
+        _fail(f"could not store feedback in {capture_uri}: {exc}")
+    typer.echo(f"stored {len(pairs)} labels ({name})")
+
 
 def main() -> None:
     try:

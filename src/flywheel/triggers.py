@@ -374,3 +374,22 @@ class TriggerPolicy:
             s.labelled_at_last_fire = labelled_total
         self.save()
         return decision
+
+
+def build_actions(github_repo: str | None = None, github_token: str | None = None, github_api: str = GITHUB_API,
+                  ssh_node: str | None = None, ssh_command: str | None = None, ssh_key: str | None = None,
+                  known_hosts: str | None = None, local_command: str | None = None) -> list[Action]:
+    """Actions from CLI options; each kind is enabled by its own option."""
+    actions: list[Action] = []
+    if github_repo:
+        actions.append(GitHubDispatch(github_repo, github_token or "", api_url=github_api))
+    if ssh_node:
+        user, _, hostport = ssh_node.rpartition("@")
+        host, _, port = hostport.partition(":")
+        if not user or not host or (port and not port.isdigit()):
+            raise FlywheelError(f"--ssh-node {ssh_node!r} must be user@host[:port]")
+        actions.append(SSHCommand(host, user, command=ssh_command or SSHCommand.command, port=int(port or 22),
+                                  key_file=ssh_key, known_hosts=known_hosts))
+    if local_command:
+        actions.append(LocalCommand(local_command))
+    return actions
