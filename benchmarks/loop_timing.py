@@ -25,7 +25,6 @@ The last stdout line is `BENCH_JSON {...}` (also written to --json-out), read by
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own directory
+
 BIN = Path(sys.executable).parent
 
 
@@ -145,9 +146,7 @@ def main() -> None:
           f"{served_prod - train_seconds:6.1f} s")
     print(f"  of which mlflow run beyond training {summary['mlflow_run_overhead_s']:6.1f} s, package "
           f"{steps['package']:.1f} s, release dev {steps['release dev']:.1f} s")
-    if args.json_out:
-        args.json_out.write_text(json.dumps(summary, indent=2))
-    print("BENCH_JSON " + json.dumps(summary))
+    emit(summary, args.json_out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import bench_io
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
@@ -65,13 +67,6 @@ BENCHES = (
     Bench("drift", "drift detection delay and false alarms vs Evidently", quick=("--quick",)),
     Bench("loop_timing", "push → served in dev, minus training compute", quick=("--quick",)),
 )
-
-
-def _bench_json(out: str) -> dict | None:
-    for line in reversed(out.strip().splitlines()):
-        if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
-    return None
 
 
 def _supports(script: Path, flag: str) -> bool:
@@ -116,7 +111,7 @@ def run_one(b: Bench, quick: bool) -> dict:
     figures = None
     if json_path.exists():
         figures = json.loads(json_path.read_text())
-    figures = figures or _bench_json(out)
+    figures = figures or bench_io.parse(out)
     if figures is None and b.parse_stdout is not None:
         try:
             figures = b.parse_stdout(out)

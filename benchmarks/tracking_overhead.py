@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own directory
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -220,9 +221,7 @@ def main() -> None:
     print(f"{'one-off: model+artifacts (s)':28s} {summary['finish_on_s']:9.2f} {'-':>9s}")
     print(f"{'whole process (s)':28s} {summary['total_on_s']:9.1f} {summary['total_off_s']:9.1f} "
           f"{summary['total_on_s'] / summary['total_off_s']:7.2f}")
-    if args.json_out:
-        args.json_out.write_text(json.dumps(summary, indent=2))
-    print("BENCH_JSON " + json.dumps(summary))
+    emit(summary, args.json_out)
 
 
 if __name__ == "__main__":
