@@ -113,7 +113,9 @@ class GCSStore:
         blobs = self._b().client.list_blobs(self.bucket_name, prefix=full, start_offset=start,
                                             timeout=self.timeout)
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(b.name[strip:] for b in blobs if b.name.endswith(suffix))
+        names = (b.name[strip:] for b in blobs if b.name.endswith(suffix))
+        # Filter again here: start_offset is an optimisation some servers (the emulator) ignore.
+        return sorted(n for n in names if after is None or n.rsplit("/", 1)[-1] > after)
 
     def get(self, name: str) -> bytes:
         return self._b().blob(self._full(name)).download_as_bytes(timeout=self.timeout)

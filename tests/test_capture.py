@@ -1,0 +1,102 @@
+"""Capture writer and store: batching off the request path, bounded queue, failures counted not raised."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from flywheel.capture import (CaptureWriter, iter_captures, list_batches, read_feedback, read_writer_stats,
+                              write_feedback)
+from flywheel.preprocessing import decode_image, encode_png
+
+
+def _record(i: int, model: str = "fashion-classifier") -> dict:
+    img = (np.arange(28 * 28).reshape(28, 28) * (i + 1) % 256).astype(np.uint8)
+    return {"prediction_id": f"p{i}", "model": model, "version": "3", "ts": time.time(),
+            "image_png": encode_png(img), "embedding": np.full(16, i, np.float32), "label": "Bag",
+            "label_index": 8, "confidence": 0.9, "probs": [0.1] * 10}
+
+
+def test_roundtrip_batches_and_cursor(tmp_path):
+    writer = CaptureWriter(str(tmp_path), flush_every=10, flush_seconds=0.2)
+    for i in range(25):
+        assert writer.submit(_record(i))
+    writer.close()
+    assert writer.stats()["written"] == 25 and writer.dropped == 0
+    caps = list(iter_captures(str(tmp_path), "fashion-classifier"))
+    assert [c.prediction_id for c in caps] == [f"p{i}" for i in range(25)]
+    assert caps[3].embedding.dtype == np.float32 and caps[3].embedding[0] == 3
+    assert decode_image(caps[3].image_png).shape == (28, 28)
+    batches = list_batches(str(tmp_path), "fashion-classifier")
+    assert len(batches) >= 3  # flush_every=10 → batched, not one object per request
+    after = list(iter_captures(str(tmp_path), "fashion-classifier", since=batches[0]))
+    assert len(after) == 25 - sum(c.batch == batches[0] for c in caps)
+    assert read_writer_stats(str(tmp_path), "fashion-classifier")[0]["written"] == 25
+
+
+def test_sampling_and_full_queue_never_block(tmp_path):
+    sampled = CaptureWriter(str(tmp_path / "s"), sample_rate=0.0)
+    assert not sampled.submit(_record(0)) and sampled.sampled_out == 1 and sampled.dropped == 0
+
+    class SlowStore:  # a store that takes 0.5 s per write: the queue must absorb, then drop
+        uri = "slow"
+
+        def put(self, name, data):
+            time.sleep(0.5)
+
+    writer = CaptureWriter(str(tmp_path / "q"), max_queue=8, flush_every=1)
+    writer.store = SlowStore()
+    start = time.perf_counter()
+    accepted = sum(writer.submit(_record(i)) for i in range(200))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"200 submits took {elapsed:.3f}s: submit must not wait for the store"
+    assert accepted <= 10 and writer.dropped >= 190
+
+
+def test_unwritable_store_counts_drops(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    writer = CaptureWriter(str(blocker / "captures"), flush_every=5, flush_seconds=0.1)
+    for i in range(12):
+        writer.submit(_record(i))
+    assert writer.flush(10)
+    assert writer.dropped == 12 and writer.written == 0 and writer.errors >= 1
+    assert "NotADirectory" in (writer.last_error or "")
+
+
+def test_feedback_roundtrip(tmp_path):
+    write_feedback(str(tmp_path), "m", {"p1": "Bag", "p2": "Coat"})
+    write_feedback(str(tmp_path), "m", [("p1", "Sandal")])  # a later correction wins
+    assert read_feedback(str(tmp_path), "m") == {"p1": "Sandal", "p2": "Coat"}
+    with pytest.raises(ValueError):
+        write_feedback(str(tmp_path), "m", [])
+
+
+@pytest.mark.integration
+def test_gcs_store_through_emulator(gcs_env):
+    uri = f"gs://{gcs_env.bucket}/captures"
+    writer = CaptureWriter(uri, flush_every=8, flush_seconds=0.2)
+    for i in range(20):
+        writer.submit(_record(i))
+    writer.close()
+    assert writer.written == 20, writer.last_error
+    caps = list(iter_captures(uri, "fashion-classifier"))
+    assert len(caps) == 20 and decode_image(caps[0].image_png).shape == (28, 28)
+    first = caps[0].batch
+    assert len(list(iter_captures(uri, "fashion-classifier", since=first))) == 20 - sum(c.batch == first for c in caps)
+
+
+@pytest.mark.integration
+def test_gcs_store_unreachable_drops_fast(monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    writer = CaptureWriter("gs://nowhere/captures", flush_every=4, flush_seconds=0.1)
+    start = time.perf_counter()
+    for i in range(40):
+        writer.submit(_record(i))
+    assert time.perf_counter() - start < 0.5
+    assert writer.flush(30)
+    assert writer.dropped == 40 and writer.written == 0
