@@ -153,6 +153,11 @@ def _content_is_test(data: bytes) -> bool:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") % 1000 < TEST_FRACTION * 1000
 
 
+def class_folder(name: str) -> str:
+    """Folder name of a class in imagefolder layout: '/' (as in 'T-shirt/top') can't be in a name."""
+    return name.replace("/", "_")
+
+
 def read_imagefolder(root: Path, class_names: tuple[str, ...] | None = None,
                      size: int = 28) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
     """Read root/<class>/<image>; returns images, labels, is_test mask, class names."""
@@ -160,12 +165,13 @@ def read_imagefolder(root: Path, class_names: tuple[str, ...] | None = None,
         raise DataError(f"image folder missing: {root} (expected one sub-folder of images per class)")
     found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     names = class_names or found
-    unknown = [c for c in found if c not in names]
+    folders = [class_folder(c) for c in names]
+    unknown = [c for c in found if c not in folders]
     if unknown:
-        raise DataError(f"image folder {root} has classes {unknown} not among {list(names)}")
+        raise DataError(f"image folder {root} has classes {unknown} not among {folders}")
     images, labels, is_test = [], [], []
     spec = PreprocessSpec(image_size=size)
-    for label, cls in enumerate(names):
+    for label, cls in enumerate(folders):
         folder = root / cls
         if not folder.is_dir():
             continue
