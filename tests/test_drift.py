@@ -1,0 +1,69 @@
+"""Drift detectors on embeddings of a real model on real Fashion-MNIST (serving_models' v1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flywheel.drift import EmbeddingDriftDetector, KSBonferroni, combine_p_values, prediction_drift
+
+ALPHA = 0.01
+
+
+def _windows(rng, pool, n, size):
+    return [pool[rng.choice(len(pool), size, replace=False)] for _ in range(n)]
+
+
+@pytest.mark.integration
+def test_clean_windows_rarely_alarm(fashion_embeddings):
+    det = EmbeddingDriftDetector().fit(fashion_embeddings.reference)
+    rng = np.random.default_rng(0)
+    p = [det.test(w).p_value for w in _windows(rng, fashion_embeddings.clean, 200, 100)]
+    # Expected 2 of 200 at alpha=0.01; 6 would be p<0.02 under a correct level.
+    assert sum(x < ALPHA for x in p) <= 6, sorted(p)[:10]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("shift", ["invert", "rotate"])
+def test_partial_contamination_detected(fashion_embeddings, shift):
+    det = EmbeddingDriftDetector().fit(fashion_embeddings.reference)
+    base = KSBonferroni(16).fit(fashion_embeddings.reference)
+    rng = np.random.default_rng(1)
+    hits = base_hits = 0
+    trials = 60
+    for _ in range(trials):
+        clean = fashion_embeddings.clean[rng.choice(len(fashion_embeddings.clean), 80, replace=False)]
+        bad = fashion_embeddings.shifted[shift]
+        window = np.concatenate([clean, bad[rng.choice(len(bad), 20, replace=False)]])
+        hits += det.test(window).p_value < ALPHA
+        base_hits += base.test(window).p_value < ALPHA
+    # 20% of a 100-image window shifted: detected nearly always, and at least as often as plain KS.
+    assert hits / trials >= 0.9, (hits, base_hits)
+    assert hits >= base_hits
+
+
+@pytest.mark.integration
+def test_fully_shifted_small_window(fashion_embeddings):
+    det = EmbeddingDriftDetector().fit(fashion_embeddings.reference)
+    assert det.test(fashion_embeddings.shifted["invert"][:20]).p_value < 1e-6
+
+
+def test_detector_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    det = EmbeddingDriftDetector().fit(rng.normal(size=(200, 8)))
+    with pytest.raises(ValueError, match="window must be"):
+        det.test(rng.normal(size=(10, 9)))
+    with pytest.raises(ValueError, match="reference must be"):
+        EmbeddingDriftDetector().fit(rng.normal(size=(5, 8)))
+
+
+def test_prediction_drift_chi_square():
+    ref = np.array([100] * 10)
+    assert prediction_drift(np.array([10] * 10), ref).p_value > 0.5
+    skewed = np.array([55, 5, 5, 5, 5, 5, 5, 5, 5, 5])
+    assert prediction_drift(skewed, ref).p_value < 1e-6
+    # sparse classes are pooled instead of breaking the chi-square approximation
+    sparse = prediction_drift(np.array([50, 48, 1, 1, 0, 0, 0, 0, 0, 0]), np.array([500, 480, 5, 5, 3, 2, 2, 1, 1, 1]))
+    assert sparse.p_value > 0.05 and sparse.details["dof"] == 2
+    assert prediction_drift(np.zeros(10), ref).p_value == 1.0
+    assert combine_p_values([0.004, 0.5]) == pytest.approx(0.008)
