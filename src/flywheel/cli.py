@@ -490,6 +490,7 @@ def monitor(
     env: Annotated[str, typer.Option(help="Alias whose served traffic is monitored: prod | dev.")] = "prod",
     capture_uri: CaptureUriOpt = ".flywheel/captures",
     once: Annotated[bool, typer.Option("--once", help="Process what is there, then exit (cron).")] = False,
+    from_now: Annotated[bool, typer.Option("--from-now", help="First run: skip captures already stored.")] = False,
     window: Annotated[int, typer.Option(min=10, help="Captured predictions per drift test.")] = 100,
     alpha: Annotated[float, typer.Option(help="False-alarm budget per window.")] = 0.01,
     interval: Annotated[float, typer.Option(help="Seconds between ticks of the service.")] = 30.0,
@@ -529,7 +530,7 @@ def monitor(
         cfg = MonitorConfig(model=model or settings.model_name, capture_uri=capture_uri, env=env,
                             state_dir=state_dir or settings.work_dir / "monitor" / f"{model or settings.model_name}-{env}",
                             window=window, alpha=alpha, interval_s=interval, metrics_port=metrics_port,
-                            metrics_addr=metrics_addr, snapshot_dir=snapshot_dir)
+                            metrics_addr=metrics_addr, snapshot_dir=snapshot_dir, from_now=from_now)
         policy = PolicyConfig(consecutive=consecutive, cooldown_s=cooldown, schedule_s=schedule,
                               min_labelled=min_labelled)
         mon = Monitor(cfg, settings, actions, policy)

@@ -49,6 +49,7 @@ class MonitorConfig:
     dataset: str | None = None  # base dataset of retrains (default: the version's `dataset` tag)
     snapshot_dir: Path | None = None  # where `data snapshot` writes, for the retrain payload
     seed: int = 0
+    from_now: bool = False  # a fresh monitor skips captures older than its first tick
 
 
 @dataclass
@@ -221,6 +222,10 @@ class Monitor:
         version, run_id = self._resolve()
         self._prepare(version, run_id)
         self.metrics.version.labels(**self.metrics.labels).set(float(version) if version.isdigit() else 0)
+        if self.cfg.from_now and self.state.cursor is None:
+            from flywheel.capture import batch_key
+
+            self.state.cursor = batch_key()
         pending = self._load_pending()
         embs, preds, tss, ids = [pending["emb"]], [pending["pred"]], [pending["ts"]], [pending["ids"]]
         cursor = self.state.cursor

@@ -1,0 +1,206 @@
+"""The monitor against real served traffic: TorchServe with the flywheel handler capturing, real monitor.
+
+Every test sends real Fashion-MNIST test images (held out from training) through TorchServe's
+inference API, lets the handler's capture writer store them, and runs the real `Monitor.tick` on the
+store: no-shift traffic never triggers; shifted traffic triggers (GitHub dispatch received by a
+local server); 20% shifted traffic triggers; an unreachable store costs no failed or slow request.
+"""
+
+from __future__ import annotations
+
+import base64
+import statistics
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from flywheel.capture import iter_captures, read_writer_stats
+from flywheel.drift import shift_images
+from flywheel.preprocessing import encode_png
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+ALIAS = "monitored"  # our own alias: the serving tests move dev/prod on the same registry
+
+
+def _send(client, model, images, per_request=50) -> list[float]:
+    latencies = []
+    for i in range(0, len(images), per_request):
+        body = {"images": [base64.b64encode(encode_png(img)).decode() for img in images[i:i + per_request]]}
+        start = time.perf_counter()
+        r = client.predict(model, body)
+        latencies.append(time.perf_counter() - start)
+        assert r.status_code == 200, r.text
+    return latencies
+
+
+def _wait_captured(uri, model, n, since_ts, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = sum(1 for c in iter_captures(uri, model) if c.ts >= since_ts)
+        if got >= n:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"only {got} of {n} captures arrived in {timeout}s")
+
+
+def _monitor(server, tmp_path, window, consecutive, actions=()):
+    import mlflow
+
+    from flywheel.config import Settings
+    from flywheel.monitor import Monitor, MonitorConfig
+    from flywheel.triggers import PolicyConfig
+
+    settings = Settings.from_env(tracking_uri=server.tracking_uri, work_dir=server.work_dir,
+                                 model_name=server.model).apply()
+    mlflow.MlflowClient().set_registered_model_alias(server.model, ALIAS, server.version)
+    cfg = MonitorConfig(model=server.model, capture_uri=server.capture_uri, env=ALIAS, state_dir=tmp_path / "mon",
+                        window=window, settle_s=0.0, from_now=True)
+    mon = Monitor(cfg, settings, list(actions), PolicyConfig(consecutive=consecutive, cooldown_s=3600))
+    mon.tick()  # sets the cursor to "now": only this test's traffic counts
+    return mon
+
+
+def _stream(server, mon, images, chunk):
+    """Serve `images` chunk by chunk, ticking the monitor after each; returns (results, served at trigger)."""
+    results, fired_at = [], None
+    for i in range(0, len(images), chunk):
+        start = time.time() - 1
+        _send(server.client, server.model, images[i:i + chunk])
+        _wait_captured(server.capture_uri, server.model, len(images[i:i + chunk]), start)
+        out = mon.tick()
+        results += out
+        if fired_at is None and any(r.trigger for r in out):
+            fired_at = i + chunk
+            break
+    return results, fired_at
+
+
+def test_no_shift_stream_never_triggers(monitored_torchserve, fashion_embeddings, tmp_path):
+    from prometheus_client import generate_latest
+
+    server = monitored_torchserve
+    mon = _monitor(server, tmp_path, window=50, consecutive=3)
+    clean = fashion_embeddings.clean_images[:1000]  # held-out test images: 20 windows of 50
+    results, fired_at = _stream(server, mon, clean, chunk=500)
+    assert len(results) == 20 and fired_at is None
+    assert sum(r.drift for r in results) <= 2, [round(r.p_value, 4) for r in results]
+    assert all(r.version == server.version and r.size == 50 for r in results)
+    # every window logged to the `monitoring` experiment, with the drift-over-time plot
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(mon.state.run_id, "p_value")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    assert [a.path for a in client.list_artifacts(mon.state.run_id, "plots")] == ["plots/drift_over_time.png"]
+    assert client.get_experiment(client.get_run(mon.state.run_id).info.experiment_id).name == "monitoring"
+    # Prometheus exposition, served over HTTP like Prometheus scrapes it
+    port = free_port()
+    server_thread = mon.metrics.serve(port, "127.0.0.1")
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        server_thread[0].shutdown()
+    for name in ("flywheel_drift_p_value", "flywheel_drift_detected", "flywheel_drift_window_size",
+                 "flywheel_capture_lag_seconds", "flywheel_capture_dropped", "flywheel_prediction_class_fraction"):
+        assert name in text
+    assert 'flywheel_drift_windows_total{env="monitored",model="fashion-classifier"} 20.0' in text
+    assert generate_latest(mon.metrics.registry)
+
+
+def test_shifted_stream_triggers_within_300_samples(monitored_torchserve, fashion_embeddings, github_api, tmp_path):
+    from flywheel.triggers import GitHubDispatch
+
+    server = monitored_torchserve
+    action = GitHubDispatch("acme/flywheel", token="t0ken", api_url=github_api.url)
+    mon = _monitor(server, tmp_path, window=50, consecutive=3, actions=[action])
+    inverted = shift_images(fashion_embeddings.shift_images[:300], "invert")
+    results, fired_at = _stream(server, mon, inverted, chunk=50)
+    assert fired_at is not None and fired_at <= 300, [round(r.p_value, 6) for r in results]
+    (req,) = github_api.requests  # delivered in the same tick, exactly once
+    payload = req["json"]["client_payload"]
+    assert req["json"]["event_type"] == "retrain"
+    assert payload["reason"] == "drift" and payload["model"] == server.model and payload["version"] == server.version
+
+
+def test_twenty_percent_shifted_stream_triggers(monitored_torchserve, fashion_embeddings, tmp_path):
+    server = monitored_torchserve
+    mon = _monitor(server, tmp_path, window=100, consecutive=2)
+    rng = np.random.default_rng(3)
+    n = 800
+    clean = fashion_embeddings.clean_images[1000:1000 + n]
+    shifted = shift_images(fashion_embeddings.shift_images, "rotate")
+    stream = clean.copy()
+    idx = rng.choice(n, n // 5, replace=False)  # 20% of the traffic, spread through every window
+    stream[idx] = shifted[rng.choice(len(shifted), len(idx), replace=False)]
+    results, fired_at = _stream(server, mon, stream, chunk=200)
+    assert fired_at is not None, [round(r.p_value, 5) for r in results]
+    assert [r.trigger for r in results if r.trigger] == ["drift"] and mon.policy.state.episodes == 1
+
+
+def test_unreachable_capture_store_costs_no_request(serving_models, fashion_embeddings, tmp_path):
+    from tests.fixtures_monitor import GCSEmulator, start_capturing_torchserve
+
+    port = free_port()
+    emu = GCSEmulator(f"http://127.0.0.1:{port}", port, "caps", tmp_path / "gcs", tmp_path / "gcs.log")
+    emu.start()
+    uri = "gs://caps/served"
+    server = start_capturing_torchserve(serving_models, tmp_path / "ts", uri,
+                                        env={"STORAGE_EMULATOR_HOST": emu.host})
+    try:
+        client = server.client()
+        images = fashion_embeddings.clean_images[:400]
+        healthy = [_timed(client, serving_models.name, img) for img in images[:100]]
+        _wait_captured_gcs(emu, uri, serving_models.name, 100)
+        emu.stop()  # the store goes away
+        down = [_timed(client, serving_models.name, img) for img in images[100:400]]
+        assert statistics.median(down) < statistics.median(healthy) + 0.1, (statistics.median(healthy),
+                                                                           statistics.median(down))
+        assert max(down) < 3.0
+        emu.start()  # back: the writer reports what it had to drop
+        _timed(client, serving_models.name, images[0])
+        deadline = time.monotonic() + 60
+        dropped = 0
+        while time.monotonic() < deadline and dropped == 0:
+            with _emulator_env(emu):
+                dropped = sum(s.get("dropped", 0) for s in read_writer_stats(uri, serving_models.name))
+            if dropped == 0:
+                _timed(client, serving_models.name, images[1])
+                time.sleep(1)
+        assert dropped >= 100, dropped  # most of the 300 requests made while the store was down
+    finally:
+        server.stop()
+        emu.stop()
+
+
+def _timed(client, model, image) -> float:
+    start = time.perf_counter()
+    r = client.predict(model, encode_png(image))
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - start
+
+
+class _emulator_env:
+    def __init__(self, emu):
+        self.emu = emu
+
+    def __enter__(self):
+        import os
+
+        self.old = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = self.emu.host
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = self.old
+
+
+def _wait_captured_gcs(emu, uri, model, n, timeout=60.0):
+    with _emulator_env(emu):
+        _wait_captured(uri, model, n, 0, timeout)
