@@ -114,6 +114,17 @@ def launch_tracking_stack(root: Path | None = None) -> TrackingStack:
                          secret_key=secret_key)
 
 
+@pytest.fixture
+def forget_tracking_uri():
+    """Reset MLflow's process-global tracking/registry URI after a test that called Settings.apply(),
+    so a later test's bare MlflowClient() can't silently talk to this test's server."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
 @pytest.fixture(scope="session")
 def tracking_stack():
     """Session-wide Postgres + GCS emulator + MLflow (basic-auth). Attributes: uri, username, password,

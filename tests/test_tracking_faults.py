@@ -24,7 +24,7 @@ EPOCHS = 4
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds")
 OUTAGE_S = 20
 
-pytestmark = [pytest.mark.integration, pytest.mark.reliability]
+pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.usefixtures("forget_tracking_uri")]
 
 
 @pytest.fixture(scope="module")

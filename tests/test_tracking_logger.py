@@ -11,6 +11,8 @@ from flywheel.errors import FlywheelError
 from flywheel.stack import free_port
 from flywheel.tracking import RunLogger, configure_retries, replay_spool, retry_policy, retry_window
 
+pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
+
 
 @pytest.mark.parametrize("outage", [20, 60, 300, 600])
 def test_retry_policy_covers_the_outage_within_mlflows_limits(outage):

@@ -13,6 +13,8 @@ import pytest
 
 from flywheel.errors import FlywheelError
 
+pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

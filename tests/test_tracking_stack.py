@@ -23,6 +23,8 @@ from flywheel.stack import (
     write_auth_ini,
 )
 
+pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "tracking"
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
@@ -210,6 +212,7 @@ def test_server_with_missing_bucket_fails_fast(tracking_stack, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.reliability  # a full MLflow import in a server process (~15 s on a busy box)
 def test_server_crashing_at_start_reports_its_log(tracking_stack, tmp_path):
     """Even without our pre-checks, a server that dies while starting is reported with its log tail."""
     wrong = "nosuchdb://mlflow"  # MLflow rejects the scheme at once (a dead DB it retries ~100 s)
@@ -219,7 +222,20 @@ def test_server_crashing_at_start_reports_its_log(tracking_stack, tmp_path):
                             timeout=120)
 
 
+def test_stack_cli_without_a_stack(tmp_path):
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")}
+    status = subprocess.run([flywheel, "stack", "status"], capture_output=True, text=True, env=env, check=False)
+    assert status.returncode == 1 and "no stack in" in status.stdout and "flywheel stack up" in status.stdout
+    emb = subprocess.run([flywheel, "stack", "up", "--embedded"], capture_output=True, text=True, env=env,
+                         check=False)
+    assert emb.returncode == 0 and f"sqlite:///{(tmp_path / 'home' / 'mlflow.db').resolve()}" in emb.stdout
+    down = subprocess.run([flywheel, "stack", "down"], capture_output=True, text=True, env=env, check=False)
+    assert down.returncode == 0 and "nothing running" in down.stdout
+
+
 @pytest.mark.integration
+@pytest.mark.reliability  # its own Postgres + emulator + MLflow start (~40-60 s on a busy box)
 def test_stack_cli_up_status_down(tmp_path):
     # Not under pytest's 0700 tmp dir: the postgres system user must reach its data dir.
     import tempfile
