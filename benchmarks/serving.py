@@ -40,26 +40,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(send, clients: int, seconds: float) -> dict:
-    """`clients` threads call send(session) back to back for `seconds`; latency of each 200 call."""
+def load(url: str, body: bytes, headers: dict, clients: int, seconds: float) -> dict:
+    """`clients` threads POST `body` back to back for `seconds` on keep-alive connections.
+
+    http.client, not requests: on 2 cores the client's own CPU per request must stay far below the
+    servers', or both servers measure the load generator (requests costs ~1 ms of GIL per call).
+    """
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
     def worker():
-        session = requests.Session()
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         mine, bad = [], 0
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             try:
-                ok = send(session).status_code == 200
-            except requests.RequestException:
+                conn.request("POST", parts.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except (OSError, http.client.HTTPException):
                 ok = False
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
             if ok:
                 mine.append(time.perf_counter() - t0)
             else:
                 bad += 1
+        conn.close()
         with lock:
             lat.extend(mine)
             errors[0] += bad
@@ -83,7 +97,9 @@ def merge(runs: list[dict]) -> dict:
 
 def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # mlflow serve execs `uvicorn` by name: this venv's bin must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(workdir / "mlflow-serve.log", "wb") as log:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
                                  "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
@@ -148,26 +164,20 @@ def main() -> None:
     ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
     try:
         key = json.loads(ts.key_file.read_text())["inference"]["key"]
-        ts_url = f"{ts.cfg.inference_address}/predictions/{args.model}"
-        ts_headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
-        ml_headers = {"Content-Type": "application/json"}
-
-        def send_ts(s):
-            return s.post(ts_url, data=png, headers=ts_headers, timeout=30)
-
-        def send_ml(s):
-            return s.post(f"{ml_url}/invocations", data=tensor_json, headers=ml_headers, timeout=30)
-
-        assert send_ts(requests).status_code == 200 and send_ml(requests).status_code == 200
-        for send in (send_ts, send_ml):  # warm both
-            load(send, 4, 2.0)
+        ts_req = (f"{ts.cfg.inference_address}/predictions/{args.model}", png,
+                  {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
+        ml_req = (f"{ml_url}/invocations", tensor_json.encode(), {"Content-Type": "application/json"})
+        assert requests.post(ts_req[0], data=png, headers=ts_req[2], timeout=30).status_code == 200
+        assert requests.post(ml_req[0], data=ml_req[1], headers=ml_req[2], timeout=30).status_code == 200
+        for req in (ts_req, ml_req):  # warm both
+            load(*req, 4, 2.0)
         results = {}
         for clients in args.clients:
             runs = {"torchserve": [], "mlflow": []}
             for r in range(args.rounds):
-                order = [("torchserve", send_ts), ("mlflow", send_ml)]
-                for name, send in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
-                    runs[name].append(load(send, clients, args.seconds))
+                order = [("torchserve", ts_req), ("mlflow", ml_req)]
+                for name, req in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
+                    runs[name].append(load(*req, clients, args.seconds))
             results[clients] = {k: merge(v) for k, v in runs.items()}
     finally:
         ts.stop()

@@ -243,7 +243,8 @@ def test_zero_downtime_release_and_rollback(serving_models, tmp_path, cycles):
     try:
         target = ManagementTarget(server.cfg.inference_address, server.cfg.management_address, server.key_file,
                                   server.cfg.model_store, grace_s=1.0, keep_previous=1)
-        accept = AcceptanceConfig(min_accuracy=threshold, p95_slo_ms=3000, accuracy_samples=96, latency_requests=20)
+        accept = AcceptanceConfig(min_accuracy=threshold, p95_slo_ms=3000, accuracy_samples=96,
+                                  latency_requests=20)
         name = serving_models.name
         first = release_version(settings, name, v1, "dev", target, accept, mar_path=serving_models.mars[v1])
         assert first.switched and first.previous is None

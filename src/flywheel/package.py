@@ -49,6 +49,7 @@ class PackageConfig:
     workers: int = 1
     response_timeout_s: int = 30
     top_k: int = 3
+    ort_threads: int = 1  # per worker; see the handler's _ort_session
     capture_uri: str | None = None  # baked default; env FLYWHEEL_CAPTURE_URI on the server wins
     capture_sample: float = 1.0
 
@@ -226,7 +227,7 @@ def choose_artifact(requested: str, exports: dict[str, ExportResult]) -> ExportR
 def model_config_yaml(cfg: PackageConfig) -> str:
     import yaml
 
-    handler = {"top_k": cfg.top_k, "max_images_per_request": 64}
+    handler = {"top_k": cfg.top_k, "max_images_per_request": 64, "ort_threads": cfg.ort_threads}
     if cfg.capture_uri:
         handler.update(capture_uri=cfg.capture_uri, capture_sample=cfg.capture_sample)
     return yaml.safe_dump({

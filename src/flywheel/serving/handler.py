@@ -15,6 +15,7 @@ Configuration (env wins over the archive's model-config.yaml `handler:` section)
   FLYWHEEL_CAPTURE_URI / capture_uri       where served traffic is captured (off when unset)
   FLYWHEEL_CAPTURE_SAMPLE / capture_sample fraction of predictions captured (default 1.0)
   FLYWHEEL_TOP_K / top_k                   default number of labels returned (default 3)
+  FLYWHEEL_ORT_THREADS / ort_threads       ONNX Runtime threads per worker (default 1)
   max_images_per_request                   JSON list limit (default 64)
 """
 
@@ -113,9 +114,12 @@ class FlywheelHandler(BaseHandler):
             self._init_tensorrt(context, path)
         else:
             super().initialize(context)  # .pt → torch.jit.load, .onnx → onnxruntime session
+        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        if self.format == "onnx":
+            self.model = self._ort_session(path, int(os.environ.get("FLYWHEEL_ORT_THREADS") or
+                                                     cfg.get("ort_threads", 1)))
         self.class_names = list(self.fw_manifest["class_names"])
         self.spec = _pp.PreprocessSpec.from_dict(self.fw_manifest["preprocess"])
-        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
         self.top_k = int(os.environ.get("FLYWHEEL_TOP_K") or cfg.get("top_k", 3))
         self.max_images = int(cfg.get("max_images_per_request", 64))
         self.model_label = self.fw_manifest["model_name"]
@@ -130,6 +134,20 @@ class FlywheelHandler(BaseHandler):
                 self.capture = _capture.CaptureWriter(uri, sample_rate=rate)
         logger.info("flywheel handler ready: %s v%s (%s, sha256 ok)", self.model_label, self.version, self.format)
         self.initialized = True
+
+    def _ort_session(self, path: str, threads: int):
+        """BaseHandler's session uses every core with spinning threads, which starve the Java frontend;
+        one non-spinning thread per worker measured 104 vs 52 req/s at 16 clients and p50 8.0 vs
+        11.7 ms at 1 client (2 busy cores)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.map_location == "cuda"
+                     else ["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=providers)
 
     def _init_tensorrt(self, context, path):
         """Deserialize a TensorRT engine (only packaged when tensorrt + CUDA were present)."""
