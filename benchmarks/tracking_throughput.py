@@ -4,6 +4,8 @@ embedded SQLite store, with single `log_metric` calls and with `log_batch`.
 Both stores are measured in the same run on the same machine; the ratios are what to read.
 
     .venv/bin/python benchmarks/tracking_throughput.py [--single 300] [--batches 10] [--batch-size 1000]
+
+The last stdout line is `BENCH_JSON {...}` (also written to --json-out), read by benchmarks/run_all.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import bench_io
 
 
 def _measure(client, run_id: str, single: int, batches: int, batch_size: int) -> dict[str, float]:
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=300, help="single log_metric calls per store")
     parser.add_argument("--batches", type=int, default=10, help="log_batch calls per store")
     parser.add_argument("--batch-size", type=int, default=1000, help="metrics per log_batch (MLflow max 1000)")
+    parser.add_argument("--json-out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         os.environ.pop(var, None)
@@ -85,6 +90,10 @@ def main() -> None:
           f"log_batch {server['batch'] / embedded['batch']:.2f}x")
     print(f"log_batch vs single calls: embedded {embedded['batch'] / embedded['single']:.0f}x, "
           f"server {server['batch'] / server['single']:.0f}x")
+    bench_io.emit({"benchmark": "tracking_throughput", "single_calls": args.single, "batches": args.batches,
+                   "batch_size": args.batch_size, "embedded": embedded, "server": server,
+                   "server_vs_embedded_single": server["single"] / embedded["single"],
+                   "server_vs_embedded_batch": server["batch"] / embedded["batch"]}, args.json_out)
 
 
 if __name__ == "__main__":
