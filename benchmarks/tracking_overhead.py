@@ -142,10 +142,11 @@ def _spawn(mode: str, args, home: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--json-out", str(out), "--dataset", args.dataset,
            "--model", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--seed", str(args.seed), "--samples", str(args.samples)]
+    env_threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if args.tracking_uri:
         cmd += ["--tracking-uri", args.tracking_uri]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(FLYWHEEL_HOME=str(home), PYTHONPATH=str(REPO / "src"), TERM="dumb")
+    env.update(FLYWHEEL_HOME=str(home), PYTHONPATH=str(REPO / "src"), TERM="dumb", **env_threads)
     if args.tracking_uri is None:
         env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -170,6 +171,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="on/off alternations")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in both workers (1: least sensitive to other load on the box)")
     ap.add_argument("--tracking-uri", help="log to this server (default: embedded SQLite in a temp dir)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
@@ -198,6 +201,10 @@ def main() -> None:
     def med(mode: str, f) -> float:
         return statistics.median(f(r) for r in rows[mode])
 
+    def spread(mode: str) -> float:
+        walls = [statistics.median(_epoch_walls(r["epoch_ends"])) for r in rows[mode]]
+        return (max(walls) - min(walls)) / statistics.median(walls)
+
     epoch_on = med("on", lambda r: statistics.median(_epoch_walls(r["epoch_ends"])))
     epoch_off = med("off", lambda r: statistics.median(_epoch_walls(r["epoch_ends"])))
     compute_on, compute_off = med("on", lambda r: r["train_seconds"]), med("off", lambda r: r["train_seconds"])
@@ -210,12 +217,16 @@ def main() -> None:
         "setup_on_s": med("on", lambda r: r["setup_s"]), "setup_off_s": med("off", lambda r: r["setup_s"]),
         "finish_on_s": med("on", lambda r: r["finish_s"]),
         "total_on_s": med("on", lambda r: r["total_s"]), "total_off_s": med("off", lambda r: r["total_s"]),
-        "goal_epoch_wall_ratio": 1.01,
+        "goal_epoch_wall_ratio": 1.01, "threads": args.threads,
+        # (max - min) / median of one side's per-round epoch wall: what the machine's own noise was.
+        "round_spread_on": spread("on"), "round_spread_off": spread("off"),
     }
     print(f"\n{args.dataset} ({args.samples or 'all'} images), {args.epochs} epochs, {args.repeats} alternations, "
           f"store: {summary['store']}")
     print(f"{'':28s} {'on':>9s} {'off':>9s} {'ratio':>7s}")
     print(f"{'epoch wall time (s)':28s} {epoch_on:9.3f} {epoch_off:9.3f} {epoch_on / epoch_off:7.3f}  (goal <= 1.01)")
+    print(f"{'round-to-round spread':28s} {summary['round_spread_on']:9.1%} {summary['round_spread_off']:9.1%}"
+          "  (a ratio closer to 1 than this is within the machine's noise)")
     print(f"{'train compute (s)':28s} {compute_on:9.2f} {compute_off:9.2f} {compute_on / compute_off:7.3f}")
     print(f"{'one-off: setup (s)':28s} {summary['setup_on_s']:9.2f} {summary['setup_off_s']:9.2f}")
     print(f"{'one-off: model+artifacts (s)':28s} {summary['finish_on_s']:9.2f} {'-':>9s}")
