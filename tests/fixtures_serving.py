@@ -225,10 +225,14 @@ def serving_base_image(dockerd, tmp_path_factory) -> str:
         proc = subprocess.run(step, check=False, capture_output=True, text=True)
         if proc.returncode not in (0, 1):  # 1: "file changed as we read it" on a live system
             pytest.fail(f"building the base rootfs failed: {proc.stderr[-2000:]}")
-    with open(tar, "rb") as f:
-        client.api.import_image_from_stream(f, repository="flywheel-serving-base", tag="local", changes=[
-            "ENV PYTHONPATH=/opt/site-packages", "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin"])
+    # The docker CLI, not the SDK: the SDK's streamed import fails with "header line too long" here.
+    proc = subprocess.run(["docker", "-H", dockerd.base_url, "import",
+                           "--change", "ENV PYTHONPATH=/opt/site-packages",
+                           "--change", "ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin", str(tar), tag],
+                          check=False, capture_output=True, text=True)
     tar.unlink()
+    if proc.returncode != 0:
+        pytest.fail(f"docker import of the base rootfs failed: {proc.stderr[-2000:]}")
     out = client.containers.run(tag, ["python", "-c", "import torch, onnxruntime, ts; print('ok')"],
                                 network_mode="none", remove=True)
     assert b"ok" in out
