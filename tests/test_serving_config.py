@@ -52,7 +52,8 @@ def test_rendered_test_config_binds_loopback_only(tmp_path):
 
 def test_dockerfile_is_hadolint_clean():
     hadolint = Path(sys.executable).with_name("hadolint")
-    proc = subprocess.run([str(hadolint), str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
+    proc = subprocess.run([str(hadolint), str(DEPLOY / "Dockerfile")], check=False, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (DEPLOY / "Dockerfile").read_text()
     assert "ARG VARIANT=cpu" in text and "HEALTHCHECK" in text and "/ping" in (DEPLOY / "healthcheck.py").read_text()
