@@ -194,8 +194,9 @@ def main() -> None:
         t, m = res["torchserve"], res["mlflow"]
         print(f"{clients:>7} {'ratio':>11} {t['rps'] / m['rps']:>8.2f}x {t['p50'] / m['p50']:>7.2f}x "
               f"{t['p99'] / m['p99']:>7.2f}x   (torchserve / mlflow)")
-    if args.json_out:
-        args.json_out.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+    import bench_io  # benchmarks/: the BENCH_JSON last-line convention run_all.py reads
+
+    bench_io.emit({str(k): v for k, v in results.items()}, args.json_out)
 
 
 if __name__ == "__main__":
