@@ -57,9 +57,11 @@ class Settings:
             data_dir=Path(data_dir) if data_dir else None,
         )
         given = {k: v for k, v in overrides.items() if v is not None}
+        for key in ("work_dir", "data_dir"):  # accept str paths from callers
+            if key in given:
+                given[key] = Path(str(given[key]))
         if "work_dir" in given and "MLFLOW_TRACKING_URI" not in os.environ and "tracking_uri" not in given:
-            wd = Path(str(given["work_dir"]))
-            given["tracking_uri"] = f"sqlite:///{(wd / 'mlflow.db').resolve()}"
+            given["tracking_uri"] = f"sqlite:///{(given['work_dir'] / 'mlflow.db').resolve()}"
         return replace(settings, **given) if given else settings
 
     def apply(self) -> Settings:
