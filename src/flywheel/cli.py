@@ -557,10 +557,11 @@ def data_snapshot(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Turn labelled captures into a new versioned imagefolder dataset (prints its path and digest)."""
+    from flywheel.config import Settings
     from flywheel.errors import FlywheelError
     from flywheel.snapshot import take_snapshot
 
-    settings = _settings(None, model_name)
+    settings = Settings.from_env(model_name=model_name)  # no tracking needed: skip importing MLflow
     try:
         snap = take_snapshot(capture_uri, model or settings.model_name, out or settings.work_dir / "snapshots",
                              tuple(labelled or ()))
@@ -587,7 +588,9 @@ def data_feedback(
         if not sep or not pid or not label:
             _fail(f"{item!r} is not PREDICTION_ID=LABEL")
         pairs.append((pid, label))
-    settings = _settings(None, model_name)
+    from flywheel.config import Settings
+
+    settings = Settings.from_env(model_name=model_name)
     try:
         name = write_feedback(capture_uri, model or settings.model_name, pairs)
     except (OSError, ValueError) as exc:
