@@ -37,12 +37,13 @@ def _isolated_env(monkeypatch, tmp_path):
     mlflow.set_tracking_uri(None)  # a session fixture may have pointed the client somewhere
     saved = dict(os.environ)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "FLYWHEEL_MODEL_NAME"):
+                "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "FLYWHEEL_MODEL_NAME", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "flywheel-home"))
     monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
     yield
-    mlflow.set_tracking_uri(None)  # forget the module-level URI too
+    mlflow.set_tracking_uri(None)  # forget the module-level URIs too
+    mlflow.set_registry_uri(None)
     os.environ.clear()
     os.environ.update(saved)

@@ -75,8 +75,7 @@ class Settings:
             os.environ["MLFLOW_TRACKING_USERNAME"] = self.username
         if self.password is not None:
             os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)  # the registry follows it unless MLFLOW_REGISTRY_URI says otherwise
         return self
 
     def child_env(self) -> dict[str, str]:
