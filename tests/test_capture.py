@@ -7,8 +7,14 @@ import time
 import numpy as np
 import pytest
 
-from flywheel.capture import (CaptureWriter, iter_captures, list_batches, read_feedback, read_writer_stats,
-                              write_feedback)
+from flywheel.capture import (
+    CaptureWriter,
+    iter_captures,
+    list_batches,
+    read_feedback,
+    read_writer_stats,
+    write_feedback,
+)
 from flywheel.preprocessing import decode_image, encode_png
 
 

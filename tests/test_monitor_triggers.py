@@ -7,8 +7,15 @@ import time
 
 import pytest
 
-from flywheel.triggers import (GitHubDispatch, LocalCommand, Outbox, PolicyConfig, RetrainEvent, SSHCommand,
-                               TriggerPolicy)
+from flywheel.triggers import (
+    GitHubDispatch,
+    LocalCommand,
+    Outbox,
+    PolicyConfig,
+    RetrainEvent,
+    SSHCommand,
+    TriggerPolicy,
+)
 
 
 def _event(**kw) -> RetrainEvent:
