@@ -319,6 +319,9 @@ class Monitor:
         self.outbox.enqueue(event, self.actions)
         self.metrics.triggers.labels(**self.metrics.labels, reason=decision.reason).inc()
         log.warning("retrain requested for %s: %s", self.cfg.model, decision.note)
+        if not self.actions:
+            log.warning("no trigger action configured (--github-repo, --ssh-node, --local-command): retrain "
+                        "request %s is only logged and counted in flywheel_retrain_triggers_total", event.event_id)
 
     def _dataset_tag(self, version: str) -> str | None:
         try:
