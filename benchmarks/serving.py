@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clients", type=int, nargs="+", default=[16, 1])
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-batch-delay", type=int, default=2)
+    ap.add_argument("--max-batch-delay", type=int, default=1)
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 

@@ -350,7 +350,7 @@ def package(
                                                      "(default $FLYWHEEL_HOME/model-store).")] = None,
     artifact_format: Annotated[str, typer.Option("--format", help="auto | onnx | torchscript | tensorrt.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="TorchServe batch size.")] = 16,
-    max_batch_delay: Annotated[int, typer.Option(min=0, help="TorchServe max batch delay (ms).")] = 2,
+    max_batch_delay: Annotated[int, typer.Option(min=0, help="TorchServe max batch delay (ms).")] = 1,
     workers: Annotated[int, typer.Option(min=1, help="Workers per model.")] = 1,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,

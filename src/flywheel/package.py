@@ -45,7 +45,7 @@ class PackageConfig:
     out_dir: Path | None = None  # default: $FLYWHEEL_HOME/model-store
     artifact_format: str = "auto"  # auto: tensorrt when built, else onnx (fastest on CPU, measured)
     batch_size: int = 16
-    max_batch_delay_ms: int = 2
+    max_batch_delay_ms: int = 1  # 1 ms: a lone client at MLflow's p50 (2 ms added ~2 ms), batching kept
     workers: int = 1
     response_timeout_s: int = 30
     top_k: int = 3
@@ -122,7 +122,7 @@ def _serving_module(net):
 
 def _max_diff(a: tuple, b: tuple) -> float:
     return float(max(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)).max()
-                     for x, y in zip(a, b)))
+                     for x, y in zip(a, b, strict=True)))
 
 
 def export_torchscript(module, example, reference: tuple, directory: Path) -> ExportResult:

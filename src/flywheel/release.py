@@ -137,7 +137,8 @@ def run_acceptance(predict: Callable[[bytes | dict], object], data: AcceptanceDa
         if not preds or len(preds) != len(chunk):
             report.failures.append(f"accuracy batch failed: HTTP {r.status_code} {r.text[:120]}")
             return report
-        correct += sum(int(p["label_index"]) == int(y) for p, y in zip(preds, data.labels[start:start + len(chunk)]))
+        labels = data.labels[start:start + len(chunk)]
+        correct += sum(int(p["label_index"]) == int(y) for p, y in zip(preds, labels, strict=True))
     report.accuracy = correct / n
     if report.accuracy < cfg.min_accuracy:
         report.failures.append(f"accuracy {report.accuracy:.3f} < threshold {cfg.min_accuracy}")
