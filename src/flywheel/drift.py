@@ -5,7 +5,8 @@ window comes from the new distribution. Plain KS + Bonferroni on PCA components 
 samples away; instead every sample gets a novelty score against the reference and the window is
 tested on how many scores land in the reference's own tail:
 
-1. Score: 1 - cosine similarity to the k-th nearest reference embedding (k=3). Embeddings of a trained
+1. Score: 1 - cosine similarity to the k-th nearest reference embedding (k=3), after a signed
+   square root of each activation. Embeddings of a trained
    classifier live on a few class-shaped manifolds; blurred, rotated or inverted inputs fall between
    them, which a single Gaussian (global Mahalanobis) misses and a local neighbour distance sees.
    Measured on Fashion-MNIST blur+JPEG (benchmarks/drift.py): per-sample TPR at 5% FPR 0.38 vs 0.10
@@ -62,7 +63,11 @@ class PCAWhitener:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
+    """Signed square root, then unit length. Penultimate activations are (mostly) post-ReLU and
+    heavy-tailed: a few large units dominate raw cosine similarity; the square root evens them out
+    (measured: 20%-contamination detection 0.85 → 0.93 on blur+JPEG)."""
     x = np.asarray(x, dtype=np.float64)
+    x = np.sign(x) * np.sqrt(np.abs(x))
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -93,7 +98,7 @@ class EmbeddingDriftDetector:
         return self
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """Per-sample novelty: 1 - cosine similarity to the k-th nearest reference embedding."""
+        """Per-sample novelty: 1 - cosine similarity (of square-rooted embeddings) to the k-th nearest reference."""
         sim = _unit(x) @ self.reference.T
         return 1.0 - np.partition(sim, -self.k, axis=1)[:, -self.k]
 
