@@ -64,8 +64,18 @@ def _parse_drift(out: str) -> dict:
     for m in re.finditer(r"^(W=\d+ \d+% \S+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", out, re.M):
         rows.append({"setting": m.group(1), "detector": m.group(2), "false_alarm": float(m.group(3)),
                      "detection": float(m.group(4)), "ms_per_window": float(m.group(5))})
-    delays = [{"shifted_pct": int(m.group(1)), "detector": m.group(2), "delay_samples": float(m.group(3))}
-              for m in re.finditer(r"^\s+(\d+)% shifted\s+(\S+)\s+([\d.]+|nan|inf)\s*$", out, re.M)]
+    delays = []
+    for m in re.finditer(r"^\s+(\d+)% shifted\s+(\S+)\s+(.+?)\s*$", out, re.M):
+        rest, d = m.group(3), {"shifted_pct": int(m.group(1)), "detector": m.group(2)}
+        full = re.match(r"median\s+(\S+) samples; flagged within (\d+) in (\d+)% of (\d+) streams", rest)
+        if full:  # "median 200 samples; flagged within 2000 in 96% of 50 streams"
+            d.update(delay_samples=None if full.group(1) == "-" else float(full.group(1)),
+                     within=int(full.group(2)), flagged_pct=int(full.group(3)), streams=int(full.group(4)))
+        elif re.fullmatch(r"[\d.]+|nan|inf", rest):  # older output: the mean delay only
+            d.update(delay_samples=float(rest))
+        else:
+            continue
+        delays.append(d)
     if not rows:
         raise ValueError("no detector rows in the output")
     skipped = re.search(r"^evidently column skipped: (.*)$", out, re.M)
@@ -118,7 +128,9 @@ def run_one(b: Bench, quick: bool) -> dict:
         out, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), -1
         log_path.write_text(f"$ {' '.join(cmd)}\n{out}\n--- timed out after {b.timeout_s} s ---")
     record["seconds"] = round(time.perf_counter() - t0, 1)
-    record["command"] = " ".join(["python", f"benchmarks/{b.name}.py", *[a for a in args if not a.startswith(str(RESULTS))]])
+    shown = [a for i, a in enumerate(args) if a != "--json-out" and not (i and args[i - 1] == "--json-out")]
+    record["command"] = " ".join(["python", f"benchmarks/{b.name}.py", *shown])
+    record["measured_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(out[-3000:], flush=True)
     if code != 0:
         record["status"] = f"failed (exit {code}, see results/{b.name}.log)"
@@ -184,8 +196,11 @@ def _rows(rec: dict) -> list[tuple[str, str, str, str, str]]:
                          f"false alarms {r['false_alarm']:.3f}, {r['ms_per_window']:.2f} ms/window",
                          "false alarms ≤ alpha" if r["detector"] == "flywheel" else ""))
         for d in f["delays"]:
-            rows.append((name, f"delay, {d['shifted_pct']}% shifted: {d['detector']}",
-                         f"{d['delay_samples']:.0f} samples", "", ""))
+            value = "never flagged" if d.get("delay_samples") is None else f"{d['delay_samples']:.0f} samples"
+            seen = (f"flagged within {d['within']} samples in {d['flagged_pct']}% of {d['streams']} streams"
+                    if "flagged_pct" in d else "")
+            rows.append((name, f"detection delay (median), {d['shifted_pct']}% shifted: {d['detector']}",
+                         value, seen, ""))
         if f.get("evidently_skipped"):
             rows.append((name, "Evidently", "skipped", f["evidently_skipped"], ""))
     else:  # a script whose figures we do not know in detail: show its flat numbers
@@ -298,7 +313,7 @@ def render(records: dict[str, dict], plots: list[str], quick: bool) -> None:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0]
     lines = [BEGIN, "",
-             f"Measured {now} on {platform.node() or 'this machine'}: {cpu}, {os.cpu_count()} CPUs, "
+             f"Table written {now} on {platform.node() or 'this machine'}: {cpu}, {os.cpu_count()} CPUs, "
              f"{mem_gib:.0f} GiB, no GPU, Python {platform.python_version()}; load average at the end "
              f"{load:.1f}. Versions: {'quick' if quick else 'full'} "
              f"(`python benchmarks/run_all.py{' --quick' if quick else ''}`).", "",
@@ -313,7 +328,8 @@ def render(records: dict[str, dict], plots: list[str], quick: bool) -> None:
     for name in [b.name for b in BENCHES]:
         rec = records.get(name)
         if rec and rec.get("command"):
-            lines.append(f"* `{rec['command']}`: {rec.get('seconds', '?')} s, {rec['status']}"
+            when = f" at {rec['measured_at']}" if rec.get("measured_at") else ""
+            lines.append(f"* `{rec['command']}`{when}: {rec.get('seconds', '?')} s, {rec['status']}"
                          + (f" ({rec['note']})" if rec.get("note") else ""))
     if plots:
         lines += [""] + [f"![{p[:-4]}](results/{p})" for p in plots]
