@@ -116,6 +116,7 @@ def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subp
         except requests.RequestException:
             pass
         time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
     raise SystemExit("mlflow models serve did not answer /ping in 180 s")
 
 
@@ -161,8 +162,9 @@ def main() -> None:
     tensor_json = json.dumps({"inputs": to_tensor(image[None], spec.preprocess).numpy().tolist()})
 
     ts = start_torchserve(ServeConfig.local(work / "ts", work / "store", models=(f"{args.model}={pkg.mar_path.name}",)))
-    ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
+    ml_proc = None
     try:
+        ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
         key = json.loads(ts.key_file.read_text())["inference"]["key"]
         ts_req = (f"{ts.cfg.inference_address}/predictions/{args.model}", png,
                   {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
@@ -181,8 +183,9 @@ def main() -> None:
             results[clients] = {k: merge(v) for k, v in runs.items()}
     finally:
         ts.stop()
-        os.killpg(ml_proc.pid, signal.SIGTERM)
-        ml_proc.wait(30)
+        if ml_proc is not None:
+            os.killpg(ml_proc.pid, signal.SIGTERM)
+            ml_proc.wait(30)
 
     print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, "
           f"TorchServe batch {args.batch_size} / {args.max_batch_delay} ms, 1 worker each, {os.cpu_count()} CPUs")
