@@ -46,7 +46,7 @@ def _wait_captured(uri, model, n, since_ts, timeout=60.0):
     raise AssertionError(f"only {got} of {n} captures arrived in {timeout}s")
 
 
-def _monitor(server, tmp_path, window, consecutive, actions=()):
+def _monitor(server, tmp_path, window, consecutive, actions=(), snapshot_dir=None):
     import mlflow
 
     from flywheel.config import Settings
@@ -57,7 +57,7 @@ def _monitor(server, tmp_path, window, consecutive, actions=()):
                                  model_name=server.model).apply()
     mlflow.MlflowClient().set_registered_model_alias(server.model, ALIAS, server.version)
     cfg = MonitorConfig(model=server.model, capture_uri=server.capture_uri, env=ALIAS, state_dir=tmp_path / "mon",
-                        window=window, settle_s=0.0, from_now=True)
+                        window=window, settle_s=0.0, from_now=True, snapshot_dir=snapshot_dir)
     mon = Monitor(cfg, settings, list(actions), PolicyConfig(consecutive=consecutive, cooldown_s=3600))
     mon.tick()  # sets the cursor to "now": only this test's traffic counts
     return mon
@@ -115,7 +115,13 @@ def test_shifted_stream_triggers_within_300_samples(monitored_torchserve, fashio
 
     server = monitored_torchserve
     action = GitHubDispatch("acme/flywheel", token="t0ken", api_url=github_api.url)
-    mon = _monitor(server, tmp_path, window=50, consecutive=3, actions=[action])
+    from flywheel.snapshot import take_snapshot
+
+    labelled = tmp_path / "labelled" / "Bag"
+    labelled.mkdir(parents=True)
+    (labelled / "one.png").write_bytes(encode_png(fashion_embeddings.clean_images[0]))
+    snap = take_snapshot(None, server.model, tmp_path / "snaps", (tmp_path / "labelled",))
+    mon = _monitor(server, tmp_path, window=50, consecutive=3, actions=[action], snapshot_dir=tmp_path / "snaps")
     inverted = shift_images(fashion_embeddings.shift_images[:300], "invert")
     results, fired_at = _stream(server, mon, inverted, chunk=50)
     assert fired_at is not None and fired_at <= 300, [round(r.p_value, 6) for r in results]
@@ -123,6 +129,7 @@ def test_shifted_stream_triggers_within_300_samples(monitored_torchserve, fashio
     payload = req["json"]["client_payload"]
     assert req["json"]["event_type"] == "retrain"
     assert payload["reason"] == "drift" and payload["model"] == server.model and payload["version"] == server.version
+    assert payload["snapshot"] == str(snap.path) and payload["snapshot_digest"] == snap.digest
 
 
 def test_twenty_percent_shifted_stream_triggers(monitored_torchserve, fashion_embeddings, tmp_path):

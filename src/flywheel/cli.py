@@ -502,7 +502,8 @@ def monitor(
     metrics_port: Annotated[Optional[int], typer.Option(envvar="FLYWHEEL_MONITOR_PORT",
                                                         help="Serve Prometheus /metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
-    snapshot_dir: Annotated[Optional[Path], typer.Option(help="Where `data snapshot` writes (sent with retrains).")] = None,
+    snapshot_dir: Annotated[Optional[Path], typer.Option(
+        help="Where `data snapshot` writes; its latest snapshot goes with retrains (default $FLYWHEEL_HOME/snapshots).")] = None,
     github_repo: Annotated[Optional[str], typer.Option(envvar="FLYWHEEL_GITHUB_REPO",
                                                        help="owner/name: retrain by repository_dispatch.")] = None,
     github_api: Annotated[str, typer.Option(envvar="GITHUB_API_URL", help="GitHub API base URL.")] = "https://api.github.com",
@@ -530,7 +531,8 @@ def monitor(
         cfg = MonitorConfig(model=model or settings.model_name, capture_uri=capture_uri, env=env,
                             state_dir=state_dir or settings.work_dir / "monitor" / f"{model or settings.model_name}-{env}",
                             window=window, alpha=alpha, interval_s=interval, metrics_port=metrics_port,
-                            metrics_addr=metrics_addr, snapshot_dir=snapshot_dir, from_now=from_now)
+                            metrics_addr=metrics_addr, snapshot_dir=snapshot_dir or settings.work_dir / "snapshots",
+                            from_now=from_now)
         policy = PolicyConfig(consecutive=consecutive, cooldown_s=cooldown, schedule_s=schedule,
                               min_labelled=min_labelled)
         mon = Monitor(cfg, settings, actions, policy)

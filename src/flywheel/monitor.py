@@ -334,9 +334,10 @@ class Monitor:
     def _latest_snapshot(self) -> tuple[str | None, str | None]:
         if self.cfg.snapshot_dir is None:
             return None, None
+        from flywheel.capture import safe_name
         from flywheel.snapshot import latest_snapshot
 
-        snap = latest_snapshot(self.cfg.snapshot_dir)
+        snap = latest_snapshot(self.cfg.snapshot_dir, safe_name(self.cfg.model))  # layout of `data snapshot`
         return (str(snap.path), snap.digest) if snap else (None, None)
 
     def _deliver(self) -> None:
