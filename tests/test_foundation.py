@@ -112,13 +112,15 @@ def test_preprocessing_resizes_and_greyscales_colour_jpeg():
     (encode_png(np.zeros((28, 28), np.uint8))[:40], "truncated|not a decodable"),
 ])
 def test_decode_rejects_bad_bytes(payload, problem):
-    with pytest.raises(InvalidImage, match=problem):
+    with pytest.raises(InvalidImage, match=problem) as err:
         decode_image(payload)
+    assert err.value.status == 400 and "0x" not in str(err.value)  # no object reprs for clients
 
 
 def test_decode_rejects_oversized_images():
-    with pytest.raises(InvalidImage, match="too large: .* bytes"):
+    with pytest.raises(InvalidImage, match="too large: .* bytes") as err:
         decode_image(b"x" * 100, PreprocessSpec(max_bytes=50))
+    assert err.value.status == 413
     with pytest.raises(InvalidImage, match="pixels"):
         decode_image(encode_png(np.zeros((100, 100), np.uint8)), PreprocessSpec(max_pixels=99 * 99))
 

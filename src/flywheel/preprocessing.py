@@ -20,7 +20,20 @@ FASHION_STD = 0.3530
 
 
 class InvalidImage(ValueError):
-    """Request bytes that are not a decodable image within the configured limits."""
+    """Request bytes that are not a decodable image within the configured limits.
+
+    `status` is the HTTP status a server should answer with: 413 when too large, else 400."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _pillow_reason(exc: Exception) -> str:
+    """Pillow's message without the `<_io.BytesIO object at 0x…>` repr clients can't use."""
+    import re
+
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " the request body", str(exc)).strip()
 
 
 @dataclass(frozen=True)
@@ -58,20 +71,23 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
     if not data:
         raise InvalidImage("empty image: the request body has no bytes")
     if len(data) > spec.max_bytes:
-        raise InvalidImage(f"image too large: {len(data)} bytes > limit {spec.max_bytes}")
+        raise InvalidImage(f"image too large: {len(data)} bytes > limit {spec.max_bytes}", status=413)
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > spec.max_pixels:
-                raise InvalidImage(f"image too large: {width}x{height} pixels > limit {spec.max_pixels}")
+                raise InvalidImage(f"image too large: {width}x{height} pixels > limit {spec.max_pixels}",
+                                   status=413)
             img.load()  # forces a full decode so truncated files fail here, not later
             grey = img.convert("L")
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"not a decodable image: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"image too large: {_pillow_reason(exc)}", status=413) from None
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(f"not a decodable image: {_pillow_reason(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's truncated/corrupt-stream errors
-        raise InvalidImage(f"corrupt or truncated image: {exc}") from None
+        raise InvalidImage(f"corrupt or truncated image: {_pillow_reason(exc)}") from None
     array = np.asarray(grey, dtype=np.uint8)
     return resize(array[None], spec.image_size)[0]
 

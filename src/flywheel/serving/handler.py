@@ -215,8 +215,7 @@ class FlywheelHandler(BaseHandler):
         try:
             return _pp.decode_image(data, self.spec)
         except _pp.InvalidImage as exc:
-            code = 413 if "too large" in str(exc) else 400
-            raise RequestError(code, f"{where}: {exc}") from None
+            raise RequestError(exc.status, f"{where}: {exc}") from None
 
     def preprocess(self, data):
         batch = _Batch()
