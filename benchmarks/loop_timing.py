@@ -88,6 +88,10 @@ def main() -> None:
             store = work / f"store-{name}"
             store.mkdir()
             servers[name] = start_torchserve(ServeConfig.local(work / f"ts-{name}", store))
+        from flywheel.data import load_splits
+        from flywheel.preprocessing import encode_png
+
+        probe = encode_png(load_splits(args.dataset, seed=0).test.images[0])  # before the clock starts
         print(f"push → served: {args.dataset}, {args.epochs} epoch(s), "
               f"{args.samples or 'all'} training images; logs in {logs}", flush=True)
         t_push = time.perf_counter()
@@ -110,11 +114,7 @@ def main() -> None:
                 "--inference-url", srv.cfg.inference_address, "--management-url", srv.cfg.management_address,
                 "--key-file", str(srv.key_file), "--model-store", str(srv.cfg.model_store),
                 "--min-accuracy", str(args.min_accuracy), "--p95-slo-ms", "1000", "--grace", "0"], env, logs, timeline)
-            from flywheel.data import load_splits
-            from flywheel.preprocessing import encode_png
-
-            png = encode_png(load_splits(args.dataset, seed=0).test.images[0])
-            r = srv.client().predict(model, png)
+            r = srv.client().predict(model, probe)
             if r.status_code != 200 or str(r.json().get("version")) != version:
                 raise SystemExit(f"{env_name} does not serve v{version}: {r.status_code} {r.text[:200]}")
 

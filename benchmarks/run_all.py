@@ -128,6 +128,7 @@ def run_one(b: Bench, quick: bool) -> dict:
         out, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), -1
         log_path.write_text(f"$ {' '.join(cmd)}\n{out}\n--- timed out after {b.timeout_s} s ---")
     record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["load_avg_5min"] = round(os.getloadavg()[1], 1)  # how shared the machine was meanwhile
     shown = [a for i, a in enumerate(args) if a != "--json-out" and not (i and args[i - 1] == "--json-out")]
     record["command"] = " ".join(["python", f"benchmarks/{b.name}.py", *shown])
     record["measured_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -329,6 +330,7 @@ def render(records: dict[str, dict], plots: list[str], quick: bool) -> None:
         rec = records.get(name)
         if rec and rec.get("command"):
             when = f" at {rec['measured_at']}" if rec.get("measured_at") else ""
+            when += f" (5-min load average {rec['load_avg_5min']})" if rec.get("load_avg_5min") else ""
             lines.append(f"* `{rec['command']}`{when}: {rec.get('seconds', '?')} s, {rec['status']}"
                          + (f" ({rec['note']})" if rec.get("note") else ""))
     if plots:
