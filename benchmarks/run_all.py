@@ -308,7 +308,7 @@ def plot(records: dict[str, dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- README
-def render(records: dict[str, dict], plots: list[str], quick: bool) -> None:
+def render(records: dict[str, dict], plots: list[str], quick: str) -> None:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = _cpu_model()
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -316,8 +316,8 @@ def render(records: dict[str, dict], plots: list[str], quick: bool) -> None:
     lines = [BEGIN, "",
              f"Table written {now} on {platform.node() or 'this machine'}: {cpu}, {os.cpu_count()} CPUs, "
              f"{mem_gib:.0f} GiB, no GPU, Python {platform.python_version()}; load average at the end "
-             f"{load:.1f}. Versions: {'quick' if quick else 'full'} "
-             f"(`python benchmarks/run_all.py{' --quick' if quick else ''}`).", "",
+             f"{load:.1f}. Versions: {quick}; each benchmark's command, time and load are listed below the table.",
+             "",
              "| benchmark | figure | value | peer, ratio | goal |", "|---|---|---|---|---|"]
     for name in [b.name for b in BENCHES]:
         rec = records.get(name)
@@ -372,7 +372,6 @@ def main() -> None:
                     records[b.name] = rec
             except json.JSONDecodeError:
                 pass
-    quick = args.quick or any(r.get("quick") for r in records.values())
     if not args.render_only:
         for b in BENCHES:
             if args.only and b.name not in args.only:
@@ -382,7 +381,8 @@ def main() -> None:
             if rec["figures"] is None:  # keep the failure visible in results/ too
                 (RESULTS / f"{b.name}.json").write_text(json.dumps(rec, indent=2))
     plots = plot(records)
-    render(records, plots, quick)
+    kinds = {bool(r.get("quick")) for r in records.values() if r.get("command")}
+    render(records, plots, "quick and full" if len(kinds) > 1 else "quick" if True in kinds else "full")
     print(f"\nwrote {README} and {', '.join(plots) or 'no plots'} in {RESULTS}")
     failed = [n for n, r in records.items() if not str(r["status"]).startswith("ok") and r["status"] != "missing"]
     if failed:
