@@ -166,6 +166,14 @@ def test_unreachable_capture_store_costs_no_request(serving_models, fashion_embe
         assert statistics.median(down) < statistics.median(healthy) + 0.1, (statistics.median(healthy),
                                                                            statistics.median(down))
         assert max(down) < 3.0
+        # While the store is down, TorchServe's Prometheus endpoint already counts the drops.
+        deadline, exported = time.monotonic() + 30, 0.0
+        while time.monotonic() < deadline and exported < 50:
+            _timed(client, serving_models.name, images[2])
+            exported = sum(float(line.rsplit(" ", 1)[1]) for line in client.metrics().splitlines()
+                           if line.startswith("FlywheelCaptureDropped{"))
+            time.sleep(0.5)
+        assert exported >= 50, exported
         emu.start()  # back: the writer reports what it had to drop
         _timed(client, serving_models.name, images[0])
         deadline = time.monotonic() + 60

@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "flywheel_manifest.json"
 LATENCY_METRIC = "FlywheelInferenceLatency"
 CONFIDENCE_METRIC = "FlywheelPredictionConfidence"
+CAPTURE_DROPPED_METRIC = "FlywheelCaptureDropped"  # captures lost (queue full, store failing)
+CAPTURE_WRITTEN_METRIC = "FlywheelCaptureWritten"
 
 
 class RequestError(Exception):
@@ -125,6 +127,7 @@ class FlywheelHandler(BaseHandler):
         self.model_label = self.fw_manifest["model_name"]
         self.version = str(self.fw_manifest["model_version"])
         self.capture = None
+        self._capture_reported: dict[str, int] = {}
         uri = os.environ.get("FLYWHEEL_CAPTURE_URI") or cfg.get("capture_uri")
         if uri:
             if _capture is None:
@@ -287,7 +290,20 @@ class FlywheelHandler(BaseHandler):
                 out.append(json.dumps(preds[0]))
             else:
                 out.append(json.dumps({"model": self.model_label, "version": self.version, "predictions": preds}))
+        self._capture_metrics()
         return out
+
+    def _capture_metrics(self) -> None:
+        """Publish the capture writer's new drops/writes as counters, so a failing store shows up in
+        Prometheus at once rather than when the writer's own stats reach the store again."""
+        if getattr(self, "capture", None) is None:
+            return
+        stats = self.capture.stats()
+        for name, key in ((CAPTURE_DROPPED_METRIC, "dropped"), (CAPTURE_WRITTEN_METRIC, "written")):
+            delta = stats[key] - self._capture_reported.get(key, 0)
+            if delta > 0:
+                self._metric(name, float(delta), "count", MetricTypes.COUNTER)
+                self._capture_reported[key] = stats[key]
 
     def _respond(self, idx: int, code: int) -> None:
         if self.context is None:
