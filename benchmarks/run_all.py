@@ -7,8 +7,8 @@ else its `BENCH_JSON {...}` last line, else its printed table (tracking_throughp
 and the full log of each script land in benchmarks/results/<name>.{json,log}; a script that fails
 or is missing is reported as such in the table, never filled in.
 
-    .venv/bin/python benchmarks/run_all.py                  # full versions (~30-60 min on 2 cores)
-    .venv/bin/python benchmarks/run_all.py --quick          # short versions of each (~10-15 min)
+    .venv/bin/python benchmarks/run_all.py                  # full versions (each script's defaults)
+    .venv/bin/python benchmarks/run_all.py --quick          # short versions of each
     .venv/bin/python benchmarks/run_all.py --only serving loop_timing
     .venv/bin/python benchmarks/run_all.py --render-only    # rebuild README + plots from results/*.json
 """
