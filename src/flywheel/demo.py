@@ -450,6 +450,8 @@ def _print_report(cfg: DemoConfig, timeline: Timeline, result: dict, console) ->
         console.print(f"  TorchServe {env}: {url}/predictions/{cfg.model_name}[/VERSION] "
                       f"(Bearer token: inference key in {result['key_files'][env]})", markup=False)
     console.print(f"  logs and captures: {cfg.work_dir}")
+    if not cfg.keep:
+        console.print("every server the demo started is stopped now; `make demo KEEP=1` leaves them running")
     if cfg.keep:
         console.print("[bold]left running (KEEP=1); stop with:")
         for cmd in result.get("stop_commands", []):
