@@ -40,7 +40,7 @@ test-reliability: $(STAMP)
 	$(PY) -m pytest -q -m reliability tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -20,7 +20,6 @@ from flywheel.preprocessing import InvalidImage, PreprocessSpec, decode_image, e
 from flywheel.project import split_nproc, translate
 
 
-
 def test_digest_is_content_stable_and_seed_sensitive():
     a, b = load_splits("digits", seed=0), load_splits("digits", seed=0)
     assert a.digest == b.digest and len(a.digest) == 64

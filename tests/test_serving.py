@@ -330,3 +330,18 @@ def test_predict_cli_over_a_folder(torchserve_server, tmp_path):
     broken = next(r for r in lines if r["file"].endswith("broken.png"))
     assert broken["status"] == 400 and "image" in broken["error"]
     assert all(r["status"] == 200 and r["version"] == srv.version for r in lines if r is not broken)
+
+
+def test_client_with_a_stale_key_rereads_the_key_file(torchserve_server):
+    """TorchServe answers a wrong token with 400 InvalidKeyException; the client re-reads key_file.json."""
+    from flywheel.serve import TorchServeClient
+
+    srv = torchserve_server
+    png = _png(_fashion_test().images[0])
+    stale = TorchServeClient(srv.inference_url, inference_key="not-the-key")
+    rejected = stale.predict(srv.model, png)
+    assert rejected.status_code in (400, 401) and "InvalidKeyException" in rejected.text
+    recovering = TorchServeClient(srv.inference_url, inference_key="not-the-key", key_file=srv.server.key_file)
+    r = recovering.predict(srv.model, png)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == srv.version

@@ -186,7 +186,8 @@ def stack_up(
     """Start Postgres, the GCS emulator and the MLflow server with auth on 127.0.0.1."""
     from flywheel.config import Settings
     from flywheel.errors import FlywheelError
-    from flywheel.stack import StackConfig, stack_up as up
+    from flywheel.stack import StackConfig
+    from flywheel.stack import stack_up as up
 
     settings = Settings.from_env()
     if embedded:
@@ -208,7 +209,8 @@ def stack_up(
 def stack_down(state_dir: StackDirOpt = None) -> None:
     """Stop what `stack up` started (by PID); data stays unless it was --throwaway."""
     from flywheel.config import Settings
-    from flywheel.stack import StackConfig, stack_down as down
+    from flywheel.stack import StackConfig
+    from flywheel.stack import stack_down as down
 
     cfg = StackConfig.from_settings(Settings.from_env(), state_dir=state_dir)
     stopped = down(cfg.state_dir)
@@ -219,7 +221,8 @@ def stack_down(state_dir: StackDirOpt = None) -> None:
 def stack_status(state_dir: StackDirOpt = None) -> None:
     """Show each part of the stack: running (pid) and answering, or stopped. Exit 1 if any is down."""
     from flywheel.config import Settings
-    from flywheel.stack import StackConfig, StackState, stack_status as status
+    from flywheel.stack import StackConfig, StackState
+    from flywheel.stack import stack_status as status
 
     cfg = StackConfig.from_settings(Settings.from_env(), state_dir=state_dir)
     parts = status(cfg.state_dir)
@@ -402,7 +405,13 @@ def release(
 ) -> None:
     """Release a registry version to a TorchServe: register, accept, switch, retire; roll back on failure."""
     from flywheel.errors import FlywheelError
-    from flywheel.release import AcceptanceConfig, DockerTarget, ManagementTarget, docker_release, release_version
+    from flywheel.release import (
+        AcceptanceConfig,
+        DockerTarget,
+        ManagementTarget,
+        docker_release,
+        release_version,
+    )
 
     settings = _settings(tracking_uri, model, data_dir)
     accept = AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms)

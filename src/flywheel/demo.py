@@ -98,7 +98,7 @@ class TrafficClient(threading.Thread):
 
     def set_source(self, images: list[bytes], labels: np.ndarray, shifted: bool) -> None:
         with self._lock:
-            self._source = list(zip(images, labels.tolist()))
+            self._source = list(zip(images, labels.tolist(), strict=True))
             self.shifted = shifted
 
     def run(self) -> None:

@@ -54,7 +54,7 @@ def evaluate_model(model: FlywheelNet, spec: ModelSpec, split: Split, model_uri:
     precision, recall, f1, support = precision_recall_fscore_support(
         split.labels, pred, labels=labels, zero_division=0)
     per_class = {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                 for name, p, r, f, s in zip(spec.class_names, precision, recall, f1, support)}
+                 for name, p, r, f, s in zip(spec.class_names, precision, recall, f1, support, strict=True)}
     return EvalReport(model_uri=model_uri, dataset=dataset, n=len(split),
                       accuracy=float((pred == split.labels).mean()),
                       macro_f1=float(f1_score(split.labels, pred, labels=labels, average="macro", zero_division=0)),

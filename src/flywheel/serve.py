@@ -219,13 +219,14 @@ class TorchServeClient:
 
     def _call(self, kind: str, method: str, url: str, **kwargs):
         kwargs.setdefault("timeout", self.timeout)
+        extra_headers = dict(kwargs.pop("headers", None) or {})
         for attempt in (0, 1):
-            key = self._key(kind, reload=attempt == 1)
-            headers = dict(kwargs.pop("headers", None) or {})
+            key = self._key(kind, reload=attempt == 1)  # a rejected key: re-read the (rotated) key file
+            headers = dict(extra_headers)
             if key:
                 headers["Authorization"] = f"Bearer {key}"
             r = self.session.request(method, url, headers=headers, **kwargs)
-            if r.status_code != 401 or self.key_file is None:
+            if not _token_rejected(r) or self.key_file is None:
                 return r
         return r
 
@@ -301,6 +302,11 @@ class TorchServeClient:
         if not self.metrics_url:
             raise FlywheelError("no metrics URL given")
         return self._call("management", "GET", f"{self.metrics_url}/metrics").text
+
+
+def _token_rejected(r) -> bool:
+    """TorchServe 0.12 answers a wrong or expired token with 400 InvalidKeyException, not 401."""
+    return r.status_code == 401 or (r.status_code == 400 and "InvalidKeyException" in r.text)
 
 
 def read_keys(key_file: Path) -> dict[str, str]:
