@@ -6,7 +6,7 @@ alternating "on" and "off" `--repeats` times so both see the same machine state:
 * on:  `flywheel.train.run_training` itself (register=False): the run is created, params/tags and the
   dataset input are logged, system metrics are sampled by MLflow's background thread, each epoch's
   metrics go through `RunLogger`, and the model + reference artifacts are logged at the end.
-* off: the same loop built from the same flywheel functions (`load_splits`, `to_tensor`,
+* off: the same loop built from the same flywheel functions (`load_splits`, `training_tensors`,
   `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train._val_metrics`) with no MLflow
   call at all. `run_training` has no logging switch today, so this plain loop is the "off" side.
 
@@ -48,26 +48,19 @@ from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own direct
 # ------------------------------------------------------------------------------------ workers
 def _plain_loop(args) -> dict:
     """The training loop of flywheel.train._train, minus every MLflow call."""
-    import numpy as np
     import torch
     from torch import nn
 
     from flywheel.config import Settings
     from flywheel.data import load_splits
     from flywheel.models import ModelSpec, build_model
-    from flywheel.preprocessing import to_tensor
-    from flywheel.train import _progress, _val_metrics, seed_everything
+    from flywheel.train import _progress, _val_metrics, seed_everything, training_tensors
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env()
     splits = load_splits(args.dataset, settings.data_dir, args.seed)
     seed_everything(args.seed)
-    x_all, y_all = splits.train.images, splits.train.labels
-    if args.samples:
-        pick = np.random.default_rng(args.seed).permutation(len(y_all))[:args.samples]
-        x_all, y_all = x_all[np.sort(pick)], y_all[np.sort(pick)]
-    spec = ModelSpec(args.model, splits.class_names, splits.preprocess, 0)
-    x_train, y_train = to_tensor(x_all, spec.preprocess), torch.from_numpy(y_all)
+    x_train, y_train = training_tensors(splits, args.seed, args.samples)
     model = build_model(args.model, len(splits.class_names)).to(memory_format=torch.channels_last)
     spec = ModelSpec(args.model, splits.class_names, splits.preprocess, model.embedding_dim)
     steps = max(1, len(y_train) // args.batch_size)

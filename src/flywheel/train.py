@@ -147,21 +147,25 @@ def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
             dist.destroy_process_group()
 
 
+def training_tensors(splits: Splits, seed: int, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split preprocessed once (it fits in memory), optionally a seeded subset."""
+    from flywheel.preprocessing import to_tensor
+
+    x_all, y_all = splits.train.images, splits.train.labels
+    if max_samples:
+        pick = np.sort(np.random.default_rng(seed).permutation(len(y_all))[:max_samples])
+        x_all, y_all = x_all[pick], y_all[pick]
+    return to_tensor(x_all, splits.preprocess), torch.from_numpy(y_all)
+
+
 def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.device,
            ctx: DistContext) -> TrainResult | None:
     import mlflow
 
-    from flywheel.preprocessing import to_tensor
     from flywheel.tracking import RunLogger, active_run_id, ensure_experiment
 
     seed_everything(cfg.seed)
-    x_all, y_all = splits.train.images, splits.train.labels
-    if cfg.max_train_samples:
-        pick = np.random.default_rng(cfg.seed).permutation(len(y_all))[:cfg.max_train_samples]
-        x_all, y_all = x_all[np.sort(pick)], y_all[np.sort(pick)]
-    spec = ModelSpec(cfg.model, splits.class_names, splits.preprocess, 0)
-    x_train = to_tensor(x_all, spec.preprocess)  # preprocess once: the dataset fits in memory
-    y_train = torch.from_numpy(y_all)
+    x_train, y_train = training_tensors(splits, cfg.seed, cfg.max_train_samples)
     model = build_model(cfg.model, len(splits.class_names)).to(device)
     spec = ModelSpec(cfg.model, splits.class_names, splits.preprocess, model.embedding_dim)
     if device.type == "cpu":
