@@ -90,8 +90,10 @@ def main() -> None:
             servers[name] = start_torchserve(ServeConfig.local(work / f"ts-{name}", store))
         from flywheel.data import load_splits
         from flywheel.preprocessing import encode_png
+        from flywheel.tracking import ensure_experiment
 
         probe = encode_png(load_splits(args.dataset, seed=0).test.images[0])  # before the clock starts
+        ensure_experiment(settings)  # artifacts under the benchmark's own FLYWHEEL_HOME, not ./mlruns
         print(f"push → served: {args.dataset}, {args.epochs} epoch(s), "
               f"{args.samples or 'all'} training images; logs in {logs}", flush=True)
         t_push = time.perf_counter()

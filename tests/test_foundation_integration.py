@@ -30,8 +30,11 @@ def test_mlflow_run_train_entry_point_logs_everything(tmp_path):
     out = subprocess.run([str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
                           "--experiment-name", "flywheel", "-P", "dataset=digits", "-P", "epochs=2",
                           "-P", "batch_size=32", "-P", "lr=0.005"],
-                         env=_env(home, FLYWHEEL_MODEL_NAME="digits-mlproject"), capture_output=True, text=True,
-                         timeout=600)
+                         env=_env(home, FLYWHEEL_MODEL_NAME="digits-mlproject",
+                                  # sample system metrics every second: a digits run is over in seconds
+                                  MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+                                  MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1"), capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)  # MLflow's default artifact root is ./mlruns
     assert out.returncode == 0, out.stderr[-3000:]
     Settings.from_env(tracking_uri=f"sqlite:///{home / 'mlflow.db'}").apply()
     client = mlflow.MlflowClient()

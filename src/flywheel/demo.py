@@ -144,6 +144,9 @@ def _mlflow_run(settings: Settings, log: Path, **params: object) -> None:
     """`mlflow run <project> -e train` exactly as a training node runs it, logging to `settings`."""
     if not (PROJECT_DIR / "MLproject").is_file():
         raise FlywheelError(f"no MLproject in {PROJECT_DIR}: run the demo from a checkout of the repo")
+    from flywheel.tracking import ensure_experiment
+
+    ensure_experiment(settings)  # created here, an embedded store keeps its artifacts in the demo's dir
     venv_bin = Path(sys.executable).parent
     cmd = [str(venv_bin / "mlflow"), "run", str(PROJECT_DIR), "-e", "train", "--env-manager", "local",
            "--experiment-name", settings.experiment]
