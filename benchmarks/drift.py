@@ -1,7 +1,8 @@
 """Drift detector benchmark: false alarms, detection under partial contamination, delay, compute time.
 
 Compares, on the same embeddings and the very same windows:
-  flywheel  - flywheel.drift.EmbeddingDriftDetector (cosine kNN tail count, Beta-Binomial calibrated)
+  flywheel  - flywheel.drift.CombinedDriftDetector, what the monitor runs: cosine kNN tail count
+              (Beta-Binomial calibrated) and KS+Bonferroni, Bonferroni over the two
   ks-bonf   - plain KS per whitened PCA component (16) + Bonferroni (the baseline the issue names)
   evidently - Evidently's EmbeddingsDrift default (classifier method), run in a separate venv because it
               needs pandas<3 (benchmark-only; skipped with a note when it cannot be installed)
@@ -165,7 +166,7 @@ def detection_delay(detector_cls, emb, shift, rng, window, frac, alpha, runs=50,
 
 
 def main() -> None:
-    from flywheel.drift import EmbeddingDriftDetector, KSBonferroni
+    from flywheel.drift import CombinedDriftDetector, KSBonferroni
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-uri")
@@ -188,7 +189,7 @@ def main() -> None:
             for k, v in emb.items():
                 np.save(args.cache / f"{k}.npy", v)
     ev_py = evidently_python(args.install_evidently)
-    detectors = {"flywheel": EmbeddingDriftDetector, "ks-bonf": lambda: KSBonferroni(16)}
+    detectors = {"flywheel": CombinedDriftDetector, "ks-bonf": lambda: KSBonferroni(16)}
     print(f"embeddings: reference pool {emb['val'].shape}, clean {emb['test'].shape}, shift {args.shift} "
           f"{emb[args.shift].shape}; alpha={args.alpha}, {args.trials} trials per row")
     if isinstance(ev_py, str):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel.drift import EmbeddingDriftDetector, KSBonferroni, combine_p_values, prediction_drift
+from flywheel.drift import (
+    CombinedDriftDetector,
+    EmbeddingDriftDetector,
+    KSBonferroni,
+    combine_p_values,
+    prediction_drift,
+)
 
 ALPHA = 0.01
 
@@ -15,8 +21,9 @@ def _windows(rng, pool, n, size):
 
 
 @pytest.mark.integration
-def test_clean_windows_rarely_alarm(fashion_embeddings):
-    det = EmbeddingDriftDetector().fit(fashion_embeddings.reference)
+@pytest.mark.parametrize("detector", [CombinedDriftDetector, EmbeddingDriftDetector])
+def test_clean_windows_rarely_alarm(fashion_embeddings, detector):
+    det = detector().fit(fashion_embeddings.reference)
     rng = np.random.default_rng(0)
     p = [det.test(w).p_value for w in _windows(rng, fashion_embeddings.clean, 200, 100)]
     # Expected 2 of 200 at alpha=0.01; 6 would be p<0.02 under a correct level.
@@ -26,7 +33,7 @@ def test_clean_windows_rarely_alarm(fashion_embeddings):
 @pytest.mark.integration
 @pytest.mark.parametrize("shift", ["invert", "rotate"])
 def test_partial_contamination_detected(fashion_embeddings, shift):
-    det = EmbeddingDriftDetector().fit(fashion_embeddings.reference)
+    det = CombinedDriftDetector().fit(fashion_embeddings.reference)  # what the monitor runs
     base = KSBonferroni(16).fit(fashion_embeddings.reference)
     rng = np.random.default_rng(1)
     hits = base_hits = 0

@@ -133,6 +133,29 @@ class KSBonferroni:
         return TestResult(combine_p_values(ps), float(min(ps)), {"min_p": float(min(ps))})
 
 
+class CombinedDriftDetector:
+    """The monitor's embedding test: kNN-tail count and KS+Bonferroni, Bonferroni over the two.
+
+    Each catches what the other misses: the tail count sees a minority of off-manifold samples when
+    the embeddings separate them well; KS on whitened PCA components sees a coherent shift of the
+    whole window when they don't (measured in benchmarks/drift.py on a weaker embedding model: KS 53%
+    vs kNN-tail 31% at 20% contamination). The union stays valid at alpha under any dependence."""
+
+    def __init__(self, k: int = 3, quantile: float = 0.9, dims: int = 16, seed: int = 0):
+        self.knn = EmbeddingDriftDetector(k=k, quantile=quantile, seed=seed)
+        self.ks = KSBonferroni(dims)
+
+    def fit(self, reference: np.ndarray, classes: np.ndarray | None = None) -> CombinedDriftDetector:
+        self.knn.fit(reference)
+        self.ks.fit(reference)
+        return self
+
+    def test(self, window: np.ndarray) -> TestResult:
+        knn, ks = self.knn.test(window), self.ks.test(window)
+        return TestResult(combine_p_values([knn.p_value, ks.p_value]), knn.statistic,
+                          {**knn.details, "p_knn_tail": knn.p_value, "p_ks": ks.p_value})
+
+
 # ---------------------------------------------------------------------------------------- predictions
 def prediction_drift(counts: np.ndarray, reference_counts: np.ndarray, min_expected: float = 5.0) -> TestResult:
     """Chi-square test of homogeneity: window class counts vs the reference's predicted-class counts."""
