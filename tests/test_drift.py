@@ -64,6 +64,19 @@ def test_detector_rejects_bad_input():
         EmbeddingDriftDetector().fit(rng.normal(size=(5, 8)))
 
 
+def test_vectorised_ks_matches_scipy():
+    from scipy import stats
+
+    from flywheel.drift import ks_2samp_columns
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(1000, 4))
+    window = rng.normal(size=(100, 4)) + np.array([0.0, 0.1, 0.3, 1.0])
+    ours = ks_2samp_columns(np.sort(ref, axis=0), window)
+    theirs = [stats.ks_2samp(ref[:, j], window[:, j]).pvalue for j in range(4)]
+    np.testing.assert_allclose(ours, theirs, atol=0.02)
+
+
 def test_prediction_drift_chi_square():
     ref = np.array([100] * 10)
     assert prediction_drift(np.array([10] * 10), ref).p_value > 0.5
