@@ -19,10 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flywheel.data import IMAGE_SUFFIXES
+from flywheel.data import class_folder as class_dir  # the layout `flywheel train --extra-data` reads
 from flywheel.errors import FlywheelError
 
 MANIFEST = "snapshot.json"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,6 @@ class Snapshot:
     per_class: dict
     created: str
     new: bool = True  # False when the content equalled the latest snapshot's
-
-
-def class_dir(name: str) -> str:
-    """Folder name for a class; '/' (as in 'T-shirt/top') cannot be part of one."""
-    return name.replace("/", "_")
 
 
 def latest_snapshot(root: Path, model: str | None = None) -> Snapshot | None:
