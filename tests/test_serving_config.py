@@ -121,3 +121,32 @@ def test_good_requests_decode(handler):
     assert not single and k == 1 and len(images) == 2
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
     assert handler._decode_request({"body": {"image": data_url}})[1]
+
+
+def test_logging_config_writes_each_line_once_and_no_request_chatter(tmp_path):
+    """TorchServe's built-in log4j2 logs org.pytorch.serve at DEBUG into ts_log twice (its own logger
+    plus the root's appenders); ours: every named logger non-additive, nothing below INFO, the
+    per-request/per-batch loggers at WARN, and both the shipped and the rendered config use it."""
+    import xml.etree.ElementTree as ET
+
+    from flywheel.serve import ServeConfig, render_properties
+
+    root = ET.parse(DEPLOY / "log4j2.xml").getroot()
+    loggers = {el.get("name"): el for el in root.find("Loggers") if el.tag == "Logger"}
+    appenders = {el.get("name") for el in root.find("Appenders")}
+    for name, el in loggers.items():
+        assert el.get("level").lower() in ("info", "warn", "error", "off"), name
+        refs = [r.get("ref") for r in el.findall("AppenderRef")]
+        assert set(refs) <= appenders, name
+        if refs:
+            assert el.get("additivity") == "false", f"{name} would log its lines twice"
+    for chatty in ("org.pytorch.serve.wlm.BatchAggregator", "org.pytorch.serve.job",
+                   "org.pytorch.serve.wlm.WorkerThread", "org.pytorch.serve.wlm.WorkerLifeCycle"):
+        assert loggers[chatty].get("level") == "warn"
+    assert loggers["ACCESS_LOG"].get("level") == "info"  # one line per request stays
+    deploy = _props((DEPLOY / "config.properties").read_text())
+    assert "-Dlog4j.configurationFile=/opt/flywheel/log4j2.xml" in deploy["vmargs"]
+    rendered = _props(render_properties(ServeConfig.local(tmp_path / "w", tmp_path / "s")))
+    assert f"-Dlog4j.configurationFile={DEPLOY / 'log4j2.xml'}" in rendered["vmargs"]
+    assert rendered["async_logging"] == deploy["async_logging"] == "true"
+    assert "log4j2.xml" in (DEPLOY / "Dockerfile").read_text()

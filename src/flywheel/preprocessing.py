@@ -99,13 +99,22 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def to_tensor(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> torch.Tensor:
-    """uint8 images (N, H, W) → normalised float32 tensor (N, 1, size, size)."""
+def to_array(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """uint8 images (N, H, W) → normalised float32 array (N, 1, size, size), numpy only.
+
+    The serving path (ONNX Runtime) uses this directly: a torch op there wakes torch's intra-op
+    thread pool, whose spinning threads cost the worker more CPU than the model itself."""
     images = np.asarray(images, dtype=np.uint8)
     if images.ndim == 2:
         images = images[None]
-    images = resize(images, spec.image_size)
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(torch.float32).div_(255.0)  # copy: inputs may be read-only
+    x = resize(images, spec.image_size).astype(np.float32) / np.float32(255.0)
     if spec.invert:
-        x = 1.0 - x
-    return x.sub_(spec.mean).div_(spec.std).unsqueeze(1)
+        x = np.float32(1.0) - x
+    x -= np.float32(spec.mean)
+    x /= np.float32(spec.std)
+    return x[:, None]
+
+
+def to_tensor(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> torch.Tensor:
+    """uint8 images (N, H, W) → normalised float32 tensor (N, 1, size, size): `to_array` as a tensor."""
+    return torch.from_numpy(to_array(images, spec))

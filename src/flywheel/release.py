@@ -343,7 +343,8 @@ def build_context(mar_paths: list[Path], dest: Path) -> Path:
     from flywheel.serve import REPO_DEPLOY
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Dockerfile", "config.properties", "metrics.yaml", "healthcheck.py", "requirements-serving.txt"):
+    for name in ("Dockerfile", "config.properties", "metrics.yaml", "log4j2.xml", "healthcheck.py",
+                 "requirements-serving.txt"):
         shutil.copy(REPO_DEPLOY / name, dest / name)
     (dest / "model-store").mkdir(exist_ok=True)
     for mar in mar_paths:

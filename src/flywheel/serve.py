@@ -86,7 +86,9 @@ def render_properties(cfg: ServeConfig, metrics_config: Path | None = None) -> s
         "initial_worker_port": cfg.worker_port_base,
         "default_workers_per_model": 1,
         "install_py_dep_per_model": "false",
-        "vmargs": "-Xmx1g -XX:+ExitOnOutOfMemoryError",
+        # deploy/serving/log4j2.xml: each line once, no per-request chatter; see config.properties.
+        "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Dlog4j.configurationFile={REPO_DEPLOY / 'log4j2.xml'}",
+        "async_logging": "true",
         **cfg.extra,
     }
     return "".join(f"{k}={v}\n" for k, v in props.items())

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "flywheel_manifest.json"
 LATENCY_METRIC = "FlywheelInferenceLatency"
 CONFIDENCE_METRIC = "FlywheelPredictionConfidence"
+# Each backend metric value is a log line the Java frontend parses: one per prediction cost the
+# worker more than the model at 16 clients. The histogram gets a uniform random sample of at most
+# this many predictions per batch: its shape is unbiased; counts come from TorchServe's request metrics.
+CONFIDENCE_SAMPLES_PER_BATCH = 4
 CAPTURE_DROPPED_METRIC = "FlywheelCaptureDropped"  # captures lost (queue full, store failing)
 CAPTURE_WRITTEN_METRIC = "FlywheelCaptureWritten"
 
@@ -82,7 +86,7 @@ class _Batch:
 
     images: list = field(default_factory=list)  # decoded uint8 (S, S) arrays, all requests
     slices: list = field(default_factory=list)  # per request: (start, stop, single, top_k) or RequestError
-    tensor: torch.Tensor | None = None
+    inputs: np.ndarray | None = None  # normalised float32 (N, 1, S, S), the model's input
 
 
 def _image_bytes_from_b64(value, where: str) -> bytes:
@@ -94,6 +98,11 @@ def _image_bytes_from_b64(value, where: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, f"{where} is not valid base64") from None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 class FlywheelHandler(BaseHandler):
@@ -117,9 +126,13 @@ class FlywheelHandler(BaseHandler):
         else:
             super().initialize(context)  # .pt → torch.jit.load, .onnx → onnxruntime session
         cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        threads = int(os.environ.get("FLYWHEEL_ORT_THREADS") or cfg.get("ort_threads", 1))
+        if getattr(self, "map_location", "cpu") != "cuda":
+            # Workers share the box with the Java frontend and each other: torch's default pool (one
+            # spinning thread per core) burnt more CPU than the model (measured in benchmarks/serving.py).
+            torch.set_num_threads(threads)
         if self.format == "onnx":
-            self.model = self._ort_session(path, int(os.environ.get("FLYWHEEL_ORT_THREADS") or
-                                                     cfg.get("ort_threads", 1)))
+            self.model = self._ort_session(path, threads)
         self.class_names = list(self.fw_manifest["class_names"])
         self.spec = _pp.PreprocessSpec.from_dict(self.fw_manifest["preprocess"])
         self.top_k = int(os.environ.get("FLYWHEEL_TOP_K") or cfg.get("top_k", 3))
@@ -236,24 +249,25 @@ class FlywheelHandler(BaseHandler):
             batch.images.extend(images)
             batch.slices.append((start, len(batch.images), single, top_k))
         if batch.images:
-            batch.tensor = _pp.to_tensor(np.stack(batch.images), self.spec)
+            batch.inputs = _pp.to_array(np.stack(batch.images), self.spec)
         return batch
 
     # -------------------------------------------------------------------------------- inference
     def inference(self, batch, *args, **kwargs):
-        if batch.tensor is None:
+        if batch.inputs is None:
             return batch, None, None
         start = time.perf_counter()
-        with torch.inference_mode():
-            if self.format == "onnx":
-                logits, emb = self.model.run(None, {self.model.get_inputs()[0].name: batch.tensor.numpy()})
-                logits, emb = torch.from_numpy(logits), torch.from_numpy(emb)
-            elif self.format == "tensorrt":
-                logits, emb = self._run_tensorrt(batch.tensor)
-            else:
-                logits, emb = self.model(batch.tensor.to(self.device))
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            emb = emb.float().cpu().numpy()
+        if self.format == "onnx":  # numpy in, numpy out: no torch op on the hot path
+            logits, emb = self.model.run(None, {self.model.get_inputs()[0].name: batch.inputs})
+        else:
+            with torch.inference_mode():
+                x = torch.from_numpy(batch.inputs)
+                if self.format == "tensorrt":
+                    logits, emb = self._run_tensorrt(x)
+                else:
+                    logits, emb = self.model(x.to(self.device))
+                logits, emb = logits.float().cpu().numpy(), emb.float().cpu().numpy()
+        probs = _softmax(logits.astype(np.float32, copy=False))
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         self._metric(LATENCY_METRIC, elapsed_ms, "ms")
         return batch, probs, emb
@@ -290,8 +304,18 @@ class FlywheelHandler(BaseHandler):
                 out.append(json.dumps(preds[0]))
             else:
                 out.append(json.dumps({"model": self.model_label, "version": self.version, "predictions": preds}))
+        self._confidence_metrics(probs)
         self._capture_metrics()
         return out
+
+    def _confidence_metrics(self, probs: np.ndarray | None) -> None:
+        if probs is None or not len(probs):
+            return
+        top1 = probs.max(axis=1)
+        if len(top1) > CONFIDENCE_SAMPLES_PER_BATCH:
+            top1 = np.random.default_rng().choice(top1, CONFIDENCE_SAMPLES_PER_BATCH, replace=False)
+        for value in top1:
+            self._metric(CONFIDENCE_METRIC, float(value), "ratio", MetricTypes.HISTOGRAM)
 
     def _capture_metrics(self) -> None:
         """Publish the capture writer's new drops/writes as counters, so a failing store shows up in
@@ -325,7 +349,6 @@ class FlywheelHandler(BaseHandler):
             "top_k": [{"label": self.class_names[i], "index": int(i), "probability": float(probs[i])}
                       for i in order],
         }
-        self._metric(CONFIDENCE_METRIC, float(probs[best]), "ratio", MetricTypes.HISTOGRAM)
         if self.capture is not None:
             record = dict(pred, ts=time.time(), image_png=_pp.encode_png(image), embedding=emb,
                           probs=probs.tolist())
