@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from flywheel.drift import (
-    CombinedDriftDetector,
-    EmbeddingDriftDetector,
     KSBonferroni,
+    NoveltyDriftDetector,
     combine_p_values,
     prediction_drift,
 )
@@ -21,9 +20,8 @@ def _windows(rng, pool, n, size):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("detector", [CombinedDriftDetector, EmbeddingDriftDetector])
-def test_clean_windows_rarely_alarm(fashion_embeddings, detector):
-    det = detector().fit(fashion_embeddings.reference)
+def test_clean_windows_rarely_alarm(fashion_embeddings):
+    det = NoveltyDriftDetector().fit(fashion_embeddings.reference)
     rng = np.random.default_rng(0)
     p = [det.test(w).p_value for w in _windows(rng, fashion_embeddings.clean, 200, 100)]
     # Expected 2 of 200 at alpha=0.01; 6 would be p<0.02 under a correct level.
@@ -33,7 +31,7 @@ def test_clean_windows_rarely_alarm(fashion_embeddings, detector):
 @pytest.mark.integration
 @pytest.mark.parametrize("shift", ["invert", "rotate"])
 def test_partial_contamination_detected(fashion_embeddings, shift):
-    det = CombinedDriftDetector().fit(fashion_embeddings.reference)  # what the monitor runs
+    det = NoveltyDriftDetector().fit(fashion_embeddings.reference)  # what the monitor runs
     base = KSBonferroni(16).fit(fashion_embeddings.reference)
     rng = np.random.default_rng(1)
     hits = base_hits = 0
@@ -51,17 +49,33 @@ def test_partial_contamination_detected(fashion_embeddings, shift):
 
 @pytest.mark.integration
 def test_fully_shifted_small_window(fashion_embeddings):
-    det = EmbeddingDriftDetector().fit(fashion_embeddings.reference)
-    assert det.test(fashion_embeddings.shifted["invert"][:20]).p_value < 1e-6
+    det = NoveltyDriftDetector().fit(fashion_embeddings.reference)
+    # the smallest p-value the rank null's simulations can give, times the two channels
+    assert det.test(fashion_embeddings.shifted["invert"][:20]).p_value <= 2 / (det.simulations + 1)
 
 
 def test_detector_rejects_bad_input():
     rng = np.random.default_rng(0)
-    det = EmbeddingDriftDetector().fit(rng.normal(size=(200, 8)))
+    det = NoveltyDriftDetector().fit(rng.normal(size=(200, 8)))
     with pytest.raises(ValueError, match="window must be"):
         det.test(rng.normal(size=(10, 9)))
     with pytest.raises(ValueError, match="reference must be"):
-        EmbeddingDriftDetector().fit(rng.normal(size=(5, 8)))
+        NoveltyDriftDetector().fit(rng.normal(size=(5, 8)))
+
+
+def test_rank_null_holds_its_level_on_exchangeable_data():
+    """Reference and windows from one distribution: p-values are valid (false alarms <= alpha) over
+    many references, and a window whose samples are all beyond the reference is at the floor."""
+    rng = np.random.default_rng(0)
+    p = []
+    for _ in range(60):
+        det = NoveltyDriftDetector(simulations=4000).fit(np.abs(rng.normal(size=(400, 8))) + 0.1)
+        p += [det.test(np.abs(rng.normal(size=(50, 8))) + 0.1).p_value for _ in range(10)]
+    p = np.asarray(p)
+    # 600 windows: expected <= 6 below 0.01 and <= 60 below 0.1 (Bonferroni makes it conservative)
+    assert (p < 0.01).sum() <= 14 and (p < 0.1).sum() <= 80, np.sort(p)[:20]
+    far = det.test(0.01 * (np.abs(rng.normal(size=(50, 8))) + 0.1))  # tiny norms: magnitude channel
+    assert far.p_value <= 2 / (det.simulations + 1) and far.details["p_magnitude"] < far.details["p_direction"]
 
 
 def test_vectorised_ks_matches_scipy():

@@ -201,12 +201,12 @@ class Monitor:
         return str(mv.version), mv.run_id
 
     def _prepare(self, version: str, run_id: str) -> None:
-        from flywheel.drift import CombinedDriftDetector
+        from flywheel.drift import NoveltyDriftDetector
 
         if self._detector is not None and self._reference is not None and self._reference.run_id == run_id:
             return
         self._reference = Reference.load(run_id, self.dir / "references")
-        self._detector = CombinedDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
+        self._detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
         if self.state.version != version:
             log.info("monitoring %s@%s = version %s (new reference from run %s)", self.cfg.model, self.cfg.env,
                      version, run_id)

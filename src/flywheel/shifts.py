@@ -1,4 +1,7 @@
-"""Realistic distribution shifts of served images, for the demo, tests and drift benchmarks."""
+"""Realistic distribution shifts of served images, for the demo, tests and drift benchmarks.
+
+The one implementation of every simulated shift (`flywheel.drift.shift_images` delegates here).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-SHIFTS = ("catalogue", "blur-jpeg")
+SHIFTS = ("catalogue", "blur-jpeg", "invert", "rotate", "noise")
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:
@@ -17,21 +20,34 @@ def _jpeg(img: Image.Image, quality: int) -> Image.Image:
     return Image.open(buf).convert("L")
 
 
-def shift_image(image: np.ndarray, kind: str = "catalogue") -> np.ndarray:
+def shift_image(image: np.ndarray, kind: str = "catalogue", rng: np.random.Generator | None = None) -> np.ndarray:
     """One uint8 (H, W) image as a different camera/pipeline would deliver it.
 
     catalogue: product shots on a white background (inverted contrast), slightly soft, JPEG q=50.
-    blur-jpeg: a worn phone camera: Gaussian blur and heavy JPEG compression, same polarity.
+    blur-jpeg: a worn phone camera: Gaussian blur (radius 1.2) and heavy JPEG compression (q=15), same polarity.
+    invert:    inverted contrast only.
+    rotate:    rotated by 30 degrees.
+    noise:     additive Gaussian pixel noise (sigma 40 grey levels); `rng` draws it.
     """
-    img = Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L")
+    arr = np.asarray(image, dtype=np.uint8)
+    if kind == "invert":
+        return 255 - arr
+    if kind == "noise":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        return np.clip(arr + rng.normal(0, 40, arr.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, mode="L")
     if kind == "catalogue":
-        img = _jpeg(Image.fromarray(255 - np.asarray(img)).filter(ImageFilter.GaussianBlur(0.6)), 50)
+        img = _jpeg(Image.fromarray(255 - arr).filter(ImageFilter.GaussianBlur(0.6)), 50)
     elif kind == "blur-jpeg":
         img = _jpeg(img.filter(ImageFilter.GaussianBlur(1.2)), 15)
+    elif kind == "rotate":
+        img = img.rotate(30)
     else:
         raise ValueError(f"unknown shift {kind!r}; choose one of: {', '.join(SHIFTS)}")
     return np.asarray(img, dtype=np.uint8)
 
 
-def shift_images(images: np.ndarray, kind: str = "catalogue") -> np.ndarray:
-    return np.stack([shift_image(img, kind) for img in images])
+def shift_images(images: np.ndarray, kind: str = "catalogue", seed: int = 0) -> np.ndarray:
+    """uint8 (N, H, W) images through `shift_image`; `seed` seeds the noise shift."""
+    rng = np.random.default_rng(seed)
+    return np.stack([shift_image(img, kind, rng) for img in np.asarray(images, dtype=np.uint8)])
