@@ -47,19 +47,33 @@ def predict(model: FlywheelNet, images: np.ndarray, spec: ModelSpec, batch_size:
 
 def evaluate_model(model: FlywheelNet, spec: ModelSpec, split: Split, model_uri: str = "", dataset: str = "",
                    device: str | torch.device = "cpu") -> EvalReport:
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-
     pred = predict(model, split.images, spec, device=device).argmax(axis=1)
-    labels = np.arange(len(spec.class_names))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        split.labels, pred, labels=labels, zero_division=0)
+    confusion = confusion_counts(split.labels, pred, len(spec.class_names))
+    precision, recall, f1, support = per_class_scores(confusion)
     per_class = {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                  for name, p, r, f, s in zip(spec.class_names, precision, recall, f1, support, strict=True)}
     return EvalReport(model_uri=model_uri, dataset=dataset, n=len(split),
-                      accuracy=float((pred == split.labels).mean()),
-                      macro_f1=float(f1_score(split.labels, pred, labels=labels, average="macro", zero_division=0)),
-                      class_names=spec.class_names, per_class=per_class,
-                      confusion=confusion_matrix(split.labels, pred, labels=labels))
+                      accuracy=float((pred == split.labels).mean()), macro_f1=float(f1.mean()),
+                      class_names=spec.class_names, per_class=per_class, confusion=confusion)
+
+
+def confusion_counts(labels: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """confusion[i, j]: images of class i predicted as j (sklearn's confusion_matrix layout)."""
+    return np.bincount(np.asarray(labels, dtype=np.int64) * n_classes + np.asarray(pred, dtype=np.int64),
+                       minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def per_class_scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support per class from a confusion matrix; 0 where undefined
+    (sklearn's precision_recall_fscore_support with zero_division=0, without importing sklearn)."""
+    tp = np.diag(confusion).astype(np.float64)
+    predicted, support = confusion.sum(axis=0), confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        denom = precision + recall
+        f1 = np.where(denom > 0, 2 * precision * recall / denom, 0.0)
+    return precision, recall, f1, support
 
 
 def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0,
