@@ -6,8 +6,9 @@ box, so `mlflow run` stands in for `flywheel remote-train`'s SSH hop, which adds
 
 1. `mlflow run . -e train --env-manager local` of this checkout: trains, logs, gates, registers `candidate`;
 2. `flywheel package --version V`: TorchScript + ONNX export with parity checks, `.mar`;
-3. `flywheel release --version V --env dev`: register on a running dev TorchServe (token auth),
-   acceptance, set-default, alias `dev`;
+3. `flywheel release --version V --env dev --mar <step 2's archive>`: verify the archive (version,
+   run, sha256, recorded parity), register on a running dev TorchServe (token auth), acceptance,
+   set-default, alias `dev` (default grace period: nothing to retire on a fresh server);
 4. a prediction from `/predictions/MODEL` answered by version V.
 
 Then `flywheel release --env prod` to a second TorchServe (push → served in prod). Each step is a
@@ -115,7 +116,8 @@ def main() -> None:
                 fw, "release", "--model", model, "--version", version, "--env", env_name,
                 "--inference-url", srv.cfg.inference_address, "--management-url", srv.cfg.management_address,
                 "--key-file", str(srv.key_file), "--model-store", str(srv.cfg.model_store),
-                "--min-accuracy", str(args.min_accuracy), "--p95-slo-ms", "1000", "--grace", "0"], env, logs, timeline)
+                "--mar", str(work / "mars" / f"{model}-{version}.mar"),
+                "--min-accuracy", str(args.min_accuracy), "--p95-slo-ms", "1000"], env, logs, timeline)
             r = srv.client().predict(model, probe)
             if r.status_code != 200 or str(r.json().get("version")) != version:
                 raise SystemExit(f"{env_name} does not serve v{version}: {r.status_code} {r.text[:200]}")

@@ -390,6 +390,10 @@ def release(
     key_file: KeyFileOpt = None,
     model_store: Annotated[Optional[Path], typer.Option(
         envvar="FLYWHEEL_TS_MODEL_STORE", help="The server's model store directory.")] = None,
+    mar: Annotated[Optional[Path], typer.Option(
+        help="The version's archive from `flywheel package` (verified: version, run, sha256, parity). "
+             "Default: NAME-VERSION.mar in the model store or $FLYWHEEL_HOME/model-store if there and "
+             "valid, else packaged now.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Workers for the new version.")] = 1,
     grace: Annotated[float, typer.Option(min=0, help="Seconds before retired versions are unregistered.")] = 10.0,
     keep_previous: Annotated[int, typer.Option(min=0, help="Earlier versions kept reachable for A/B.")] = 1,
@@ -411,6 +415,7 @@ def release(
         ManagementTarget,
         docker_release,
         release_version,
+        retire_previous,
     )
 
     settings = _settings(tracking_uri, model, data_dir)
@@ -424,7 +429,8 @@ def release(
                 _fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
             ts = ManagementTarget(inference_url, management_url, key_file, model_store, workers=workers,
                                   grace_s=grace, keep_previous=keep_previous)
-            result = release_version(settings, settings.model_name, version, env, ts, accept)
+            result = release_version(settings, settings.model_name, version, env, ts, accept, mar_path=mar,
+                                     retire=False)
         else:
             _fail(f"unknown --target {target!r}; choose torchserve or docker")
     except FlywheelError as exc:
@@ -432,6 +438,12 @@ def release(
     for line in result.events:
         typer.echo(f"  {line}")
     typer.echo(f"released {result.model} v{result.version} to {env} ({result.target})")
+    if target == "torchserve":  # served already; old versions go after the grace period
+        sys.stdout.flush()
+        shown = len(result.events)
+        retire_previous(ts, result)
+        for line in result.events[shown:]:
+            typer.echo(f"  {line}")
 
 
 @app.command()
@@ -609,7 +621,19 @@ def data_feedback(
     typer.echo(f"stored {len(pairs)} labels ({name})")
 
 
+def _skip_final_collection() -> None:
+    """At exit CPython's last garbage collections walk the whole heap that torch, MLflow and friends
+    left (1-2 s per process on this project's 2-core VM) only to free memory the OS takes back anyway.
+    Registered first, this runs after every other atexit handler (MLflow's flushes included) and
+    freezes what is left, so those collections skip it (reference counting still frees and flushes)."""
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)
+
+
 def main() -> None:
+    _skip_final_collection()
     try:
         app()
     except KeyboardInterrupt:

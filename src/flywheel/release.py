@@ -16,11 +16,14 @@ Only a release that passed moves registry alias `dev`/`prod` and tags `deployed_
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,42 +191,52 @@ class ManagementTarget:
 
 def release_version(settings: Settings, model: str, version: str, env: str, target: ManagementTarget,
                     acceptance: AcceptanceConfig = AcceptanceConfig(), mar_path: Path | None = None,
-                    package_options: dict | None = None) -> ReleaseResult:
+                    package_options: dict | None = None, retire: bool = True) -> ReleaseResult:
     """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc."""
-    from flywheel.package import PackageConfig, package_version, read_manifest
+    from flywheel.package import PackageConfig, package_version
     from flywheel.registry import mark_deployed
 
-    _, result = _begin(settings, model, version, env, target.describe())
+    mv, result = _begin(settings, model, version, env, target.describe())
     version = result.version
     client = target.client()
     versions = client.versions(model)
     result.previous = next((v for v, d in versions.items() if d), None)
     result.event(f"serving default before release: {result.previous or 'none'}")
 
-    # 1. The archive: this version's .mar in the server's model store.
+    # 1. The archive: this version's .mar in the server's model store. One `flywheel package` made
+    #    (given, or found where package writes it) is verified, not rebuilt; else package it now.
+    if mar_path is not None:
+        manifest = verify_archive(mar_path, model, version, mv.run_id)
+    elif not package_options:  # asked-for package options: build with them, don't reuse
+        mar_path, manifest = _packaged_archive(settings, target, model, version, mv.run_id)
     if mar_path is None:
         mar_path = package_version(PackageConfig(model, version=version, **(package_options or {})),
                                    settings).mar_path
-    manifest = read_manifest(mar_path)
-    if str(manifest["model_version"]) != version or manifest["model_name"] != model:
-        raise FlywheelError(f"{mar_path} holds {manifest['model_name']} v{manifest['model_version']}, "
-                            f"not {model} v{version}")
+        manifest = verify_archive(mar_path, model, version, mv.run_id)
+    result.event(f"archive {mar_path} ({manifest['artifact']['format']}, sha256 "
+                 f"{manifest['artifact']['sha256'][:12]} verified)")
     store_name = f"{model}-{version}.mar"
     target.model_store.mkdir(parents=True, exist_ok=True)
     if Path(mar_path).resolve() != (target.model_store / store_name).resolve():
         shutil.copy(mar_path, target.model_store / store_name)
-    data = AcceptanceData.for_dataset(manifest["dataset"], settings, acceptance)
 
     registered_here = version not in versions
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-register")
     try:
-        # 2. Register beside the current default (clients keep hitting the old one) and scale.
+        # 2. Register beside the current default (clients keep hitting the old one) and scale. The
+        #    server starts the worker in its own process meanwhile, so the acceptance data is read here
+        #    in parallel (the wait for the worker is most of a registration).
+        step = (pool.submit(client.register, store_name, initial_workers=target.workers) if registered_here
+                else pool.submit(client.scale, model, version, target.workers))
+        try:
+            data = AcceptanceData.for_dataset(manifest["dataset"], settings, acceptance)
+        finally:
+            r = step.result()  # always waited for: a rollback must see the registration's outcome
         if registered_here:
-            r = client.register(store_name, initial_workers=target.workers)
             if r.status_code != 200:
                 raise ReleaseFailed(f"register failed: HTTP {r.status_code} {_json(r).get('message', r.text[:200])}")
             result.event(f"registered {store_name} with {target.workers} worker(s)")
         else:
-            r = client.scale(model, version, target.workers)
             if r.status_code != 200:
                 raise ReleaseFailed(f"scale failed: HTTP {r.status_code} {r.text[:200]}")
             result.event("version already registered; scaled")
@@ -251,6 +264,8 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
             raise
         raise ReleaseFailed(f"release of {model} v{version} failed ({type(exc).__name__}: {exc}); rolled back",
                             result) from exc
+    finally:
+        pool.shutdown(wait=False)
 
     # 5. Only now does the registry move; if it cannot, the endpoint goes back to match it.
     try:
@@ -261,6 +276,17 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
                             "the endpoint was rolled back so it matches the registry", result) from exc
     result.event(f"alias {env} → v{version}")
     # 6. Retire versions beyond keep_previous after the grace period (in-flight requests finish).
+    #    The new version is already served; `retire=False` leaves this to the caller (the CLI
+    #    reports success first, then waits out the grace period).
+    if retire:
+        retire_previous(target, result)
+    return result
+
+
+def retire_previous(target: ManagementTarget, result: ReleaseResult) -> list[str]:
+    """Unregister versions beyond `keep_previous` (the old default is kept first) after the grace period."""
+    client = target.client()
+    model, version = result.model, result.version
     others = sorted((v for v in client.versions(model) if v != version), key=_version_key, reverse=True)
     if result.previous in others:  # the old default is the first one kept
         others.remove(result.previous)
@@ -272,7 +298,53 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
             if client.unregister(model, v).status_code == 200:
                 result.unregistered.append(v)
         result.event(f"unregistered old version(s) {', '.join(result.unregistered) or 'none'}")
-    return result
+    return retire
+
+
+def verify_archive(mar_path: Path, model: str, version: str, run_id: str | None = None) -> dict:
+    """The manifest of an existing .mar after checking it is what `flywheel package` made for exactly
+    this registry version: name, version and run id; the served file's sha256; parity recorded
+    within tolerance. FlywheelError otherwise."""
+    import zipfile
+
+    from flywheel.package import MANIFEST_FILE, PARITY_TOL, TRT_PARITY_TOL
+
+    try:
+        with zipfile.ZipFile(mar_path) as zf:
+            manifest = json.loads(zf.read(MANIFEST_FILE))
+            artifact = manifest["artifact"]
+            digest = hashlib.sha256()
+            with zf.open(artifact["file"]) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise FlywheelError(f"{mar_path} is not a flywheel archive ({type(exc).__name__}: {exc})") from None
+    if str(manifest.get("model_version")) != str(version) or manifest.get("model_name") != model:
+        raise FlywheelError(f"{mar_path} holds {manifest.get('model_name')} v{manifest.get('model_version')}, "
+                            f"not {model} v{version}")
+    if run_id is not None and manifest.get("run_id") != run_id:
+        raise FlywheelError(f"{mar_path} was packaged from run {manifest.get('run_id')}, but {model} v{version} "
+                            f"in this registry is run {run_id}: package it again from this registry")
+    if digest.hexdigest() != artifact.get("sha256"):
+        raise FlywheelError(f"{mar_path}: {artifact['file']} does not match the sha256 in its manifest")
+    checked = next((e for e in manifest.get("exports", []) if e.get("format") == artifact.get("format")), {})
+    tol = TRT_PARITY_TOL if artifact.get("format") == "tensorrt" else PARITY_TOL
+    if checked.get("max_abs_diff") is None or not checked["max_abs_diff"] <= tol:
+        raise FlywheelError(f"{mar_path}: no passed parity check recorded for its {artifact.get('format')} file")
+    return manifest
+
+
+def _packaged_archive(settings: Settings, target: ManagementTarget, model: str, version: str,
+                      run_id: str) -> tuple[Path | None, dict | None]:
+    """A verified NAME-VERSION.mar already in the server's model store or package's default output."""
+    for candidate in (target.model_store / f"{model}-{version}.mar",
+                      settings.work_dir / "model-store" / f"{model}-{version}.mar"):
+        if candidate.is_file():
+            try:
+                return candidate, verify_archive(candidate, model, version, run_id)
+            except FlywheelError as exc:
+                log.warning("not using %s: %s", candidate, exc)
+    return None, None
 
 
 def _begin(settings: Settings, model: str, version: str, env: str, where: str):
@@ -405,8 +477,6 @@ def _wait_container_healthy(container, timeout_s: float) -> None:
 def docker_release(settings: Settings, model: str, version: str, env: str, target: DockerTarget,
                    acceptance: AcceptanceConfig = AcceptanceConfig()) -> ReleaseResult:
     """Release image MODEL:VERSION to `env` on a Docker host; see DockerTarget. Rolls back on failure."""
-    import json
-
     from docker.errors import APIError, ImageNotFound, NotFound
 
     from flywheel.registry import mark_deployed
