@@ -301,8 +301,58 @@ def test_zero_downtime_release_and_rollback(serving_models, tmp_path, cycles):
         assert str(reg.get_model_version_by_alias(name, "dev").version) == v2
         assert "deployed_dev_at" in reg.get_model_version(name, v2).tags
         assert "deployed_dev_at" not in reg.get_model_version(name, v3).tags
+
+        # An archive naming another run than the registry's for that version: registered while the
+        # registry is asked (release overlaps the two), then rolled back; nothing else changes.
+        forged = tmp_path / "forged" / f"{name}-{v3}.mar"
+        forged.parent.mkdir()
+        _rewrite_manifest(serving_models.mars[v3], forged, run_id=serving_models.manifests[v1]["run_id"])
+        with pytest.raises(ReleaseFailed) as refused:
+            release_version(settings, name, v3, "dev", target, accept, mar_path=forged)
+        assert refused.value.result.rolled_back and "packaged from run" in str(refused.value)
+        assert client.default_version(name) == v2 and set(client.versions(name)) == {v1, v2}
     finally:
         server.stop()
+
+
+def _rewrite_manifest(src, dest, **changes) -> None:
+    """A copy of the .mar `src` whose flywheel manifest has `changes` (its artifact untouched)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "flywheel_manifest.json":
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            zout.writestr(item, data)
+
+
+def test_release_verifies_the_archive_it_is_given(serving_models, tmp_path):
+    """`release --mar` takes package's archive only for exactly that version and run, intact and parity-checked."""
+    from mlflow import MlflowClient
+
+    from flywheel.errors import FlywheelError
+    from flywheel.release import verify_archive
+
+    serving_models.settings()
+    v1, v2, v3 = serving_models.versions
+    name, mars = serving_models.name, serving_models.mars
+    run_v1 = MlflowClient().get_model_version(name, v1).run_id
+    assert verify_archive(mars[v1], name, v1, run_v1)["run_id"] == run_v1
+    with pytest.raises(FlywheelError, match="holds"):
+        verify_archive(mars[v2], name, v1)  # v2's archive is not v1's
+    with pytest.raises(FlywheelError, match="packaged from run"):
+        verify_archive(mars[v3], name, v3, run_v1)
+    tampered = tmp_path / "tampered.mar"
+    with zipfile.ZipFile(mars[v1]) as zin, zipfile.ZipFile(tampered, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            zout.writestr(item, data + b"\0" if item.filename == "model.onnx" else data)
+    with pytest.raises(FlywheelError, match="sha256"):
+        verify_archive(tampered, name, v1)
+    unchecked = tmp_path / "unchecked.mar"
+    exports = [{**e, "max_abs_diff": None} for e in serving_models.manifests[v1]["exports"]]
+    _rewrite_manifest(mars[v1], unchecked, exports=exports)
+    with pytest.raises(FlywheelError, match="parity"):
+        verify_archive(unchecked, name, v1)
 
 
 # --------------------------------------------------------------------------------------- predict

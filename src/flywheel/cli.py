@@ -408,6 +408,7 @@ def release(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Release a registry version to a TorchServe: register, accept, switch, retire; roll back on failure."""
+    from flywheel.config import Settings
     from flywheel.errors import FlywheelError
     from flywheel.release import (
         AcceptanceConfig,
@@ -418,7 +419,8 @@ def release(
         retire_previous,
     )
 
-    settings = _settings(tracking_uri, model, data_dir)
+    # Not applied here: release points MLflow at it itself, after handing a given archive to the server.
+    settings = Settings.from_env(tracking_uri=tracking_uri, model_name=model, data_dir=data_dir)
     accept = AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms)
     try:
         if target == "docker":

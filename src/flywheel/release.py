@@ -196,23 +196,31 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     from flywheel.package import PackageConfig, package_version
     from flywheel.registry import mark_deployed
 
-    mv, result = _begin(settings, model, version, env, target.describe())
-    version = result.version
     client = target.client()
+    # 1. The archive: this version's .mar in the server's model store. One `flywheel package` made
+    #    (given, or found where package writes it) is verified, not rebuilt; else package it now.
+    #    A given archive names its version and run, so it is registered at once and the registry is
+    #    asked whether that run is this version while the server starts the worker (below).
+    early = mar_path is not None and str(version).isdigit()
+    if early:
+        _check_env(env)
+        version = str(version)
+        mv, result = None, ReleaseResult(model, version, env, target.describe())
+        manifest = verify_archive(mar_path, model, version)
+    else:
+        mv, result = _begin(settings, model, version, env, target.describe())
+        version = result.version
+        if mar_path is not None:
+            manifest = verify_archive(mar_path, model, version, mv.run_id)
+        elif not package_options:  # asked-for package options: build with them, don't reuse
+            mar_path, manifest = _packaged_archive(settings, target, model, version, mv.run_id)
+        if mar_path is None:
+            mar_path = package_version(PackageConfig(model, version=version, **(package_options or {})),
+                                       settings).mar_path
+            manifest = verify_archive(mar_path, model, version, mv.run_id)
     versions = client.versions(model)
     result.previous = next((v for v, d in versions.items() if d), None)
     result.event(f"serving default before release: {result.previous or 'none'}")
-
-    # 1. The archive: this version's .mar in the server's model store. One `flywheel package` made
-    #    (given, or found where package writes it) is verified, not rebuilt; else package it now.
-    if mar_path is not None:
-        manifest = verify_archive(mar_path, model, version, mv.run_id)
-    elif not package_options:  # asked-for package options: build with them, don't reuse
-        mar_path, manifest = _packaged_archive(settings, target, model, version, mv.run_id)
-    if mar_path is None:
-        mar_path = package_version(PackageConfig(model, version=version, **(package_options or {})),
-                                   settings).mar_path
-        manifest = verify_archive(mar_path, model, version, mv.run_id)
     result.event(f"archive {mar_path} ({manifest['artifact']['format']}, sha256 "
                  f"{manifest['artifact']['sha256'][:12]} verified)")
     store_name = f"{model}-{version}.mar"
@@ -224,11 +232,17 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-register")
     try:
         # 2. Register beside the current default (clients keep hitting the old one) and scale. The
-        #    server starts the worker in its own process meanwhile, so the acceptance data is read here
-        #    in parallel (the wait for the worker is most of a registration).
+        #    server starts the worker in its own process meanwhile (most of a registration), so the
+        #    registry check and the acceptance data are done here in parallel.
         step = (pool.submit(client.register, store_name, initial_workers=target.workers) if registered_here
                 else pool.submit(client.scale, model, version, target.workers))
         try:
+            if mv is None:
+                mv, _ = _begin(settings, model, version, env, target.describe())
+                if mv.run_id != manifest.get("run_id"):
+                    raise ReleaseFailed(f"{mar_path} was packaged from run {manifest.get('run_id')}, but {model} "
+                                        f"v{version} in this registry is run {mv.run_id}: package it again")
+                result.event(f"registry: v{version} is run {mv.run_id}, as the archive says")
             data = AcceptanceData.for_dataset(manifest["dataset"], settings, acceptance)
         finally:
             r = step.result()  # always waited for: a rollback must see the registration's outcome
@@ -347,12 +361,16 @@ def _packaged_archive(settings: Settings, target: ManagementTarget, model: str, 
     return None, None
 
 
+def _check_env(env: str) -> None:
+    if env not in ENVS:
+        raise FlywheelError(f"unknown environment {env!r}; choose one of: {', '.join(ENVS)}")
+
+
 def _begin(settings: Settings, model: str, version: str, env: str, where: str):
     """Validate the environment and resolve the registry version: (ModelVersion, a new ReleaseResult)."""
     from flywheel.package import resolve_version
 
-    if env not in ENVS:
-        raise FlywheelError(f"unknown environment {env!r}; choose one of: {', '.join(ENVS)}")
+    _check_env(env)
     settings.apply()
     mv = resolve_version(settings, model, version=str(version))
     return mv, ReleaseResult(model, str(mv.version), env, where)
