@@ -29,10 +29,14 @@ class EvalReport:
         return {f"{prefix}accuracy": self.accuracy, f"{prefix}macro_f1": self.macro_f1}
 
 
+CPU_BATCH = 256  # 10k 28x28 images, small-cnn, 2 cores: 0.8 s at 256 vs 1.8 s at 1024 (activations out of cache)
+
+
 @torch.no_grad()
-def predict(model: FlywheelNet, images: np.ndarray, spec: ModelSpec, batch_size: int = 1024,
+def predict(model: FlywheelNet, images: np.ndarray, spec: ModelSpec, batch_size: int | None = None,
             device: str | torch.device = "cpu", with_embeddings: bool = False):
     """Logits (and optionally embeddings) for uint8 images, in batches, as numpy arrays."""
+    batch_size = batch_size or (1024 if torch.device(device).type == "cuda" else CPU_BATCH)
     model.eval()
     logits, embeddings = [], []
     for start in range(0, len(images), batch_size):
@@ -76,11 +80,20 @@ def per_class_scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return precision, recall, f1, support
 
 
+def cpu_layout(model: FlywheelNet) -> FlywheelNet:
+    """A model on the CPU in channels-last layout (the one training uses there): the conv stack runs
+    ~2x faster than in the default layout a loaded model has; the answers differ only in rounding."""
+    if next(model.parameters()).device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0,
                  data_dir: Path | None = None) -> EvalReport:
     """Load a logged model by URI and evaluate it on `dataset`'s frozen test split."""
     splits = load_splits(dataset, data_dir or settings.data_dir, seed)
     model, spec = load_model(model_uri)
+    model = cpu_layout(model)
     check_compatible(spec, splits.class_names, model_uri, dataset)
     return evaluate_model(model, spec, splits.test, model_uri, dataset)
 

@@ -101,7 +101,7 @@ def gate_run(run_id: str, settings: Settings, dataset: str | None = None, margin
     import mlflow
 
     from flywheel.data import load_splits
-    from flywheel.evaluate import check_compatible, evaluate_model
+    from flywheel.evaluate import check_compatible, cpu_layout, evaluate_model
     from flywheel.models import load_model
 
     client = _client()
@@ -116,7 +116,7 @@ def gate_run(run_id: str, settings: Settings, dataset: str | None = None, margin
     if challenger_accuracy is None:
         model, spec = load_model(model_uri)
         check_compatible(spec, splits.class_names, model_uri, dataset)
-        challenger_accuracy = evaluate_model(model, spec, splits.test).accuracy
+        challenger_accuracy = evaluate_model(cpu_layout(model), spec, splits.test).accuracy
 
     name = settings.model_name
     champion = find_champion(settings, name)
@@ -124,7 +124,7 @@ def gate_run(run_id: str, settings: Settings, dataset: str | None = None, margin
     if champion is not None:
         champ_model, champ_spec = load_model(f"models:/{name}/{champion.version}")
         check_compatible(champ_spec, splits.class_names, f"{name} v{champion.version}", dataset)
-        champion_accuracy = evaluate_model(champ_model, champ_spec, splits.test).accuracy
+        champion_accuracy = evaluate_model(cpu_layout(champ_model), champ_spec, splits.test).accuracy
     accepted = champion_accuracy is None or challenger_accuracy > champion_accuracy + margin
 
     version = None
