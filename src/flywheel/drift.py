@@ -75,7 +75,9 @@ class PCAWhitener:
 def _unit(x: np.ndarray) -> np.ndarray:
     """Signed square root, then unit length. Penultimate activations are (mostly) post-ReLU and
     heavy-tailed: a few large units dominate raw cosine similarity; the square root evens them out
-    (measured: 20%-contamination detection 0.85 → 0.93 on blur+JPEG)."""
+    (measured with the earlier kNN-tail detector on a weaker model: 20%-contamination detection
+    0.85 → 0.93 on blur+JPEG; on the default model the per-sample AUCs with and without the root are
+    within 0.02 of each other, either way round)."""
     x = np.asarray(x, dtype=np.float64)
     x = np.sign(x) * np.sqrt(np.abs(x))
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
