@@ -192,3 +192,15 @@ def test_cli_help_on_every_foundation_command():
         out = _cli(command, "--help")
         assert out.returncode == 0 and "Usage" in out.stdout
     assert "small-cnn" in _cli("models").stdout and "fashion-mnist" in _cli("datasets").stdout
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "digits"])
+def test_test_split_alone_is_the_full_loads_test_split(name):
+    """Export checks and release acceptance read only the frozen test split: it must be the same one."""
+    from flywheel.data import load_test_split
+
+    test, class_names = load_test_split(name)
+    full = load_splits(name)
+    assert class_names == full.class_names
+    assert np.array_equal(test.images, full.test.images) and np.array_equal(test.labels, full.test.labels)
+    assert test.labels.dtype == full.test.labels.dtype

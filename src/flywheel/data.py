@@ -224,6 +224,21 @@ def add_labelled(base: Splits, extra_dirs: list[Path] | tuple[Path, ...]) -> Spl
                   base.source + "".join(f" + {d}" for d in extra_dirs))
 
 
+def load_test_split(name: str, data_dir: Path | None = None) -> tuple[Split, tuple[str, ...]]:
+    """Only the frozen test split and the class names: what export checks and release acceptance
+    read. Fashion-MNIST's is its own t10k file, so the 60k training images are neither read nor
+    digested (~0.5 s per process); other datasets derive it from the full load."""
+    if name == "fashion-mnist":
+        d = _fashion_dir(data_dir)
+        x = read_idx(d / FASHION_FILES["test_images"], 3)
+        y = read_idx(d / FASHION_FILES["test_labels"], 1)
+        if len(x) != len(y):
+            raise DataError(f"dataset file corrupt: t10k has {len(x)} images but {len(y)} labels in {d}")
+        return Split(x, y.astype(np.int64)), FASHION_CLASSES
+    splits = load_splits(name, data_dir)
+    return splits.test, splits.class_names
+
+
 def load_splits(name: str, data_dir: Path | None = None, seed: int = 0,
                 extra_dirs: tuple[Path, ...] = ()) -> Splits:
     """Load a dataset by name with deterministic train/val splits and its frozen test split."""

@@ -441,12 +441,12 @@ class Monitor:
 
 def drift_plot(history, drift: dict, alpha: float, path: Path, title: str) -> Path:
     """p-value per window on a log axis, alpha line, drifting windows in red."""
-    from flywheel.plots import _pyplot
+    from flywheel.plots import figure
 
-    plt = _pyplot()
     steps = [m.step for m in sorted(history, key=lambda m: m.step)]
     values = [max(m.value, 1e-12) for m in sorted(history, key=lambda m: m.step)]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig = figure((8, 3.2))
+    ax = fig.subplots()
     ax.plot(steps, values, "-", color="tab:blue", lw=1, label="combined p-value")
     red = [(s, v) for s, v in zip(steps, values, strict=True) if drift.get(s)]
     if red:
@@ -459,5 +459,4 @@ def drift_plot(history, drift: dict, alpha: float, path: Path, title: str) -> Pa
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

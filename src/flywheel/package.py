@@ -99,10 +99,10 @@ def resolve_version(settings: Settings, name: str, version: str | None = None, a
 
 def held_batch(dataset: str, settings: Settings, n: int = HELD_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """The first n images of the dataset's frozen test split: the same held batch for every export."""
-    from flywheel.data import load_splits
+    from flywheel.data import load_test_split
 
-    splits = load_splits(dataset, data_dir=settings.data_dir)
-    return splits.test.images[:n], splits.test.labels[:n]
+    test, _ = load_test_split(dataset, data_dir=settings.data_dir)
+    return test.images[:n], test.labels[:n]
 
 
 def _serving_module(net):

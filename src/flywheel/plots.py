@@ -1,4 +1,5 @@
-"""PNG plots logged with every run (matplotlib, headless Agg backend)."""
+"""PNG plots logged with every run (matplotlib's object API with the Agg canvas: headless, no
+pyplot — no global figure registry, no backend switch, and ~0.5 s less to import per process)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,17 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def figure(figsize: tuple[float, float]):
+    """A standalone Figure; `savefig` renders it with Agg (no display on training nodes)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display on training nodes
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def loss_curve_png(history: list[dict[str, float]], path: Path) -> Path:
-    plt = _pyplot()
     epochs = np.arange(1, len(history) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = figure((9, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -31,13 +30,12 @@ def loss_curve_png(history: list[dict[str, float]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def confusion_matrix_png(confusion: np.ndarray, class_names: tuple[str, ...], path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = figure((7, 6))
+    ax = fig.subplots()
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -47,5 +45,4 @@ def confusion_matrix_png(confusion: np.ndarray, class_names: tuple[str, ...], pa
                 color="white" if confusion[i, j] > confusion.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

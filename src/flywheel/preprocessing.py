@@ -1,7 +1,7 @@
 """Image preprocessing shared by training and the serving handler: no train/serve skew.
 
-This module is copied into every TorchServe archive, so it imports only numpy, Pillow and torch,
-never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays; the handler calls
+This module is copied into every TorchServe archive, so it imports only numpy, Pillow and (lazily,
+in `to_tensor`) torch, never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays; the handler calls
 `decode_image` on request bytes and then the same `to_tensor`.
 """
 
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Fashion-MNIST training-set statistics (pixel values scaled to [0, 1]).
 FASHION_MEAN = 0.2860
@@ -117,4 +120,6 @@ def to_array(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.
 
 def to_tensor(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> torch.Tensor:
     """uint8 images (N, H, W) → normalised float32 tensor (N, 1, size, size): `to_array` as a tensor."""
+    import torch  # here, not at the top: clients that only decode or encode (release, predict) skip its ~2 s import
+
     return torch.from_numpy(to_array(images, spec))

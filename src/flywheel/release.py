@@ -101,13 +101,12 @@ class AcceptanceData:
 
     @classmethod
     def for_dataset(cls, dataset: str, settings: Settings, cfg: AcceptanceConfig) -> AcceptanceData:
-        from flywheel.data import load_splits
+        from flywheel.data import load_test_split
 
-        splits = load_splits(dataset, data_dir=settings.data_dir)
-        test = splits.test
+        test, class_names = load_test_split(dataset, data_dir=settings.data_dir)
         n = max(cfg.smoke_samples, cfg.accuracy_samples, cfg.latency_requests)
         start = cfg.sample_offset if len(test) >= cfg.sample_offset + n else 0
-        return cls(test.images[start:start + n], test.labels[start:start + n], splits.class_names)
+        return cls(test.images[start:start + n], test.labels[start:start + n], class_names)
 
 
 def run_acceptance(predict: Callable[[bytes | dict], object], data: AcceptanceData, version: str,

@@ -7,10 +7,13 @@ Only rank 0 talks to MLflow; the other ranks train their shard and meet rank 0 a
 from __future__ import annotations
 
 import gc
+import importlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -26,6 +29,8 @@ from flywheel.data import Splits, load_splits
 from flywheel.errors import FlywheelError
 from flywheel.evaluate import EvalReport, evaluate_model, predict
 from flywheel.models import ModelSpec, build_model, save_extras
+
+_log = logging.getLogger(__name__)  # `logger` in _train is the run logger
 
 REFERENCE_SIZE = 1000  # validation embeddings kept as the monitor's drift reference
 
@@ -129,9 +134,27 @@ def _progress(enabled: bool):
                     transient=False)
 
 
+def _preload(*modules: str) -> threading.Thread:
+    """Import `modules` on a daemon thread while the caller waits on the network and on zlib/sha256
+    (both release the GIL): their import (~2 s) overlaps the tracking preflight, the data load and the
+    run's creation instead of following them (measured ~0.7 s less per training process)."""
+    def work() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the real import later raises with its own traceback
+                _log.debug("preloading %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=work, name="flywheel-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
     """Train per `cfg`, log to the tracking server in `settings`; returns the result on rank 0."""
     ctx = DistContext.from_env()
+    # The optimizer's first call and the pt2 export import torch._dynamo; the plots, matplotlib.
+    preload = _preload("torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg")
     if ctx.is_main:
         from flywheel.tracking import preflight
 
@@ -141,7 +164,7 @@ def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
     if ctx.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, settings, splits, device, ctx)
+        return _train(cfg, settings, splits, device, ctx, preload)
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -159,7 +182,7 @@ def training_tensors(splits: Splits, seed: int, max_samples: int | None = None) 
 
 
 def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.device,
-           ctx: DistContext) -> TrainResult | None:
+           ctx: DistContext, preload: threading.Thread | None = None) -> TrainResult | None:
     import mlflow
 
     from flywheel.tracking import RunLogger, active_run_id, ensure_experiment
@@ -202,6 +225,8 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
 
     history: list[dict[str, float]] = []
     train_seconds = 0.0
+    if preload is not None:
+        preload.join()  # nothing else competes with the optimisation loop for the CPU
     # MLflow, torch and friends leave a large heap of long-lived objects; freezing it keeps the
     # cyclic GC, which the training loop's many short-lived objects trigger, from rescanning it.
     gc.collect()
