@@ -184,7 +184,8 @@ def _rows(rec: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((name, "log_batch metrics/s (server)", f"{s['batch']:.0f}",
                      f"embedded {e['batch']:.0f} → {s['batch'] / e['batch']:.2f}x", ""))
     elif name == "loop_timing":
-        rows.append((name, f"push → served in dev minus training ({f['dataset']}, {f['epochs']} epoch)",
+        rows.append((name, f"push → served in dev minus training ({f['dataset']}, {f['epochs']} epoch, "
+                           f"{f.get('tracking', 'embedded')} tracking)",
                      f"**{f['push_to_dev_minus_train_s']:.1f} s**",
                      f"push → dev {f['push_to_dev_s']:.1f} s, training {f['train_compute_s']:.1f} s", "≤20 s"))
         rows.append((name, "push → served in prod (whole delivery loop)", f"{f['push_to_prod_s']:.1f} s",
