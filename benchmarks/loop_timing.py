@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own directory
+from bench_io import emit, start_http_server  # noqa: E402 - benchmarks/ is the script's own directory
 
 BIN = Path(sys.executable).parent
 
@@ -66,34 +66,17 @@ def _step(name: str, cmd: list[str], env: dict, log_dir: Path, timeline: list) -
 
 def start_tracking_node(work: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on SQLite with proxied artifacts under `work`, on a free loopback port."""
-    import requests
-
     from flywheel.stack import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # GenAI job runner: nothing here uses it
-    with open(work / "mlflow-server.log", "wb") as log:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-                                 "--artifacts-destination", str(work / "mlartifacts"), "--serve-artifacts",
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlflow server exited: {(work / 'mlflow-server.log').read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    from flywheel.stack import stop_process_group
-
-    stop_process_group(proc.pid)
-    raise SystemExit(f"mlflow server did not answer /health in 120 s; log: {work / 'mlflow-server.log'}")
+    proc = start_http_server([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
+                              "--artifacts-destination", str(work / "mlartifacts"), "--serve-artifacts",
+                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                             env, work / "mlflow-server.log", url, "/health", timeout=120)
+    return proc, url
 
 
 def main() -> None:

@@ -103,24 +103,13 @@ def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subp
     # mlflow serve execs `uvicorn` by name: this venv's bin must be on PATH.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(workdir / "mlflow-serve.log", "wb") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
-                                 "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlflow models serve exited: {(workdir / 'mlflow-serve.log').read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise SystemExit("mlflow models serve did not answer /ping in 180 s")
+    from bench_io import start_http_server  # benchmarks/ is the script's own directory
+
+    proc = start_http_server([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
+                              "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+                             env, workdir / "mlflow-serve.log", url, "/ping")
+    return proc, url
 
 
 def main() -> None:
