@@ -144,9 +144,9 @@ def fashion_embeddings(serving_models) -> FashionEmbeddings:
     import torch
 
     from flywheel.data import load_splits
-    from flywheel.drift import shift_images
     from flywheel.models import load_model
     from flywheel.preprocessing import to_tensor
+    from flywheel.shifts import shift_images
 
     settings = serving_models.settings()
     version = serving_models.versions[0]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from flywheel.capture import iter_captures, read_writer_stats
-from flywheel.drift import shift_images
 from flywheel.preprocessing import encode_png
+from flywheel.shifts import shift_images
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

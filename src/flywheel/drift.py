@@ -248,12 +248,3 @@ def prediction_drift(counts: np.ndarray, reference_counts: np.ndarray, min_expec
         return TestResult(1.0, 0.0, {"reason": "one class only"})
     chi2, p, dof, _ = stats.chi2_contingency(table, correction=False)
     return TestResult(float(p), float(chi2), {"dof": int(dof)})
-
-
-# ---------------------------------------------------------------------------------------- simulation
-def shift_images(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
-    """Simulated production shifts of uint8 (N, H, W) images: `flywheel.shifts.shift_images` (the one
-    implementation, shared with the demo), imported lazily: the detectors need only numpy/scipy."""
-    from flywheel.shifts import shift_images as _shift_images
-
-    return _shift_images(images, kind, seed)
