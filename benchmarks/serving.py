@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_io  # benchmarks/ is the script's own directory: BENCH_JSON output, peer servers
 import numpy as np
 import requests
 
@@ -104,9 +105,7 @@ def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subp
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     url = f"http://127.0.0.1:{port}"
-    from bench_io import start_http_server  # benchmarks/ is the script's own directory
-
-    proc = start_http_server([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
+    proc = bench_io.start_http_server([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,
                               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
                              env, workdir / "mlflow-serve.log", url, "/ping")
     return proc, url
@@ -192,8 +191,6 @@ def main() -> None:
         t, m = res["torchserve"], res["mlflow"]
         print(f"{clients:>7} {'ratio':>11} {t['rps'] / m['rps']:>8.2f}x {t['p50'] / m['p50']:>7.2f}x "
               f"{t['p99'] / m['p99']:>7.2f}x   (torchserve / mlflow)")
-    import bench_io  # benchmarks/: the BENCH_JSON last-line convention run_all.py reads
-
     bench_io.emit({str(k): v for k, v in results.items()}, args.json_out)
 
 

@@ -121,18 +121,21 @@ def _seeded_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[k:]), np.sort(order[:k])
 
 
+def _fashion_part(d: Path, part: str) -> Split:
+    """One Fashion-MNIST file pair ("train" or "test"), validated, labels as int64."""
+    x = read_idx(d / FASHION_FILES[f"{part}_images"], 3)
+    y = read_idx(d / FASHION_FILES[f"{part}_labels"], 1)
+    if len(x) != len(y):
+        which = "train" if part == "train" else "t10k"
+        raise DataError(f"dataset file corrupt: {which} has {len(x)} images but {len(y)} labels in {d}")
+    return Split(x, y.astype(np.int64))
+
+
 def load_fashion_mnist(data_dir: Path | None, seed: int) -> Splits:
     d = _fashion_dir(data_dir)
-    train_x = read_idx(d / FASHION_FILES["train_images"], 3)
-    train_y = read_idx(d / FASHION_FILES["train_labels"], 1)
-    test_x = read_idx(d / FASHION_FILES["test_images"], 3)
-    test_y = read_idx(d / FASHION_FILES["test_labels"], 1)
-    for x, y, which in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
-        if len(x) != len(y):
-            raise DataError(f"dataset file corrupt: {which} has {len(x)} images but {len(y)} labels in {d}")
-    keep, val = _seeded_split(len(train_y), VAL_FRACTION, seed)
-    return _splits("fashion-mnist", train_x, train_y.astype(np.int64), keep, val,
-                   Split(test_x, test_y.astype(np.int64)), FASHION_CLASSES, str(d))
+    train, test = _fashion_part(d, "train"), _fashion_part(d, "test")
+    keep, val = _seeded_split(len(train.labels), VAL_FRACTION, seed)
+    return _splits("fashion-mnist", train.images, train.labels, keep, val, test, FASHION_CLASSES, str(d))
 
 
 def load_digits_dataset(seed: int, size: int = 28) -> Splits:
@@ -229,12 +232,7 @@ def load_test_split(name: str, data_dir: Path | None = None) -> tuple[Split, tup
     read. Fashion-MNIST's is its own t10k file, so the 60k training images are neither read nor
     digested (~0.5 s per process); other datasets derive it from the full load."""
     if name == "fashion-mnist":
-        d = _fashion_dir(data_dir)
-        x = read_idx(d / FASHION_FILES["test_images"], 3)
-        y = read_idx(d / FASHION_FILES["test_labels"], 1)
-        if len(x) != len(y):
-            raise DataError(f"dataset file corrupt: t10k has {len(x)} images but {len(y)} labels in {d}")
-        return Split(x, y.astype(np.int64)), FASHION_CLASSES
+        return _fashion_part(_fashion_dir(data_dir), "test"), FASHION_CLASSES
     splits = load_splits(name, data_dir)
     return splits.test, splits.class_names
 

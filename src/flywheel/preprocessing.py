@@ -1,8 +1,9 @@
 """Image preprocessing shared by training and the serving handler: no train/serve skew.
 
 This module is copied into every TorchServe archive, so it imports only numpy, Pillow and (lazily,
-in `to_tensor`) torch, never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays; the handler calls
-`decode_image` on request bytes and then the same `to_tensor`.
+in `to_tensor`) torch, never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays;
+the handler calls `decode_image` on request bytes and then `to_array`, the same normalisation
+(`to_tensor` is `to_array` wrapped as a tensor).
 """
 
 from __future__ import annotations

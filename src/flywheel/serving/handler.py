@@ -133,6 +133,7 @@ class FlywheelHandler(BaseHandler):
             torch.set_num_threads(threads)
         if self.format == "onnx":
             self.model = self._ort_session(path, threads)
+        self._rng = np.random.default_rng()  # picks the confidence metric's sample per batch
         self.class_names = list(self.fw_manifest["class_names"])
         self.spec = _pp.PreprocessSpec.from_dict(self.fw_manifest["preprocess"])
         self.top_k = int(os.environ.get("FLYWHEEL_TOP_K") or cfg.get("top_k", 3))
@@ -313,7 +314,7 @@ class FlywheelHandler(BaseHandler):
             return
         top1 = probs.max(axis=1)
         if len(top1) > CONFIDENCE_SAMPLES_PER_BATCH:
-            top1 = np.random.default_rng().choice(top1, CONFIDENCE_SAMPLES_PER_BATCH, replace=False)
+            top1 = self._rng.choice(top1, CONFIDENCE_SAMPLES_PER_BATCH, replace=False)
         for value in top1:
             self._metric(CONFIDENCE_METRIC, float(value), "ratio", MetricTypes.HISTOGRAM)
 
