@@ -38,6 +38,11 @@ class Settings:
         return self.tracking_uri.startswith("sqlite:")
 
     @property
+    def capture_uri(self) -> str:
+        """The capture store every command shares: FLYWHEEL_CAPTURE_URI, else $FLYWHEEL_HOME/captures."""
+        return _env("FLYWHEEL_CAPTURE_URI") or str((self.work_dir / "captures").resolve())
+
+    @property
     def artifact_root(self) -> str | None:
         """Local artifact directory used for new experiments of the embedded store."""
         return (self.work_dir / "mlartifacts").resolve().as_uri() if self.embedded else None
