@@ -623,6 +623,70 @@ def data_feedback(
     typer.echo(f"stored {len(pairs)} labels ({name})")
 
 
+# ------------------------------------------------------------------------------------ CI bookkeeping
+dispatches_app = typer.Typer(no_args_is_help=True, help="CI bookkeeping: superseded release/train requests, "
+                                                        "retried retrain events (see flywheel.dispatches).")
+app.add_typer(dispatches_app, name="dispatches")
+
+
+@dispatches_app.command("record-superseded")
+def dispatches_record_superseded(
+    kind: Annotated[str, typer.Option(help="What this job does: release | train.")],
+    model: Annotated[str, typer.Option(help="Registered model the request is for.")],
+    target: Annotated[str, typer.Option(help="The environment of a release (dev|prod), the git ref of a training.")],
+    version: Annotated[Optional[str], typer.Option(help="Registry version being released (releases).")] = None,
+    workflow: Annotated[Optional[list[str]], typer.Option(
+        "--workflow", help="Workflow file whose runs can hold this concurrency group (repeatable).")] = None,
+    repository: Annotated[str, typer.Option(envvar="GITHUB_REPOSITORY", help="owner/name of the repository.")] = "",
+    run_id: Annotated[int, typer.Option(envvar="GITHUB_RUN_ID", help="This workflow run's id.")] = 0,
+    api_url: Annotated[str, typer.Option(envvar="GITHUB_API_URL", help="GitHub REST API base URL.")
+                       ] = "https://api.github.com",
+    lookback_days: Annotated[float, typer.Option(
+        min=0.0, help="How far back to look when the group has no recorded previous run.")] = 7.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Record the requests GitHub cancelled while they waited behind this one: job summary and registry tags.
+
+    The token comes from GITHUB_TOKEN (needs `actions: read`); never pass it on a command line."""
+    import json
+
+    from flywheel.dispatches import SupersedeOptions, record_superseded
+    from flywheel.errors import FlywheelError
+
+    opts = SupersedeOptions(kind=kind, model=model, target=target, version=version, workflows=tuple(workflow or ()),
+                            repository=repository, run_id=run_id, api_url=api_url, lookback_days=lookback_days)
+    try:
+        outcome = record_superseded(_settings(tracking_uri, model), opts)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(outcome.as_dict(), indent=2) if as_json else outcome.markdown(), nl=as_json)
+
+
+@dispatches_app.command("check-event")
+def dispatches_check_event(
+    event_id: Annotated[str, typer.Option(help="The monitor's event_id (repository_dispatch client_payload).")],
+    superseded: Annotated[int, typer.Option(
+        min=0, help="Requests this run superseded (record-superseded's output); > 0 always trains.")] = 0,
+    stale_after_hours: Annotated[float, typer.Option(
+        min=0.0, help="A RUNNING run with this event older than this counts as dead.")] = 6.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+    tracking_uri: TrackingOpt = None,
+    model_name: ModelNameOpt = None,
+) -> None:
+    """Train for a retrain event, or skip it because a run tagged flywheel.event_id already serves it."""
+    import json
+
+    from flywheel.dispatches import check_event
+    from flywheel.errors import FlywheelError
+
+    try:
+        plan = check_event(_settings(tracking_uri, model_name), event_id, superseded, stale_after_hours * 3600)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(plan.as_dict()) if as_json else plan.note)
+
+
 def _skip_final_collection() -> None:
     """At exit CPython's last garbage collections walk the whole heap that torch, MLflow and friends
     left (1-2 s per process on this project's 2-core VM) only to free memory the OS takes back anyway.

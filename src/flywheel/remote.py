@@ -190,6 +190,7 @@ class RemoteTrainConfig:
     env_manager: str = "local"
     reconnect_timeout: float = 300.0  # give up re-attaching after this long without a connection
     poll_interval: float = 0.5
+    event_id: str | None = None  # the monitor's retrain event: the run is tagged with it (flywheel.dispatches)
 
     def __post_init__(self) -> None:
         if self.env_manager not in ENV_MANAGERS:
@@ -451,11 +452,14 @@ def _env_file(env: dict[str, str]) -> str:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
 
 
-def remote_env(settings: Settings, node: Node, sha: str) -> dict[str, str]:
-    """What the job needs in its environment: where to log, as whom, and which commit it is."""
+def remote_env(settings: Settings, node: Node, sha: str, event_id: str | None = None) -> dict[str, str]:
+    """What the job needs in its environment: where to log, as whom, which commit it is and, for a
+    retrain the monitor asked for, its event id (train tags the run with it)."""
     env = dict(node.env)
     env.update({"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_EXPERIMENT_NAME": settings.experiment,
                 "FLYWHEEL_MODEL_NAME": settings.model_name, "FLYWHEEL_GIT_COMMIT": sha})
+    if event_id:
+        env["FLYWHEEL_EVENT_ID"] = event_id
     if settings.username is not None:
         env["MLFLOW_TRACKING_USERNAME"] = settings.username
     if settings.password is not None:
@@ -535,7 +539,7 @@ class RemoteJob:
             tag = secrets.token_hex(6)
             upload, envfile = f"upload-{tag}.tar.gz", f"job.env.{tag}"
             try:
-                env = remote_env(settings, self.node, self.sha)
+                env = remote_env(settings, self.node, self.sha, cfg.event_id)
                 _put(sftp, f"{jobdir}/{envfile}", _env_file(env), 0o600)
                 _put(sftp, f"{jobdir}/{upload}", archive, 0o600)
                 runner = RUNNER.format(activate=self.node.env_activate, sha=self.sha, entry=cfg.entry,
@@ -889,7 +893,9 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
         sha = resolve_commit(opts.repo, opts.commit)
         cfg = RemoteTrainConfig(commit=sha, entry=opts.entry, params=parse_params(opts.params),
                                 nproc_per_node=opts.nproc_per_node, env_manager=opts.env_manager,
-                                reconnect_timeout=opts.reconnect_timeout)
+                                reconnect_timeout=opts.reconnect_timeout,
+                                # Set by train.yml for a monitor's retrain (like the passphrase, env only).
+                                event_id=os.environ.get("FLYWHEEL_EVENT_ID") or None)
         check_entry(opts.repo, sha, cfg)
         result = remote_train(cfg, settings, nodes, auth, archive_commit(opts.repo, sha), warn=warn)
     warn(f"commit {result.commit[:12]} on {result.node}: MLflow run {result.run_id or 'unknown'}, "

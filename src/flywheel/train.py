@@ -218,9 +218,11 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
         # re-logging a key with another spelling of its value ("true" vs "True"), so skip those keys.
         logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
         logger.log_params({k: v for k, v in params.items() if k not in logged})
-        logger.set_tags({**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
-                         "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"),
-                         "flywheel.device": str(device)})
+        tags = {**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
+                "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"), "flywheel.device": str(device)}
+        if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.dispatches)
+            tags["flywheel.event_id"] = event_id
+        logger.set_tags(tags)
         _log_dataset(splits)
 
     history: list[dict[str, float]] = []

@@ -154,7 +154,8 @@ class SSHCommand:
 
 @dataclass(frozen=True)
 class LocalCommand:
-    """Run the retrain command on this machine; the payload is in $FLYWHEEL_RETRAIN_PAYLOAD."""
+    """Run the retrain command on this machine; the payload is in $FLYWHEEL_RETRAIN_PAYLOAD, its event id
+    in $FLYWHEEL_EVENT_ID (which `flywheel train` records on its run)."""
 
     command: str = "flywheel train --dataset {dataset}"
     timeout: float = 3600.0
@@ -163,7 +164,9 @@ class LocalCommand:
 
     def fire(self, event: RetrainEvent) -> str:
         argv = shlex.split(render_command(self.command, event))
-        env = {**os.environ, **self.env, "FLYWHEEL_RETRAIN_PAYLOAD": json.dumps(event.payload())}
+        # FLYWHEEL_EVENT_ID: `flywheel train` tags its run with it, so a retried request can be deduped.
+        env = {**os.environ, **self.env, "FLYWHEEL_RETRAIN_PAYLOAD": json.dumps(event.payload()),
+               "FLYWHEEL_EVENT_ID": event.event_id}
         try:
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=self.timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
