@@ -94,8 +94,11 @@ def test_retrain_on_dispatch_and_schedule_reuses_train():
 @pytest.mark.parametrize("name", NAMES)
 def test_steps_are_thin_and_secrets_stay_out_of_scripts(name):
     """Each `run:` is a make target, a pip install or a flywheel command whose options exist."""
+    import typer
+
     from flywheel.cli import app
 
+    groups = {n for n, c in typer.main.get_command(app).commands.items() if hasattr(c, "commands")}
     for job_id, script in _run_steps(_load(name)):
         assert "secrets." not in script, f"{name}/{job_id}: secrets must come in through env:, not the script"
         for line in filter(None, (ln.strip() for ln in script.splitlines())):
@@ -104,7 +107,102 @@ def test_steps_are_thin_and_secrets_stay_out_of_scripts(name):
                 continue
             assert words[0].endswith("flywheel"), f"{name}/{job_id}: not a flywheel command: {line}"
             verb = words[1]
-            help_text = CliRunner().invoke(app, [verb, "--help"], terminal_width=400).output
+            if verb in groups:  # a sub-command: `flywheel dispatches check-event ...`
+                verb, words = f"{verb} {words[2]}", [words[0], f"{verb} {words[2]}", *words[3:]]
+            help_text = CliRunner().invoke(app, [*verb.split(), "--help"], terminal_width=400).output
             assert "Usage:" in help_text, f"{name}: unknown command flywheel {verb}"
             for flag in (w for w in words[2:] if w.startswith("--")):
                 assert flag in help_text, f"{name}/{job_id}: flywheel {verb} has no option {flag}"
+
+
+# ------------------------------------------------------------------------------------ issue 11 §3, §4
+def _step(job: dict, needle: str) -> tuple[int, dict]:
+    (found,) = [(i, st) for i, st in enumerate(job["steps"]) if needle in st.get("run", "")]
+    return found
+
+
+def _render(template: str, values: dict[str, str]) -> str:
+    """A job/run name with each ${{ expr }} replaced by the value a run would give it."""
+    def value(m: re.Match) -> str:
+        expr = " ".join(m.group(1).split())
+        assert expr in values, f"no test value for ${{{{ {expr} }}}}"
+        return values[expr]
+
+    return re.sub(r"\$\{\{(.*?)\}\}", value, " ".join(template.split()), flags=re.S)
+
+
+def test_release_groups_per_model_and_environment_and_records_superseded_requests_first():
+    from flywheel.dispatches import Request, parse_request
+
+    doc = _load("release")
+    job = doc["jobs"]["release"]
+    group = job["concurrency"]["group"]
+    # A release of model A never cancels one of model B, and dev never cancels prod.
+    assert "inputs.model_name" in group and "inputs.environment" in group
+    assert job["concurrency"]["cancel-in-progress"] is False
+    assert "actions" in doc["permissions"] and doc["permissions"]["actions"] == "read"
+    values = {"inputs.model_name": "fashion-classifier", "inputs.model_version": "7", "inputs.environment": "prod"}
+    want = Request("release", "fashion-classifier", "prod", version="7")
+    # The job name (and the dispatch's run name) is the request flywheel.dispatches reads back.
+    assert parse_request(_render(job["name"], values)) == want
+    assert parse_request(_render(doc["run-name"], values)) == want
+    i, record = _step(job, "dispatches record-superseded")
+    j, _ = _step(job, "flywheel release")
+    assert i < j and record["continue-on-error"] is True
+    assert record["env"]["GITHUB_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
+    for flag in ("--kind release", "--workflow release.yml", "--workflow train.yml", "--workflow retrain.yml",
+                 '--version "$MODEL_VERSION"', '--target "$TARGET_ENV"'):
+        assert flag in record["run"], flag
+
+
+def test_train_groups_per_model_and_ref_and_dedupes_the_event_before_training():
+    from flywheel.dispatches import Request, parse_request
+
+    doc = _load("train")
+    assert doc["on"]["workflow_call"]["inputs"]["event_id"]["default"] == ""
+    assert doc["permissions"]["actions"] == "read"
+    job = doc["jobs"]["train"]
+    group = job["concurrency"]["group"]
+    assert "vars.FLYWHEEL_MODEL_NAME" in group and "github.ref" in group
+    values = {"vars.FLYWHEEL_MODEL_NAME || 'fashion-classifier'": "fashion-classifier",
+              "github.ref": "refs/heads/main", "inputs.reason || github.event_name": "drift",
+              "inputs.event_id && format(' event {0}', inputs.event_id) || ''": " event 4be1"}
+    assert parse_request(_render(job["name"], values)) == Request(
+        "train", "fashion-classifier", "refs/heads/main", reason="drift", event_id="4be1")
+    # The event id reaches remote-train's environment (it forwards it to the node, train tags the run).
+    assert job["env"]["FLYWHEEL_EVENT_ID"] == "${{ inputs.event_id }}"
+    i, record = _step(job, "dispatches record-superseded")
+    j, check = _step(job, "dispatches check-event")
+    k, train = _step(job, "remote-train")
+    assert i < j < k
+    assert record["continue-on-error"] is True and record["id"] == "superseded"
+    assert "--kind train" in record["run"] and "--workflow retrain.yml" in record["run"]
+    assert check["if"] == "inputs.event_id != ''" and check["id"] == "event"
+    assert "steps.superseded.outputs.superseded" in check["env"]["SUPERSEDED"]
+    assert train["if"] == "steps.event.outputs.train != 'false'"
+
+
+def test_retrain_passes_the_event_id_and_its_run_name_is_the_request():
+    from flywheel.dispatches import Request, parse_request
+
+    doc = _load("retrain")
+    assert doc["permissions"]["actions"] == "read"  # the called train.yml lists cancelled runs
+    assert "client_payload.event_id" in doc["jobs"]["retrain"]["with"]["event_id"]
+    values = {"vars.FLYWHEEL_MODEL_NAME || 'fashion-classifier'": "fashion-classifier",
+              "github.ref": "refs/heads/main", "github.event.client_payload.reason || github.event_name": "drift",
+              "github.event.client_payload.event_id && format(' event {0}', github.event.client_payload.event_id)"
+              " || ''": " event 4be1"}
+    assert parse_request(_render(doc["run-name"], values)) == Request(
+        "train", "fashion-classifier", "refs/heads/main", reason="drift", event_id="4be1")
+
+
+def test_a_seen_event_is_skipped_before_it_queues_in_the_training_group():
+    doc = _load("train")
+    dedupe, train = doc["jobs"]["dedupe"], doc["jobs"]["train"]
+    assert "concurrency" not in dedupe  # outside the group: a duplicate never supersedes anything
+    assert dedupe["if"] == "inputs.event_id != ''"
+    _, check = _step(dedupe, "dispatches check-event")
+    assert check["id"] == "event" and dedupe["outputs"]["train"] == "${{ steps.event.outputs.train }}"
+    assert dedupe["env"]["FLYWHEEL_EVENT_ID"] == "${{ inputs.event_id }}"
+    assert train["needs"] == "dedupe"
+    assert "needs.dedupe.outputs.train != 'false'" in train["if"] and "!cancelled()" in train["if"]
