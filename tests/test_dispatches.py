@@ -307,3 +307,42 @@ def test_a_training_with_an_event_id_is_tagged_and_a_retry_is_skipped(tmp_path, 
     plan = check_event(settings, "4be1c0de")
     assert not plan.train and plan.run_id == result.run_id
     assert check_event(settings, "another-event").train
+
+
+@pytest.mark.integration
+def test_remote_train_carries_the_event_id_to_the_run_and_a_retry_is_skipped(ssh_node, tracking_stack, project_repo,
+                                                                             tmp_path):
+    """train.yml's path for a monitor's retrain: FLYWHEEL_EVENT_ID in remote-train's environment →
+    the job on the node (over real SSH) → `mlflow run` → the run's tag on the real tracking node;
+    then the dedupe step (`flywheel dispatches check-event`) skips a retried delivery."""
+    import os
+    import secrets
+    import subprocess
+
+    from tests.conftest import VENV_BIN
+    from tests.fixtures_ssh import VENV_ACTIVATE, commit_on
+
+    model, event_id = f"dispatch-event-{secrets.token_hex(4)}", secrets.token_hex(16)
+    sha = commit_on(project_repo, "remote-train with a retrain event id")
+    env = {**os.environ, **tracking_stack.env(), "FLYWHEEL_MODEL_NAME": model, "MLFLOW_EXPERIMENT_NAME": model,
+           "FLYWHEEL_EVENT_ID": event_id, "GITHUB_OUTPUT": str(tmp_path / "gh_output"),
+           "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
+    flywheel = str(VENV_BIN / "flywheel")
+    done = subprocess.run([flywheel, "remote-train", "--identity", str(ssh_node.key_path), "--known-hosts",
+                           str(ssh_node.known_hosts), "--repo", str(project_repo), "--node", ssh_node.spec,
+                           "--env-activate", VENV_ACTIVATE, "--workdir", str(ssh_node.workdir), "--commit", sha,
+                           "-P", "dataset=digits", "-P", "epochs=1", "-P", "register=false"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    check = subprocess.run([flywheel, "dispatches", "check-event", "--event-id", event_id, "--json"],
+                           env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 0, check.stderr
+    plan = json.loads(check.stdout)
+    assert plan["train"] is False, plan
+    from mlflow import MlflowClient
+
+    os.environ.update(tracking_stack.env())  # the client reads credentials from the environment
+    run = MlflowClient(tracking_uri=tracking_stack.uri).get_run(plan["run_id"])
+    assert run.data.tags[EVENT_TAG] == event_id and run.data.tags["git_commit"] == sha
+    assert run.info.status == "FINISHED"
+    assert "skipping this retried delivery" in (tmp_path / "summary.md").read_text()
