@@ -21,7 +21,7 @@ The contract:
   (a release of model A never cancels one of model B; dev never cancels prod).
 * Every job that holds such a group has a *request name* (`RELEASE_NAME`, `TRAIN_NAME`) as its job
   name, so a job GitHub cancelled before it started still says what it asked for.
-* The job that executes first calls `flywheel dispatches record-superseded`, which lists the
+* The job that executes calls, as its first step, `flywheel dispatches record-superseded`, which lists the
   cancelled runs of the workflows that can hold the group (GitHub REST API, `status=cancelled`) and
   their jobs, and `find_superseded` picks the jobs of its group that were cancelled before they ran
   and were created after the previous executed request of the group (a marker on the registered
@@ -29,6 +29,10 @@ The contract:
   them to the job summary and tags the registered model (`superseded.<run_id>` = this run's URL,
   `superseded.<run_id>.request` = what was asked) and, for a release, the version that was not
   released (`superseded.<run_id>`). A cancelled job whose request cannot be read is listed too.
+  Assumptions, from GitHub's documented behaviour: a run with a cancelled job concludes `cancelled`
+  (so a train run whose `release-dev` job was superseded is found by `status=cancelled`), and a job
+  cancelled while pending has no runner and no steps. A waiting job cancelled by hand looks the same
+  and is reported the same way, naming the run that executed in its place: a trace either way.
 * Retrain requests from the monitor carry an `event_id` (flywheel.triggers.RetrainEvent). The
   training run records it as the tag `flywheel.event_id`; `plan_event` skips a request whose event
   already has a FINISHED run, or a RUNNING one younger than `stale_after_s` (a detached job on the
@@ -61,8 +65,8 @@ RELEASE_NAME = "flywheel release {model} v{version} to {env}"
 TRAIN_NAME = "flywheel train {model} on {ref} for {reason}"  # + " event {event_id}" for monitor retrains
 # Anywhere in the name: a called workflow's job is named "<caller job> / <job name>".
 _RELEASE_RE = re.compile(r"flywheel release (?P<model>\S+) v(?P<version>\S+) to (?P<env>\S+)\s*$")
-_TRAIN_RE = re.compile(r"flywheel train (?P<model>\S+) on (?P<ref>\S+) for (?P<reason>\S+)"
-                       r"(?: event (?P<event>\S+))?\s*$")
+_TRAIN_RE = re.compile(r"flywheel train (?P<model>\S+) on (?P<ref>\S+) for (?P<reason>.+?)"
+                       r"(?: event (?P<event>\S+))?\s*$")  # a hand-dispatched reason may have spaces
 EVENT_TAG = "flywheel.event_id"
 SUPERSEDED_PREFIX = "superseded."
 MARKER_PREFIX = "flywheel.dispatch.last."
