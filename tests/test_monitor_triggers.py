@@ -123,12 +123,15 @@ def test_local_command_gets_payload(tmp_path):
 def test_ssh_trigger_through_real_sshd(ssh_node):
     action = SSHCommand(ssh_node.host, ssh_node.user, port=ssh_node.port, key_file=str(ssh_node.key_path),
                         known_hosts=str(ssh_node.known_hosts),
-                        command=f"cat > {ssh_node.workdir}/retrain-{{event_id}}.json && echo queued {{model}}")
+                        command=f"cat > {ssh_node.workdir}/retrain-{{event_id}}.json && echo queued {{model}}"
+                                f" && echo $FLYWHEEL_EVENT_ID > {ssh_node.workdir}/event-env")
     event = _event()
     receipt = action.fire(event)
     assert "queued fashion-classifier" in receipt
     written = ssh_node.workdir / f"retrain-{event.event_id}.json"
     assert json.loads(written.read_text())["snapshot_digest"] == "ab" * 32
+    # the event id reaches every part of the command's environment: the run is tagged with it (dedupe)
+    assert (ssh_node.workdir / "event-env").read_text().strip() == event.event_id
     # a host whose key is not pinned is refused, and that is a retryable failure, not a crash
     from flywheel.triggers import TriggerError
 

@@ -124,7 +124,9 @@ class SSHCommand:
     def fire(self, event: RetrainEvent) -> str:
         import paramiko
 
-        cmd = render_command(self.command, event)
+        # Exported first so every part of a compound command sees it: the run is tagged with the event,
+        # which is how a retried delivery is recognised and skipped (flywheel.dispatches).
+        cmd = f"export FLYWHEEL_EVENT_ID={shlex.quote(event.event_id)}; {render_command(self.command, event)}"
         client = paramiko.SSHClient()
         # Never trust an unknown host: the key must already be in known_hosts.
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
