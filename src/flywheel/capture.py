@@ -433,10 +433,11 @@ class CaptureWriter:
 # ---------------------------------------------------------------------------------------- readers
 def list_batches(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
                  kind: str = CAPTURES) -> list[str]:
-    """Batch names (e.g. `0001700000000000000-abcd-00000001.jsonl`) newer than `since`, oldest first.
+    """Batch names (e.g. `0001700000000000000-abcd-00000001.jsonl`) named after `since`, oldest first.
 
-    `settle_seconds` leaves out batches younger than that: several serving workers write concurrently,
-    and a cursor must not jump past a batch another worker is still about to write.
+    For whole-store reads and listings. `since` as a resume point is not safe with several writers
+    (a batch named earlier can be stored later): incremental readers use `CaptureReader`.
+    `settle_seconds` leaves out batches named less than that ago.
     """
     store = open_store(uri)
     prefix = f"{safe_name(model)}/{kind}"
@@ -455,11 +456,11 @@ def read_batch(uri: str, model: str, name: str, kind: str = CAPTURES) -> list[st
 
 def iter_captures(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
                   limit_batches: int | None = None) -> Iterator[Capture]:
-    """Captured records of `model` in batches newer than cursor `since`, in time order.
+    """Captured records of `model` (every traffic mark) in batches named after `since`, in name order.
 
-    Each record's `.batch` is its batch name: pass the last one seen back as `since` to resume.
-    Corrupt lines are skipped (a crash mid-write cannot happen with atomic puts, but hand-edited
-    stores can hold anything).
+    Each record's `.batch` is its batch name. For reading a whole store (`data snapshot`); an
+    incremental reader that must see every batch once uses `CaptureReader`. Corrupt lines are skipped
+    (a crash mid-write cannot happen with atomic puts, but hand-edited stores can hold anything).
     """
     names = list_batches(uri, model, since, settle_seconds)
     if limit_batches is not None:

@@ -68,7 +68,7 @@ class MonitorConfig:
     dataset: str | None = None  # base dataset of retrains (default: the version's `dataset` tag)
     snapshot_dir: Path | None = None  # where `data snapshot` writes, for the retrain payload
     seed: int = 0
-    from_now: bool = False  # a fresh monitor skips captures older than its first tick
+    from_now: bool = False  # a fresh monitor skips captures already stored at its first tick
 
 
 @dataclass
