@@ -183,3 +183,32 @@ def test_monitor_restarts_read_every_capture_once(serving_models, fashion_embedd
     assert sorted(m.step for m in history) == list(range(1, len(results) + 1))
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
     assert Path(cfg.state_dir, mon.state.pending_file).is_file() and len(list(Path(cfg.state_dir).glob("pending*"))) == 1
+
+
+def test_windows_replayed_after_a_crash_ask_for_one_retrain(tmp_path):
+    """The journal: a crash after the policy and outbox were written but before the journal commit
+    replays those windows from the recorded policy state: same decision, same event id, one request."""
+    from dataclasses import asdict
+
+    from flywheel.config import Settings
+    from flywheel.monitor import Monitor, MonitorConfig, WindowResult
+    from flywheel.triggers import LocalCommand, PolicyConfig, PolicyState
+
+    cfg = MonitorConfig(model="m", capture_uri=str(tmp_path / "captures"), state_dir=tmp_path / "state",
+                        dataset="fashion-mnist")
+    drifting = [WindowResult(i, "1", 100, 1e-9, 1e-9, 1e-9, True, None, 0, 0.0, 1.0, tested_at=1000.0 + i)
+                for i in (1, 2, 3)]
+    journal = [{"window": asdict(r), "policy_before": asdict(PolicyState()) if r.index == 1 else None}
+               for r in drifting]
+    action = LocalCommand("true")
+    for attempt in range(2):  # the second: the state.json of before the crash, policy/outbox of after it
+        mon = Monitor(cfg, Settings.from_env(), actions=[action], policy=PolicyConfig(consecutive=3))
+        with mon.locked():
+            mon.state.journal = [dict(e) for e in journal]
+            applied = mon._apply_journal()
+        assert [r.trigger for r in applied] == [None, None, "drift"]
+        assert mon.state.journal == []
+        (pending,) = mon.outbox.pending()
+        if attempt == 0:
+            first_id = pending.event["event_id"]
+        assert pending.event["event_id"] == first_id
