@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
+    from flywheel.capture import TRAFFIC_HEADER
     from flywheel.config import Settings
     from flywheel.data import load_splits
     from flywheel.models import load_model
@@ -161,7 +162,8 @@ def main() -> None:
         ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
         key = json.loads(ts.key_file.read_text())["inference"]["key"]
         ts_req = (f"{ts.cfg.inference_address}/predictions/{args.model}", png,
-                  {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
+                  {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
+                   TRAFFIC_HEADER: "benchmark"})  # captured (if capture is on) marked, never monitored
         ml_req = (f"{ml_url}/invocations", tensor_json.encode(), {"Content-Type": "application/json"})
         assert requests.post(ts_req[0], data=png, headers=ts_req[2], timeout=30).status_code == 200
         assert requests.post(ml_req[0], data=ml_req[1], headers=ml_req[2], timeout=30).status_code == 200

@@ -219,3 +219,65 @@ class _emulator_env:
 def _wait_captured_gcs(emu, uri, model, n, timeout=60.0):
     with _emulator_env(emu):
         _wait_captured(uri, model, n, 0, timeout)
+
+
+def test_release_traffic_is_captured_marked_and_never_monitored(serving_models, fashion_embeddings, tmp_path):
+    """A release's warm-up and acceptance requests land in the capture store marked; the monitor's
+    windows are made of the users' requests only."""
+    import json
+
+    from flywheel.capture import CaptureCursor, CaptureReader
+    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
+    from tests.fixtures_monitor import start_capturing_torchserve
+
+    name, v2 = serving_models.name, serving_models.versions[1]
+    caps = str(tmp_path / "captures")
+    server = start_capturing_torchserve(serving_models, tmp_path / "ts", caps)  # serves v1
+    try:
+        settings = serving_models.settings()
+        target = ManagementTarget(server.cfg.inference_address, server.cfg.management_address, server.key_file,
+                                  server.cfg.model_store, grace_s=0.5, keep_previous=1)
+        accept = AcceptanceConfig(min_accuracy=0.3, p95_slo_ms=5000, accuracy_samples=64, latency_requests=10)
+        assert release_version(settings, name, v2, "dev", target, accept, mar_path=serving_models.mars[v2]).switched
+        client = server.client()
+        live_ids = set()
+        for i in range(0, 100, 25):  # the users: 100 images after the release, no traffic header
+            body = {"images": [base64.b64encode(encode_png(img)).decode()
+                               for img in fashion_embeddings.clean_images[i:i + 25]]}
+            r = client.predict(name, body)
+            assert r.status_code == 200, r.text
+            live_ids |= {p["prediction_id"] for p in r.json()["predictions"]}
+        marked_expected = {"warmup": accept.warmup_requests,
+                           "acceptance": accept.smoke_samples + accept.accuracy_samples + accept.latency_requests + 1}
+        reader = CaptureReader(caps, name)
+        deadline = time.monotonic() + 60
+        while True:
+            caps_read = [c for n in reader.poll(CaptureCursor()).names for c in reader.read(n)]
+            if len(caps_read) >= len(live_ids) + sum(marked_expected.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        by_kind: dict[str, int] = {}
+        for c in caps_read:
+            by_kind[c.traffic] = by_kind.get(c.traffic, 0) + 1
+        assert by_kind == {"live": 100, **marked_expected}, by_kind  # the audit trail: every request, marked
+        assert {c.prediction_id for c in caps_read if c.live} == live_ids
+        assert all(c.version == v2 for c in caps_read if c.traffic == "acceptance")
+
+        import mlflow
+
+        from flywheel.config import Settings
+        from flywheel.monitor import Monitor, MonitorConfig
+
+        mlflow.MlflowClient().set_registered_model_alias(name, "monitored-release", v2)
+        mon = Monitor(MonitorConfig(model=name, capture_uri=caps, env="monitored-release",
+                                    state_dir=tmp_path / "mon", window=50, settle_s=0.0),
+                      Settings.from_env(tracking_uri=serving_models.tracking_uri, work_dir=serving_models.work_dir,
+                                        model_name=name).apply())
+        results = mon.tick()
+        mon.close()
+        assert [r.size for r in results] == [50, 50] and mon.last_tick.pending == 0
+        assert mon.last_tick.monitored == 100 and mon.last_tick.marked == marked_expected
+        state = json.loads((tmp_path / "mon" / "state.json").read_text())
+        assert state["windows"] == 2
+    finally:
+        server.stop()

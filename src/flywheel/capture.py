@@ -1,4 +1,5 @@
-"""Capture served traffic to a store (local directory or gs://bucket/prefix), off the request path.
+"""Capture served traffic to a store (local directory or gs://bucket/prefix), off the request path,
+and read it back exactly once.
 
 This module is copied into every TorchServe archive next to the handler, so it imports only the
 standard library and numpy at module level (google-cloud-storage lazily, for gs:// only) and never
@@ -8,10 +9,31 @@ Writer: `CaptureWriter.submit(record)` puts the record on a bounded queue and re
 daemon thread batches records into one JSON-lines object per flush. A slow, full or unreachable store
 therefore never fails a request or delays it: records that do not fit are counted in `dropped`.
 
-Store layout (one layout for both backends; object names sort by time):
+Store layout (one layout for both backends; object names sort by the time their writer named them):
     <root>/<model>/captures/<ts_ns:019d>-<writer>-<seq:08d>.jsonl   one line per captured request
     <root>/<model>/feedback/<ts_ns:019d>-<writer>-<seq:08d>.jsonl   {"prediction_id", "label"} lines
-The batch name is the monitor's cursor: `iter_captures(..., since=name)` yields strictly newer batches.
+Every record carries `traffic`: "live" for real clients; requests marked with the `X-Flywheel-Traffic`
+header ("acceptance", "warmup", "benchmark": release checks and load tests) are stored with that mark,
+so the store keeps an audit trail, and the monitor and `data snapshot` read live traffic only.
+
+Reading exactly once (`CaptureReader`, `CaptureCursor`). A batch is named (its writer's clock) before
+its upload, which takes up to the store timeout, and writers' clocks disagree, so the order in which
+batches become visible is not the order of their names: a cursor that is one name ("everything up
+to here is read") skips a batch named earlier but stored later. The cursor is therefore a watermark
+plus the set of batch names already read above it:
+  * a poll lists every batch named above the watermark and returns those not in the set;
+  * after the caller has processed them, `advance` adds them to the set, moves the watermark to
+    min(reader's clock, newest name read) − `horizon_s` (never backwards), and forgets the names at
+    or below it, so the cursor holds about one horizon of names.
+Guarantee: with a horizon at least the longest upload (from naming a batch to its being listed)
+plus the largest difference between any two clocks (every writer's and the reader's), every batch
+is returned by exactly one poll-advance, however many writers there are. A batch that becomes
+visible later than that bound, measured against the watermark, is never read (it is counted by
+nobody; size the horizon generously: the default is 10 minutes). Records of one batch are returned
+together; exactly-once holds across restarts when the caller persists what it derived from a poll
+and the advanced cursor in one atomic write (the monitor keeps both in one state file).
+A cursor saved by an older flywheel, a single batch name, loads as a watermark with an empty set:
+the same position, with the new guarantee from then on.
 """
 
 from __future__ import annotations
@@ -27,7 +49,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,6 +59,21 @@ STATS = "stats"  # <root>/<model>/stats/<writer>.json: each writer's counters, f
 STATS_EVERY_S = 10.0
 _SENTINEL = object()
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+DEFAULT_HORIZON_S = 600.0  # the reader's horizon: longest upload + largest clock difference, generously
+# Traffic marks: clients that are not real users say so in this request header; the handler stores
+# the mark in the record and readers of the monitored stream keep LIVE only.
+TRAFFIC_HEADER = "X-Flywheel-Traffic"
+LIVE = "live"
+TRAFFIC_KINDS = (LIVE, "acceptance", "warmup", "benchmark")
+_TRAFFIC_SAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def traffic_kind(value: str | None) -> str:
+    """The traffic mark of a request from its header value: LIVE when absent, else the (sanitised,
+    lower-case) mark as sent. A mark outside TRAFFIC_KINDS is kept as sent: it is still not live."""
+    if value is None or not str(value).strip():
+        return LIVE
+    return _TRAFFIC_SAFE.sub("_", str(value).strip().lower())[:32] or LIVE
 
 
 def safe_name(model: str) -> str:
@@ -83,6 +120,10 @@ class LocalStore:
     def get(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
 
+    def any(self, prefix: str, suffix: str = ".jsonl") -> bool:
+        folder = self.root / prefix
+        return folder.is_dir() and any(p.suffix == suffix and not p.name.startswith(".") for p in folder.iterdir())
+
 
 class GCSStore:
     """gs://bucket/prefix through google-cloud-storage (honours STORAGE_EMULATOR_HOST)."""
@@ -119,6 +160,10 @@ class GCSStore:
 
     def get(self, name: str) -> bytes:
         return self._b().blob(self._full(name)).download_as_bytes(timeout=self.timeout)
+
+    def any(self, prefix: str, suffix: str = ".jsonl") -> bool:
+        blobs = self._b().client.list_blobs(self.bucket_name, prefix=self._full(prefix) + "/", timeout=self.timeout)
+        return any(b.name.endswith(suffix) for b in blobs)
 
 
 def open_store(uri: str) -> LocalStore | GCSStore:
@@ -173,7 +218,12 @@ class Capture:
     confidence: float | None
     probs: np.ndarray | None
     image_png: bytes | None = field(repr=False)
-    batch: str = ""  # the store object it came from: the reader's cursor
+    batch: str = ""  # the store object it came from
+    traffic: str = LIVE  # LIVE, or the mark a release check / load test sent (see TRAFFIC_HEADER)
+
+    @property
+    def live(self) -> bool:
+        return self.traffic == LIVE
 
 
 def decode_record(line: str, batch: str = "") -> Capture:
@@ -193,6 +243,7 @@ def decode_record(line: str, batch: str = "") -> Capture:
         probs=None if probs is None else np.asarray(probs, dtype=np.float32),
         image_png=None if img is None else base64.b64decode(img),
         batch=batch,
+        traffic=traffic_kind(raw.get("traffic")),
     )
 
 
@@ -201,7 +252,9 @@ class CaptureWriter:
     """Bounded, sampled, batched capture writer. `submit` never blocks and never raises."""
 
     def __init__(self, uri: str, sample_rate: float = 1.0, max_queue: int = 1024, flush_every: int = 64,
-                 flush_seconds: float = 1.0, model: str | None = None):
+                 flush_seconds: float = 1.0, model: str | None = None, clock: Callable[[], float] = time.time):
+        """`clock` names batches (seconds since the epoch, default `time.time`): a test gives a
+        skewed one to play a replica whose clock runs behind; readers tolerate skew up to their horizon."""
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"capture sample_rate must be within [0, 1], got {sample_rate}")
         if max_queue < 1 or flush_every < 1 or flush_seconds <= 0:
@@ -212,6 +265,7 @@ class CaptureWriter:
         self.flush_every = int(flush_every)
         self.flush_seconds = float(flush_seconds)
         self.model = model  # default folder when a record carries no "model"
+        self.clock = clock
         self._queue: queue.Queue = queue.Queue(maxsize=int(max_queue))
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -335,7 +389,7 @@ class CaptureWriter:
                 self._count_dropped(1, f"unencodable record: {type(exc).__name__}: {exc}")
         for folder, lines in groups.items():
             self._seq += 1
-            name = f"{folder}/{CAPTURES}/{batch_key(writer=self._writer_id, seq=self._seq)}"
+            name = f"{folder}/{CAPTURES}/{batch_key(self.clock(), writer=self._writer_id, seq=self._seq)}"
             try:
                 self.store.put(name, ("\n".join(lines) + "\n").encode())
             except Exception as exc:  # noqa: BLE001 - store down: count, never raise
@@ -379,10 +433,11 @@ class CaptureWriter:
 # ---------------------------------------------------------------------------------------- readers
 def list_batches(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
                  kind: str = CAPTURES) -> list[str]:
-    """Batch names (e.g. `0001700000000000000-abcd-00000001.jsonl`) newer than `since`, oldest first.
+    """Batch names (e.g. `0001700000000000000-abcd-00000001.jsonl`) named after `since`, oldest first.
 
-    `settle_seconds` leaves out batches younger than that: several serving workers write concurrently,
-    and a cursor must not jump past a batch another worker is still about to write.
+    For whole-store reads and listings. `since` as a resume point is not safe with several writers
+    (a batch named earlier can be stored later): incremental readers use `CaptureReader`.
+    `settle_seconds` leaves out batches named less than that ago.
     """
     store = open_store(uri)
     prefix = f"{safe_name(model)}/{kind}"
@@ -401,11 +456,11 @@ def read_batch(uri: str, model: str, name: str, kind: str = CAPTURES) -> list[st
 
 def iter_captures(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
                   limit_batches: int | None = None) -> Iterator[Capture]:
-    """Captured records of `model` in batches newer than cursor `since`, in time order.
+    """Captured records of `model` (every traffic mark) in batches named after `since`, in name order.
 
-    Each record's `.batch` is its batch name: pass the last one seen back as `since` to resume.
-    Corrupt lines are skipped (a crash mid-write cannot happen with atomic puts, but hand-edited
-    stores can hold anything).
+    Each record's `.batch` is its batch name. For reading a whole store (`data snapshot`); an
+    incremental reader that must see every batch once uses `CaptureReader`. Corrupt lines are skipped
+    (a crash mid-write cannot happen with atomic puts, but hand-edited stores can hold anything).
     """
     names = list_batches(uri, model, since, settle_seconds)
     if limit_batches is not None:
@@ -416,6 +471,103 @@ def iter_captures(uri: str, model: str, since: str | None = None, settle_seconds
                 yield decode_record(line, batch=name)
             except (ValueError, TypeError, KeyError):
                 continue
+
+
+@dataclass(frozen=True)
+class CaptureCursor:
+    """How far a reader got: every batch named at or below `watermark`, and the names in `seen` above it.
+
+    Saved as JSON (`to_json`); `from_json` also takes the single batch name older versions saved.
+    """
+
+    watermark: str = ""  # a batch name or a bare 19-digit timestamp; "" = nothing read yet
+    seen: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict:
+        return {"watermark": self.watermark, "seen": sorted(self.seen)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> CaptureCursor:
+        if data is None:
+            return cls()
+        if isinstance(data, str):  # the old cursor: the last batch name read, everything before it read too
+            return cls(watermark=data)
+        if isinstance(data, dict) and isinstance(data.get("watermark", ""), str) \
+                and isinstance(data.get("seen", []), list):
+            return cls(str(data.get("watermark") or ""), frozenset(str(n) for n in data.get("seen") or ()))
+        raise ValueError(f"not a capture cursor: {str(data)[:80]!r}")
+
+    @classmethod
+    def at(cls, ts: float) -> CaptureCursor:
+        """A cursor that has read everything named before `ts` (seconds since the epoch)."""
+        return cls(watermark=batch_key(max(0.0, ts)))
+
+
+@dataclass(frozen=True)
+class Poll:
+    """Batch names a poll found unread (oldest name first) and the reader's clock when it listed them."""
+
+    names: tuple[str, ...]
+    listed_at: float
+
+
+@dataclass(frozen=True)
+class CaptureReader:
+    """Exactly-once reader of one model's capture batches (the contract is in the module docstring).
+
+        poll = reader.poll(cursor)
+        records = [r for name in poll.names for r in reader.read(name)]
+        ... process records ...
+        cursor = reader.advance(cursor, poll)   # persist it together with what was derived
+    """
+
+    uri: str
+    model: str
+    horizon_s: float = DEFAULT_HORIZON_S  # >= longest upload + largest clock difference
+    settle_s: float = 0.0  # leave batches younger than this to a later poll (they stay unread, not skipped)
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if self.horizon_s <= 0 or self.settle_s < 0 or self.settle_s >= self.horizon_s:
+            raise ValueError(f"capture reader needs 0 <= settle_s ({self.settle_s}) < horizon_s ({self.horizon_s})")
+
+    @property
+    def prefix(self) -> str:
+        return f"{safe_name(self.model)}/{CAPTURES}"
+
+    def poll(self, cursor: CaptureCursor) -> Poll:
+        """Every unread batch above the cursor's watermark, oldest name first. (No limit: advancing
+        past part of a poll could move the watermark over names left for later.)"""
+        listed_at = self.clock()  # before listing: whatever is visible now is in the listing
+        names = [n.rsplit("/", 1)[-1] for n in open_store(self.uri).list(self.prefix, after=cursor.watermark or None)]
+        names = [n for n in names if n not in cursor.seen]
+        if self.settle_s > 0:
+            names = [n for n in names if key_time(n) <= listed_at - self.settle_s]
+        return Poll(tuple(names), listed_at)
+
+    def read(self, name: str) -> list[Capture]:
+        """The records of one batch (corrupt lines skipped), each with `.batch` = name."""
+        out = []
+        for line in read_batch(self.uri, self.model, name):
+            try:
+                out.append(decode_record(line, batch=name))
+            except (ValueError, TypeError, KeyError):
+                continue
+        return out
+
+    def advance(self, cursor: CaptureCursor, poll: Poll) -> CaptureCursor:
+        """The cursor after `poll`'s batches were processed: names added, watermark moved, set pruned."""
+        seen = cursor.seen | frozenset(poll.names)
+        watermark = cursor.watermark
+        if seen:
+            newest = key_time(max(seen))  # names sort by time
+            candidate = batch_key(max(0.0, min(poll.listed_at, newest) - self.horizon_s))
+            watermark = max(watermark, candidate)
+        return CaptureCursor(watermark, frozenset(n for n in seen if n > watermark))
+
+    def any(self) -> bool:
+        """Whether the store holds any capture batch of this model at all."""
+        return open_store(self.uri).any(self.prefix)
 
 
 def write_feedback(uri: str, model: str, labels: list[tuple[str, str]] | dict[str, str]) -> str:

@@ -503,17 +503,21 @@ def serve(
         server.stop()
 
 # monitor node: flywheel monitor, flywheel data snapshot | feedback
-CaptureUriOpt = Annotated[str, typer.Option(
-    "--capture-uri", envvar="FLYWHEEL_CAPTURE_URI", help="Capture store: a directory or gs://bucket/prefix.")]
+CaptureUriOpt = Annotated[Optional[str], typer.Option(
+    "--capture-uri", envvar="FLYWHEEL_CAPTURE_URI",
+    help="Capture store: a directory or gs://bucket/prefix (default $FLYWHEEL_HOME/captures, where `serve` writes).")]
 
 
 @app.command()
 def monitor(
     model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: --model-name).")] = None,
     env: Annotated[str, typer.Option(help="Alias whose served traffic is monitored: prod | dev.")] = "prod",
-    capture_uri: CaptureUriOpt = ".flywheel/captures",
+    capture_uri: CaptureUriOpt = None,
     once: Annotated[bool, typer.Option("--once", help="Process what is there, then exit (cron).")] = False,
     from_now: Annotated[bool, typer.Option("--from-now", help="First run: skip captures already stored.")] = False,
+    capture_horizon: Annotated[float, typer.Option(
+        min=1, help="Seconds a capture batch may take from being named to being stored, plus the largest clock "
+                    "difference between serving replicas and this node: batches later than that are not read.")] = 600.0,
     window: Annotated[int, typer.Option(min=10, help="Captured predictions per drift test.")] = 100,
     alpha: Annotated[float, typer.Option(help="False-alarm budget per window.")] = 0.01,
     interval: Annotated[float, typer.Option(help="Seconds between ticks of the service.")] = 30.0,
@@ -543,7 +547,7 @@ def monitor(
     import os
 
     from flywheel.errors import FlywheelError
-    from flywheel.monitor import Monitor, MonitorConfig
+    from flywheel.monitor import Monitor, MonitorConfig, describe_tick
     from flywheel.triggers import PolicyConfig, build_actions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -551,20 +555,24 @@ def monitor(
     try:
         actions = build_actions(github_repo, os.environ.get("GITHUB_TOKEN"), github_api, ssh_node, ssh_command,
                                 ssh_key, known_hosts, local_command)
-        cfg = MonitorConfig(model=model or settings.model_name, capture_uri=capture_uri, env=env,
+        cfg = MonitorConfig(model=model or settings.model_name, capture_uri=capture_uri or settings.capture_uri, env=env,
                             state_dir=state_dir or settings.work_dir / "monitor" / f"{model or settings.model_name}-{env}",
                             window=window, alpha=alpha, interval_s=interval, metrics_port=metrics_port,
                             metrics_addr=metrics_addr, snapshot_dir=snapshot_dir or settings.work_dir / "snapshots",
-                            from_now=from_now)
+                            from_now=from_now, horizon_s=capture_horizon)
         policy = PolicyConfig(consecutive=consecutive, cooldown_s=cooldown, schedule_s=schedule,
                               min_labelled=min_labelled)
         mon = Monitor(cfg, settings, actions, policy)
         if once:
-            for r in mon.tick():
-                typer.echo(f"window {r.index} v{r.version}: p={r.p_value:.3g} (embedding {r.p_embedding:.3g}, "
-                           f"prediction {r.p_prediction:.3g}) drift={r.drift}"
-                           + (f" accuracy={r.accuracy:.3f}" if r.accuracy is not None else "")
-                           + (f" -> retrain ({r.trigger})" if r.trigger else ""))
+            try:
+                for r in mon.tick():
+                    typer.echo(f"window {r.index} v{r.version}: p={r.p_value:.3g} (embedding {r.p_embedding:.3g}, "
+                               f"prediction {r.p_prediction:.3g}) drift={r.drift}"
+                               + (f" accuracy={r.accuracy:.3f}" if r.accuracy is not None else "")
+                               + (f" -> retrain ({r.trigger})" if r.trigger else ""))
+                typer.echo(describe_tick(mon.last_tick, cfg.capture_uri, cfg.model))
+            finally:
+                mon.close()
         else:
             mon.serve_forever()
     except FlywheelError as exc:
@@ -574,8 +582,7 @@ def monitor(
 @data_app.command("snapshot")
 def data_snapshot(
     model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: --model-name).")] = None,
-    capture_uri: Annotated[Optional[str], typer.Option(
-        "--capture-uri", envvar="FLYWHEEL_CAPTURE_URI", help="Capture store with feedback labels.")] = None,
+    capture_uri: CaptureUriOpt = None,
     labelled: Annotated[Optional[list[Path]], typer.Option(
         "--labelled", help="Labelling export in imagefolder layout (<dir>/<class>/<image>); repeatable.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Snapshot root (default $FLYWHEEL_HOME/snapshots).")] = None,
@@ -588,7 +595,8 @@ def data_snapshot(
 
     settings = Settings.from_env(model_name=model_name)  # no tracking needed: skip importing MLflow
     try:
-        snap = take_snapshot(capture_uri, model or settings.model_name, out or settings.work_dir / "snapshots",
+        snap = take_snapshot(capture_uri or settings.capture_uri, model or settings.model_name,
+                             out or settings.work_dir / "snapshots",
                              tuple(labelled or ()))
     except FlywheelError as exc:
         _fail(str(exc))
@@ -601,7 +609,7 @@ def data_snapshot(
 def data_feedback(
     labels: Annotated[list[str], typer.Argument(help="PREDICTION_ID=LABEL pairs (the class name).")],
     model: Annotated[Optional[str], typer.Option("--model", help="Registered model (default: --model-name).")] = None,
-    capture_uri: CaptureUriOpt = ".flywheel/captures",
+    capture_uri: CaptureUriOpt = None,
     model_name: ModelNameOpt = None,
 ) -> None:
     """Send ground-truth labels for served predictions (joined with captures by `data snapshot`)."""
@@ -616,11 +624,12 @@ def data_feedback(
     from flywheel.config import Settings
 
     settings = Settings.from_env(model_name=model_name)
+    capture_uri = capture_uri or settings.capture_uri
     try:
         name = write_feedback(capture_uri, model or settings.model_name, pairs)
     except (OSError, ValueError) as exc:
         _fail(f"could not store feedback in {capture_uri}: {exc}")
-    typer.echo(f"stored {len(pairs)} labels ({name})")
+    typer.echo(f"stored {len(pairs)} labels in {capture_uri} ({name})")
 
 
 # ------------------------------------------------------------------------------------ CI bookkeeping

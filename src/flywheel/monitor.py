@@ -3,7 +3,9 @@
 One tick (`Monitor.tick`, which `--once` runs a single time for cron):
 1. resolve the alias (`prod`, `dev`) to a model version; a new version starts a new reference and run;
 2. load that version's own reference (the `reference/` artifacts its training run logged);
-3. read captures newer than the persisted cursor; records of other versions are skipped;
+3. read the capture batches not read before (`flywheel.capture.CaptureReader`: exactly once, from any
+   number of writers, within its horizon); records of other versions and traffic marked as release
+   acceptance, warm-up or benchmark (not live) are skipped;
 4. for every full window: embedding drift (`flywheel.drift`), prediction drift (chi-square on class
    counts), accuracy where feedback labels came back; log it to the MLflow `monitoring` experiment and
    to Prometheus;
@@ -11,16 +13,30 @@ One tick (`Monitor.tick`, which `--once` runs a single time for cron):
    the outbox (retried with backoff until the action succeeds).
 
 All state (cursor, partial window, policy, outbox, MLflow run id) lives under `state_dir`, so a crash
-or a cron schedule loses nothing and re-reads nothing.
+or a cron schedule loses nothing and re-reads nothing: the records read, the partial window, the
+windows tested and the advanced cursor are committed in one atomic write of `state.json` (the partial
+window goes to a fresh `pending-<id>.npz` that the commit names). Windows are tested before that
+commit and applied to the trigger policy after it, from a journal in the same file that keeps the
+policy state each window starts from, so a crash between the two replays a window's decision with
+the same outcome and the same event id (the outbox keeps one request per event id).
+
+One process per state dir: a monitor holds `state_dir/monitor.lock` (filelock) for as long as it
+runs (a service) or ticks (`--once`); a second one stops with an error naming the holder. The
+monitor's MLflow run (one per model, env and version) is RUNNING while a monitor writes to it and
+FINISHED when the service stops or `--once` returns; the next one reopens it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +47,8 @@ from flywheel.errors import FlywheelError
 
 log = logging.getLogger("flywheel.monitor")
 EXPERIMENT = "monitoring"
+LOCK_FILE = "monitor.lock"  # held by the one monitor process using this state dir
+LOCK_OWNER = "monitor.lock.owner"  # who holds it (pid, host, since): for the second one's error
 
 
 @dataclass(frozen=True)
@@ -42,14 +60,15 @@ class MonitorConfig:
     window: int = 100
     alpha: float = 0.01  # per-window false-alarm budget, shared by the embedding and prediction tests
     interval_s: float = 30.0
-    settle_s: float = 2.0  # captures younger than this are read next tick (concurrent writers)
+    settle_s: float = 2.0  # captures younger than this wait for the next tick (keeps windows in time order)
+    horizon_s: float = 600.0  # capture reader horizon: >= longest capture upload + largest clock difference
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     log_mlflow: bool = True
     dataset: str | None = None  # base dataset of retrains (default: the version's `dataset` tag)
     snapshot_dir: Path | None = None  # where `data snapshot` writes, for the retrain payload
     seed: int = 0
-    from_now: bool = False  # a fresh monitor skips captures older than its first tick
+    from_now: bool = False  # a fresh monitor skips captures already stored at its first tick
 
 
 @dataclass
@@ -67,16 +86,37 @@ class WindowResult:
     last_ts: float
     class_fractions: list[float] = field(default_factory=list)
     trigger: str | None = None
+    labelled_total: int = 0  # labelled captures seen up to and including this window (for the policy)
+    tested_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TickSummary:
+    """What one tick read and kept: for `--once`'s report and the logs."""
+
+    version: str
+    window: int
+    read: int  # records in the batches read this tick
+    monitored: int  # of them, added to windows
+    marked: dict  # traffic mark → records skipped as not live (acceptance, warmup, benchmark)
+    other_version: int
+    malformed: int
+    pending: int  # monitored records waiting for a full window
+    windows: int  # windows tested this tick
+    store_has_captures: bool | None = None  # None: not checked (something was read or is pending)
 
 
 @dataclass
 class MonitorState:
     version: str | None = None
-    cursor: str | None = None
+    cursor: dict | str | None = None  # CaptureCursor.to_json(); a str is an older flywheel's batch name
     windows: int = 0
     run_id: str | None = None
     labelled_total: int = 0
     last_capture_ts: float | None = None
+    pending_file: str | None = None  # the partial window committed with this state (None: pending.npz, older)
+    journal: list = field(default_factory=list)  # tested windows not yet applied to the trigger policy
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this state's retrain events
 
 
 class Reference:
@@ -143,55 +183,114 @@ class Metrics:
         return start_http_server(port, addr=addr, registry=self.registry)
 
 
+class MonitorBusy(FlywheelError):
+    """Another monitor process holds this state dir."""
+
+
 class Monitor:
     def __init__(self, cfg: MonitorConfig, settings: Settings, actions: list | None = None, policy=None):
+        from filelock import FileLock
+
+        from flywheel.capture import CaptureReader
         from flywheel.triggers import Outbox, PolicyConfig, TriggerPolicy
 
         if cfg.window < 10:
             raise FlywheelError(f"--window {cfg.window} is too small for a drift test; use at least 10")
         if not 0 < cfg.alpha < 1:
             raise FlywheelError(f"--alpha {cfg.alpha} must be within (0, 1)")
+        if not 0 <= cfg.settle_s < cfg.horizon_s:
+            raise FlywheelError(f"capture horizon {cfg.horizon_s}s must exceed the settle time {cfg.settle_s}s")
         self.cfg, self.settings = cfg, settings
         self.dir = Path(cfg.state_dir)
         self.actions = list(actions or [])
-        self.policy = TriggerPolicy(policy or PolicyConfig(), self.dir / "policy.json")
+        self._policy_config = policy or PolicyConfig()
+        self.policy = TriggerPolicy(self._policy_config, self.dir / "policy.json")
         self.outbox = Outbox(self.dir / "outbox")
         self.metrics = Metrics(cfg.model, cfg.env)
+        self.reader = CaptureReader(cfg.capture_uri, cfg.model, horizon_s=cfg.horizon_s, settle_s=cfg.settle_s)
         self.state = self._load_state()
+        self.last_tick: TickSummary | None = None
+        self._lock = FileLock(self.dir / LOCK_FILE, timeout=0)
+        self._run_open = False  # this process set the MLflow run RUNNING and must end it
         self._detector = None
         self._reference: Reference | None = None
         self._class_names: list[str] | None = None
 
+    # -- one process per state dir ----------------------------------------------------------------
+    @contextmanager
+    def locked(self):
+        """Hold the state dir's lock (reentrant). The first acquisition re-reads the state from disk:
+        another monitor may have moved it on since this one was constructed."""
+        from filelock import Timeout
+
+        from flywheel.triggers import TriggerPolicy
+
+        outermost = not self._lock.is_locked
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise MonitorBusy(f"another flywheel monitor ({_lock_owner(self.dir)}) holds state dir {self.dir}: "
+                              "stop it first, or give this one its own --state-dir") from None
+        try:
+            if outermost:
+                (self.dir / LOCK_OWNER).write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
+                                                   f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+                self.state = self._load_state()
+                self.policy = TriggerPolicy(self._policy_config, self.dir / "policy.json")
+            yield self
+        finally:
+            if outermost:
+                (self.dir / LOCK_OWNER).unlink(missing_ok=True)
+            self._lock.release()
+
     # -- state ---------------------------------------------------------------------------------
     def _load_state(self) -> MonitorState:
+        from flywheel.capture import CaptureCursor
+
         path = self.dir / "state.json"
         if not path.is_file():
             return MonitorState()
         try:
-            return MonitorState(**json.loads(path.read_text()))
+            state = MonitorState(**json.loads(path.read_text()))
+            CaptureCursor.from_json(state.cursor)  # validate (an older flywheel saved one batch name)
+            return state
         except (ValueError, TypeError) as exc:
             raise FlywheelError(f"monitor state {path} is corrupt ({exc}); move it aside to start over") from None
 
-    def _save_state(self) -> None:
+    @property
+    def cursor(self):
+        from flywheel.capture import CaptureCursor
+
+        return CaptureCursor.from_json(self.state.cursor)
+
+    def _commit(self, pending: dict[str, np.ndarray] | None = None) -> None:
+        """One atomic write of state.json; a new partial window is written first, under a fresh name
+        that the new state names, so the state on disk always goes with its own partial window."""
         from flywheel.triggers import _atomic_write
 
+        if pending is not None:
+            name = f"pending-{uuid.uuid4().hex[:12]}.npz"
+            tmp = self.dir / f".{name}.tmp.npz"
+            np.savez(tmp, **pending)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            tmp.replace(self.dir / name)
+            self.state.pending_file = name
         _atomic_write(self.dir / "state.json", asdict(self.state))
-
-    def _pending_path(self) -> Path:
-        return self.dir / "pending.npz"
+        if pending is not None:
+            for old in self.dir.glob("pending*.npz"):  # superseded partial windows (and the old pending.npz)
+                if old.name != self.state.pending_file:
+                    old.unlink(missing_ok=True)
 
     def _load_pending(self) -> dict[str, np.ndarray]:
-        path = self._pending_path()
+        name = self.state.pending_file or "pending.npz"  # pending.npz: state saved by an older flywheel
+        path = self.dir / name
         if not path.is_file() or self.state.version is None:
             return {"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64),
                     "ts": np.zeros(0), "ids": np.zeros(0, dtype="<U64")}
         with np.load(path) as z:
             return {k: z[k] for k in ("emb", "pred", "ts", "ids")}
-
-    def _save_pending(self, pending: dict[str, np.ndarray]) -> None:
-        tmp = self.dir / ".pending.tmp.npz"
-        np.savez(tmp, **pending)
-        tmp.replace(self._pending_path())
 
     # -- reference -------------------------------------------------------------------------------
     def _resolve(self) -> tuple[str, str]:
@@ -203,65 +302,94 @@ class Monitor:
     def _prepare(self, version: str, run_id: str) -> None:
         from flywheel.drift import NoveltyDriftDetector
 
-        if self._detector is not None and self._reference is not None and self._reference.run_id == run_id:
+        if self._detector is not None and self._reference is not None and self._reference.run_id == run_id \
+                and self.state.version == version:
             return
         self._reference = Reference.load(run_id, self.dir / "references")
         self._detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
         if self.state.version != version:
             log.info("monitoring %s@%s = version %s (new reference from run %s)", self.cfg.model, self.cfg.env,
                      version, run_id)
-            self.state = replace(self.state, version=version, windows=0, run_id=None)
-            self._pending_path().unlink(missing_ok=True)
+            self._end_run()
+            self.state = replace(self.state, version=version, windows=0, run_id=None, pending_file=None)
+            self._class_names = None
+            self._commit({"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64),
+                          "ts": np.zeros(0), "ids": np.zeros(0, dtype="<U64")})
 
     # -- one tick --------------------------------------------------------------------------------
     def tick(self) -> list[WindowResult]:
-        """Process every complete window of new captures; returns their results."""
-        from flywheel.capture import iter_captures, read_feedback
+        """Process every complete window of new captures; returns their results (see `last_tick`)."""
+        with self.locked():
+            return self._tick()
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _tick(self) -> list[WindowResult]:
+        from flywheel.capture import CaptureCursor, read_feedback
+
+        results = self._apply_journal()  # a crash after the last commit left windows to apply
         version, run_id = self._resolve()
         self._prepare(version, run_id)
         self.metrics.version.labels(**self.metrics.labels).set(float(version) if version.isdigit() else 0)
-        if self.cfg.from_now and self.state.cursor is None:
-            from flywheel.capture import batch_key
-
-            self.state.cursor = batch_key()
-        pending = self._load_pending()
-        embs, preds, tss, ids = [pending["emb"]], [pending["pred"]], [pending["ts"]], [pending["ids"]]
-        cursor = self.state.cursor
-        dim = self._reference.embeddings.shape[1]
+        cursor = self.cursor
         try:
-            for cap in iter_captures(self.cfg.capture_uri, self.cfg.model, since=self.state.cursor,
-                                     settle_seconds=self.cfg.settle_s):
-                cursor = cap.batch
-                if cap.version != version or cap.embedding is None or cap.embedding.shape != (dim,):
-                    continue  # another version's traffic (a canary, the old one draining), or malformed
-                embs.append(cap.embedding[None])
-                preds.append(np.asarray([-1 if cap.label_index is None else cap.label_index]))
-                tss.append(np.asarray([cap.ts]))
-                ids.append(np.asarray([cap.prediction_id], dtype="<U64"))
+            if self.cfg.from_now and not cursor.watermark and not cursor.seen:
+                # Skip what is stored now; keep the horizon, so a late batch named before now still counts.
+                start = CaptureCursor.at(time.time() - self.cfg.horizon_s)
+                cursor = CaptureCursor(start.watermark, frozenset(self.reader.poll(start).names))
+            poll = self.reader.poll(cursor)
+            batches = [self.reader.read(name) for name in poll.names]
         except OSError as exc:
             raise FlywheelError(f"capture store {self.cfg.capture_uri} unreadable: {exc}") from None
+        pending = self._load_pending()
+        embs, preds, tss, ids = [pending["emb"]], [pending["pred"]], [pending["ts"]], [pending["ids"]]
+        dim = self._reference.embeddings.shape[1]
+        read = monitored = other_version = malformed = 0
+        marked: dict[str, int] = {}
+        for batch in batches:
+            for cap in batch:
+                read += 1
+                if not cap.live:  # a release's acceptance/warm-up or a benchmark: not what users send
+                    marked[cap.traffic] = marked.get(cap.traffic, 0) + 1
+                elif cap.version != version:  # another version's traffic (a canary, the old one draining)
+                    other_version += 1
+                elif cap.embedding is None or cap.embedding.shape != (dim,):
+                    malformed += 1
+                else:
+                    monitored += 1
+                    embs.append(cap.embedding[None])
+                    preds.append(np.asarray([-1 if cap.label_index is None else cap.label_index]))
+                    tss.append(np.asarray([cap.ts]))
+                    ids.append(np.asarray([cap.prediction_id], dtype="<U64"))
         emb = np.concatenate([e.reshape(-1, dim) for e in embs]).astype(np.float32)
         pred, ts = np.concatenate(preds).astype(np.int64), np.concatenate(tss).astype(np.float64)
         pid = np.concatenate(ids).astype("<U64")
         feedback = read_feedback(self.cfg.capture_uri, self.cfg.model) if len(emb) >= self.cfg.window else {}
-        results = []
+        tested = []
         w = self.cfg.window
         while len(emb) >= w:
-            results.append(self._window(emb[:w], pred[:w], ts[:w], pid[:w], version, feedback))
+            tested.append(self._test_window(emb[:w], pred[:w], ts[:w], pid[:w], version, feedback))
             emb, pred, ts, pid = emb[w:], pred[w:], ts[w:], pid[w:]
         if len(ts):
             self.state.last_capture_ts = float(max(ts.max(), self.state.last_capture_ts or 0))
-        self.state.cursor = cursor
-        self._save_pending({"emb": emb, "pred": pred, "ts": ts, "ids": pid})
-        self._save_state()
+        self.state.cursor = self.reader.advance(cursor, poll).to_json()
+        self.state.journal = [{"window": asdict(r), "policy_before": None} for r in tested]
+        self._commit({"emb": emb, "pred": pred, "ts": ts, "ids": pid})  # records, windows, cursor: one write
+        results += self._apply_journal()
+        has_any = None
+        if not read and not len(pid) and not results:
+            try:
+                has_any = self.reader.any()
+            except OSError:
+                has_any = None
+        self.last_tick = TickSummary(version, w, read, monitored, marked, other_version, malformed, len(pid),
+                                     len(results), has_any)
+        if marked:
+            log.info("skipped %d captures not marked live: %s", sum(marked.values()), marked)
         self._deliver()
-        self._log_mlflow(results)
+        self._log_mlflow([r for r in results if r.version == version])  # a replayed window may predate a switch
         self._export(results)
         return results
 
-    def _window(self, emb, pred, ts, pid, version, feedback) -> WindowResult:
+    def _test_window(self, emb, pred, ts, pid, version, feedback) -> WindowResult:
         from flywheel.drift import combine_p_values, prediction_drift
 
         p_emb = self._detector.test(emb).p_value
@@ -279,16 +407,34 @@ class Monitor:
                 accuracy = float(np.mean(hits))
         self.state.labelled_total += len(labelled)
         self.state.windows += 1
-        res = WindowResult(self.state.windows, version, len(emb), p_emb, p_pred, p, bool(p < self.cfg.alpha),
-                           accuracy, len(labelled), float(ts.min()), float(ts.max()),
-                           (counts / max(1, counts.sum())).tolist())
-        decision = self.policy.observe(res.drift, labelled_total=self.state.labelled_total)
-        if decision.fire:
-            res.trigger = decision.reason
-            self._queue_retrain(decision, res)
-        log.info("window %d v%s: p_emb=%.3g p_pred=%.3g drift=%s %s", res.index, version, p_emb, p_pred,
-                 res.drift, decision.note)
-        return res
+        return WindowResult(self.state.windows, version, len(emb), p_emb, p_pred, p, bool(p < self.cfg.alpha),
+                            accuracy, len(labelled), float(ts.min()), float(ts.max()),
+                            (counts / max(1, counts.sum())).tolist(), labelled_total=self.state.labelled_total,
+                            tested_at=time.time())
+
+    def _apply_journal(self) -> list[WindowResult]:
+        """Feed tested windows to the trigger policy, in order, each exactly once: the policy state a
+        window starts from is committed first, so a replay after a crash decides the same way."""
+        from flywheel.triggers import PolicyState
+
+        applied = []
+        while self.state.journal:
+            entry = self.state.journal[0]
+            if entry.get("policy_before") is None:
+                entry["policy_before"] = asdict(self.policy.state)
+                self._commit()
+            self.policy.state = PolicyState(**entry["policy_before"])
+            res = WindowResult(**entry["window"])
+            decision = self.policy.observe(res.drift, labelled_total=res.labelled_total, now=res.tested_at)
+            if decision.fire:
+                res.trigger = decision.reason
+                self._queue_retrain(decision, res)
+            log.info("window %d v%s: p_emb=%.3g p_pred=%.3g drift=%s %s", res.index, res.version, res.p_embedding,
+                     res.p_prediction, res.drift, decision.note)
+            self.state.journal = self.state.journal[1:]
+            self._commit()
+            applied.append(res)
+        return applied
 
     def _class_names_for(self, version: str) -> list[str] | None:
         if self._class_names is None:
@@ -310,7 +456,11 @@ class Monitor:
         from flywheel.triggers import RetrainEvent
 
         snapshot, digest = self._latest_snapshot()
-        event = RetrainEvent(model=self.cfg.model, reason=decision.reason, env=self.cfg.env, version=res.version,
+        # The same window replayed after a crash asks with the same id, which the outbox keeps once.
+        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-monitor/{self.state.instance}/{res.version}/"
+                              f"{res.index}").hex
+        event = RetrainEvent(model=self.cfg.model, reason=decision.reason, event_id=event_id, env=self.cfg.env,
+                             version=res.version,
                              dataset=self.cfg.dataset or self._dataset_tag(res.version), snapshot=snapshot,
                              snapshot_digest=digest,
                              details={"episode": decision.episode, "window": res.index,
@@ -396,7 +546,11 @@ class Monitor:
             client.log_batch(run.info.run_id, params=[Param("window", str(self.cfg.window)),
                                                       Param("alpha", str(self.cfg.alpha))])
             self.state.run_id = run.info.run_id
-            self._save_state()
+            self._run_open = True
+            self._commit()
+        elif not self._run_open:  # one run per version: reopen the run an earlier --once finished
+            client.update_run(self.state.run_id, status="RUNNING")
+            self._run_open = True
         run_id = self.state.run_id
         now = int(time.time() * 1000)
         metrics = []
@@ -418,25 +572,77 @@ class Monitor:
                               f"{self.cfg.model}@{self.cfg.env} v{results[0].version}")
             client.log_artifact(run_id, str(path), "plots")
 
+    def _end_run(self) -> None:
+        """Mark the MLflow run FINISHED if this process opened it (the next writer reopens it)."""
+        if not self._run_open or not self.state.run_id:
+            self._run_open = False
+            return
+        self._run_open = False
+        try:
+            import mlflow
+
+            mlflow.MlflowClient().set_terminated(self.state.run_id, "FINISHED")
+        except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail stopping; the run reopens later
+            log.warning("could not mark monitoring run %s finished: %s", self.state.run_id, exc)
+
+    def close(self) -> None:
+        """End what this monitor opened: its MLflow run goes FINISHED (`--once` returning, a service stopping)."""
+        self._end_run()
+
     # -- service ---------------------------------------------------------------------------------
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         """Tick every `interval_s` until SIGTERM/SIGINT (or `stop` is set); a failing tick is logged
-        and retried next interval, so a tracking-server or store outage does not kill the service."""
+        and retried next interval, so a tracking-server or store outage does not kill the service.
+        Holds the state dir's lock throughout (MonitorBusy if another monitor has it)."""
         stop = stop or threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
-        if self.cfg.metrics_port is not None:
-            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_addr)
-            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_addr, self.cfg.metrics_port)
-        while not stop.is_set():
+        with self.locked():
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, lambda *_: stop.set())
+            if self.cfg.metrics_port is not None:
+                self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_addr)
+                log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_addr, self.cfg.metrics_port)
             try:
-                self.tick()
-            except FlywheelError as exc:
-                log.error("monitor tick failed: %s", exc)
-            except Exception:  # noqa: BLE001 - keep serving; the next tick retries
-                log.exception("monitor tick failed")
-            stop.wait(self.cfg.interval_s)
+                while not stop.is_set():
+                    try:
+                        self.tick()
+                    except FlywheelError as exc:
+                        log.error("monitor tick failed: %s", exc)
+                    except Exception:  # noqa: BLE001 - keep serving; the next tick retries
+                        log.exception("monitor tick failed")
+                    stop.wait(self.cfg.interval_s)
+            finally:
+                self.close()
+
+
+def describe_tick(summary: TickSummary | None, capture_uri: str, model: str) -> str:
+    """One line for `flywheel monitor --once`: what was read, what waits, what was skipped."""
+    if summary is None:
+        return "no tick ran"
+    if summary.store_has_captures is False:
+        from flywheel.capture import CAPTURES, safe_name
+
+        return (f"no captures of {model} in {capture_uri} (looked in {capture_uri.rstrip('/')}/{safe_name(model)}/"
+                f"{CAPTURES}/): is serving capturing there (FLYWHEEL_CAPTURE_URI)? no window tested")
+    skipped = []
+    for kind, n in sorted(summary.marked.items()):
+        skipped.append(f"{n} {kind}")
+    if summary.other_version:
+        skipped.append(f"{summary.other_version} of other versions")
+    if summary.malformed:
+        skipped.append(f"{summary.malformed} malformed")
+    read = f"read {summary.read} new captures" + (f" (skipped {', '.join(skipped)})" if skipped else "")
+    tested = (f"{summary.windows} window{'s' if summary.windows != 1 else ''} tested" if summary.windows
+              else "no window tested")
+    return (f"{read}; {summary.pending} captured predictions pending of a {summary.window} window "
+            f"(v{summary.version}); {tested}")
+
+
+def _lock_owner(state_dir: Path) -> str:
+    try:
+        return (Path(state_dir) / LOCK_OWNER).read_text().strip() or "owner unknown"
+    except OSError:
+        return "owner unknown"
 
 
 def drift_plot(history, drift: dict, alpha: float, path: Path, title: str) -> Path:

@@ -11,6 +11,10 @@ Docker target (docker SDK, local socket or ssh://): load the image M:V, start it
 container on its own port, health + the same acceptance, then stop the old one (`docker_release`).
 
 Only a release that passed moves registry alias `dev`/`prod` and tags `deployed_<env>_at`.
+
+Every request a release sends (warm-up, acceptance, the post-switch check) carries
+`X-Flywheel-Traffic: warmup|acceptance`: the handler captures it marked, so it never counts as the
+users' traffic the monitor watches (`marked_predict`).
 """
 
 from __future__ import annotations
@@ -109,15 +113,33 @@ class AcceptanceData:
         return cls(test.images[start:start + n], test.labels[start:start + n], class_names)
 
 
-def run_acceptance(predict: Callable[[bytes | dict], object], data: AcceptanceData, version: str,
+def marked_predict(client, model: str, version: str | None = None) -> Callable[..., object]:
+    """`predict(body, traffic="acceptance")` against `client` (a TorchServeClient), each request marked
+    with the X-Flywheel-Traffic header so capture stores it apart from live traffic."""
+    from flywheel.capture import TRAFFIC_HEADER
+
+    def predict(body, traffic: str = "acceptance"):
+        # Through the session's default headers, which requests merges into each call: predict() sets
+        # its own Content-Type header, so it cannot take one more today.
+        client.session.headers[TRAFFIC_HEADER] = traffic
+        try:
+            return client.predict(model, body, version=version)
+        finally:
+            client.session.headers.pop(TRAFFIC_HEADER, None)
+
+    return predict
+
+
+def run_acceptance(predict: Callable[..., object], data: AcceptanceData, version: str,
                    cfg: AcceptanceConfig) -> AcceptanceReport:
-    """Smoke, accuracy and latency checks against one endpoint. `predict(body)` returns a response."""
+    """Smoke, accuracy and latency checks against one endpoint. `predict(body, traffic="acceptance")`
+    returns a response; warm-up requests are sent with traffic="warmup" (see `marked_predict`)."""
     from flywheel.preprocessing import encode_png
 
     report = AcceptanceReport()
     pngs = [encode_png(img) for img in data.images]
     for png in pngs[:cfg.warmup_requests]:
-        predict(png)
+        predict(png, "warmup")
     # Smoke: fixed samples answer 200 with a known label from exactly this version.
     bad = []
     for i, png in enumerate(pngs[:cfg.smoke_samples]):
@@ -254,8 +276,7 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
                 raise ReleaseFailed(f"scale failed: HTTP {r.status_code} {r.text[:200]}")
             result.event("version already registered; scaled")
         # 3. Warm-up and acceptance on /predictions/M/V only.
-        report = run_acceptance(lambda body: client.predict(model, body, version=version), data, version,
-                                acceptance)
+        report = run_acceptance(marked_predict(client, model, version), data, version, acceptance)
         result.report = report
         result.event(report.summary())
         if not report.passed:
@@ -265,7 +286,7 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         if r.status_code != 200:
             raise ReleaseFailed(f"set-default failed: HTTP {r.status_code} {r.text[:200]}")
         result.switched = True
-        check = client.predict(model, _first_png(data))
+        check = marked_predict(client, model)(_first_png(data))
         if check.status_code != 200 or str(_json(check).get("version")) != version:
             raise ReleaseFailed(f"after the switch /predictions/{model} answered HTTP {check.status_code} "
                                 f"version {_json(check).get('version')}, not {version}")
@@ -536,7 +557,7 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
             raise ReleaseFailed(f"could not read the key file in {name}: {out[:200]!r}")
         ts = TorchServeClient(url, inference_key=json.loads(out)["inference"]["key"])
         data = AcceptanceData.for_dataset(_dataset_of(mv), settings, acceptance)
-        report = run_acceptance(lambda body: ts.predict(model, body, version=version), data, version, acceptance)
+        report = run_acceptance(marked_predict(ts, model, version), data, version, acceptance)
         result.report = report
         result.event(report.summary())
         if not report.passed:

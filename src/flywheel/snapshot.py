@@ -6,6 +6,11 @@ A snapshot is written as `<out>/<model>/v0001/<class>/<image>.png` plus `snapsho
 sources). The digest covers the content only (class + image bytes), so re-running with no new labels
 writes nothing and returns the existing snapshot; the next training run uses it with
 `flywheel train --extra-data <snapshot dir>` (base data + labelled captures).
+
+Only live traffic is snapshotted: captures marked as release acceptance, warm-up or benchmark
+traffic (`X-Flywheel-Traffic`, see flywheel.capture) are not what users send. When nothing can be
+snapshotted the error says why, from what the store holds (no captures, no labels, labels that match
+no capture, matches that are all marked traffic).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flywheel.data import IMAGE_SUFFIXES
@@ -51,6 +56,36 @@ def latest_snapshot(root: Path, model: str | None = None) -> Snapshot | None:
                     meta["created"], new=False)
 
 
+@dataclass
+class _Seen:
+    """What the capture store held for a snapshot, to say why nothing could be taken."""
+
+    labels: int = 0
+    captures: int = 0
+    no_image: int = 0
+    marked: dict = field(default_factory=dict)
+
+    def diagnosis(self, capture_uri: str | None, model: str) -> str:
+        if not capture_uri:
+            return "no capture store given and no --labelled folder"
+        where = f"{capture_uri} (model {model})"
+        if not self.captures and not self.labels:
+            return f"no captures and no feedback labels in {where}"
+        if not self.captures:
+            return (f"{self.labels} feedback labels but no captures at all in {where}: is serving capturing "
+                    "there (FLYWHEEL_CAPTURE_URI, same store as `data feedback`)?")
+        if not self.labels:
+            return f"{self.captures} captured predictions in {where} but no feedback labels yet"
+        if self.marked:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.marked.items()))
+            return (f"the labelled captures in {where} are release/benchmark traffic, not live ({kinds}); "
+                    f"{self.labels} labels, {self.captures} captures")
+        if self.no_image:
+            return f"{self.no_image} labelled captures in {where} carry no image"
+        return (f"{self.labels} feedback labels but none matches one of the {self.captures} captured "
+                f"prediction ids in {where}")
+
+
 def _labelled_from_folder(folder: Path) -> list[tuple[str, str, bytes]]:
     if not folder.is_dir():
         raise FlywheelError(f"labelled folder {folder} does not exist (expected <dir>/<class>/<image>)")
@@ -69,19 +104,31 @@ def take_snapshot(capture_uri: str | None, model: str, out_root: Path, labelled_
     from flywheel.capture import iter_captures, read_feedback, safe_name
 
     items: list[tuple[str, str, bytes]] = []  # (class folder, file name, bytes)
+    seen = _Seen()
     if capture_uri:
-        labels = read_feedback(capture_uri, model)
-        if labels:
+        try:
+            labels = read_feedback(capture_uri, model)
+            seen.labels = len(labels)
             for cap in iter_captures(capture_uri, model):
+                seen.captures += 1
                 label = labels.get(cap.prediction_id)
-                if label is None or not cap.image_png:
+                if label is None:
+                    continue
+                if not cap.live:
+                    seen.marked[cap.traffic] = seen.marked.get(cap.traffic, 0) + 1
+                    continue
+                if not cap.image_png:
+                    seen.no_image += 1
                     continue
                 items.append((class_dir(label), f"{safe_name(cap.prediction_id)}.png", cap.image_png))
+        except OSError as exc:
+            raise FlywheelError(f"capture store {capture_uri} unreadable: {exc}") from None
     for folder in labelled_dirs:
         items.extend(_labelled_from_folder(Path(folder)))
     if not items:
-        raise FlywheelError("nothing to snapshot: no captured prediction has a label yet; send labels with "
-                            "`flywheel data feedback` or pass a labelling export with --labelled DIR")
+        raise FlywheelError(f"nothing to snapshot: {seen.diagnosis(capture_uri, model)}; send labels for "
+                            "captured prediction ids with `flywheel data feedback` or pass a labelling export "
+                            "with --labelled DIR")
     if class_names is not None:
         allowed = {class_dir(c) for c in class_names}
         unknown = sorted({c for c, _, _ in items} - allowed)

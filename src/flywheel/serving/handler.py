@@ -14,6 +14,9 @@ raises because of input.
 Configuration (env wins over the archive's model-config.yaml `handler:` section):
   FLYWHEEL_CAPTURE_URI / capture_uri       where served traffic is captured (off when unset)
   FLYWHEEL_CAPTURE_SAMPLE / capture_sample fraction of predictions captured (default 1.0)
+A request with header `X-Flywheel-Traffic: acceptance|warmup|benchmark` (release checks, load tests)
+is captured with that mark in its record's `traffic` field (absent header: "live"); the monitor and
+`data snapshot` read live traffic only, and the store keeps the rest as an audit trail.
   FLYWHEEL_TOP_K / top_k                   default number of labels returned (default 3)
   FLYWHEEL_ORT_THREADS / ort_threads       ONNX Runtime threads per worker (default 1)
   max_images_per_request                   JSON list limit (default 64)
@@ -299,7 +302,8 @@ class FlywheelHandler(BaseHandler):
                 out.append(json.dumps({"error": item.message, "code": item.code}))
                 continue
             start, stop, single, top_k = item
-            preds = [self._prediction(batch.images[i], probs[i], emb[i], top_k) for i in range(start, stop)]
+            traffic = self._traffic(idx)
+            preds = [self._prediction(batch.images[i], probs[i], emb[i], top_k, traffic) for i in range(start, stop)]
             self._respond(idx, 200)
             if single:
                 out.append(json.dumps(preds[0]))
@@ -337,7 +341,22 @@ class FlywheelHandler(BaseHandler):
         if code != 200:
             self.context.set_response_status(code, "Bad Request" if code == 400 else "Client Error", idx)
 
-    def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int) -> dict:
+    def _traffic(self, idx: int) -> str | None:
+        """The request's traffic mark (X-Flywheel-Traffic), looked up only when capturing."""
+        if self.capture is None or self.context is None:
+            return None
+        try:
+            headers = self.context.get_all_request_header(idx) or {}
+        except (AttributeError, IndexError, KeyError, TypeError):  # no request context (unit tests)
+            return None
+        wanted = _capture.TRAFFIC_HEADER.lower()
+        value = next((v for k, v in headers.items() if str(k).lower() == wanted), None)
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("utf-8", "replace")
+        return _capture.traffic_kind(value if isinstance(value, str) else None)  # a dict: a body part's headers
+
+    def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int,
+                    traffic: str | None = None) -> dict:
         order = np.argsort(-probs)[:top_k]
         best = int(order[0])
         pred = {
@@ -352,7 +371,7 @@ class FlywheelHandler(BaseHandler):
         }
         if self.capture is not None:
             record = dict(pred, ts=time.time(), image_png=_pp.encode_png(image), embedding=emb,
-                          probs=probs.tolist())
+                          probs=probs.tolist(), traffic=traffic or _capture.LIVE)
             record.pop("top_k")
             self.capture.submit(record)  # never blocks or raises
         return pred
