@@ -107,6 +107,9 @@ def test_no_shift_stream_never_triggers(monitored_torchserve, fashion_embeddings
                  "flywheel_capture_lag_seconds", "flywheel_capture_dropped", "flywheel_prediction_class_fraction"):
         assert name in text
     assert 'flywheel_drift_windows_total{env="monitored",model="fashion-classifier"} 20.0' in text
+    # every record read is counted once: 1000 monitored into 20 full windows, none left pending
+    assert 'flywheel_captures_read_total{env="monitored",kind="monitored",model="fashion-classifier"} 1000.0' in text
+    assert 'flywheel_captures_pending{env="monitored",model="fashion-classifier"} 0.0' in text
     assert generate_latest(mon.metrics.registry)
 
 

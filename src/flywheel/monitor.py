@@ -176,6 +176,11 @@ class Metrics:
         self.class_fraction = Gauge("flywheel_prediction_class_fraction", "share of the latest window per class",
                                     labels + ["class_index"], registry=r)
         self.version = Gauge("flywheel_monitored_version", "model version behind the alias", labels, registry=r)
+        # Counted after each commit: summed over `kind` it equals the records stored (exactly-once reading).
+        self.read = Counter("flywheel_captures_read", "captured records read, by what happened to them", labels
+                            + ["kind"], registry=r)
+        self.pending = Gauge("flywheel_captures_pending", "monitored records waiting for a full window", labels,
+                             registry=r)
 
     def serve(self, port: int, addr: str):
         from prometheus_client import start_http_server
@@ -384,10 +389,20 @@ class Monitor:
                                      len(results), has_any)
         if marked:
             log.info("skipped %d captures not marked live: %s", sum(marked.values()), marked)
+        self._count_read(self.last_tick)
         self._deliver()
         self._log_mlflow([r for r in results if r.version == version])  # a replayed window may predate a switch
         self._export(results)
         return results
+
+    def _count_read(self, summary: TickSummary) -> None:
+        m, lab = self.metrics, self.metrics.labels
+        kinds = {"monitored": summary.monitored, "other_version": summary.other_version,
+                 "malformed": summary.malformed, **{f"marked_{k}": n for k, n in summary.marked.items()}}
+        for kind, n in kinds.items():
+            if n:
+                m.read.labels(**lab, kind=kind).inc(n)
+        m.pending.labels(**lab).set(summary.pending)
 
     def _test_window(self, emb, pred, ts, pid, version, feedback) -> WindowResult:
         from flywheel.drift import combine_p_values, prediction_drift
