@@ -433,8 +433,12 @@ def build_context(mar_paths: list[Path], dest: Path) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Dockerfile", "config.properties", "metrics.yaml", "log4j2.xml", "healthcheck.py",
-                 "requirements-serving.txt"):
+                 "entrypoint.py", "requirements-serving.txt"):
         shutil.copy(REPO_DEPLOY / name, dest / name)
+    # The key renewer/reader for the entrypoint and HEALTHCHECK (standard library only).
+    (dest / "flywheel").mkdir(exist_ok=True)
+    for name in ("__init__.py", "errors.py", "serving_keys.py"):
+        shutil.copy(Path(__file__).with_name(name), dest / "flywheel" / name)
     (dest / "model-store").mkdir(exist_ok=True)
     for mar in mar_paths:
         shutil.copy(mar, dest / "model-store" / Path(mar).name)

@@ -138,6 +138,18 @@ class TorchServe:
         return TorchServeClient(self.cfg.inference_address, self.cfg.management_address,
                                 metrics_url=self.cfg.metrics_address, key_file=self.key_file, timeout=timeout)
 
+    def renew_in_background(self) -> subprocess.Popen:
+        """Hand key renewal from this process's thread to a `flywheel serve-keys renew --watch` process
+        in the server's own process group: it outlives this process (servers left running, e.g. the
+        demo's --keep) and stops with the server (`kill -- -PGID`, `stop()`)."""
+        self.renewer.stop()
+        pgid = self.proc.pid
+        cmd = [sys.executable, "-m", "flywheel", "serve-keys", "renew", "--watch", "--key-file", str(self.key_file),
+               "--management-url", self.cfg.management_address]
+        with open(self.cfg.work_dir / "key-renewer.log", "ab") as log, open(os.devnull, "rb") as devnull:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                    preexec_fn=lambda: os.setpgid(0, pgid))  # setpgid only: fork-safe
+
     def log_tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
