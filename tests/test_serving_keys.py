@@ -346,3 +346,135 @@ def test_image_entrypoint_renews_keys_and_healthcheck_follows(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.mark.integration
+def test_background_renewer_keeps_renewing_and_exits_with_the_server(tmp_path):
+    """`demo --keep` leaves servers running after the demo exits: a `serve-keys renew --watch` process
+    keeps renewing, and exits when TorchServe's process group is killed (the printed stop command)."""
+    from flywheel.serve import ServeConfig, start_torchserve
+
+    server = start_torchserve(ServeConfig.local(tmp_path / "ts", tmp_path / "store", token_expiration_min=0.25))
+    try:
+        renewer = server.renew_in_background()
+        first = _keys(server.key_file)["inference"]
+        seen = {first}
+        deadline = time.monotonic() + 40
+        while len(seen) < 3 and time.monotonic() < deadline:
+            seen.add(_keys(server.key_file)["inference"])
+            time.sleep(0.5)
+        assert len(seen) >= 3, (tmp_path / "ts" / "key-renewer.log").read_text()
+        assert server.client().ping().status_code == 200
+        os.killpg(server.proc.pid, signal.SIGTERM)  # the demo's printed stop command: kill -- -PGID
+        assert renewer.wait(30) == 0
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------------- reliability
+LOAD_S = 245.0  # >= 4 minutes of 1-minute keys: each key renewed ~8 times
+
+
+@pytest.mark.integration
+@pytest.mark.reliability
+def test_keys_rotate_under_load_without_a_failed_request(serving_models, tmp_path):
+    """Keys living 1 minute, 8 clients for 4 minutes (6 threads through TorchServeClient, 2 looping
+    `flywheel predict` subprocesses with the key file), /ping polled throughout, a release of v2 in
+    the middle: 0 failed requests, the key file changed at least 3 times, every ping Healthy."""
+    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
+    from flywheel.serve import ServeConfig, TorchServeClient, start_torchserve
+
+    v1, v2, v3 = serving_models.versions
+    acc = serving_models.accuracy
+    settings = serving_models.settings()
+    name = serving_models.name
+    server = start_torchserve(ServeConfig.local(tmp_path / "ts", tmp_path / "store", token_expiration_min=1))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"img{i}.png").write_bytes(_png(10 + i))
+    png = _png(3)
+    stop = threading.Event()
+    lock = threading.Lock()
+    failures: list = []
+    answered: list[str] = []
+    pings: list[tuple[int, str]] = []
+    key_versions: list[tuple[str, str]] = []
+
+    def client_loop():
+        client = TorchServeClient(server.cfg.inference_address, key_file=server.key_file, timeout=60)
+        while not stop.is_set():
+            try:
+                r = client.predict(name, png)
+                ok = r.status_code == 200
+                with lock:
+                    (answered.append(str(r.json()["version"])) if ok else failures.append((r.status_code,
+                                                                                           r.text[:200])))
+            except Exception as exc:  # noqa: BLE001 - any failure is what the test counts
+                with lock:
+                    failures.append(repr(exc))
+            stop.wait(0.02)
+
+    def cli_loop():
+        while not stop.is_set():
+            proc = subprocess.run([FLYWHEEL, "predict", "--endpoint", server.cfg.inference_address, "--model", name,
+                                   "--key-file", str(server.key_file), "--dir", str(images)],
+                                  capture_output=True, text=True, timeout=300, check=False)
+            rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            with lock:
+                if proc.returncode != 0 or len(rows) != 3 or any(r["status"] != 200 for r in rows):
+                    failures.append(("flywheel predict", proc.returncode, proc.stderr[-300:], rows))
+                else:
+                    answered.extend(str(r["version"]) for r in rows)
+
+    def ping_loop():
+        client = TorchServeClient(server.cfg.inference_address, key_file=server.key_file, timeout=30)
+        while not stop.is_set():
+            try:
+                r = client.ping()
+                item = (r.status_code, r.json().get("status") if r.status_code == 200 else r.text[:100])
+            except Exception as exc:  # noqa: BLE001 - an unanswered ping is a finding
+                item = (None, repr(exc))
+            with lock:
+                pings.append(item)
+            stop.wait(0.5)
+
+    def key_watch():
+        while not stop.is_set():
+            keys = _keys(server.key_file)
+            current = (keys["inference"], keys["management"])
+            if not key_versions or key_versions[-1] != current:
+                key_versions.append(current)
+            stop.wait(0.25)
+
+    try:
+        target = ManagementTarget(server.cfg.inference_address, server.cfg.management_address, server.key_file,
+                                  server.cfg.model_store, grace_s=1.0, keep_previous=1)
+        accept = AcceptanceConfig(min_accuracy=(min(acc[v1], acc[v2]) + acc[v3]) / 2, p95_slo_ms=5000,
+                                  accuracy_samples=96, latency_requests=20)
+        assert release_version(settings, name, v1, "dev", target, accept, mar_path=serving_models.mars[v1]).switched
+        threads = ([threading.Thread(target=client_loop) for _ in range(6)]
+                   + [threading.Thread(target=cli_loop) for _ in range(2)]
+                   + [threading.Thread(target=ping_loop), threading.Thread(target=key_watch)])
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(LOAD_S / 2)
+            done = release_version(settings, name, v2, "dev", target, accept, mar_path=serving_models.mars[v2])
+            assert done.switched and done.previous == v1 and done.report.passed
+            time.sleep(max(0.0, LOAD_S - (time.monotonic() - start)))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(300)
+        assert time.monotonic() - start >= 240
+        assert not failures, (len(failures), failures[:5])
+        assert len(answered) > 1000 and set(answered) == {v1, v2} and answered[-1] == v2
+        assert len(key_versions) - 1 >= 3, key_versions  # changes of the file's keys seen
+        assert server.renewer.renewals >= 6
+        bad_pings = [p for p in pings if p != (200, "Healthy")]
+        assert len(pings) > 200 and not bad_pings, bad_pings[:5]
+        assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600
+    finally:
+        server.stop()

@@ -532,6 +532,8 @@ def serve_keys_renew(
     watch: Annotated[bool, typer.Option("--watch", help="Keep running and renew each key as it comes due.")
                      ] = False,
     force: Annotated[bool, typer.Option("--force", help="Renew both keys now, due or not.")] = False,
+    while_pid: Annotated[Optional[int], typer.Option(
+        help="With --watch: exit when this process (the TorchServe launcher) is gone.")] = None,
 ) -> None:
     """Renew TorchServe's inference and management keys that are past half their lifetime (systemd timer)."""
     _stop_on_sigterm()
@@ -546,7 +548,7 @@ def serve_keys_renew(
     try:
         renewer = KeyRenewer(management_url or management_url_from_properties(ts_config), key_file)
         if watch:
-            renewer.run()
+            renewer.run_while_alive(while_pid) if while_pid else renewer.run()
             return
         renewed, wait = renewer.renew_due(force=force)
     except FlywheelError as exc:

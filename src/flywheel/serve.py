@@ -129,6 +129,7 @@ class TorchServe:
         self.proc = proc
         self.log_path = log_path
         self.renewer = KeyRenewer(cfg.management_address, cfg.work_dir / KEY_FILE)
+        self._background: subprocess.Popen | None = None  # renew_in_background's process
 
     @property
     def key_file(self) -> Path:
@@ -140,15 +141,15 @@ class TorchServe:
 
     def renew_in_background(self) -> subprocess.Popen:
         """Hand key renewal from this process's thread to a `flywheel serve-keys renew --watch` process
-        in the server's own process group: it outlives this process (servers left running, e.g. the
-        demo's --keep) and stops with the server (`kill -- -PGID`, `stop()`)."""
+        that outlives this one (servers left running, e.g. the demo's --keep) and exits when the
+        TorchServe launcher does (`kill -- -PGID`) or when `stop()` is called."""
         self.renewer.stop()
-        pgid = self.proc.pid
         cmd = [sys.executable, "-m", "flywheel", "serve-keys", "renew", "--watch", "--key-file", str(self.key_file),
-               "--management-url", self.cfg.management_address]
+               "--management-url", self.cfg.management_address, "--while-pid", str(self.proc.pid)]
         with open(self.cfg.work_dir / "key-renewer.log", "ab") as log, open(os.devnull, "rb") as devnull:
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
-                                    preexec_fn=lambda: os.setpgid(0, pgid))  # setpgid only: fork-safe
+            self._background = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                                start_new_session=True)  # Ctrl-C on the parent spares it
+        return self._background
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -162,6 +163,9 @@ class TorchServe:
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the key renewer, SIGTERM the whole process group (frontend + workers), SIGKILL what is left."""
         self.renewer.stop()
+        if self._background is not None and self._background.poll() is None:
+            self._background.terminate()
+            self._background.wait(timeout)
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

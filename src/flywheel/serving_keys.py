@@ -248,6 +248,18 @@ class KeyRenewer:
                     log.warning("key renewal: %s; retrying in %.0f s", exc, wait)
             stop.wait(wait)
 
+    def run_while_alive(self, pid: int, poll_s: float = 1.0) -> None:
+        """`run()` until process `pid` (the TorchServe it renews for) is gone."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(poll_s):
+                if not _alive(pid):
+                    stop.set()
+
+        threading.Thread(target=watch, name="torchserve-watch", daemon=True).start()
+        self.run(stop)
+
     def _retry_s(self) -> float:
         """A quarter of what is left of the soonest-expiring key, between the floor and 30 s."""
         try:
@@ -267,6 +279,23 @@ class KeyRenewer:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel instead
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            return True
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def supervise(cmd: list[str], renewer: KeyRenewer) -> int:
