@@ -469,6 +469,8 @@ def test_keys_rotate_under_load_without_a_failed_request(serving_models, tmp_pat
             for t in threads:
                 t.join(300)
         assert time.monotonic() - start >= 240
+        print(f"{len(answered)} predictions, {len(failures)} failed, {len(pings)} pings, "
+              f"{len(key_versions) - 1} key-file changes seen, {server.renewer.renewals} renewals")
         assert not failures, (len(failures), failures[:5])
         assert len(answered) > 1000 and set(answered) == {v1, v2} and answered[-1] == v2
         assert len(key_versions) - 1 >= 3, key_versions  # changes of the file's keys seen
