@@ -547,9 +547,10 @@ def serve_keys_renew(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         renewer = KeyRenewer(management_url or management_url_from_properties(ts_config), key_file)
+        if watch and while_pid:
+            return renewer.run_while_alive(while_pid)
         if watch:
-            renewer.run_while_alive(while_pid) if while_pid else renewer.run()
-            return
+            return renewer.run()
         renewed, wait = renewer.renew_due(force=force)
     except FlywheelError as exc:
         _fail(str(exc))
