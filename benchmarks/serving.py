@@ -134,6 +134,7 @@ def main() -> None:
     from flywheel.package import PackageConfig, package_version
     from flywheel.preprocessing import encode_png, to_tensor
     from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.serving_keys import read_keys
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
@@ -160,7 +161,7 @@ def main() -> None:
     ml_proc = None
     try:
         ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
-        key = json.loads(ts.key_file.read_text())["inference"]["key"]
+        key = read_keys(ts.key_file)["inference"]  # valid for the run: renewed at half of 1440 min
         ts_req = (f"{ts.cfg.inference_address}/predictions/{args.model}", png,
                   {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
                    TRAFFIC_HEADER: "benchmark"})  # captured (if capture is on) marked, never monitored

@@ -32,6 +32,13 @@ def _settings(tracking_uri: str | None = None, model_name: str | None = None, da
     return Settings.from_env(tracking_uri=tracking_uri, model_name=model_name, data_dir=data_dir).apply()
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM takes the Ctrl-C path, so a command's `finally` stops the servers it started."""
+    from flywheel.procs import sigterm_raises_keyboard_interrupt
+
+    sigterm_raises_keyboard_interrupt()
+
+
 def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
 
@@ -150,6 +157,7 @@ def demo(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Run the whole flywheel on this machine: train, register, release, serve, monitor, retrain."""
+    _stop_on_sigterm()
     from flywheel.demo import run_demo
     from flywheel.errors import FlywheelError
 
@@ -184,6 +192,7 @@ def stack_up(
     state_dir: StackDirOpt = None,
 ) -> None:
     """Start Postgres, the GCS emulator and the MLflow server with auth on 127.0.0.1."""
+    _stop_on_sigterm()
     from flywheel.config import Settings
     from flywheel.errors import FlywheelError
     from flywheel.stack import StackConfig
@@ -482,14 +491,18 @@ def serve(
     model_store: Annotated[Path, typer.Option(help="Model store with NAME-VERSION.mar files.")],
     work_dir: Annotated[Path, typer.Option(help="Server directory: key_file.json, logs, config.")] = Path("serving"),
     load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
+    token_expiry_minutes: Annotated[float, typer.Option(
+        min=0.1, help="Lifetime of TorchServe's keys (renewed at half of it while this runs).")] = 1440,
 ) -> None:
     """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C."""
+    _stop_on_sigterm()
     import time
 
     from flywheel.errors import FlywheelError
     from flywheel.serve import ServeConfig, start_torchserve
 
-    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()))
+    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()),
+                            token_expiration_min=token_expiry_minutes)
     try:
         server = start_torchserve(cfg)
     except FlywheelError as exc:
@@ -501,6 +514,49 @@ def serve(
             time.sleep(1)
     finally:
         server.stop()
+
+
+serve_keys_app = typer.Typer(no_args_is_help=True, help="TorchServe's token keys on a serving node: renew them.")
+app.add_typer(serve_keys_app, name="serve-keys")
+
+
+@serve_keys_app.command("renew")
+def serve_keys_renew(
+    key_file: Annotated[Path, typer.Option(
+        "--key-file", envvar="FLYWHEEL_TS_KEY_FILE", help="TorchServe's key_file.json (in its working directory).")],
+    management_url: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_TS_MANAGEMENT_URL", help="TorchServe management API URL (default: from --ts-config).")
+                              ] = None,
+    ts_config: Annotated[Optional[Path], typer.Option(
+        help="The server's config.properties, read for its management_address.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep running and renew each key as it comes due.")
+                     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Renew both keys now, due or not.")] = False,
+    while_pid: Annotated[Optional[int], typer.Option(
+        help="With --watch: exit when this process (the TorchServe launcher) is gone.")] = None,
+) -> None:
+    """Renew TorchServe's inference and management keys that are past half their lifetime (systemd timer)."""
+    _stop_on_sigterm()
+    import logging
+
+    from flywheel.errors import FlywheelError
+    from flywheel.serving_keys import KeyRenewer, management_url_from_properties
+
+    if management_url is None and ts_config is None:
+        _fail("give --management-url or --ts-config (the server's config.properties)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        renewer = KeyRenewer(management_url or management_url_from_properties(ts_config), key_file)
+        if watch and while_pid:
+            return renewer.run_while_alive(while_pid)
+        if watch:
+            return renewer.run()
+        renewed, wait = renewer.renew_due(force=force)
+    except FlywheelError as exc:
+        _fail(str(exc))
+    typer.echo(f"renewed: {', '.join(renewed)}" if renewed else "no key due")
+    typer.echo(f"next renewal due in {wait:.0f} s")
+
 
 # monitor node: flywheel monitor, flywheel data snapshot | feedback
 CaptureUriOpt = Annotated[Optional[str], typer.Option(
@@ -543,6 +599,7 @@ def monitor(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Watch captured traffic for drift against the version's reference and trigger retraining."""
+    _stop_on_sigterm()
     import logging
     import os
 

@@ -243,6 +243,8 @@ def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> d
             capture_env = {"FLYWHEEL_CAPTURE_URI": str(captures)} if env == "prod" else {}
             servers[env] = start_torchserve(ServeConfig.local(serve_dir, serve_dir / "model-store"), env=capture_env)
             cleanup.callback(servers[env].stop)
+            if cfg.keep:  # left running: a renewer process keeps its keys valid, exits with the server
+                servers[env].renew_in_background()
             out["stop_commands"].append(f"kill -- -{servers[env].proc.pid}  # TorchServe {env}")
     targets = {env: ManagementTarget(s.cfg.inference_address, s.cfg.management_address, s.key_file,
                                      s.cfg.model_store, grace_s=2.0) for env, s in servers.items()}

@@ -42,14 +42,23 @@ def collect_images(images: list[Path], directory: Path | None) -> list[Path]:
 
 def predict_files(client, model: str, files: list[Path], version: str | None = None,
                   concurrency: int = 4) -> Iterator[dict]:
-    """Yield one result dict per file, in input order: the prediction, or the error and HTTP status."""
+    """Yield one result dict per file, in input order: the prediction, or the error and HTTP status.
+
+    A rejected token fails the whole run (FlywheelError: every other file would fail the same way).
+    """
     import requests
+
+    from flywheel.serve import RequestTooLarge, token_rejected
 
     def one(path: Path) -> dict:
         try:
             r = client.predict(model, path.read_bytes(), version=version)
+        except RequestTooLarge as exc:
+            return {"file": str(path), "status": 413, "error": str(exc)}
         except (OSError, requests.RequestException) as exc:
             return {"file": str(path), "status": None, "error": f"{type(exc).__name__}: {exc}"}
+        if token_rejected(r):
+            raise FlywheelError(client.explain(r, "inference"))
         try:
             body = r.json()
         except ValueError:

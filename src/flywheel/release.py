@@ -269,11 +269,11 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
             r = step.result()  # always waited for: a rollback must see the registration's outcome
         if registered_here:
             if r.status_code != 200:
-                raise ReleaseFailed(f"register failed: HTTP {r.status_code} {_json(r).get('message', r.text[:200])}")
+                raise ReleaseFailed(f"register failed: {client.explain(r, 'management')}")
             result.event(f"registered {store_name} with {target.workers} worker(s)")
         else:
             if r.status_code != 200:
-                raise ReleaseFailed(f"scale failed: HTTP {r.status_code} {r.text[:200]}")
+                raise ReleaseFailed(f"scale failed: {client.explain(r, 'management')}")
             result.event("version already registered; scaled")
         # 3. Warm-up and acceptance on /predictions/M/V only.
         report = run_acceptance(marked_predict(client, model, version), data, version, acceptance)
@@ -284,7 +284,7 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         # 4. Switch: set-default is atomic for /predictions/M.
         r = client.set_default(model, version)
         if r.status_code != 200:
-            raise ReleaseFailed(f"set-default failed: HTTP {r.status_code} {r.text[:200]}")
+            raise ReleaseFailed(f"set-default failed: {client.explain(r, 'management')}")
         result.switched = True
         check = marked_predict(client, model)(_first_png(data))
         if check.status_code != 200 or str(_json(check).get("version")) != version:
@@ -454,8 +454,12 @@ def build_context(mar_paths: list[Path], dest: Path) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Dockerfile", "config.properties", "metrics.yaml", "log4j2.xml", "healthcheck.py",
-                 "requirements-serving.txt"):
+                 "entrypoint.py", "requirements-serving.txt"):
         shutil.copy(REPO_DEPLOY / name, dest / name)
+    # The key renewer/reader for the entrypoint and HEALTHCHECK (standard library only).
+    (dest / "flywheel").mkdir(exist_ok=True)
+    for name in ("__init__.py", "errors.py", "serving_keys.py"):
+        shutil.copy(Path(__file__).with_name(name), dest / "flywheel" / name)
     (dest / "model-store").mkdir(exist_ok=True)
     for mar in mar_paths:
         shutil.copy(mar, dest / "model-store" / Path(mar).name)
@@ -512,6 +516,24 @@ def _wait_container_healthy(container, timeout_s: float) -> None:
     raise ReleaseFailed(f"container {container.name} not healthy after {timeout_s:.0f}s")
 
 
+CONTAINER_KEY_FILE = "/opt/flywheel/run/key_file.json"  # the serving image's TorchServe working dir
+
+
+def _container_keys(container) -> dict[str, str]:
+    """The keys in a serving container's key file now (its entrypoint renews them)."""
+    from flywheel.serving_keys import parse_key_file
+
+    for _attempt in range(50):  # TorchServe truncates, then writes the file: an empty read is retried
+        code, out = container.exec_run(["cat", CONTAINER_KEY_FILE])
+        if code != 0:
+            raise ReleaseFailed(f"could not read {CONTAINER_KEY_FILE} in {container.name}: {out[:200]!r}")
+        try:
+            return parse_key_file(out).as_dict()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            time.sleep(0.05)
+    raise ReleaseFailed(f"{CONTAINER_KEY_FILE} in {container.name} is not valid key_file.json")
+
+
 def docker_release(settings: Settings, model: str, version: str, env: str, target: DockerTarget,
                    acceptance: AcceptanceConfig = AcceptanceConfig()) -> ReleaseResult:
     """Release image MODEL:VERSION to `env` on a Docker host; see DockerTarget. Rolls back on failure."""
@@ -552,10 +574,8 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
     result.event(f"started {name} ({ref}) on {url}")
     try:
         _wait_container_healthy(container, target.health_timeout_s)
-        code, out = container.exec_run(["cat", "/opt/flywheel/run/key_file.json"])
-        if code != 0:
-            raise ReleaseFailed(f"could not read the key file in {name}: {out[:200]!r}")
-        ts = TorchServeClient(url, inference_key=json.loads(out)["inference"]["key"])
+        ts = TorchServeClient(url, key_source=lambda: _container_keys(container),
+                              key_source_name=f"{CONTAINER_KEY_FILE} in container {name}")
         data = AcceptanceData.for_dataset(_dataset_of(mv), settings, acceptance)
         report = run_acceptance(marked_predict(ts, model, version), data, version, acceptance)
         result.report = report

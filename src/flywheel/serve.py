@@ -5,8 +5,18 @@
 and its Python workers down together), and waits for /ping. Several servers can run side by side:
 each has its own ports, work dir (key_file.json, logs), model store and worker socket range.
 
-`TorchServeClient` reads the tokens from the server's key_file.json and re-reads it once on a 401,
-because TorchServe rotates keys through its token API.
+Keys expire (`token_expiration_min`), so a started `TorchServe` owns a `KeyRenewer`
+(flywheel.serving_keys) that renews both keys through TorchServe's token API at half their lifetime,
+stopped with the server. `TorchServeClient` never keeps a key for good: it reads the key file (or
+another key source), and when TorchServe rejects a key (400 InvalidKeyException in 0.12, 401 in
+later releases) it re-reads until the source shows a different key (bounded: a key renewed a moment
+ago may not be on disk yet) and retries, so a renewal costs a client no failed request. A key that
+is still rejected after that is an authentication failure, and `explain` says so.
+
+Request bodies: TorchServe answers a body above `max_request_size` with an empty 413 and closes the
+connection without reading the rest (clients that give up at the write error, like urllib, see a
+reset; requests reads the 413). The client checks a body against the shipped limit before sending
+it and turns TorchServe's 413 into `RequestTooLarge`, a one-line error.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +37,15 @@ from flywheel.errors import FlywheelError
 
 REPO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "serving"
 KEY_FILE = "key_file.json"
+TOKEN_EXPIRATION_MIN = 1440  # deploy/serving/config.properties' token_expiration_min
+# TorchServe's body limits, set explicitly (its defaults are 6553500): a 4 MiB image (the handler's
+# per-image limit) fits raw and as base64 JSON. deploy/serving/config.properties has the same values.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
+class RequestTooLarge(FlywheelError):
+    """A request body above the server's max_request_size (TorchServe answers an empty 413 or resets)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +62,9 @@ class ServeConfig:
     grpc_management_address: str = "127.0.0.1"
     grpc_management_port: int = 7071
     worker_port_base: int = 9000  # workers use unix sockets /tmp/.ts.sock.<port>: distinct per server
-    token_expiration_min: int = 1440
+    token_expiration_min: float = TOKEN_EXPIRATION_MIN  # key lifetime; TorchServe takes fractions (0.25 = 15 s)
+    max_request_size: int = MAX_REQUEST_BYTES
+    max_response_size: int = MAX_RESPONSE_BYTES
     models: tuple[str, ...] = ()  # archives to load at start: "file.mar" or "name=file.mar"
     extra: dict = field(default_factory=dict)  # any other config.properties keys
 
@@ -80,6 +103,8 @@ def render_properties(cfg: ServeConfig, metrics_config: Path | None = None) -> s
         "enable_model_api": "true",  # releases register versions; management stays on loopback
         "disable_token_authorization": "false",
         "token_expiration_min": cfg.token_expiration_min,
+        "max_request_size": cfg.max_request_size,
+        "max_response_size": cfg.max_response_size,
         "metrics_mode": "prometheus",
         "metrics_config": str(metrics_config),
         "model_store": str(cfg.model_store),
@@ -95,12 +120,16 @@ def render_properties(cfg: ServeConfig, metrics_config: Path | None = None) -> s
 
 
 class TorchServe:
-    """A started TorchServe process group; `stop()` ends it (also as a context manager)."""
+    """A started TorchServe process group and its key renewer; `stop()` ends both (also as a context manager)."""
 
     def __init__(self, cfg: ServeConfig, proc: subprocess.Popen, log_path: Path):
+        from flywheel.serving_keys import KeyRenewer
+
         self.cfg = cfg
         self.proc = proc
         self.log_path = log_path
+        self.renewer = KeyRenewer(cfg.management_address, cfg.work_dir / KEY_FILE)
+        self._background: subprocess.Popen | None = None  # renew_in_background's process
 
     @property
     def key_file(self) -> Path:
@@ -109,6 +138,18 @@ class TorchServe:
     def client(self, timeout: float = 30.0) -> TorchServeClient:
         return TorchServeClient(self.cfg.inference_address, self.cfg.management_address,
                                 metrics_url=self.cfg.metrics_address, key_file=self.key_file, timeout=timeout)
+
+    def renew_in_background(self) -> subprocess.Popen:
+        """Hand key renewal from this process's thread to a `flywheel serve-keys renew --watch` process
+        that outlives this one (servers left running, e.g. the demo's --keep) and exits when the
+        TorchServe launcher does (`kill -- -PGID`) or when `stop()` is called."""
+        self.renewer.stop()
+        cmd = [sys.executable, "-m", "flywheel", "serve-keys", "renew", "--watch", "--key-file", str(self.key_file),
+               "--management-url", self.cfg.management_address, "--while-pid", str(self.proc.pid)]
+        with open(self.cfg.work_dir / "key-renewer.log", "ab") as log, open(os.devnull, "rb") as devnull:
+            self._background = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                                start_new_session=True)  # Ctrl-C on the parent spares it
+        return self._background
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -120,7 +161,11 @@ class TorchServe:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the whole process group (frontend + workers), SIGKILL what is left."""
+        """Stop the key renewer, SIGTERM the whole process group (frontend + workers), SIGKILL what is left."""
+        self.renewer.stop()
+        if self._background is not None and self._background.poll() is None:
+            self._background.terminate()
+            self._background.wait(timeout)
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -172,6 +217,7 @@ def start_torchserve(cfg: ServeConfig, wait_s: float = 120.0, env: dict | None =
     server = TorchServe(cfg, proc, log_path)
     try:
         _wait_healthy(server, wait_s)
+        server.renewer.start()
     except BaseException:
         server.stop()
         raise
@@ -199,38 +245,80 @@ def _wait_healthy(server: TorchServe, wait_s: float) -> None:
 
 
 class TorchServeClient:
-    """Authenticated client for TorchServe's inference, management and metrics APIs."""
+    """Authenticated client for TorchServe's inference, management and metrics APIs.
+
+    Keys come from `key_file` (TorchServe's key_file.json, re-read whenever a key is rejected), or
+    from `key_source` (any callable returning {"inference": key, "management": key}, e.g. a file in a
+    container), or are given once (`inference_key`/`management_key`: nothing to re-read).
+    """
 
     def __init__(self, inference_url: str, management_url: str | None = None, *, metrics_url: str | None = None,
                  key_file: Path | None = None, inference_key: str | None = None,
-                 management_key: str | None = None, timeout: float = 30.0):
+                 management_key: str | None = None, timeout: float = 30.0,
+                 key_source: Callable[[], Mapping[str, str]] | None = None, key_source_name: str | None = None,
+                 max_request_bytes: int | None = MAX_REQUEST_BYTES):
         import requests
+
+        from flywheel.serving_keys import read_keys
 
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/") if management_url else None
         self.metrics_url = metrics_url.rstrip("/") if metrics_url else None
         self.key_file = Path(key_file) if key_file else None
+        if key_source is None and self.key_file is not None:
+            key_file_path = self.key_file
+            key_source = lambda: read_keys(key_file_path)  # noqa: E731 - re-read on every rejection
+        self.key_source = key_source
+        self.key_source_name = key_source_name or (f"key file {self.key_file}" if self.key_file else
+                                                   "the token given (no key file to re-read)")
         self._keys = {"inference": inference_key, "management": management_key}
+        self._lock = threading.Lock()
         self.timeout = timeout
+        self.max_request_bytes = max_request_bytes  # None: leave the limit to the server
         self.session = requests.Session()
 
-    def _key(self, kind: str, reload: bool = False) -> str | None:
-        if self.key_file is not None and (reload or self._keys.get(kind) is None):
-            self._keys.update(read_keys(self.key_file))
-        return self._keys.get(kind)
+    def _key(self, kind: str, rejected: str | None = None, reload: bool = False) -> str | None:
+        from flywheel.serving_keys import fresh_key
+
+        if self.key_source is None:
+            return self._keys.get(kind)
+        with self._lock:  # one re-read for all threads that hit the same rejected key
+            current = self._keys.get(kind)
+            if reload and current == rejected:
+                current = fresh_key(self.key_source, kind, rejected)
+            elif current is None:
+                current = self.key_source().get(kind)
+            self._keys[kind] = current
+            return current
 
     def _call(self, kind: str, method: str, url: str, **kwargs):
         kwargs.setdefault("timeout", self.timeout)
         extra_headers = dict(kwargs.pop("headers", None) or {})
-        for attempt in (0, 1):
-            key = self._key(kind, reload=attempt == 1)  # a rejected key: re-read the (rotated) key file
+        key = self._key(kind)
+        for _attempt in range(3):  # a key rejected because it was just renewed: the fresh one is tried
             headers = dict(extra_headers)
             if key:
                 headers["Authorization"] = f"Bearer {key}"
             r = self.session.request(method, url, headers=headers, **kwargs)
-            if not _token_rejected(r) or self.key_file is None:
+            if not token_rejected(r) or self.key_source is None:
                 return r
+            fresh = self._key(kind, rejected=key, reload=True)
+            if fresh == key:  # the source still holds the rejected key: a real authentication failure
+                return r
+            key = fresh
         return r
+
+    def explain(self, r, kind: str = "inference") -> str:
+        """One line for a failed response; a rejected token is named as an authentication failure."""
+        if token_rejected(r):
+            return (f"authentication failed: TorchServe rejected the {kind} token (HTTP {r.status_code}: wrong or "
+                    f"expired) from {self.key_source_name}; use the serving node's current key_file.json and "
+                    "check that its keys are renewed (flywheel serve-keys)")
+        return f"HTTP {r.status_code} {_message(r)}"
+
+    def _raise_for(self, r, what: str, kind: str = "management") -> None:
+        if r.status_code >= 400:
+            raise FlywheelError(f"torchserve {what} failed: {self.explain(r, kind)}")
 
     def _mgmt(self, method: str, path: str, **kwargs):
         if not self.management_url:
@@ -242,12 +330,22 @@ class TorchServeClient:
         return self._call("inference", "GET", f"{self.inference_url}/ping")
 
     def predict(self, model: str, data: bytes | dict | list, version: str | None = None, **kwargs):
+        """POST /predictions/MODEL[/VERSION]; raises RequestTooLarge for a body above max_request_size."""
         url = f"{self.inference_url}/predictions/{model}" + (f"/{version}" if version else "")
         if isinstance(data, (dict, list)):
-            return self._call("inference", "POST", url, data=json.dumps(data),
-                              headers={"Content-Type": "application/json"}, **kwargs)
-        return self._call("inference", "POST", url, data=data,
-                          headers={"Content-Type": "application/octet-stream"}, **kwargs)
+            body, ctype = json.dumps(data).encode(), "application/json"
+        else:
+            body, ctype = data, "application/octet-stream"
+        size_mb = len(body) / 2**20
+        if self.max_request_bytes is not None and len(body) > self.max_request_bytes:
+            raise RequestTooLarge(f"request body of {size_mb:.1f} MB exceeds the server's max_request_size "
+                                  f"{self.max_request_bytes / 2**20:.1f} MB: send smaller images (the handler "
+                                  "takes <= 4 MiB each) or fewer per request")
+        r = self._call("inference", "POST", url, data=body, headers={"Content-Type": ctype}, **kwargs)
+        if r.status_code == 413 and not r.content:  # TorchServe's own answer (the handler's 413 has JSON)
+            raise RequestTooLarge(f"request body of {size_mb:.1f} MB exceeds the server's max_request_size "
+                                  "(TorchServe answered 413): send smaller images or fewer per request")
+        return r
 
     # management API
     def register(self, url: str, *, model_name: str | None = None, initial_workers: int = 1,
@@ -278,9 +376,9 @@ class TorchServeClient:
         r = self.describe(model, "all")
         if r.status_code == 404:
             return {}
-        _raise_for(r, f"describe {model}")
+        self._raise_for(r, f"describe {model}")
         d = self.describe(model)  # without a version TorchServe describes the default one
-        _raise_for(d, f"describe {model}")
+        self._raise_for(d, f"describe {model}")
         default = str(d.json()[0]["modelVersion"])
         return {str(m["modelVersion"]): str(m["modelVersion"]) == default for m in r.json()}
 
@@ -294,7 +392,7 @@ class TorchServeClient:
                 return workers
             if time.monotonic() > deadline:
                 raise FlywheelError(f"workers of {model} {version or ''} not READY after {timeout:.0f}s: "
-                                    f"HTTP {r.status_code} {workers or r.text[:200]}")
+                                    + (str(workers) if workers else self.explain(r, "management")))
             time.sleep(0.25)
 
     def default_version(self, model: str) -> str | None:
@@ -306,23 +404,21 @@ class TorchServeClient:
         return self._call("management", "GET", f"{self.metrics_url}/metrics").text
 
 
-def _token_rejected(r) -> bool:
+def token_rejected(r) -> bool:
     """TorchServe 0.12 answers a wrong or expired token with 400 InvalidKeyException, not 401."""
     return r.status_code == 401 or (r.status_code == 400 and "InvalidKeyException" in r.text)
 
 
-def read_keys(key_file: Path) -> dict[str, str]:
-    """{"inference": key, "management": key} from TorchServe's key_file.json."""
+def _message(r) -> str:
     try:
-        data = json.loads(Path(key_file).read_text())
-        return {"inference": data["inference"]["key"], "management": data["management"]["key"]}
-    except FileNotFoundError:
-        raise FlywheelError(f"TorchServe key file {key_file} not found: it is written into the server's "
-                            "working directory at start; pass --key-file with its path") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FlywheelError(f"TorchServe key file {key_file} is not valid key_file.json ({exc})") from None
+        body = r.json()
+    except ValueError:
+        return r.text[:300]
+    return str(body.get("message") or body.get("error") or body)[:300] if isinstance(body, dict) else r.text[:300]
 
 
-def _raise_for(r, what: str) -> None:
-    if r.status_code >= 400:
-        raise FlywheelError(f"torchserve {what} failed: HTTP {r.status_code} {r.text[:300]}")
+def read_keys(key_file: Path) -> dict[str, str]:
+    """{"inference": key, "management": key} from TorchServe's key_file.json (flywheel.serving_keys)."""
+    from flywheel.serving_keys import read_keys as read
+
+    return read(key_file)
