@@ -113,6 +113,7 @@ def run_loop(args) -> dict:
 
     import mlflow
 
+    from flywheel.capture import TRAFFIC_HEADER
     from flywheel.config import Settings
     from flywheel.serve import ServeConfig, start_torchserve
     from flywheel.tracking import ensure_experiment
@@ -169,7 +170,7 @@ def run_loop(args) -> dict:
                 "--inference-url", srv.cfg.inference_address, "--management-url", srv.cfg.management_address,
                 "--key-file", str(srv.key_file), "--model-store", str(srv.cfg.model_store), *mar,
                 "--min-accuracy", str(args.min_accuracy), "--p95-slo-ms", "1000"], env, logs, timeline)
-            r = srv.client().predict(model, probe)
+            r = srv.client().predict(model, probe, headers={TRAFFIC_HEADER: "benchmark"})  # not user traffic
             if r.status_code != 200 or str(r.json().get("version")) != version:
                 raise SystemExit(f"{env_name} does not serve v{version}: {r.status_code} {r.text[:200]}")
 

@@ -286,6 +286,7 @@ def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> d
         write_feedback(str(captures), name, labels)
         snapshot_dir = monitor.snapshot(cfg.work_dir / "datasets", splits.class_names)
         console.print(f"{len(labels)} labels returned; snapshot at {snapshot_dir}")
+    monitor.close()  # its part of the loop is done: the monitoring run ends FINISHED
 
     log = logs / "train-v2.log"
     with timeline.step("retrain v2 on base + labelled captures (mlflow run)", log):
@@ -307,7 +308,10 @@ def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> d
     failed = client.failed[failed_before:]
     if failed:
         raise FlywheelError(f"{len(failed)} requests failed during the v2 release: {failed[:3]}")
-    old = servers["prod"].client().predict(name, encode_png(clean_images[0]), version=v1)
+    from flywheel.capture import TRAFFIC_HEADER
+
+    old = servers["prod"].client().predict(name, encode_png(clean_images[0]), version=v1,
+                                           headers={TRAFFIC_HEADER: "acceptance"})  # a check, not user traffic
     if old.status_code != 200 or str(old.json().get("version")) != v1:
         raise FlywheelError(f"v1 is no longer reachable at /predictions/{name}/{v1}: HTTP {old.status_code}")
 
@@ -426,6 +430,10 @@ class _Monitor:
         from flywheel.snapshot import take_snapshot
 
         return take_snapshot(self.capture_uri, self.model, dest, class_names=class_names).path
+
+    def close(self) -> None:
+        """End the monitoring run (FINISHED)."""
+        self.monitor.close()
 
 
 def _print_report(cfg: DemoConfig, timeline: Timeline, result: dict, console) -> None:

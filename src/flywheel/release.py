@@ -119,13 +119,7 @@ def marked_predict(client, model: str, version: str | None = None) -> Callable[.
     from flywheel.capture import TRAFFIC_HEADER
 
     def predict(body, traffic: str = "acceptance"):
-        # Through the session's default headers, which requests merges into each call: predict() sets
-        # its own Content-Type header, so it cannot take one more today.
-        client.session.headers[TRAFFIC_HEADER] = traffic
-        try:
-            return client.predict(model, body, version=version)
-        finally:
-            client.session.headers.pop(TRAFFIC_HEADER, None)
+        return client.predict(model, body, version=version, headers={TRAFFIC_HEADER: traffic})
 
     return predict
 

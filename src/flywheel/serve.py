@@ -329,7 +329,8 @@ class TorchServeClient:
     def ping(self):
         return self._call("inference", "GET", f"{self.inference_url}/ping")
 
-    def predict(self, model: str, data: bytes | dict | list, version: str | None = None, **kwargs):
+    def predict(self, model: str, data: bytes | dict | list, version: str | None = None,
+                headers: dict | None = None, **kwargs):
         """POST /predictions/MODEL[/VERSION]; raises RequestTooLarge for a body above max_request_size."""
         url = f"{self.inference_url}/predictions/{model}" + (f"/{version}" if version else "")
         if isinstance(data, (dict, list)):
@@ -341,7 +342,8 @@ class TorchServeClient:
             raise RequestTooLarge(f"request body of {size_mb:.1f} MB exceeds the server's max_request_size "
                                   f"{self.max_request_bytes / 2**20:.1f} MB: send smaller images (the handler "
                                   "takes <= 4 MiB each) or fewer per request")
-        r = self._call("inference", "POST", url, data=body, headers={"Content-Type": ctype}, **kwargs)
+        r = self._call("inference", "POST", url, data=body, headers={"Content-Type": ctype, **(headers or {})},
+                       **kwargs)
         if r.status_code == 413 and not r.content:  # TorchServe's own answer (the handler's 413 has JSON)
             raise RequestTooLarge(f"request body of {size_mb:.1f} MB exceeds the server's max_request_size "
                                   "(TorchServe answered 413): send smaller images or fewer per request")
