@@ -91,6 +91,8 @@ BENCHES = (
     Bench("drift", "drift detection delay and false alarms vs Evidently", json_flag=False,
           quick=("--trials", "60", "--train-samples", "3000"), parse_stdout=_parse_drift),
     Bench("loop_timing", "push → served in dev, minus training compute", quick=("--quick",)),
+    Bench("soak", "1-minute keys, a replica killed mid-run, a monitor reading: failures and lost captures",
+          quick=("--minutes", "3")),
 )
 
 
@@ -205,6 +207,15 @@ def _rows(rec: dict) -> list[tuple[str, str, str, str, str]]:
                          value, seen, ""))
         if f.get("evidently_skipped"):
             rows.append((name, "Evidently", "skipped", f["evidently_skipped"], ""))
+    elif name == "soak":
+        rows.append((name, f"failed requests, {f['minutes']:g} min, {f['clients']} clients, {f['replicas']} replicas "
+                           f"(one SIGKILLed and restarted), keys expiring every {f['token_expiry_minutes']:g} min",
+                     f"**{f['failed']} of {f['requests']}**",
+                     f"{f['rotations']} key rotations seen, /ping {f['pings_ok']} ok {f['pings_bad']} bad, "
+                     f"{f['failovers']} failovers to the live replica", "0"))
+        rows.append((name, "captures read by the monitor vs stored", f"**{f['captures_read']} / {f['captures_stored']}**",
+                     f"{f['monitor_windows']} windows; {f['captures_lost_with_killed_replica']} answered but lost "
+                     "in the killed replica's capture queue", "equal"))
     else:  # a script whose figures we do not know in detail: show its flat numbers
         for k, v in _flat(f):
             rows.append((name, k, f"{v:.4g}" if isinstance(v, float) else str(v), "", ""))
