@@ -35,7 +35,7 @@ def _settings(tracking_uri: str | None = None, model_name: str | None = None, da
 def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)  # one line
     raise typer.Exit(code)
 
 
@@ -157,6 +157,24 @@ def demo(
         run_demo(keep=keep, full=full, data_dir=data_dir)
     except FlywheelError as exc:
         _fail(str(exc))
+
+
+@app.command("env")
+def env_(tracking_uri: TrackingOpt = None) -> None:
+    """Print the exports that put plain `mlflow` commands on Flywheel's store: eval "$(flywheel env)".
+
+    The store is MLFLOW_TRACKING_URI, else the embedded one in $FLYWHEEL_HOME (created here, with the
+    experiment keeping its artifacts in $FLYWHEEL_HOME/mlartifacts)."""
+    from flywheel.errors import FlywheelError
+    from flywheel.tracking import ensure_experiment
+
+    settings = _settings(tracking_uri)
+    if settings.embedded:  # else `mlflow run` would create the experiment with artifacts in ./mlruns
+        try:
+            ensure_experiment(settings)
+        except FlywheelError as exc:
+            _fail(str(exc))
+    typer.echo(settings.shell_exports(), nl=False)
 
 
 # --------------------------------------------------------------- commands of the other nodes
@@ -479,28 +497,55 @@ def predict(
 
 @app.command()
 def serve(
-    model_store: Annotated[Path, typer.Option(help="Model store with NAME-VERSION.mar files.")],
-    work_dir: Annotated[Path, typer.Option(help="Server directory: key_file.json, logs, config.")] = Path("serving"),
+    model_store: Annotated[Optional[Path], typer.Option(
+        help="Model store with NAME-VERSION.mar files (default $FLYWHEEL_HOME/model-store, where `flywheel "
+             "package` writes).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="Server directory: key_file.json (bearer tokens), logs, config, serve.env (default "
+             "$FLYWHEEL_HOME/serving: never inside the repository).")] = None,
     load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
+    capture_uri: Annotated[Optional[str], typer.Option(
+        "--capture-uri", help="Where served traffic is captured: a directory or gs://bucket/prefix (default "
+                              "FLYWHEEL_CAPTURE_URI, else $FLYWHEEL_HOME/captures).")] = None,
+    capture: Annotated[bool, typer.Option("--capture/--no-capture", help="Capture served traffic.")] = True,
 ) -> None:
-    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C."""
+    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C.
+
+    Writes WORK_DIR/serve.env (removed on exit): `source` it in another shell and `release`, `predict`,
+    `monitor` and `data` talk to this server and its capture store without further flags."""
+    import shlex
     import time
 
+    from flywheel.config import Settings
     from flywheel.errors import FlywheelError
     from flywheel.serve import ServeConfig, start_torchserve
 
-    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()))
+    settings = Settings.from_env()
+    work_dir = (work_dir or settings.work_dir / "serving").resolve()
+    model_store = (model_store or settings.work_dir / "model-store").resolve()
+    capture_to = (capture_uri or settings.capture_uri) if capture else ""
+    if capture_to and "://" not in capture_to:  # TorchServe runs in work_dir: no relative paths
+        capture_to = str(Path(capture_to).resolve())
+    env_file = work_dir / "serve.env"
+    env_file.unlink(missing_ok=True)  # a stale one would name a dead server
+    cfg = ServeConfig.local(work_dir, model_store, models=tuple(load or ()))
     try:
-        server = start_torchserve(cfg)
+        server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
     except FlywheelError as exc:
         _fail(str(exc))
+    exports = {"FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
+               "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(model_store),
+               **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}
+    env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items()))
     typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
-               f"metrics {cfg.metrics_address}\nkey file {server.key_file}")
+               f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
+               f"in another shell: source {env_file}")
     try:
         while server.alive():
             time.sleep(1)
     finally:
         server.stop()
+        env_file.unlink(missing_ok=True)
 
 # monitor node: flywheel monitor, flywheel data snapshot | feedback
 CaptureUriOpt = Annotated[str, typer.Option(
