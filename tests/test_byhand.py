@@ -234,7 +234,7 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
         client = TorchServeClient(exports["FLYWHEEL_TS_INFERENCE_URL"], key_file=Path(exports["FLYWHEEL_TS_KEY_FILE"]))
         from mlflow import MlflowClient
 
-        assert MlflowClient().get_model_version_by_alias(serving_models.name, "prod").version == v1
+        assert str(MlflowClient().get_model_version_by_alias(serving_models.name, "prod").version) == v1
         r = client.predict(serving_models.name, _png())
         assert r.status_code == 200 and r.json()["version"] == v1
         captures = home / "captures" / serving_models.name / "captures"
