@@ -260,18 +260,20 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         result.event(report.summary())
         if not report.passed:
             raise ReleaseFailed(f"{model} v{version} failed acceptance: {'; '.join(report.failures)}")
-        # 4. Switch: set-default is atomic for /predictions/M (nothing to switch if it is the default).
-        if result.previous != version:
-            r = client.set_default(model, version)
-            if r.status_code != 200:
-                raise ReleaseFailed(f"set-default failed: HTTP {r.status_code} {r.text[:200]}")
-            result.switched = True
+        # 4. Switch: set-default is atomic for /predictions/M.
+        r = client.set_default(model, version)
+        if r.status_code != 200:
+            raise ReleaseFailed(f"set-default failed: HTTP {r.status_code} {r.text[:200]}")
+        result.switched = True
         check = client.predict(model, _first_png(data))
         if check.status_code != 200 or str(_json(check).get("version")) != version:
             raise ReleaseFailed(f"after the switch /predictions/{model} answered HTTP {check.status_code} "
                                 f"version {_json(check).get('version')}, not {version}")
-        result.event(f"default switched {result.previous or 'none'} → {version}" if result.switched
-                      else f"v{version} is already the default: nothing to switch")
+        if result.previous == version:  # set-default changed nothing (one server as dev and prod)
+            result.switched = False
+            result.event(f"v{version} is already the default: nothing to switch")
+        else:
+            result.event(f"default switched {result.previous or 'none'} → {version}")
     except Exception as exc:
         _rollback(client, result, registered_here)
         if isinstance(exc, ReleaseFailed):
