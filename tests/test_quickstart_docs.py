@@ -132,7 +132,7 @@ def stop_marked(marker: str) -> list[str]:
     for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         left = [p for p in _marked_pids(marker) if _state(p) != "Z"]
         for pid in left:
-            killed.append(_cmdline(pid)[:80])
+            killed.append(_cmdline(pid)[:80] or str(pid))
             try:
                 os.killpg(os.getpgid(pid), sig)
             except ProcessLookupError:
