@@ -501,42 +501,38 @@ def serve(
         help="Model store with NAME-VERSION.mar files (default $FLYWHEEL_HOME/model-store, where `flywheel "
              "package` writes).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option(
-        help="Server directory: key_file.json (bearer tokens), logs, config, serve.env (default "
-             "$FLYWHEEL_HOME/serving: never inside the repository).")] = None,
-    load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
+        help="Server directory: key_file.json (bearer tokens), logs, config, and serve.env, the exports that "
+             "point release/predict/monitor/data at this server (default $FLYWHEEL_HOME/serving: never inside "
+             "the repository).")] = None,
     capture_uri: Annotated[Optional[str], typer.Option(
         "--capture-uri", help="Where served traffic is captured: a directory or gs://bucket/prefix (default "
                               "FLYWHEEL_CAPTURE_URI, else $FLYWHEEL_HOME/captures).")] = None,
     capture: Annotated[bool, typer.Option("--capture/--no-capture", help="Capture served traffic.")] = True,
+    load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
 ) -> None:
-    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C.
-
-    Writes WORK_DIR/serve.env (removed on exit): `source` it in another shell and `release`, `predict`,
-    `monitor` and `data` talk to this server and its capture store without further flags."""
-    import shlex
+    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C."""
     import time
 
-    from flywheel.config import Settings
+    from flywheel.config import Settings, export_lines
     from flywheel.errors import FlywheelError
     from flywheel.serve import ServeConfig, start_torchserve
-
-    settings = Settings.from_env()
-    work_dir = (work_dir or settings.work_dir / "serving").resolve()
-    model_store = (model_store or settings.work_dir / "model-store").resolve()
+    settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
+    work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
     capture_to = (capture_uri or settings.capture_uri) if capture else ""
     if capture_to and "://" not in capture_to:  # TorchServe runs in work_dir: no relative paths
         capture_to = str(Path(capture_to).resolve())
-    env_file = work_dir / "serve.env"
+    env_file = work_dir.resolve() / "serve.env"
     env_file.unlink(missing_ok=True)  # a stale one would name a dead server
-    cfg = ServeConfig.local(work_dir, model_store, models=tuple(load or ()))
+
+    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()))
     try:
         server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
     except FlywheelError as exc:
         _fail(str(exc))
-    exports = {"FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
-               "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(model_store),
-               **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}
-    env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items()))
+    env_file.write_text(export_lines({
+        "FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
+        "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store),
+        **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
     typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
                f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
                f"in another shell: source {env_file}")

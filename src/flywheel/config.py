@@ -92,7 +92,7 @@ class Settings:
         env = {k: v for k, v in self.child_env().items()
                if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
         env["FLYWHEEL_HOME"] = str(self.work_dir.resolve())
-        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+        return export_lines(env)
 
     def child_env(self) -> dict[str, str]:
         """Environment for a subprocess (mlflow run, torchrun) that must log to the same place."""
@@ -116,3 +116,8 @@ def local_store_path(uri: str) -> Path | None:
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
     return Path(uri) if parsed.scheme == "" else None
+
+
+def export_lines(env: dict[str, str]) -> str:
+    """`export K=V` lines a POSIX shell can `eval` or `source`, values quoted."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
