@@ -118,7 +118,8 @@ def test_mlflow_run_lands_in_flywheel_home_only_after_flywheel_env(tmp_path):
     copy_repo(repo)
     home = repo / ".flywheel"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYWHEEL_"))}
-    env.update(FLYWHEEL_HOME=str(home), PYTHONPATH=str(repo / "src"), PATH=f"{VENV_BIN}:{env['PATH']}")
+    env.update(FLYWHEEL_HOME=str(home), PYTHONPATH=str(repo / "src"), PATH=f"{VENV_BIN}:{env['PATH']}",
+               COLUMNS="400")  # rich wraps at 80 columns off a terminal unless the CLI soft-wraps
     train = ["mlflow", "run", ".", "-e", "train", "--env-manager", "local", "-P", "dataset=digits",
              "-P", "epochs=1", "-P", "max_train_samples=300"]
 
@@ -145,7 +146,7 @@ def test_mlflow_run_lands_in_flywheel_home_only_after_flywheel_env(tmp_path):
 
 # -------------------------------------------------------------------------- missing model
 def test_evaluate_of_a_missing_registered_model_is_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"COLUMNS": "400"}
     out = _run([str(VENV_BIN / "flywheel"), "evaluate", "--model-uri", "models:/fashion-classifier@candidate",
                 "--dataset", "digits"], tmp_path, env, timeout=120)
     assert out.returncode == 2
