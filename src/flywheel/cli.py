@@ -167,6 +167,24 @@ def demo(
         _fail(str(exc))
 
 
+@app.command("env")
+def env_(tracking_uri: TrackingOpt = None) -> None:
+    """Print the exports that put plain `mlflow` commands on Flywheel's store: eval "$(flywheel env)".
+
+    The store is MLFLOW_TRACKING_URI, else the embedded one in $FLYWHEEL_HOME (created here, with the
+    experiment keeping its artifacts in $FLYWHEEL_HOME/mlartifacts)."""
+    from flywheel.errors import FlywheelError
+    from flywheel.tracking import ensure_experiment
+
+    settings = _settings(tracking_uri)
+    if settings.embedded:  # else `mlflow run` would create the experiment with artifacts in ./mlruns
+        try:
+            ensure_experiment(settings)
+        except FlywheelError as exc:
+            _fail(str(exc))
+    typer.echo(settings.shell_exports(), nl=False)
+
+
 # --------------------------------------------------------------- commands of the other nodes
 # (tracking: stack/doctor · training nodes: remote-train · serving: package/release/predict ·
 #  monitor: monitor/data snapshot) are added below by their modules' owners.
@@ -488,8 +506,17 @@ def predict(
 
 @app.command()
 def serve(
-    model_store: Annotated[Path, typer.Option(help="Model store with NAME-VERSION.mar files.")],
-    work_dir: Annotated[Path, typer.Option(help="Server directory: key_file.json, logs, config.")] = Path("serving"),
+    model_store: Annotated[Optional[Path], typer.Option(
+        help="Model store with NAME-VERSION.mar files (default $FLYWHEEL_HOME/model-store, where `flywheel "
+             "package` writes).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="Server directory: key_file.json (bearer tokens), logs, config, and serve.env, the exports that "
+             "point release/predict/monitor/data at this server (default $FLYWHEEL_HOME/serving: never inside "
+             "the repository).")] = None,
+    capture_uri: Annotated[Optional[str], typer.Option(
+        "--capture-uri", help="Where served traffic is captured: a directory or gs://bucket/prefix (default "
+                              "FLYWHEEL_CAPTURE_URI, else $FLYWHEEL_HOME/captures).")] = None,
+    capture: Annotated[bool, typer.Option("--capture/--no-capture", help="Capture served traffic.")] = True,
     load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
     token_expiry_minutes: Annotated[float, typer.Option(
         min=0.1, help="Lifetime of TorchServe's keys (renewed at half of it while this runs).")] = 1440,
@@ -498,22 +525,36 @@ def serve(
     _stop_on_sigterm()
     import time
 
+    from flywheel.config import Settings, export_lines
     from flywheel.errors import FlywheelError
     from flywheel.serve import ServeConfig, start_torchserve
+    settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
+    work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
+    capture_to = (capture_uri or settings.capture_uri) if capture else ""
+    if capture_to and "://" not in capture_to:  # TorchServe runs in work_dir: no relative paths
+        capture_to = str(Path(capture_to).resolve())
+    env_file = work_dir.resolve() / "serve.env"
+    env_file.unlink(missing_ok=True)  # a stale one would name a dead server
 
     cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()),
                             token_expiration_min=token_expiry_minutes)
     try:
-        server = start_torchserve(cfg)
+        server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
     except FlywheelError as exc:
         _fail(str(exc))
+    env_file.write_text(export_lines({
+        "FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
+        "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store),
+        **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
     typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
-               f"metrics {cfg.metrics_address}\nkey file {server.key_file}")
+               f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
+               f"in another shell: source {env_file}")
     try:
         while server.alive():
             time.sleep(1)
     finally:
         server.stop()
+        env_file.unlink(missing_ok=True)
 
 
 serve_keys_app = typer.Typer(no_args_is_help=True, help="TorchServe's token keys on a serving node: renew them.")

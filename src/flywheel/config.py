@@ -7,8 +7,10 @@ Nothing here touches the filesystem or MLflow at import time; `Settings.from_env
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 DEFAULT_MODEL_NAME = "fashion-classifier"
 DEFAULT_EXPERIMENT = "flywheel"
@@ -83,6 +85,15 @@ class Settings:
         mlflow.set_tracking_uri(self.tracking_uri)  # the registry follows it unless MLFLOW_REGISTRY_URI says otherwise
         return self
 
+    def shell_exports(self) -> str:
+        """`export` lines that point a shell's plain `mlflow` commands (`mlflow run`, `mlflow ui`) at
+        this store, as `flywheel env` prints them. Credentials are never printed (they stay in the
+        environment they came from); paths are absolute so the lines hold in any directory."""
+        env = {k: v for k, v in self.child_env().items()
+               if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        env["FLYWHEEL_HOME"] = str(self.work_dir.resolve())
+        return export_lines(env)
+
     def child_env(self) -> dict[str, str]:
         """Environment for a subprocess (mlflow run, torchrun) that must log to the same place."""
         env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "FLYWHEEL_HOME": str(self.work_dir),
@@ -94,3 +105,19 @@ class Settings:
         if self.data_dir is not None:
             env["FLYWHEEL_DATA_DIR"] = str(self.data_dir)
         return env
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or directory of a local tracking store URI (sqlite:///…, file:…, a plain path); None
+    for servers and other databases."""
+    if uri.startswith("sqlite:///"):
+        return Path(unquote(uri[len("sqlite:///"):]))
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri) if parsed.scheme == "" else None
+
+
+def export_lines(env: dict[str, str]) -> str:
+    """`export K=V` lines a POSIX shell can `eval` or `source`, values quoted."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())

@@ -91,8 +91,18 @@ def cpu_layout(model: FlywheelNet) -> FlywheelNet:
 def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0,
                  data_dir: Path | None = None) -> EvalReport:
     """Load a logged model by URI and evaluate it on `dataset`'s frozen test split."""
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.errors import FlywheelError
+    from flywheel.registry import get_version, registered_in
+
+    if (named := registered_in(model_uri)) is not None:
+        get_version(settings, *named)  # a missing model or alias: one line, before the data is read
     splits = load_splits(dataset, data_dir or settings.data_dir, seed)
-    model, spec = load_model(model_uri)
+    try:
+        model, spec = load_model(model_uri)
+    except MlflowException as exc:
+        raise FlywheelError(f"cannot load {model_uri} from {settings.tracking_uri}: {exc.message}") from None
     model = cpu_layout(model)
     check_compatible(spec, splits.class_names, model_uri, dataset)
     return evaluate_model(model, spec, splits.test, model_uri, dataset)

@@ -52,8 +52,25 @@ def get_version(settings: Settings, name: str, version_or_alias: str):
             return client.get_model_version(name, str(version_or_alias))
         return client.get_model_version_by_alias(name, version_or_alias)
     except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in exc.message:
+            raise FlywheelError(f"no registered model {name!r} at {settings.tracking_uri}: train one first "
+                                "(`flywheel train`), or point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store "
+                                "that has it") from None
         raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r} "
                             f"at {settings.tracking_uri}: {exc.message}") from None
+
+
+def registered_in(model_uri: str) -> tuple[str, str] | None:
+    """(name, version or alias) of a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI; None otherwise
+    (`models:/m-…`, a logged model's id; `runs:/…`; a deprecated stage)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    rest = model_uri[len("models:/"):].strip("/")
+    name, found, alias = rest.partition("@")
+    if found and name and alias:
+        return name, alias
+    name, found, version = rest.partition("/")
+    return (name, version) if found and name and version.isdigit() else None  # not stages ("/Production")
 
 
 def set_alias(settings: Settings, name: str, alias: str, version: str) -> None:

@@ -284,7 +284,11 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         if check.status_code != 200 or str(_json(check).get("version")) != version:
             raise ReleaseFailed(f"after the switch /predictions/{model} answered HTTP {check.status_code} "
                                 f"version {_json(check).get('version')}, not {version}")
-        result.event(f"default switched {result.previous or 'none'} → {version}")
+        if result.previous == version:  # set-default changed nothing (one server as dev and prod)
+            result.switched = False
+            result.event(f"v{version} is already the default: nothing to switch")
+        else:
+            result.event(f"default switched {result.previous or 'none'} → {version}")
     except Exception as exc:
         _rollback(client, result, registered_here)
         if isinstance(exc, ReleaseFailed):

@@ -150,8 +150,34 @@ def _preload(*modules: str) -> threading.Thread:
     return thread
 
 
+def refuse_mlflow_default_store(settings: Settings, cwd: Path | None = None) -> None:
+    """Under `mlflow run`, refuse a run that MLflow put in its own default store when Flywheel's rule
+    (MLFLOW_TRACKING_URI, else $FLYWHEEL_HOME/mlflow.db) names another one.
+
+    The `mlflow` CLI creates the run before the entry point starts, in the store it resolves itself:
+    MLFLOW_TRACKING_URI, else ./mlflow.db (./mlruns when that holds an old file store) where it was
+    started, and hands that URI down. A shell with only FLYWHEEL_HOME exported would so train into
+    ./mlflow.db while every `flywheel` command reads $FLYWHEEL_HOME; the model would be "not found"
+    one command later. `eval "$(flywheel env)"` exports the URI, and the run lands where it belongs.
+    Recognised: MLflow's default in the entry point's directory (the project, as `mlflow run .`
+    starts it); a store that is also $FLYWHEEL_HOME's passes."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    from flywheel.config import local_store_path
+
+    here = (cwd or Path.cwd()).resolve()
+    path = local_store_path(settings.tracking_uri)
+    own = (settings.work_dir / "mlflow.db").resolve()
+    if path is None or path.resolve() not in (here / "mlflow.db", here / "mlruns") or path.resolve() == own:
+        return
+    raise FlywheelError(f"`mlflow run` logged to MLflow's default store {settings.tracking_uri}, not Flywheel's "
+                        f"sqlite:///{own} ($FLYWHEEL_HOME): run `eval \"$(flywheel env)\"` first, then `mlflow "
+                        "run` again (or use `flywheel train`)")
+
+
 def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
     """Train per `cfg`, log to the tracking server in `settings`; returns the result on rank 0."""
+    refuse_mlflow_default_store(settings)
     ctx = DistContext.from_env()
     # The optimizer's first call and the pt2 export import torch._dynamo; the plots, matplotlib.
     preload = _preload("torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg")
