@@ -210,6 +210,7 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
         proc = subprocess.Popen([str(VENV_BIN / "flywheel"), "serve"], cwd=tmp_path, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     env_file = home / "serving" / "serve.env"
+    before = _aliases(serving_models)
     try:
         _wait_for(env_file, proc, log)
         exports = _exports(env_file.read_text())
@@ -244,6 +245,7 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
             assert time.monotonic() < deadline, f"nothing captured in {captures}"
             time.sleep(0.5)
     finally:
+        _restore_aliases(serving_models, before)  # the registry is shared with other tests of the session
         proc.send_signal(signal.SIGINT)  # Ctrl-C: serve stops TorchServe's process group
         try:
             proc.wait(60)
@@ -252,6 +254,23 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
                 proc.kill()
                 proc.wait()
     assert not env_file.exists()
+
+
+def _aliases(serving_models) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    serving_models.settings()
+    return dict(MlflowClient().get_registered_model(serving_models.name).aliases)
+
+
+def _restore_aliases(serving_models, before: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for alias in set(_aliases(serving_models)) - set(before):
+        client.delete_registered_model_alias(serving_models.name, alias)
+    for alias, version in before.items():
+        client.set_registered_model_alias(serving_models.name, alias, version)
 
 
 def _png() -> bytes:

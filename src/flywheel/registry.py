@@ -53,9 +53,9 @@ def get_version(settings: Settings, name: str, version_or_alias: str):
         return client.get_model_version_by_alias(name, version_or_alias)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in exc.message:
-            raise FlywheelError(f"no registered model {name!r} at {settings.tracking_uri}: train one first "
-                                "(`flywheel train`), or point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store "
-                                "that has it") from None
+            raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r}: no registered "
+                                f"model {name!r} at {settings.tracking_uri}: train one first (`flywheel train`), or "
+                                "point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store that has it") from None
         raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r} "
                             f"at {settings.tracking_uri}: {exc.message}") from None
 
