@@ -127,14 +127,14 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
-    from flywheel.capture import TRAFFIC_HEADER
-    from flywheel.config import Settings
-    from flywheel.data import load_splits
-    from flywheel.models import load_model
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.preprocessing import encode_png, to_tensor
-    from flywheel.serve import ServeConfig, start_torchserve
-    from flywheel.serving_keys import read_keys
+    from flywheel.contracts.capture import TRAFFIC_HEADER
+    from flywheel.contracts.preprocessing import encode_png, to_tensor
+    from flywheel.core.config import Settings
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import load_model
+    from flywheel.serving.keys import read_keys
+    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
@@ -143,7 +143,7 @@ def main() -> None:
     if version is None:
         import mlflow
 
-        from flywheel.train import TrainConfig, run_training
+        from flywheel.training.train import TrainConfig, run_training
 
         print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
         result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,

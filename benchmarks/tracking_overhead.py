@@ -3,7 +3,7 @@
 The same training (dataset, subset, seed, batch size, epochs, model) runs in fresh subprocesses,
 alternating "on" and "off" `--repeats` times so both see the same machine state:
 
-* on:  `flywheel.train.run_training` itself (register=False): the run is created, params/tags and the
+* on:  `flywheel.training.train.run_training` itself (register=False): the run is created, params/tags and the
   dataset input are logged, system metrics are sampled by MLflow's background thread, each epoch's
   metrics go through `RunLogger`, and the model + reference artifacts are logged at the end.
 * off: the same loop built from the same flywheel functions (`load_splits`, `training_tensors`,
@@ -47,14 +47,14 @@ from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own direct
 
 # ------------------------------------------------------------------------------------ workers
 def _plain_loop(args) -> dict:
-    """The training loop of flywheel.train._train, minus every MLflow call."""
+    """The training loop of flywheel.training.train._train, minus every MLflow call."""
     import torch
     from torch import nn
 
-    from flywheel.config import Settings
-    from flywheel.data import load_splits
-    from flywheel.models import ModelSpec, build_model
-    from flywheel.train import _progress, _val_metrics, seed_everything, training_tensors
+    from flywheel.core.config import Settings
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import ModelSpec, build_model
+    from flywheel.training.train import _progress, _val_metrics, seed_everything, training_tensors
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env()
@@ -105,8 +105,8 @@ def _plain_loop(args) -> dict:
 def _tracked_run(args) -> dict:
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.config import Settings
+    from flywheel.training.train import TrainConfig, run_training
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env(**({"tracking_uri": args.tracking_uri} if args.tracking_uri else {})).apply()

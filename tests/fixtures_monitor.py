@@ -143,10 +143,10 @@ def fashion_embeddings(serving_models) -> FashionEmbeddings:
     import mlflow
     import torch
 
-    from flywheel.data import load_splits
-    from flywheel.models import load_model
-    from flywheel.preprocessing import to_tensor
-    from flywheel.shifts import shift_images
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import load_model
+    from flywheel.core.shifts import shift_images
 
     settings = serving_models.settings()
     version = serving_models.versions[0]
@@ -180,7 +180,7 @@ class MonitoredServer:
 
 
 def start_capturing_torchserve(serving_models, root: Path, capture_uri: str, env: dict | None = None):
-    from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     v1 = serving_models.versions[0]
     cfg = ServeConfig.local(root / "server", serving_models.model_store,

@@ -30,7 +30,7 @@ class ServingModels:
     model_store: Path
 
     def settings(self):
-        from flywheel.config import Settings
+        from flywheel.core.config import Settings
 
         return Settings.from_env(tracking_uri=self.tracking_uri, work_dir=self.work_dir,
                                  model_name=self.name).apply()
@@ -38,8 +38,8 @@ class ServingModels:
 
 @dataclass(frozen=True)
 class ServingServer:
-    server: object  # flywheel.serve.TorchServe
-    client: object  # flywheel.serve.TorchServeClient
+    server: object  # flywheel.serving.torchserve.TorchServe
+    client: object  # flywheel.serving.torchserve.TorchServeClient
     models: ServingModels
     model: str
     version: str
@@ -58,9 +58,9 @@ class ServingServer:
 def serving_models(tmp_path_factory) -> ServingModels:
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.config import Settings
+    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.training.train import TrainConfig, run_training
 
     root = tmp_path_factory.mktemp("serving-registry")
     settings = Settings.from_env(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", work_dir=root,
@@ -87,7 +87,7 @@ def serving_models(tmp_path_factory) -> ServingModels:
 @pytest.fixture(scope="session")
 def torchserve_server(serving_models, tmp_path_factory) -> ServingServer:
     """TorchServe (token auth, loopback, random ports) serving v1 of `serving_models`, capturing."""
-    from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     root = tmp_path_factory.mktemp("torchserve")
     capture_dir = root / "captures"

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 GITHUB_API = "https://api.github.com"
 GITHUB_API_VERSION = "2022-11-28"
@@ -125,7 +125,7 @@ class SSHCommand:
         import paramiko
 
         # Exported first so every part of a compound command sees it: the run is tagged with the event,
-        # which is how a retried delivery is recognised and skipped (flywheel.dispatches).
+        # which is how a retried delivery is recognised and skipped (flywheel.control.dispatches).
         cmd = f"export FLYWHEEL_EVENT_ID={shlex.quote(event.event_id)}; {render_command(self.command, event)}"
         client = paramiko.SSHClient()
         # Never trust an unknown host: the key must already be in known_hosts.

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
 HOST = "127.0.0.1"

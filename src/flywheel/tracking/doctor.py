@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.config import Settings
+from flywheel.core.config import Settings
 
 DOCTOR_EXPERIMENT = "flywheel-doctor"
 
@@ -93,7 +93,7 @@ def check_schema(db_uri: str) -> Check:
     import sqlalchemy
     from mlflow.store.db.utils import _get_latest_schema_revision, _get_schema_version
 
-    from flywheel.stack import StackError, _redact, check_database
+    from flywheel.tracking.server import StackError, _redact, check_database
 
     try:
         check_database(db_uri)
@@ -115,7 +115,7 @@ def check_schema(db_uri: str) -> Check:
 
 
 def check_bucket(destination: str, emulator_url: str | None, timeout: float) -> Check:
-    from flywheel.stack import StackError, check_gcs_bucket
+    from flywheel.tracking.server import StackError, check_gcs_bucket
 
     try:
         check_gcs_bucket(destination, emulator_url, timeout=timeout)
@@ -130,7 +130,7 @@ def check_artifact_roundtrip(settings: Settings) -> Check:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from flywheel.tracking import quick_failure
+    from flywheel.core.runlog import quick_failure
 
     payload = f"flywheel doctor {uuid.uuid4()}\n"
     settings.apply()
@@ -199,7 +199,7 @@ def run_doctor(settings: Settings, targets: DoctorTargets | None = None) -> list
 
 def targets_from_stack(state_dir: Path, tracking_uri: str) -> DoctorTargets:
     """Targets of the `flywheel stack` on this box serving `tracking_uri` (empty when there is none)."""
-    from flywheel.stack import PostgresServer, StackState
+    from flywheel.tracking.server import PostgresServer, StackState
 
     state = StackState.load(state_dir)
     if state is None or state.tracking_uri.rstrip("/") != tracking_uri.rstrip("/"):

@@ -6,7 +6,7 @@ and its Python workers down together), and waits for /ping. Several servers can 
 each has its own ports, work dir (key_file.json, logs), model store and worker socket range.
 
 Keys expire (`token_expiration_min`), so a started `TorchServe` owns a `KeyRenewer`
-(flywheel.serving_keys) that renews both keys through TorchServe's token API at half their lifetime,
+(flywheel.serving.keys) that renews both keys through TorchServe's token API at half their lifetime,
 stopped with the server. `TorchServeClient` never keeps a key for good: it reads the key file (or
 another key source), and when TorchServe rejects a key (400 InvalidKeyException in 0.12, 401 in
 later releases) it re-reads until the source shows a different key (bounded: a key renewed a moment
@@ -33,9 +33,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
-REPO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "serving"
+REPO_DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "serving"
 KEY_FILE = "key_file.json"
 TOKEN_EXPIRATION_MIN = 1440  # deploy/serving/config.properties' token_expiration_min
 # TorchServe's body limits, set explicitly (its defaults are 6553500): a 4 MiB image (the handler's
@@ -123,7 +123,7 @@ class TorchServe:
     """A started TorchServe process group and its key renewer; `stop()` ends both (also as a context manager)."""
 
     def __init__(self, cfg: ServeConfig, proc: subprocess.Popen, log_path: Path):
-        from flywheel.serving_keys import KeyRenewer
+        from flywheel.serving.keys import KeyRenewer
 
         self.cfg = cfg
         self.proc = proc
@@ -259,7 +259,7 @@ class TorchServeClient:
                  max_request_bytes: int | None = MAX_REQUEST_BYTES):
         import requests
 
-        from flywheel.serving_keys import read_keys
+        from flywheel.serving.keys import read_keys
 
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/") if management_url else None
@@ -278,7 +278,7 @@ class TorchServeClient:
         self.session = requests.Session()
 
     def _key(self, kind: str, rejected: str | None = None, reload: bool = False) -> str | None:
-        from flywheel.serving_keys import fresh_key
+        from flywheel.serving.keys import fresh_key
 
         if self.key_source is None:
             return self._keys.get(kind)
@@ -420,7 +420,7 @@ def _message(r) -> str:
 
 
 def read_keys(key_file: Path) -> dict[str, str]:
-    """{"inference": key, "management": key} from TorchServe's key_file.json (flywheel.serving_keys)."""
-    from flywheel.serving_keys import read_keys as read
+    """{"inference": key, "management": key} from TorchServe's key_file.json (flywheel.serving.keys)."""
+    from flywheel.serving.keys import read_keys as read
 
     return read(key_file)
