@@ -66,7 +66,7 @@ def _step(name: str, cmd: list[str], env: dict, log_dir: Path, timeline: list) -
 
 def start_tracking_node(work: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on SQLite with proxied artifacts under `work`, on a free loopback port."""
-    from flywheel.tracking.server import free_port
+    from flywheel.core.procs import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -182,7 +182,7 @@ def run_loop(args) -> dict:
         for srv in servers.values():
             srv.stop()
         if tracking_node is not None:
-            from flywheel.tracking.server import stop_process_group
+            from flywheel.core.procs import stop_process_group
 
             stop_process_group(tracking_node.pid)
         if not args.keep_dir:

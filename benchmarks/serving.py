@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,6 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(url: str, body: bytes, headers: dict, clients: int, seconds: float) -> dict:
@@ -100,6 +91,8 @@ def merge(runs: list[dict]) -> dict:
 
 
 def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    from flywheel.core.procs import free_port
+
     port = free_port()
     # mlflow serve execs `uvicorn` by name: this venv's bin must be on PATH.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
@@ -132,6 +125,7 @@ def main() -> None:
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
     from flywheel.core.models import load_model
+    from flywheel.core.procs import stop_process_group
     from flywheel.serving.keys import read_keys
     from flywheel.serving.package import PackageConfig, package_version
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
@@ -181,8 +175,7 @@ def main() -> None:
     finally:
         ts.stop()
         if ml_proc is not None:
-            os.killpg(ml_proc.pid, signal.SIGTERM)
-            ml_proc.wait(30)
+            stop_process_group(ml_proc, timeout=30)
 
     print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, "
           f"TorchServe batch {args.batch_size} / {args.max_batch_delay} ms, 1 worker each, {os.cpu_count()} CPUs")

@@ -165,9 +165,9 @@ def main() -> None:
     from flywheel.contracts.preprocessing import encode_png
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
+    from flywheel.core.procs import free_port, stop_process_group
     from flywheel.serving.package import PackageConfig, package_version
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
-    from flywheel.tracking.server import free_port
     from flywheel.training.train import TrainConfig, run_training
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-soak-"))
@@ -238,8 +238,7 @@ def main() -> None:
         for server in replicas:
             server.stop()
         if monitor.poll() is None:
-            os.killpg(monitor.pid, signal.SIGTERM)
-            monitor.wait(60)
+            stop_process_group(monitor, timeout=60)
         monitor_log.close()
 
     read = read_total(metrics)

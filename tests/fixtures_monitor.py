@@ -9,8 +9,6 @@ real capture writer.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import threading
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flywheel.core.procs import stop_process_group
 from tests.conftest import VENV_BIN, free_port
 
 
@@ -55,12 +54,7 @@ class GCSEmulator:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+            stop_process_group(self.proc, timeout=10)
         self.proc = None
 
 

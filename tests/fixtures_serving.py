@@ -112,14 +112,14 @@ class Dockerd:
 @pytest.fixture(scope="session")
 def dockerd():
     """A private dockerd (no bridge, no iptables, own data/exec roots and socket), stopped by PID."""
-    import os
     import shutil
-    import signal
     import subprocess
     import tempfile
     import time
 
     import docker
+
+    from flywheel.core.procs import stop_process_group
 
     exe = shutil.which("dockerd") or "/usr/sbin/dockerd"
     if not Path(exe).exists():
@@ -151,12 +151,8 @@ def dockerd():
                 c.remove(force=True)
         except Exception as exc:  # noqa: BLE001 - best effort before stopping the daemon
             print(f"dockerd fixture: could not remove containers: {exc}")
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout=30)
+        proc.wait()
         subprocess.run(["umount", "-R", str(root / "exec")], check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 

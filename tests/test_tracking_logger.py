@@ -8,8 +8,8 @@ import pytest
 
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
+from flywheel.core.procs import free_port
 from flywheel.core.runlog import RunLogger, configure_retries, replay_spool, retry_policy, retry_window
-from flywheel.tracking.server import free_port
 
 pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.procs import free_port, stop_process_group
 
 REPO_DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "serving"
 KEY_FILE = "key_file.json"
@@ -71,7 +71,7 @@ class ServeConfig:
     @classmethod
     def local(cls, work_dir: Path, model_store: Path, **overrides) -> ServeConfig:
         """Loopback-only config on free random ports (tests, demo, several servers side by side)."""
-        ports = [_free_port() for _ in range(5)]
+        ports = [free_port() for _ in range(5)]
         cfg = cls(Path(work_dir), Path(model_store),
                   inference_address=f"http://127.0.0.1:{ports[0]}",
                   management_address=f"http://127.0.0.1:{ports[1]}",
@@ -79,14 +79,6 @@ class ServeConfig:
                   grpc_inference_port=ports[3], grpc_management_port=ports[4],
                   worker_port_base=random.randrange(20000, 60000, 100))
         return replace(cfg, **overrides) if overrides else cfg
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_properties(cfg: ServeConfig, metrics_config: Path | None = None) -> str:
@@ -166,19 +158,8 @@ class TorchServe:
         if self._background is not None and self._background.poll() is None:
             self._background.terminate()
             self._background.wait(timeout)
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # workers may outlive the launcher for a moment
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # The whole group: workers may outlive the launcher for a moment.
+        stop_process_group(self.proc, timeout=timeout)
         self.proc.wait()
         # Worker sockets (/tmp/.ts.sock.<port>, Java's tmpdir) are not removed on a signal.
         for port in range(self.cfg.worker_port_base, self.cfg.worker_port_base + 100):

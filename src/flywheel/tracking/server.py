@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.procs import free_port, stop_process_group
 
 DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
 HOST = "127.0.0.1"
@@ -36,13 +37,6 @@ STACK_FILE = "stack.json"
 
 class StackError(FlywheelError):
     """A part of the tracking stack did not start, stop or answer; the message names which and why."""
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int, host: str = HOST) -> bool:
@@ -79,31 +73,6 @@ def pid_alive(pid: int | None) -> bool:
         return state != "Z"
     except (OSError, IndexError):
         return True
-
-
-def stop_process_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process group led by `pid` (uvicorn and its workers), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                _reap(pid)
-                return
-            _reap(pid)
-            time.sleep(0.1)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def write_secret(path: Path, value: str) -> None:
