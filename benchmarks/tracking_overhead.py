@@ -7,7 +7,7 @@ alternating "on" and "off" `--repeats` times so both see the same machine state:
   dataset input are logged, system metrics are sampled by MLflow's background thread, each epoch's
   metrics go through `RunLogger`, and the model + reference artifacts are logged at the end.
 * off: the same loop built from the same flywheel functions (`load_splits`, `training_tensors`,
-  `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train._val_metrics`) with no MLflow
+  `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train.val_metrics`) with no MLflow
   call at all. `run_training` has no logging switch today, so this plain loop is the "off" side.
 
 What is compared:
@@ -54,7 +54,7 @@ def _plain_loop(args) -> dict:
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
     from flywheel.core.models import ModelSpec, build_model
-    from flywheel.training.train import _progress, _val_metrics, seed_everything, training_tensors
+    from flywheel.training.train import progress_bar, seed_everything, training_tensors, val_metrics
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env()
@@ -70,7 +70,7 @@ def _plain_loop(args) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     device = torch.device("cpu")
     epoch_ends, train_seconds, val_acc, setup_s = [], 0.0, 0.0, 0.0
-    progress = _progress(True)  # run_training's progress bar: not tracking, so on both sides
+    progress = progress_bar(True)  # run_training's progress bar: not tracking, so on both sides
     task = progress.add_task("train", total=args.epochs * steps, status="")
     progress.start()
     for epoch in range(args.epochs):
@@ -94,7 +94,7 @@ def _plain_loop(args) -> dict:
                                    dtype=torch.float64)
             progress.update(task, advance=1, status=f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
         train_seconds += time.perf_counter() - started
-        _, val_acc = _val_metrics(model, splits, spec, device)
+        _, val_acc = val_metrics(model, splits, spec, device)
         epoch_ends.append(time.time())  # where run_training logs the epoch's metrics
         progress.update(task, status=f"epoch {epoch + 1}/{args.epochs} val acc {val_acc:.4f}")
     progress.stop()

@@ -147,9 +147,9 @@ def test_monitor_once_cli_on_real_captures(monitored_torchserve, fashion_embeddi
     state = tmp_path / "state"
     # first run: only this test's traffic (cursor from a key just before it)
     from flywheel.contracts.capture import batch_key
-    from flywheel.monitoring.triggers import _atomic_write
+    from flywheel.core.files import atomic_write_json
 
-    _atomic_write(state / "state.json", {"cursor": batch_key(start)})
+    atomic_write_json(state / "state.json", {"cursor": batch_key(start)})
     env = {"FLYWHEEL_HOME": str(server.work_dir), "PATH": str(VENV_BIN), "MLFLOW_TRACKING_URI": server.tracking_uri,
            "HOME": str(tmp_path)}
     proc = subprocess.run([str(VENV_BIN / "flywheel"), "monitor", "--once", "--model", server.model, "--env",

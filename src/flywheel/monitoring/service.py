@@ -272,7 +272,7 @@ class Monitor:
     def _commit(self, pending: dict[str, np.ndarray] | None = None) -> None:
         """One atomic write of state.json; a new partial window is written first, under a fresh name
         that the new state names, so the state on disk always goes with its own partial window."""
-        from flywheel.monitoring.triggers import _atomic_write
+        from flywheel.core.files import atomic_write_json
 
         if pending is not None:
             name = f"pending-{uuid.uuid4().hex[:12]}.npz"
@@ -282,7 +282,7 @@ class Monitor:
                 os.fsync(f.fileno())
             tmp.replace(self.dir / name)
             self.state.pending_file = name
-        _atomic_write(self.dir / "state.json", asdict(self.state))
+        atomic_write_json(self.dir / "state.json", asdict(self.state))
         if pending is not None:
             for old in self.dir.glob("pending*.npz"):  # superseded partial windows (and the old pending.npz)
                 if old.name != self.state.pending_file:

@@ -382,10 +382,3 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
     log.info("packaged %s v%s as %s (%s)", cfg.model_name, mv.version, mar, chosen.format)
     return PackageResult(mar, manifest)
 
-
-def read_manifest(mar_path: Path) -> dict:
-    """The flywheel manifest inside a .mar (a zip)."""
-    import zipfile
-
-    with zipfile.ZipFile(mar_path) as zf:
-        return json.loads(zf.read(MANIFEST_FILE))

@@ -93,7 +93,8 @@ def check_schema(db_uri: str) -> Check:
     import sqlalchemy
     from mlflow.store.db.utils import _get_latest_schema_revision, _get_schema_version
 
-    from flywheel.tracking.server import StackError, _redact, check_database
+    from flywheel.core.config import redact_uri
+    from flywheel.tracking.server import StackError, check_database
 
     try:
         check_database(db_uri)
@@ -106,11 +107,11 @@ def check_schema(db_uri: str) -> Check:
         engine.dispose()
     head = _get_latest_schema_revision()
     if current == head:
-        return Check("database schema", True, f"{_redact(db_uri)} at head revision {head}")
+        return Check("database schema", True, f"{redact_uri(db_uri)} at head revision {head}")
     if current is None:
-        return Check("database schema", False, f"{_redact(db_uri)} has no MLflow tables: start the server "
+        return Check("database schema", False, f"{redact_uri(db_uri)} has no MLflow tables: start the server "
                      "once (it creates them) or run `mlflow db upgrade <uri>`")
-    return Check("database schema", False, f"{_redact(db_uri)} is at {current}, MLflow {head}: back up the "
+    return Check("database schema", False, f"{redact_uri(db_uri)} is at {current}, MLflow {head}: back up the "
                  "database, then run `mlflow db upgrade <uri>` (the server refuses to start until then)")
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
+from flywheel.core.config import redact_uri
 from flywheel.core.errors import FlywheelError
 from flywheel.core.procs import free_port, stop_process_group
 
@@ -354,7 +355,7 @@ def check_database(uri: str, timeout: int = 10) -> None:
             conn.execute(sqlalchemy.text("SELECT 1"))
         engine.dispose()
     except Exception as exc:  # any driver error: its message is what we show
-        safe = _redact(uri)
+        safe = redact_uri(uri)
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise StackError(f"backend database {safe} is not usable: {reason}. Check host, port, user, "
                          "password and that the database exists.") from exc
@@ -379,13 +380,6 @@ def move_passwords_to_pgpass(uris: list[str], pgpass: Path) -> tuple[list[str], 
         stripped.append(parts._replace(netloc=netloc).geturl())
     write_secret(pgpass, "".join(line + "\n" for line in lines))
     return stripped, pgpass
-
-
-def _redact(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password:
-        return uri.replace(f":{parts.password}@", ":***@")
-    return uri
 
 
 @dataclass

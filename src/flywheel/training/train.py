@@ -126,7 +126,8 @@ def _amp(device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """The training progress bar (rich), shown on the main rank only."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -260,7 +261,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
     gc.collect()
     gc.freeze()
     loss_fn = nn.CrossEntropyLoss()
-    with _progress(ctx.is_main) as progress:
+    with progress_bar(ctx.is_main) as progress:
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, status="")
         for epoch in range(cfg.epochs):
             ddp.train()
@@ -298,7 +299,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
                 dist.all_reduce(totals)
             train_seconds += time.perf_counter() - started
             if ctx.is_main:
-                val_loss, val_acc = _val_metrics(model, splits, spec, device)
+                val_loss, val_acc = val_metrics(model, splits, spec, device)
                 row = {"train_loss": totals[0].item() / totals[2].item(), "train_accuracy": totals[1].item() / totals[2].item(),
                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0],
                        "epoch_seconds": time.perf_counter() - started}
@@ -333,7 +334,8 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
 
 
 @torch.no_grad()
-def _val_metrics(model: nn.Module, splits: Splits, spec: ModelSpec, device: torch.device) -> tuple[float, float]:
+def val_metrics(model: nn.Module, splits: Splits, spec: ModelSpec, device: torch.device) -> tuple[float, float]:
+    """(loss, accuracy) on the validation split: the per-epoch check of the training loop."""
     logits = torch.from_numpy(predict(model, splits.val.images, spec, device=device))
     labels = torch.from_numpy(splits.val.labels)
     return nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
