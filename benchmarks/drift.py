@@ -1,7 +1,7 @@
 """Drift detector benchmark: false alarms, detection under partial contamination, delay, compute time.
 
 Compares, on the same embeddings and the very same windows:
-  flywheel  - flywheel.drift.NoveltyDriftDetector, what the monitor runs: per-sample conformal p-values of
+  flywheel  - flywheel.monitoring.drift.NoveltyDriftDetector, what the monitor runs: per-sample conformal p-values of
               two novelty channels (cosine kNN direction, low feature magnitude), a multi-level tail-count
               statistic per channel with an exact rank null, Bonferroni over the channels
   ks-bonf   - plain KS per whitened PCA component (16) + Bonferroni (the baseline the issue names)
@@ -15,7 +15,7 @@ accuracy), trained once here through the real pipeline and cached under ~/.cache
 model instead (1 epoch on N images, ~0.8 test accuracy at 6000); --model-uri any registered model;
 --cache DIR reads or writes the embeddings there.
 Reference = 1000 validation embeddings per trial (what training logs); clean traffic = Fashion-MNIST
-test images 3000-9999; shifted traffic = test images 0-2999 through flywheel.shifts (the demo's shifts).
+test images 3000-9999; shifted traffic = test images 0-2999 through flywheel.core.shifts (the demo's shifts).
 False alarms: --clean-per-ref clean windows per reference draw (3000 at the defaults); detection: one
 contaminated window per reference draw. Evidently sees one clean and one contaminated window per draw
 (it is ~20x slower per window). The detector has no tuned constant fitted to these windows: its choices were
@@ -73,10 +73,10 @@ SETTINGS = ((100, 0.2, "blur-jpeg"), (300, 0.1, "blur-jpeg"), (100, 1.0, "blur-j
 def embeddings_from_model(model_uri: str, shifts, seed: int = 0) -> dict[str, np.ndarray]:
     import torch
 
-    from flywheel.data import load_splits
-    from flywheel.models import load_model
-    from flywheel.preprocessing import to_tensor
-    from flywheel.shifts import shift_images
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import load_model
+    from flywheel.core.shifts import shift_images
 
     model, spec = load_model(model_uri)
     splits = load_splits("fashion-mnist", seed=seed)
@@ -95,8 +95,8 @@ def embeddings_from_model(model_uri: str, shifts, seed: int = 0) -> dict[str, np
 
 def train_model(samples: int | None) -> str:
     """The pipeline's default model (samples None) or a quick one (1 epoch on `samples` images)."""
-    from flywheel.config import Settings
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.config import Settings
+    from flywheel.training.train import TrainConfig, run_training
 
     home = Path(tempfile.mkdtemp(prefix="drift-bench-"))
     settings = Settings.from_env(work_dir=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}").apply()
@@ -115,7 +115,7 @@ def default_cache(samples: int | None) -> Path:
 
     src = Path(__file__).resolve().parents[1] / "src" / "flywheel"
     h = hashlib.sha256(f"{torch.__version__} {samples} {SHIFTS}".encode())
-    for name in ("models.py", "train.py", "data.py", "preprocessing.py", "shifts.py"):
+    for name in ("core/models.py", "training/train.py", "core/data.py", "contracts/preprocessing.py", "core/shifts.py"):
         h.update((src / name).read_bytes())
     return CACHE_ROOT / f"{'default' if samples is None else f'quick{samples}'}-{h.hexdigest()[:12]}"
 
@@ -207,7 +207,7 @@ def per_sample_auc(emb, rng) -> str:
     """AUC of each channel's per-sample score, shifted vs clean test embeddings, for one reference draw."""
     from scipy import stats
 
-    from flywheel.drift import NoveltyDriftDetector
+    from flywheel.monitoring.drift import NoveltyDriftDetector
 
     d = NoveltyDriftDetector().fit(emb["val"][rng.choice(len(emb["val"]), 1000, replace=False)])
     clean = d.scores(emb["test"])
@@ -221,7 +221,7 @@ def per_sample_auc(emb, rng) -> str:
 
 
 def main() -> None:
-    from flywheel.drift import KSBonferroni, NoveltyDriftDetector
+    from flywheel.monitoring.drift import KSBonferroni, NoveltyDriftDetector
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-uri")

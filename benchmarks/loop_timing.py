@@ -66,7 +66,7 @@ def _step(name: str, cmd: list[str], env: dict, log_dir: Path, timeline: list) -
 
 def start_tracking_node(work: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on SQLite with proxied artifacts under `work`, on a free loopback port."""
-    from flywheel.stack import free_port
+    from flywheel.core.procs import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -113,10 +113,10 @@ def run_loop(args) -> dict:
 
     import mlflow
 
-    from flywheel.capture import TRAFFIC_HEADER
-    from flywheel.config import Settings
-    from flywheel.serve import ServeConfig, start_torchserve
-    from flywheel.tracking import ensure_experiment
+    from flywheel.contracts.capture import TRAFFIC_HEADER
+    from flywheel.core.config import Settings
+    from flywheel.core.runlog import ensure_experiment
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     work = Path(tempfile.mkdtemp(prefix="fw-loop-"))
     logs = work / "logs"
@@ -138,9 +138,9 @@ def run_loop(args) -> dict:
             store = work / f"store-{name}"
             store.mkdir()
             servers[name] = start_torchserve(ServeConfig.local(work / f"ts-{name}", store))
-        from flywheel.data import load_splits
-        from flywheel.preprocessing import encode_png
-        from flywheel.tracking import ensure_experiment
+        from flywheel.contracts.preprocessing import encode_png
+        from flywheel.core.data import load_splits
+        from flywheel.core.runlog import ensure_experiment
 
         probe = encode_png(load_splits(args.dataset, seed=0).test.images[0])  # before the clock starts
         ensure_experiment(settings)  # artifacts under the benchmark's own FLYWHEEL_HOME, not ./mlruns
@@ -182,7 +182,7 @@ def run_loop(args) -> dict:
         for srv in servers.values():
             srv.stop()
         if tracking_node is not None:
-            from flywheel.stack import stop_process_group
+            from flywheel.core.procs import stop_process_group
 
             stop_process_group(tracking_node.pid)
         if not args.keep_dir:

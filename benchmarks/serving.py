@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,6 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(url: str, body: bytes, headers: dict, clients: int, seconds: float) -> dict:
@@ -100,6 +91,8 @@ def merge(runs: list[dict]) -> dict:
 
 
 def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    from flywheel.core.procs import free_port
+
     port = free_port()
     # mlflow serve execs `uvicorn` by name: this venv's bin must be on PATH.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
@@ -127,14 +120,15 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
-    from flywheel.capture import TRAFFIC_HEADER
-    from flywheel.config import Settings
-    from flywheel.data import load_splits
-    from flywheel.models import load_model
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.preprocessing import encode_png, to_tensor
-    from flywheel.serve import ServeConfig, start_torchserve
-    from flywheel.serving_keys import read_keys
+    from flywheel.contracts.capture import TRAFFIC_HEADER
+    from flywheel.contracts.preprocessing import encode_png, to_tensor
+    from flywheel.core.config import Settings
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import load_model
+    from flywheel.core.procs import stop_process_group
+    from flywheel.serving.keys import read_keys
+    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
@@ -143,7 +137,7 @@ def main() -> None:
     if version is None:
         import mlflow
 
-        from flywheel.train import TrainConfig, run_training
+        from flywheel.training.train import TrainConfig, run_training
 
         print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
         result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
@@ -181,8 +175,7 @@ def main() -> None:
     finally:
         ts.stop()
         if ml_proc is not None:
-            os.killpg(ml_proc.pid, signal.SIGTERM)
-            ml_proc.wait(30)
+            stop_process_group(ml_proc, timeout=30)
 
     print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, "
           f"TorchServe batch {args.batch_size} / {args.max_batch_delay} ms, 1 worker each, {os.cpu_count()} CPUs")

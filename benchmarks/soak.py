@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def stored_records(capture_uri: str, model: str) -> int:
     """Records in every capture batch of `model` in the store (what the monitor must read, once)."""
-    from flywheel.capture import list_batches, read_batch
+    from flywheel.contracts.capture import list_batches, read_batch
 
     return sum(len(read_batch(capture_uri, model, name)) for name in list_batches(capture_uri, model))
 
@@ -127,7 +127,7 @@ class KeyWatch(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        from flywheel.serving_keys import read_keys
+        from flywheel.serving.keys import read_keys
 
         while not self.stop_event.wait(1.0):
             for i, server in enumerate(self.replicas):
@@ -162,13 +162,13 @@ def main() -> None:
 
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.data import load_splits
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.preprocessing import encode_png
-    from flywheel.serve import ServeConfig, start_torchserve
-    from flywheel.stack import free_port
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.config import Settings
+    from flywheel.core.data import load_splits
+    from flywheel.core.procs import free_port, stop_process_group
+    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
+    from flywheel.training.train import TrainConfig, run_training
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-soak-"))
     model = "fashion-classifier"
@@ -238,8 +238,7 @@ def main() -> None:
         for server in replicas:
             server.stop()
         if monitor.poll() is None:
-            os.killpg(monitor.pid, signal.SIGTERM)
-            monitor.wait(60)
+            stop_process_group(monitor, timeout=60)
         monitor_log.close()
 
     read = read_total(metrics)

@@ -3,11 +3,11 @@
 The same training (dataset, subset, seed, batch size, epochs, model) runs in fresh subprocesses,
 alternating "on" and "off" `--repeats` times so both see the same machine state:
 
-* on:  `flywheel.train.run_training` itself (register=False): the run is created, params/tags and the
+* on:  `flywheel.training.train.run_training` itself (register=False): the run is created, params/tags and the
   dataset input are logged, system metrics are sampled by MLflow's background thread, each epoch's
   metrics go through `RunLogger`, and the model + reference artifacts are logged at the end.
 * off: the same loop built from the same flywheel functions (`load_splits`, `training_tensors`,
-  `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train._val_metrics`) with no MLflow
+  `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train.val_metrics`) with no MLflow
   call at all. `run_training` has no logging switch today, so this plain loop is the "off" side.
 
 What is compared:
@@ -47,14 +47,14 @@ from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own direct
 
 # ------------------------------------------------------------------------------------ workers
 def _plain_loop(args) -> dict:
-    """The training loop of flywheel.train._train, minus every MLflow call."""
+    """The training loop of flywheel.training.train._train, minus every MLflow call."""
     import torch
     from torch import nn
 
-    from flywheel.config import Settings
-    from flywheel.data import load_splits
-    from flywheel.models import ModelSpec, build_model
-    from flywheel.train import _progress, _val_metrics, seed_everything, training_tensors
+    from flywheel.core.config import Settings
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import ModelSpec, build_model
+    from flywheel.training.train import progress_bar, seed_everything, training_tensors, val_metrics
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env()
@@ -70,7 +70,7 @@ def _plain_loop(args) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     device = torch.device("cpu")
     epoch_ends, train_seconds, val_acc, setup_s = [], 0.0, 0.0, 0.0
-    progress = _progress(True)  # run_training's progress bar: not tracking, so on both sides
+    progress = progress_bar(True)  # run_training's progress bar: not tracking, so on both sides
     task = progress.add_task("train", total=args.epochs * steps, status="")
     progress.start()
     for epoch in range(args.epochs):
@@ -94,7 +94,7 @@ def _plain_loop(args) -> dict:
                                    dtype=torch.float64)
             progress.update(task, advance=1, status=f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
         train_seconds += time.perf_counter() - started
-        _, val_acc = _val_metrics(model, splits, spec, device)
+        _, val_acc = val_metrics(model, splits, spec, device)
         epoch_ends.append(time.time())  # where run_training logs the epoch's metrics
         progress.update(task, status=f"epoch {epoch + 1}/{args.epochs} val acc {val_acc:.4f}")
     progress.stop()
@@ -105,8 +105,8 @@ def _plain_loop(args) -> dict:
 def _tracked_run(args) -> dict:
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.config import Settings
+    from flywheel.training.train import TrainConfig, run_training
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env(**({"tracking_uri": args.tracking_uri} if args.tracking_uri else {})).apply()

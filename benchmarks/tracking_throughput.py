@@ -55,7 +55,7 @@ def _embedded(root: Path, args) -> dict[str, float]:
 def _server(root: Path, args) -> dict[str, float]:
     import mlflow
 
-    from flywheel.stack import StackConfig, stack_down, stack_up
+    from flywheel.tracking.server import StackConfig, stack_down, stack_up
 
     state = stack_up(StackConfig(state_dir=root / "stack", throwaway=True))
     try:

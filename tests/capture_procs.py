@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.capture import CaptureCursor, CaptureReader, CaptureWriter
+from flywheel.contracts.capture import CaptureCursor, CaptureReader, CaptureWriter
 
 MODEL = "fashion-classifier"
 

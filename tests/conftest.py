@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from flywheel.core.procs import free_port
 
 pytest_plugins = [
     "tests.fixtures_core",
@@ -21,11 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["REPO", "VENV_BIN", "free_port"]  # free_port: the one the servers use, re-exported for tests
 
 
 @pytest.fixture(autouse=True)

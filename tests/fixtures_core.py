@@ -20,8 +20,8 @@ class TrainedModel:
 
 def train_digits(home: Path, model_name: str, epochs: int = 3, seed: int = 0, **overrides):
     """Train small-cnn on digits into the embedded store under `home`; returns the TrainResult."""
-    from flywheel.config import Settings
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.config import Settings
+    from flywheel.training.train import TrainConfig, run_training
 
     settings = Settings.from_env(work_dir=home, model_name=model_name).apply()
     cfg = TrainConfig(dataset="digits", model="small-cnn", epochs=epochs, batch_size=32, lr=5e-3, seed=seed,

@@ -9,8 +9,6 @@ real capture writer.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import threading
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flywheel.core.procs import stop_process_group
 from tests.conftest import VENV_BIN, free_port
 
 
@@ -55,12 +54,7 @@ class GCSEmulator:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+            stop_process_group(self.proc, timeout=10)
         self.proc = None
 
 
@@ -143,10 +137,10 @@ def fashion_embeddings(serving_models) -> FashionEmbeddings:
     import mlflow
     import torch
 
-    from flywheel.data import load_splits
-    from flywheel.models import load_model
-    from flywheel.preprocessing import to_tensor
-    from flywheel.shifts import shift_images
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import load_model
+    from flywheel.core.shifts import shift_images
 
     settings = serving_models.settings()
     version = serving_models.versions[0]
@@ -180,7 +174,7 @@ class MonitoredServer:
 
 
 def start_capturing_torchserve(serving_models, root: Path, capture_uri: str, env: dict | None = None):
-    from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     v1 = serving_models.versions[0]
     cfg = ServeConfig.local(root / "server", serving_models.model_store,

@@ -30,7 +30,7 @@ class ServingModels:
     model_store: Path
 
     def settings(self):
-        from flywheel.config import Settings
+        from flywheel.core.config import Settings
 
         return Settings.from_env(tracking_uri=self.tracking_uri, work_dir=self.work_dir,
                                  model_name=self.name).apply()
@@ -38,8 +38,8 @@ class ServingModels:
 
 @dataclass(frozen=True)
 class ServingServer:
-    server: object  # flywheel.serve.TorchServe
-    client: object  # flywheel.serve.TorchServeClient
+    server: object  # flywheel.serving.torchserve.TorchServe
+    client: object  # flywheel.serving.torchserve.TorchServeClient
     models: ServingModels
     model: str
     version: str
@@ -58,9 +58,9 @@ class ServingServer:
 def serving_models(tmp_path_factory) -> ServingModels:
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.config import Settings
+    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.training.train import TrainConfig, run_training
 
     root = tmp_path_factory.mktemp("serving-registry")
     settings = Settings.from_env(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", work_dir=root,
@@ -87,7 +87,7 @@ def serving_models(tmp_path_factory) -> ServingModels:
 @pytest.fixture(scope="session")
 def torchserve_server(serving_models, tmp_path_factory) -> ServingServer:
     """TorchServe (token auth, loopback, random ports) serving v1 of `serving_models`, capturing."""
-    from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     root = tmp_path_factory.mktemp("torchserve")
     capture_dir = root / "captures"
@@ -112,14 +112,14 @@ class Dockerd:
 @pytest.fixture(scope="session")
 def dockerd():
     """A private dockerd (no bridge, no iptables, own data/exec roots and socket), stopped by PID."""
-    import os
     import shutil
-    import signal
     import subprocess
     import tempfile
     import time
 
     import docker
+
+    from flywheel.core.procs import stop_process_group
 
     exe = shutil.which("dockerd") or "/usr/sbin/dockerd"
     if not Path(exe).exists():
@@ -151,12 +151,8 @@ def dockerd():
                 c.remove(force=True)
         except Exception as exc:  # noqa: BLE001 - best effort before stopping the daemon
             print(f"dockerd fixture: could not remove containers: {exc}")
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout=30)
+        proc.wait()
         subprocess.run(["umount", "-R", str(root / "exec")], check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.core.procs import stop_process_group
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 NODE_USER = "flywheel-node"  # the dedicated login user when the tests run as root
 VENV_ACTIVATE = f"source {Path(sys.executable).parent / 'activate'}"
@@ -187,7 +189,7 @@ def ssh_node(tmp_path_factory) -> SSHNode:
     finally:
         _stop_jobs(workdir)
         sessions = _session_children(proc.pid)
-        _stop_group(proc)
+        stop_process_group(proc, timeout=5)
         # Sessions run as the node user outside sshd's process group; kill what's left by PID.
         for pid in sessions:
             _kill(pid)
@@ -221,17 +223,6 @@ def _stop_jobs(workdir: Path) -> None:
             pass
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group `proc` leads, give it 5 s, then SIGKILL whatever of it is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _git(repo: Path, *args: str) -> str:

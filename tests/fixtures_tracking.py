@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.errors import FlywheelError
-from flywheel.stack import (
+from flywheel.core.errors import FlywheelError
+from flywheel.tracking.server import (
     ADMIN_USER,
     Daemon,
     MlflowServer,
@@ -61,7 +61,7 @@ class TrackingStack:
                 "MLFLOW_TRACKING_PASSWORD": self.password}
 
     def settings(self, **overrides):
-        from flywheel.config import Settings
+        from flywheel.core.config import Settings
 
         given = {"tracking_uri": self.uri, "username": self.username, "password": self.password, **overrides}
         return Settings.from_env(**given)

@@ -75,9 +75,9 @@ def test_env_keeps_a_given_tracking_uri(monkeypatch):
     (lambda cwd, home: "http://127.0.0.1:5000", False),
 ])
 def test_train_entry_refuses_mlflows_default_store_under_mlflow_run(tmp_path, monkeypatch, uri_of, refused):
-    from flywheel.config import Settings
-    from flywheel.errors import FlywheelError
-    from flywheel.train import refuse_mlflow_default_store
+    from flywheel.core.config import Settings
+    from flywheel.core.errors import FlywheelError
+    from flywheel.training.train import refuse_mlflow_default_store
 
     home = tmp_path / "home"
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))
@@ -95,9 +95,9 @@ def test_train_entry_refuses_mlflows_default_store_under_mlflow_run(tmp_path, mo
 
 def test_train_entry_refuses_when_flywheel_home_is_the_default_too(tmp_path, monkeypatch):
     """No FLYWHEEL_HOME: Flywheel's store is ./.flywheel/mlflow.db, still not MLflow's ./mlflow.db."""
-    from flywheel.config import Settings
-    from flywheel.errors import FlywheelError
-    from flywheel.train import refuse_mlflow_default_store
+    from flywheel.core.config import Settings
+    from flywheel.core.errors import FlywheelError
+    from flywheel.training.train import refuse_mlflow_default_store
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FLYWHEEL_HOME")
@@ -157,9 +157,9 @@ def test_evaluate_of_a_missing_registered_model_is_one_line(tmp_path):
 
 
 def test_missing_alias_and_version_and_run_are_one_line(trained_digits_model):
-    from flywheel.config import Settings
-    from flywheel.errors import FlywheelError
-    from flywheel.evaluate import evaluate_uri
+    from flywheel.core.config import Settings
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.evaluate import evaluate_uri
 
     settings = Settings.from_env(tracking_uri=trained_digits_model.tracking_uri, work_dir=trained_digits_model.home,
                                  model_name=trained_digits_model.model_name).apply()
@@ -172,7 +172,7 @@ def test_missing_alias_and_version_and_run_are_one_line(trained_digits_model):
 
 
 def test_registered_in_reads_registry_uris():
-    from flywheel.registry import registered_in
+    from flywheel.core.registry import registered_in
 
     assert registered_in("models:/fashion-classifier@candidate") == ("fashion-classifier", "candidate")
     assert registered_in("models:/fashion-classifier/3") == ("fashion-classifier", "3")
@@ -196,8 +196,8 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
     captured into $FLYWHEEL_HOME/captures, serve.env naming all of it; Ctrl-C stops it and removes serve.env."""
     import shutil
 
-    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.release import AcceptanceConfig, ManagementTarget, release_version
+    from flywheel.serving.torchserve import TorchServeClient
 
     home = tmp_path / "home"
     (home / "model-store").mkdir(parents=True)
@@ -274,8 +274,8 @@ def _restore_aliases(serving_models, before: dict[str, str]) -> None:
 
 
 def _png() -> bytes:
-    from flywheel.data import load_test_split
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_test_split
 
     test, _ = load_test_split("fashion-mnist")
     return encode_png(test.images[0])

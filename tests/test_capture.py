@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from flywheel.capture import (
+from flywheel.contracts.capture import (
     CaptureWriter,
     iter_captures,
     list_batches,
@@ -15,7 +15,7 @@ from flywheel.capture import (
     read_writer_stats,
     write_feedback,
 )
-from flywheel.preprocessing import decode_image, encode_png
+from flywheel.contracts.preprocessing import decode_image, encode_png
 
 
 def _record(i: int, model: str = "fashion-classifier") -> dict:

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.capture import CaptureCursor, CaptureReader, CaptureWriter, Poll, batch_key, list_batches
+from flywheel.contracts.capture import (
+    CaptureCursor,
+    CaptureReader,
+    CaptureWriter,
+    Poll,
+    batch_key,
+    list_batches,
+)
 from tests.conftest import REPO
 
 PROCS = REPO / "tests" / "capture_procs.py"
@@ -172,7 +179,7 @@ def test_old_single_name_cursor_migrates(tmp_path):
 
 
 def test_traffic_marks_round_trip(tmp_path):
-    from flywheel.capture import iter_captures, traffic_kind
+    from flywheel.contracts.capture import iter_captures, traffic_kind
 
     assert traffic_kind(None) == "live" and traffic_kind(" Acceptance ") == "acceptance"
     writer = CaptureWriter(str(tmp_path), flush_every=3)

@@ -1,4 +1,4 @@
-"""Superseded release/train requests and retried retrain events (flywheel.dispatches).
+"""Superseded release/train requests and retried retrain events (flywheel.control.dispatches).
 
 The decisions are tested on plain data shaped like GitHub's REST answers (no GitHub, no fake API);
 the registry bookkeeping and the event dedupe run against a real MLflow store (embedded SQLite via
@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from typer.testing import CliRunner
 
-from flywheel.dispatches import (
+from flywheel.control.dispatches import (
     EVENT_TAG,
     EventRun,
     Job,
@@ -24,7 +24,7 @@ from flywheel.dispatches import (
     parse_request,
     plan_event,
 )
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
 URL = "https://github.com/acme/flywheel/actions/runs/{}"
@@ -172,7 +172,7 @@ def test_event_plan_skips_only_a_served_event_and_never_drops_superseded_request
 # ------------------------------------------------------------------------------------ real MLflow store
 @pytest.fixture
 def store(tmp_path):
-    from flywheel.config import Settings
+    from flywheel.core.config import Settings
 
     return Settings.from_env(work_dir=tmp_path / "home", model_name="m").apply()
 
@@ -184,7 +184,7 @@ def _outcome(me: Job, req: Request, jobs: list[Job], marker: Marker | None = Non
 def test_registry_records_superseded_releases_and_the_marker_moves_forward(store):
     import mlflow
 
-    from flywheel.dispatches import marker_key, record_outcome, registry_marker, superseded_records
+    from flywheel.control.dispatches import marker_key, record_outcome, registry_marker, superseded_records
 
     client = mlflow.MlflowClient()
     client.create_registered_model("m")
@@ -218,7 +218,7 @@ def test_registry_records_superseded_releases_and_the_marker_moves_forward(store
 def test_registry_records_a_superseded_first_training_on_a_new_model(store):
     import mlflow
 
-    from flywheel.dispatches import record_outcome, superseded_records
+    from flywheel.control.dispatches import record_outcome, superseded_records
 
     req = Request("train", "brand-new", "refs/heads/main", reason="push")
     out = _outcome(current(3, "flywheel train brand-new on refs/heads/main for push", 10), req,
@@ -240,7 +240,7 @@ def test_check_event_against_real_runs_and_the_cli_outputs(store, tmp_path, monk
     import mlflow
 
     from flywheel.cli import app
-    from flywheel.dispatches import check_event
+    from flywheel.control.dispatches import check_event
 
     client = mlflow.MlflowClient()
     assert check_event(store, "e-none").train  # no experiment yet: train
@@ -283,8 +283,8 @@ def test_record_superseded_refuses_without_a_token(store, monkeypatch):
 
 # ------------------------------------------------------------------------------------ event id flow
 def test_remote_train_hands_the_event_id_to_the_job_env():
-    from flywheel.config import Settings
-    from flywheel.remote import Node, remote_env
+    from flywheel.core.config import Settings
+    from flywheel.training.remote import Node, remote_env
 
     settings = Settings.from_env(tracking_uri="http://tracking.internal")
     node = Node(host="gpu1", user="train")
@@ -295,7 +295,7 @@ def test_remote_train_hands_the_event_id_to_the_job_env():
 def test_a_training_with_an_event_id_is_tagged_and_a_retry_is_skipped(tmp_path, monkeypatch):
     """The job env's FLYWHEEL_EVENT_ID (what remote-train writes) becomes the run's tag, and a retried
     delivery of the same event then finds it."""
-    from flywheel.dispatches import check_event
+    from flywheel.control.dispatches import check_event
     from tests.fixtures_core import train_digits
 
     monkeypatch.setenv("FLYWHEEL_EVENT_ID", "4be1c0de")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flywheel.drift import (
+from flywheel.monitoring.drift import (
     KSBonferroni,
     NoveltyDriftDetector,
     combine_p_values,
@@ -81,7 +81,7 @@ def test_rank_null_holds_its_level_on_exchangeable_data():
 def test_vectorised_ks_matches_scipy():
     from scipy import stats
 
-    from flywheel.drift import ks_2samp_columns
+    from flywheel.monitoring.drift import ks_2samp_columns
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(1000, 4))

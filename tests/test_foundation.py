@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flywheel.config import Settings
-from flywheel.data import DATASETS, load_splits, read_idx
-from flywheel.errors import DataError, FlywheelError
-from flywheel.models import ARCHITECTURES, build_model
-from flywheel.preprocessing import InvalidImage, PreprocessSpec, decode_image, encode_png, to_tensor
-from flywheel.project import split_nproc, translate
+from flywheel.cli.project import split_nproc, translate
+from flywheel.contracts.preprocessing import InvalidImage, PreprocessSpec, decode_image, encode_png, to_tensor
+from flywheel.core.config import Settings
+from flywheel.core.data import DATASETS, load_splits, read_idx
+from flywheel.core.errors import DataError, FlywheelError
+from flywheel.core.models import ARCHITECTURES, build_model
 
 
 def test_digest_is_content_stable_and_seed_sensitive():
@@ -197,7 +197,7 @@ def test_cli_help_on_every_foundation_command():
 @pytest.mark.parametrize("name", ["fashion-mnist", "digits"])
 def test_test_split_alone_is_the_full_loads_test_split(name):
     """Export checks and release acceptance read only the frozen test split: it must be the same one."""
-    from flywheel.data import load_test_split
+    from flywheel.core.data import load_test_split
 
     test, class_names = load_test_split(name)
     full = load_splits(name)

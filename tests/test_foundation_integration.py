@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flywheel.config import Settings
+from flywheel.core.config import Settings
 from tests.conftest import REPO, VENV_BIN
 from tests.fixtures_core import train_digits
 

@@ -18,7 +18,7 @@ MONITOR = REPO / "monitor"
 def _exported_metric_names() -> set[str]:
     from prometheus_client import generate_latest
 
-    from flywheel.monitor import Metrics
+    from flywheel.monitoring.service import Metrics
 
     m = Metrics("m", "prod")
     m.p_value.labels(model="m", env="prod", test="embedding").set(0.5)
@@ -66,9 +66,9 @@ def test_dockerfile_lints_clean():
 
 
 def test_feedback_and_snapshot_roundtrip(tmp_path):
-    from flywheel.capture import CaptureWriter
-    from flywheel.data import read_imagefolder
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.capture import CaptureWriter
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import read_imagefolder
 
     store = str(tmp_path / "captures")
     writer = CaptureWriter(store, flush_seconds=0.1)
@@ -84,9 +84,9 @@ def test_feedback_and_snapshot_roundtrip(tmp_path):
     def cli(*args):
         return subprocess.run([flywheel, *args], capture_output=True, text=True, env=env)
 
-    from flywheel.capture import write_feedback
-    from flywheel.errors import FlywheelError
-    from flywheel.snapshot import take_snapshot
+    from flywheel.contracts.capture import write_feedback
+    from flywheel.core.errors import FlywheelError
+    from flywheel.monitoring.snapshot import take_snapshot
 
     with pytest.raises(FlywheelError, match="nothing to snapshot"):
         take_snapshot(store, "fashion-classifier", tmp_path / "snaps")
@@ -130,7 +130,7 @@ def test_monitor_once_cli_on_real_captures(monitored_torchserve, fashion_embeddi
 
     import mlflow
 
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
 
     server = monitored_torchserve
     mlflow.set_tracking_uri(server.tracking_uri)
@@ -146,10 +146,10 @@ def test_monitor_once_cli_on_real_captures(monitored_torchserve, fashion_embeddi
     _wait_captured(server.capture_uri, server.model, 100, start)
     state = tmp_path / "state"
     # first run: only this test's traffic (cursor from a key just before it)
-    from flywheel.capture import batch_key
-    from flywheel.triggers import _atomic_write
+    from flywheel.contracts.capture import batch_key
+    from flywheel.core.files import atomic_write_json
 
-    _atomic_write(state / "state.json", {"cursor": batch_key(start)})
+    atomic_write_json(state / "state.json", {"cursor": batch_key(start)})
     env = {"FLYWHEEL_HOME": str(server.work_dir), "PATH": str(VENV_BIN), "MLFLOW_TRACKING_URI": server.tracking_uri,
            "HOME": str(tmp_path)}
     proc = subprocess.run([str(VENV_BIN / "flywheel"), "monitor", "--once", "--model", server.model, "--env",

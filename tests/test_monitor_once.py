@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flywheel.capture import CaptureWriter
+from flywheel.contracts.capture import CaptureWriter
 from tests.conftest import REPO
 from tests.test_capture_once import BEHIND, PLAIN, SLOW, _finish_writers, _kill, _writers
 
@@ -143,8 +143,8 @@ def test_monitor_restarts_read_every_capture_once(serving_models, fashion_embedd
     """3 writer processes (one 30 s behind, one with 10 s uploads); a new Monitor every ~second."""
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.monitor import Monitor, MonitorConfig
+    from flywheel.core.config import Settings
+    from flywheel.monitoring.service import Monitor, MonitorConfig
 
     name, v1 = serving_models.name, serving_models.versions[0]
     settings = Settings.from_env(tracking_uri=serving_models.tracking_uri, work_dir=serving_models.work_dir,
@@ -190,9 +190,9 @@ def test_windows_replayed_after_a_crash_ask_for_one_retrain(tmp_path):
     replays those windows from the recorded policy state: same decision, same event id, one request."""
     from dataclasses import asdict
 
-    from flywheel.config import Settings
-    from flywheel.monitor import Monitor, MonitorConfig, WindowResult
-    from flywheel.triggers import LocalCommand, PolicyConfig, PolicyState
+    from flywheel.core.config import Settings
+    from flywheel.monitoring.service import Monitor, MonitorConfig, WindowResult
+    from flywheel.monitoring.triggers import LocalCommand, PolicyConfig, PolicyState
 
     cfg = MonitorConfig(model="m", capture_uri=str(tmp_path / "captures"), state_dir=tmp_path / "state",
                         dataset="fashion-mnist")

@@ -16,9 +16,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from flywheel.capture import iter_captures, read_writer_stats
-from flywheel.preprocessing import encode_png
-from flywheel.shifts import shift_images
+from flywheel.contracts.capture import iter_captures, read_writer_stats
+from flywheel.contracts.preprocessing import encode_png
+from flywheel.core.shifts import shift_images
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -49,9 +49,9 @@ def _wait_captured(uri, model, n, since_ts, timeout=60.0):
 def _monitor(server, tmp_path, window, consecutive, actions=(), snapshot_dir=None):
     import mlflow
 
-    from flywheel.config import Settings
-    from flywheel.monitor import Monitor, MonitorConfig
-    from flywheel.triggers import PolicyConfig
+    from flywheel.core.config import Settings
+    from flywheel.monitoring.service import Monitor, MonitorConfig
+    from flywheel.monitoring.triggers import PolicyConfig
 
     settings = Settings.from_env(tracking_uri=server.tracking_uri, work_dir=server.work_dir,
                                  model_name=server.model).apply()
@@ -114,11 +114,11 @@ def test_no_shift_stream_never_triggers(monitored_torchserve, fashion_embeddings
 
 
 def test_shifted_stream_triggers_within_300_samples(monitored_torchserve, fashion_embeddings, github_api, tmp_path):
-    from flywheel.triggers import GitHubDispatch
+    from flywheel.monitoring.triggers import GitHubDispatch
 
     server = monitored_torchserve
     action = GitHubDispatch("acme/flywheel", token="t0ken", api_url=github_api.url)
-    from flywheel.snapshot import take_snapshot
+    from flywheel.monitoring.snapshot import take_snapshot
 
     labelled = tmp_path / "labelled" / "Bag"
     labelled.mkdir(parents=True)
@@ -229,8 +229,8 @@ def test_release_traffic_is_captured_marked_and_never_monitored(serving_models, 
     windows are made of the users' requests only."""
     import json
 
-    from flywheel.capture import CaptureCursor, CaptureReader
-    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
+    from flywheel.contracts.capture import CaptureCursor, CaptureReader
+    from flywheel.serving.release import AcceptanceConfig, ManagementTarget, release_version
     from tests.fixtures_monitor import start_capturing_torchserve
 
     name, v2 = serving_models.name, serving_models.versions[1]
@@ -268,8 +268,8 @@ def test_release_traffic_is_captured_marked_and_never_monitored(serving_models, 
 
         import mlflow
 
-        from flywheel.config import Settings
-        from flywheel.monitor import Monitor, MonitorConfig
+        from flywheel.core.config import Settings
+        from flywheel.monitoring.service import Monitor, MonitorConfig
 
         mlflow.MlflowClient().set_registered_model_alias(name, "monitored-release", v2)
         mon = Monitor(MonitorConfig(model=name, capture_uri=caps, env="monitored-release",

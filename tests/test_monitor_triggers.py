@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flywheel.triggers import (
+from flywheel.monitoring.triggers import (
     GitHubDispatch,
     LocalCommand,
     Outbox,
@@ -133,7 +133,7 @@ def test_ssh_trigger_through_real_sshd(ssh_node):
     # the event id reaches every part of the command's environment: the run is tagged with it (dedupe)
     assert (ssh_node.workdir / "event-env").read_text().strip() == event.event_id
     # a host whose key is not pinned is refused, and that is a retryable failure, not a crash
-    from flywheel.triggers import TriggerError
+    from flywheel.monitoring.triggers import TriggerError
 
     bad_known = ssh_node.workdir.parent / "empty_known_hosts"
     bad_known.write_text("")

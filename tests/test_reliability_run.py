@@ -6,9 +6,9 @@ its workers and of a running monitor measured.
   base64, bad top_k, too many images) → every answer a 4xx with a JSON error, the same worker PIDs
   READY before and after, good requests sent alongside all answered 200.
   "Malformed" is decided by an oracle, not assumed: generated image bytes that the shared
-  `flywheel.preprocessing.decode_image` can decode are discarded (Pillow reads many formats, and a
+  `flywheel.contracts.preprocessing.decode_image` can decode are discarded (Pillow reads many formats, and a
   damaged PNG can still be a valid image).
-* 8 clients for 120 s, the handler capturing, a monitor process (`flywheel.monitor.Monitor.tick`)
+* 8 clients for 120 s, the handler capturing, a monitor process (`flywheel.monitoring.service.Monitor.tick`)
   reading those captures every second: RSS of the TorchServe workers and of the monitor sampled every
   2 s; growth from the first to the last 20 s must stay under a bound, and 0 errors.
 """
@@ -42,13 +42,13 @@ WARMUP_S = 30.0  # the monitor imports MLflow logging, prometheus, scipy lazily 
 
 
 def _test_images(n: int = 16) -> np.ndarray:
-    from flywheel.data import load_splits
+    from flywheel.core.data import load_splits
 
     return load_splits("fashion-mnist").test.images[:n]
 
 
 def _png(image) -> bytes:
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
 
     return encode_png(image)
 
@@ -63,7 +63,7 @@ def _jpeg(image) -> bytes:
 
 def _decodes(data: bytes) -> bool:
     """The oracle: would the serving preprocessing accept these bytes as an image?"""
-    from flywheel.preprocessing import InvalidImage, decode_image
+    from flywheel.contracts.preprocessing import InvalidImage, decode_image
 
     try:
         decode_image(data)
@@ -155,7 +155,7 @@ def _valid_b64_image(text: str) -> bool:
 def test_generated_malformed_payloads_all_get_4xx_and_no_worker_crashes(torchserve_server):
     from hypothesis import HealthCheck, given, settings
 
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.torchserve import TorchServeClient
 
     srv = torchserve_server
     images = _test_images()
@@ -227,8 +227,8 @@ def test_generated_malformed_payloads_all_get_4xx_and_no_worker_crashes(torchser
 _MONITOR_SCRIPT = """
 import sys, time
 from pathlib import Path
-from flywheel.config import Settings
-from flywheel.monitor import Monitor, MonitorConfig
+from flywheel.core.config import Settings
+from flywheel.monitoring.service import Monitor, MonitorConfig
 tracking_uri, work_dir, model, version, capture_uri, state_dir, stop_file = sys.argv[1:8]
 settings = Settings.from_env(tracking_uri=tracking_uri, work_dir=Path(work_dir), model_name=model).apply()
 monitor = Monitor(MonitorConfig(model=model, capture_uri=capture_uri, env=version, state_dir=Path(state_dir),
@@ -265,7 +265,7 @@ def _growth(samples: list[tuple[float, float]], span_s: float = 20.0) -> tuple[f
 
 
 def test_two_minute_load_memory_of_workers_and_monitor_is_bounded(torchserve_server, tmp_path):
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.torchserve import TorchServeClient
 
     srv = torchserve_server
     models = srv.models

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from flywheel.errors import FlywheelError
-from flywheel.remote import (
+from flywheel.core.errors import FlywheelError
+from flywheel.training.remote import (
     Node,
     NodeProbe,
     RemoteTrainConfig,
@@ -96,7 +96,7 @@ def test_params_and_command_quoting():
 
 
 def test_docker_job_script_is_valid_bash_without_secret_values():
-    from flywheel.remote import RUNNER
+    from flywheel.training.remote import RUNNER
 
     node = Node(host="h", user="u", docker_build_args="--build-arg BASE_IMAGE=python:3.11-slim")
     cfg = RemoteTrainConfig(commit="c" * 40, env_manager="docker", params=(("dataset", "digits"),))

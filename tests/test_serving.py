@@ -18,13 +18,13 @@ pytestmark = pytest.mark.integration
 
 
 def _fashion_test():
-    from flywheel.data import load_splits
+    from flywheel.core.data import load_splits
 
     return load_splits("fashion-mnist").test
 
 
 def _png(image) -> bytes:
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
 
     return encode_png(image)
 
@@ -38,8 +38,8 @@ def test_served_label_matches_mlflow_model(torchserve_server):
     """Real Fashion-MNIST images: TorchServe's answer equals the MLflow-loaded model's, raw and base64."""
     import torch
 
-    from flywheel.models import load_model
-    from flywheel.preprocessing import to_tensor
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.models import load_model
 
     srv = torchserve_server
     srv.models.settings()
@@ -77,9 +77,9 @@ def test_manifest_and_onnx_parity(serving_models):
     import torch
     from mlflow import MlflowClient
 
-    from flywheel.models import load_model
-    from flywheel.package import PARITY_TOL, sha256_file
-    from flywheel.preprocessing import to_tensor
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.models import load_model
+    from flywheel.serving.package import PARITY_TOL, sha256_file
 
     serving_models.settings()
     version = serving_models.versions[0]
@@ -101,7 +101,7 @@ def test_manifest_and_onnx_parity(serving_models):
                 "index_to_name.json", "model-config.yaml"} <= names
         onnx_bytes = zf.read("model.onnx")
         handler_src = zf.read("handler.py").decode()
-    assert "import flywheel" not in handler_src and "flywheel.train" not in handler_src
+    assert "import flywheel" not in handler_src and "flywheel.training.train" not in handler_src
     path = serving_models.work_dir / "parity.onnx"
     path.write_bytes(onnx_bytes)
     assert sha256_file(path) == manifest["artifact"]["sha256"]
@@ -198,7 +198,7 @@ def test_malformed_payloads_get_4xx_and_workers_survive(torchserve_server, count
     before = {w["pid"] for w in srv.client.wait_ready(srv.model)}
 
     def one(i):
-        from flywheel.serve import TorchServeClient
+        from flywheel.serving.torchserve import TorchServeClient
 
         client = TorchServeClient(srv.inference_url, key_file=srv.key_file)
         kind, body, ctype = payloads[i]
@@ -231,8 +231,8 @@ def test_zero_downtime_release_and_rollback(serving_models, tmp_path, cycles):
     """
     from mlflow import MlflowClient
 
-    from flywheel.release import AcceptanceConfig, ManagementTarget, ReleaseFailed, release_version
-    from flywheel.serve import ServeConfig, TorchServeClient, start_torchserve
+    from flywheel.serving.release import AcceptanceConfig, ManagementTarget, ReleaseFailed, release_version
+    from flywheel.serving.torchserve import ServeConfig, TorchServeClient, start_torchserve
 
     v1, v2, v3 = serving_models.versions
     acc = serving_models.accuracy
@@ -329,8 +329,8 @@ def test_release_verifies_the_archive_it_is_given(serving_models, tmp_path):
     """`release --mar` takes package's archive only for exactly that version and run, intact and parity-checked."""
     from mlflow import MlflowClient
 
-    from flywheel.errors import FlywheelError
-    from flywheel.release import verify_archive
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.release import verify_archive
 
     serving_models.settings()
     v1, v2, v3 = serving_models.versions
@@ -384,7 +384,7 @@ def test_predict_cli_over_a_folder(torchserve_server, tmp_path):
 
 def test_client_with_a_stale_key_rereads_the_key_file(torchserve_server):
     """TorchServe answers a wrong token with 400 InvalidKeyException; the client re-reads key_file.json."""
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.torchserve import TorchServeClient
 
     srv = torchserve_server
     png = _png(_fashion_test().images[0])

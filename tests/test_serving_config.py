@@ -35,7 +35,7 @@ def test_deploy_config_is_locked_down():
 
 
 def test_rendered_test_config_binds_loopback_only(tmp_path):
-    from flywheel.serve import ServeConfig, render_properties
+    from flywheel.serving.torchserve import ServeConfig, render_properties
 
     cfg = ServeConfig.local(tmp_path / "w", tmp_path / "s")
     props = _props(render_properties(cfg))
@@ -73,7 +73,7 @@ def test_metrics_yaml_declares_handler_metrics():
 # ------------------------------------------------------------------------- handler request parsing
 @pytest.fixture()
 def handler():
-    from flywheel.preprocessing import PreprocessSpec
+    from flywheel.contracts.preprocessing import PreprocessSpec
     from flywheel.serving.handler import FlywheelHandler
 
     h = FlywheelHandler()
@@ -86,7 +86,7 @@ def handler():
 def _png():
     import numpy as np
 
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
 
     return encode_png(np.arange(784, dtype=np.uint8).reshape(28, 28))
 
@@ -129,7 +129,7 @@ def test_logging_config_writes_each_line_once_and_no_request_chatter(tmp_path):
     per-request/per-batch loggers at WARN, and both the shipped and the rendered config use it."""
     import xml.etree.ElementTree as ET
 
-    from flywheel.serve import ServeConfig, render_properties
+    from flywheel.serving.torchserve import ServeConfig, render_properties
 
     root = ET.parse(DEPLOY / "log4j2.xml").getroot()
     loggers = {el.get("name"): el for el in root.find("Loggers") if el.tag == "Logger"}

@@ -13,7 +13,7 @@ def test_docker_release_without_image_moves_nothing(dockerd, serving_models):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from flywheel.release import AcceptanceConfig, DockerTarget, ReleaseFailed, docker_release
+    from flywheel.serving.release import AcceptanceConfig, DockerTarget, ReleaseFailed, docker_release
 
     settings = serving_models.settings()
     target = DockerTarget(base_url=dockerd.base_url, image="flywheel-missing:1", grace_s=0)
@@ -31,8 +31,8 @@ def test_serving_image_release_and_replace(dockerd, serving_base_image, serving_
     import docker
     from mlflow import MlflowClient
 
-    from flywheel.release import AcceptanceConfig, DockerTarget, build_image, docker_release
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.release import AcceptanceConfig, DockerTarget, build_image, docker_release
+    from flywheel.serving.torchserve import TorchServeClient
 
     v1, v2, _ = serving_models.versions
     name = serving_models.name
@@ -56,8 +56,8 @@ def test_serving_image_release_and_replace(dockerd, serving_base_image, serving_
 
     key = json.loads(container.exec_run(["cat", "/opt/flywheel/run/key_file.json"])[1])["inference"]["key"]
     port = int(container.labels["flywheel.slot"])
-    from flywheel.data import load_splits
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_splits
 
     r = TorchServeClient(f"http://127.0.0.1:{port}", inference_key=key).predict(
         name, encode_png(load_splits("fashion-mnist").test.images[0]))

@@ -35,7 +35,7 @@ def _key_file_text(inference="inf-1", management="mgmt-1", api="api-1", inf_exp=
 
 # ------------------------------------------------------------------------------------------ fast
 def test_plan_renewal_renews_each_key_at_half_its_lifetime():
-    from flywheel.serving_keys import plan_renewal
+    from flywheel.serving.keys import plan_renewal
 
     life = 60.0
     # Fresh keys: nothing due; look again when the sooner one reaches half-life.
@@ -55,7 +55,7 @@ def test_plan_renewal_renews_each_key_at_half_its_lifetime():
 
 
 def test_key_file_parse_times_and_lifetime(tmp_path):
-    from flywheel.serving_keys import parse_key_file, parse_time, read_key_file, read_keys
+    from flywheel.serving.keys import parse_key_file, parse_time, read_key_file, read_keys
 
     assert parse_time("1970-01-01T00:01:00Z") == 60.0
     assert abs(parse_time("1970-01-01T00:00:01.123456789Z") - 1.123456789) < 1e-6
@@ -72,8 +72,8 @@ def test_key_file_parse_times_and_lifetime(tmp_path):
 
 def test_reader_waits_out_torchserves_in_place_rewrite_but_not_forever(tmp_path):
     """TorchServe truncates key_file.json, then writes it: an empty file is re-read, a bad one fails."""
-    from flywheel.errors import FlywheelError
-    from flywheel.serving_keys import fresh_key, read_keys
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.keys import fresh_key, read_keys
 
     path = tmp_path / "key_file.json"
     path.write_text("")
@@ -94,7 +94,7 @@ def test_reader_waits_out_torchserves_in_place_rewrite_but_not_forever(tmp_path)
 
 
 def test_management_url_from_properties_follows_torchserve(tmp_path):
-    from flywheel.serving_keys import management_url_from_properties
+    from flywheel.serving.keys import management_url_from_properties
 
     props = tmp_path / "config.properties"
     props.write_text("# comment=ignored\nmanagement_address=http://0.0.0.0:8081\nenable_envvars_config=true\n")
@@ -107,7 +107,7 @@ def test_management_url_from_properties_follows_torchserve(tmp_path):
 
 
 def test_shipped_config_keeps_keys_finite_and_limits_bodies(tmp_path):
-    from flywheel.serve import (
+    from flywheel.serving.torchserve import (
         MAX_REQUEST_BYTES,
         MAX_RESPONSE_BYTES,
         TOKEN_EXPIRATION_MIN,
@@ -129,17 +129,18 @@ def test_shipped_config_keeps_keys_finite_and_limits_bodies(tmp_path):
 
 
 def test_build_context_ships_the_key_renewer(tmp_path):
-    """The image's entrypoint and HEALTHCHECK import flywheel.serving_keys with the standard library only."""
-    from flywheel.release import build_context
+    """The image's entrypoint and HEALTHCHECK import flywheel.serving.keys with the standard library only."""
+    from flywheel.serving.release import build_context
 
     ctx = build_context([], tmp_path / "ctx")
-    assert sorted(p.name for p in (ctx / "flywheel").iterdir()) == ["__init__.py", "errors.py", "serving_keys.py"]
-    code = "import sys; sys.path[:0] = [sys.argv[1]]; import flywheel.serving_keys as k; " \
+    assert sorted(str(p.relative_to(ctx / "flywheel")) for p in (ctx / "flywheel").rglob("*.py")) == [
+        "__init__.py", "core/__init__.py", "core/errors.py", "serving/__init__.py", "serving/keys.py"]
+    code = "import sys; sys.path[:0] = [sys.argv[1]]; import flywheel.serving.keys as k; " \
            "print(sorted(m for m in sys.modules if m.startswith('flywheel')))"
     proc = subprocess.run([sys.executable, "-S", "-c", code, str(ctx)], capture_output=True, text=True, check=False,
                           env={"PATH": os.environ["PATH"]})  # -S: no site-packages, as in a bare image
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['flywheel', 'flywheel.errors', 'flywheel.serving_keys']"
+    assert proc.stdout.strip() == "['flywheel', 'flywheel.core', 'flywheel.core.errors', 'flywheel.serving', 'flywheel.serving.keys']"
 
 
 def test_systemd_units_verify(tmp_path):
@@ -157,14 +158,14 @@ def test_systemd_units_verify(tmp_path):
 
 # ----------------------------------------------------------------------------------- real servers
 def _png(i: int = 0) -> bytes:
-    from flywheel.data import load_splits
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_splits
 
     return encode_png(load_splits("fashion-mnist").test.images[i])
 
 
 def _keys(path: Path) -> dict:
-    from flywheel.serving_keys import read_keys
+    from flywheel.serving.keys import read_keys
 
     return read_keys(path)
 
@@ -173,7 +174,7 @@ def _keys(path: Path) -> dict:
 def test_forced_renewal_keeps_a_client_working(torchserve_server):
     """Both keys renewed through the token API: the old ones die at once, a client that held them
     recovers on its next request without a failed one, and the file stays owner-only."""
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.torchserve import TorchServeClient
 
     srv = torchserve_server
     png = _png()
@@ -196,7 +197,7 @@ def test_forced_renewal_keeps_a_client_working(torchserve_server):
 
 @pytest.mark.integration
 def test_wrong_token_is_reported_as_an_authentication_failure(torchserve_server, tmp_path):
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.torchserve import TorchServeClient
 
     srv = torchserve_server
     wrong = tmp_path / "key_file.json"
@@ -222,7 +223,7 @@ def test_oversize_body_gets_a_clear_error(torchserve_server, tmp_path):
     an empty 413 (and closes the connection without reading the rest), which becomes the same error."""
     import requests
 
-    from flywheel.serve import MAX_REQUEST_BYTES, RequestTooLarge, TorchServeClient
+    from flywheel.serving.torchserve import MAX_REQUEST_BYTES, RequestTooLarge, TorchServeClient
 
     srv = torchserve_server
     body = b"\0" * (40 * 2**20)
@@ -299,7 +300,7 @@ def test_image_entrypoint_renews_keys_and_healthcheck_follows(tmp_path):
     living 15 s are renewed on schedule, every health check passes, SIGTERM leaves no process."""
     import psutil
 
-    from flywheel.serve import ServeConfig, render_properties
+    from flywheel.serving.torchserve import ServeConfig, render_properties
 
     run = tmp_path / "run"
     (run / "tmp").mkdir(parents=True)
@@ -352,7 +353,7 @@ def test_image_entrypoint_renews_keys_and_healthcheck_follows(tmp_path):
 def test_background_renewer_keeps_renewing_and_exits_with_the_server(tmp_path):
     """`demo --keep` leaves servers running after the demo exits: a `serve-keys renew --watch` process
     keeps renewing, and exits when TorchServe's process group is killed (the printed stop command)."""
-    from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     server = start_torchserve(ServeConfig.local(tmp_path / "ts", tmp_path / "store", token_expiration_min=0.25))
     try:
@@ -381,8 +382,8 @@ def test_keys_rotate_under_load_without_a_failed_request(serving_models, tmp_pat
     """Keys living 1 minute, 8 clients for 4 minutes (6 threads through TorchServeClient, 2 looping
     `flywheel predict` subprocesses with the key file), /ping polled throughout, a release of v2 in
     the middle: 0 failed requests, the key file changed at least 3 times, every ping Healthy."""
-    from flywheel.release import AcceptanceConfig, ManagementTarget, release_version
-    from flywheel.serve import ServeConfig, TorchServeClient, start_torchserve
+    from flywheel.serving.release import AcceptanceConfig, ManagementTarget, release_version
+    from flywheel.serving.torchserve import ServeConfig, TorchServeClient, start_torchserve
 
     v1, v2, v3 = serving_models.versions
     acc = serving_models.accuracy

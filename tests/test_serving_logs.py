@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 
 
 def _png(i: int) -> bytes:
-    from flywheel.data import load_splits
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_splits
 
     return encode_png(load_splits("fashion-mnist").test.images[i])
 
@@ -57,9 +57,9 @@ def test_handler_outputs_match_softmax_of_the_onnx_logits(torchserve_server):
     probabilities still sum to one and agree with the eager model's within float32 noise."""
     import torch
 
-    from flywheel.data import load_splits
-    from flywheel.models import load_model
-    from flywheel.preprocessing import to_tensor
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.data import load_splits
+    from flywheel.core.models import load_model
 
     srv = torchserve_server
     srv.models.settings()  # points MLflow at the fixture's registry

@@ -88,7 +88,7 @@ def _assert_complete(stack, name: str, run_id: str, proc: subprocess.Popen, log:
         assert steps == list(range(EPOCHS)), (key, steps)
     assert "test_accuracy" in runs[0].data.metrics or "accuracy" in " ".join(runs[0].data.metrics)
     # The model: registered as candidate (first of its name), loadable by a fresh load, in the bucket.
-    from flywheel.models import load_model
+    from flywheel.core.models import load_model
 
     version = client.get_model_version_by_alias(name, "candidate")
     assert version.run_id == run_id

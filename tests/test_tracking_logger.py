@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from flywheel.config import Settings
-from flywheel.errors import FlywheelError
-from flywheel.stack import free_port
-from flywheel.tracking import RunLogger, configure_retries, replay_spool, retry_policy, retry_window
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
+from flywheel.core.procs import free_port
+from flywheel.core.runlog import RunLogger, configure_retries, replay_spool, retry_policy, retry_window
 
 pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 pytestmark = pytest.mark.usefixtures("forget_tracking_uri")
 
@@ -34,7 +34,7 @@ def _db_rows(stack, sql: str, *args):
 @pytest.fixture(scope="module")
 def served_run(tracking_stack, tmp_path_factory):
     """One small digits run (2 epochs) through the server, registered as the first candidate."""
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.training.train import TrainConfig, run_training
 
     home = tmp_path_factory.mktemp("served-home")
     os.environ["FLYWHEEL_HOME"] = str(home)
@@ -83,7 +83,7 @@ def test_model_and_plots_are_in_the_bucket(tracking_stack, served_run):
 
 @pytest.mark.integration
 def test_registry_and_aliases_work_through_the_server(tracking_stack, served_run):
-    from flywheel.registry import get_version, set_alias
+    from flywheel.core.registry import get_version, set_alias
 
     settings, result, _ = served_run
     settings.apply()
@@ -98,7 +98,7 @@ def test_a_second_client_downloads_and_loads_the_model(tracking_stack, served_ru
     """A fresh process with only the URI and a user: no GCS credentials, artifacts via the server."""
     code = (
         "import json, mlflow, tempfile, pathlib\n"
-        "from flywheel.models import load_model\n"
+        "from flywheel.core.models import load_model\n"
         "model, spec = load_model('models:/served-digits@candidate')\n"
         "d = mlflow.artifacts.download_artifacts(artifact_uri='models:/served-digits@candidate', "
         "dst_path=tempfile.mkdtemp())\n"
@@ -115,7 +115,7 @@ def test_a_second_client_downloads_and_loads_the_model(tracking_stack, served_ru
 
 @pytest.mark.integration
 def test_wrong_credentials_fail_before_training(tracking_stack):
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.training.train import TrainConfig, run_training
 
     settings = tracking_stack.settings(password="wrong-password-123", experiment="never-created").apply()
     t0 = time.monotonic()

@@ -13,8 +13,8 @@ import pytest
 import requests
 import yaml
 
-from flywheel.doctor import DoctorTargets, run_doctor
-from flywheel.stack import (
+from flywheel.tracking.doctor import DoctorTargets, run_doctor
+from flywheel.tracking.server import (
     StackError,
     check_database,
     check_gcs_bucket,
@@ -102,7 +102,7 @@ def test_entrypoint_refuses_to_start_without_secrets(tmp_path):
 def test_doctor_on_the_embedded_store_keeps_artifacts_in_flywheel_home(tmp_path):
     import mlflow
 
-    from flywheel.config import Settings
+    from flywheel.core.config import Settings
 
     settings = Settings.from_env(work_dir=tmp_path / "home")
     assert [c.ok for c in run_doctor(settings)] == [None, None]  # nothing created yet: nothing to check
@@ -301,7 +301,7 @@ def test_persistent_stack_keeps_data_password_and_uri_across_down_up(monkeypatch
 
     import mlflow
 
-    from flywheel.stack import StackConfig, stack_down, stack_status, stack_up, stop_process_group
+    from flywheel.tracking.server import StackConfig, stack_down, stack_status, stack_up, stop_process_group
 
     root = Path(tempfile.mkdtemp(prefix="flywheel-stack-persist-")) / "s"
     os.chmod(root.parent, 0o711)
@@ -335,7 +335,7 @@ def test_persistent_stack_keeps_data_password_and_uri_across_down_up(monkeypatch
 def test_production_entrypoint_serves_with_auth_on_postgres_and_gcs(tracking_stack, tmp_path):
     """deploy/tracking/entrypoint.sh + basic_auth.ini, as the container and the systemd unit run them,
     against the real Postgres and GCS emulator: secrets from files, auth on, artifacts proxied."""
-    from flywheel.stack import stop_process_group
+    from flywheel.tracking.server import stop_process_group
 
     (tmp_path / "secrets").mkdir(mode=0o700)
     for name, value in (("pg", tracking_stack.pg.password), ("admin", tracking_stack.password),

@@ -53,7 +53,11 @@ def test_train_triggers_concurrency_secrets_and_release():
     doc = _load("train")
     push = doc["on"]["push"]
     assert push["branches"] == ["main"]
-    assert {"src/flywheel/**", "MLproject", "conda.yaml", "data/**"} <= set(push["paths"])
+    assert {"src/flywheel/training/**", "src/flywheel/core/**", "src/flywheel/contracts/**", "src/flywheel/cli/project.py",
+            "MLproject", "conda.yaml", "data/**"} <= set(push["paths"])
+    # Serving, monitoring and tracking code do not retrain (the layout keeps them out of training's imports).
+    assert not any(p == "src/flywheel/**" or p.startswith(("src/flywheel/serving", "src/flywheel/monitoring",
+                                                            "src/flywheel/tracking")) for p in push["paths"])
     assert "workflow_dispatch" in doc["on"] and "workflow_call" in doc["on"]
     job = doc["jobs"]["train"]
     assert job["concurrency"]["group"] and job["concurrency"]["cancel-in-progress"] is False
@@ -86,7 +90,7 @@ def test_retrain_on_dispatch_and_schedule_reuses_train():
     assert doc["on"]["schedule"][0]["cron"]
     (job,) = doc["jobs"].values()
     assert job["uses"] == "./.github/workflows/train.yml" and job["secrets"] == "inherit"
-    # The monitor's payload (flywheel.triggers.RetrainEvent) feeds the run: its snapshot becomes extra data.
+    # The monitor's payload (flywheel.monitoring.triggers.RetrainEvent) feeds the run: its snapshot becomes extra data.
     assert "client_payload.dataset" in job["with"]["dataset"]
     assert "extra_data={0}" in job["with"]["extra_params"] and "client_payload.snapshot" in job["with"]["extra_params"]
 
@@ -132,7 +136,7 @@ def _render(template: str, values: dict[str, str]) -> str:
 
 
 def test_release_groups_per_model_and_environment_and_records_superseded_requests_first():
-    from flywheel.dispatches import Request, parse_request
+    from flywheel.control.dispatches import Request, parse_request
 
     doc = _load("release")
     job = doc["jobs"]["release"]
@@ -143,7 +147,7 @@ def test_release_groups_per_model_and_environment_and_records_superseded_request
     assert "actions" in doc["permissions"] and doc["permissions"]["actions"] == "read"
     values = {"inputs.model_name": "fashion-classifier", "inputs.model_version": "7", "inputs.environment": "prod"}
     want = Request("release", "fashion-classifier", "prod", version="7")
-    # The job name (and the dispatch's run name) is the request flywheel.dispatches reads back.
+    # The job name (and the dispatch's run name) is the request flywheel.control.dispatches reads back.
     assert parse_request(_render(job["name"], values)) == want
     assert parse_request(_render(doc["run-name"], values)) == want
     i, record = _step(job, "dispatches record-superseded")
@@ -156,7 +160,7 @@ def test_release_groups_per_model_and_environment_and_records_superseded_request
 
 
 def test_train_groups_per_model_and_ref_and_dedupes_the_event_before_training():
-    from flywheel.dispatches import Request, parse_request
+    from flywheel.control.dispatches import Request, parse_request
 
     doc = _load("train")
     assert doc["on"]["workflow_call"]["inputs"]["event_id"]["default"] == ""
@@ -183,7 +187,7 @@ def test_train_groups_per_model_and_ref_and_dedupes_the_event_before_training():
 
 
 def test_retrain_passes_the_event_id_and_its_run_name_is_the_request():
-    from flywheel.dispatches import Request, parse_request
+    from flywheel.control.dispatches import Request, parse_request
 
     doc = _load("retrain")
     assert doc["permissions"]["actions"] == "read"  # the called train.yml lists cancelled runs

@@ -1,6 +1,6 @@
 """Docker HEALTHCHECK: GET /ping with the inference token from TorchServe's key_file.json.
 
-Reads the key file through flywheel.serving_keys (shipped beside this file, standard library only):
+Reads the key file through flywheel.serving.keys (shipped beside this file, standard library only):
 the entrypoint renews the keys, so the file is read on every check, a half-written file is re-read,
 and a key rejected because it was renewed a moment ago is retried with the file's next key.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # /opt/flywheel: the flywheel/ copy
 
-from flywheel.serving_keys import fresh_key, read_keys  # noqa: E402 - after the path is set
+from flywheel.serving.keys import fresh_key, read_keys  # noqa: E402 - after the path is set
 
 KEY_FILE = Path(os.environ.get("FLYWHEEL_TS_KEY_FILE", "/opt/flywheel/run/key_file.json"))
 URL = os.environ.get("TS_INFERENCE_ADDRESS", "http://127.0.0.1:8080").replace("0.0.0.0", "127.0.0.1")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.config import Settings
-from flywheel.errors import FlywheelError
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout holding MLproject
 
@@ -144,7 +144,7 @@ def _mlflow_run(settings: Settings, log: Path, **params: object) -> None:
     """`mlflow run <project> -e train` exactly as a training node runs it, logging to `settings`."""
     if not (PROJECT_DIR / "MLproject").is_file():
         raise FlywheelError(f"no MLproject in {PROJECT_DIR}: run the demo from a checkout of the repo")
-    from flywheel.tracking import ensure_experiment
+    from flywheel.core.runlog import ensure_experiment
 
     ensure_experiment(settings)  # created here, an embedded store keeps its artifacts in the demo's dir
     venv_bin = Path(sys.executable).parent
@@ -177,8 +177,8 @@ def _version_of_run(settings: Settings, name: str, log: Path) -> str:
 
 
 def _accuracy_on(settings: Settings, name: str, version: str, images: np.ndarray, labels: np.ndarray) -> float:
-    from flywheel.evaluate import predict
-    from flywheel.models import load_model
+    from flywheel.core.evaluate import predict
+    from flywheel.core.models import load_model
 
     model, spec = load_model(f"models:/{name}/{version}")
     return float((predict(model, images, spec).argmax(1) == labels).mean())
@@ -206,14 +206,14 @@ def run_demo(keep: bool = False, full: bool = False, data_dir: Path | None = Non
 
 
 def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> dict:
-    from flywheel.capture import write_feedback
-    from flywheel.data import load_splits
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.preprocessing import encode_png
-    from flywheel.registry import get_version
-    from flywheel.release import ManagementTarget, release_version
-    from flywheel.serve import ServeConfig, start_torchserve
-    from flywheel.shifts import shift_images
+    from flywheel.contracts.capture import write_feedback
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_splits
+    from flywheel.core.registry import get_version
+    from flywheel.core.shifts import shift_images
+    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.serving.release import ManagementTarget, release_version
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     logs = cfg.work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,7 @@ def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> d
     failed = client.failed[failed_before:]
     if failed:
         raise FlywheelError(f"{len(failed)} requests failed during the v2 release: {failed[:3]}")
-    from flywheel.capture import TRAFFIC_HEADER
+    from flywheel.contracts.capture import TRAFFIC_HEADER
 
     old = servers["prod"].client().predict(name, encode_png(clean_images[0]), version=v1,
                                            headers={TRAFFIC_HEADER: "acceptance"})  # a check, not user traffic
@@ -349,7 +349,7 @@ def _tracking(cfg: DemoConfig, cleanup: ExitStack, out: dict, console) -> Settin
         if not settings.embedded:
             console.print(f"using the tracking server in MLFLOW_TRACKING_URI: {settings.tracking_uri}")
         return settings.apply()
-    from flywheel.stack import StackConfig, stack_down, stack_up
+    from flywheel.tracking.server import StackConfig, stack_down, stack_up
 
     state_dir = cfg.work_dir / "stack"
     state = stack_up(StackConfig(state_dir=state_dir, throwaway=not cfg.keep))
@@ -383,8 +383,8 @@ class _Monitor:
     def __init__(self, cfg: DemoConfig, settings: Settings, captures: Path, log: Path):
         import logging
 
-        from flywheel.monitor import Monitor, MonitorConfig
-        from flywheel.triggers import PolicyConfig
+        from flywheel.monitoring.service import Monitor, MonitorConfig
+        from flywheel.monitoring.triggers import PolicyConfig
 
         handler = logging.FileHandler(log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -427,7 +427,7 @@ class _Monitor:
         return self.action.events[0]
 
     def snapshot(self, dest: Path, class_names: tuple[str, ...]) -> Path:
-        from flywheel.snapshot import take_snapshot
+        from flywheel.monitoring.snapshot import take_snapshot
 
         return take_snapshot(self.capture_uri, self.model, dest, class_names=class_names).path
 

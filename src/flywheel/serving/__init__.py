@@ -1,10 +1,15 @@
-"""TorchServe-side code of Flywheel.
+"""The serving node: the TorchServe handler, archives (`package`), releases (`release`), starting and
+calling TorchServe (`torchserve`), its key renewal (`keys`) and batch inference (`predict`).
 
-`handler.py` is copied into every .mar as the archive's handler. It imports only the standard
-library, numpy, torch, onnxruntime, Pillow, TorchServe itself and the two serving-safe modules
-shipped beside it (`preprocessing.py`, `capture.py`), never training code.
+`handler.py` is copied into every .mar as the archive's handler, with the contracts it imports
+(MAR_CONTRACTS, from flywheel/contracts/) beside it. It imports only the standard library, numpy,
+torch, onnxruntime, Pillow, TorchServe itself and those contracts, never training code. The package
+imports only `flywheel.core`, `flywheel.contracts` and itself; this file only the standard library
+(the serving image imports `flywheel.serving.keys` with nothing else installed).
 """
 
 from pathlib import Path
 
 HANDLER_FILE = Path(__file__).with_name("handler.py")
+CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "contracts"
+MAR_CONTRACTS = ("preprocessing.py", "capture.py")  # copied into every .mar beside handler.py

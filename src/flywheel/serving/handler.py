@@ -43,13 +43,13 @@ from ts.torch_handler.base_handler import BaseHandler
 try:  # inside a .mar the shared modules sit beside this file
     import preprocessing as _pp
 except ImportError:  # in the repository (unit tests) they live in the flywheel package
-    from flywheel import preprocessing as _pp
+    from flywheel.contracts import preprocessing as _pp
 
 try:
     import capture as _capture
 except ImportError:
     try:
-        from flywheel import capture as _capture
+        from flywheel.contracts import capture as _capture
     except ImportError:  # capture is optional: serving works without it
         _capture = None
 

@@ -6,7 +6,7 @@ and its Python workers down together), and waits for /ping. Several servers can 
 each has its own ports, work dir (key_file.json, logs), model store and worker socket range.
 
 Keys expire (`token_expiration_min`), so a started `TorchServe` owns a `KeyRenewer`
-(flywheel.serving_keys) that renews both keys through TorchServe's token API at half their lifetime,
+(flywheel.serving.keys) that renews both keys through TorchServe's token API at half their lifetime,
 stopped with the server. `TorchServeClient` never keeps a key for good: it reads the key file (or
 another key source), and when TorchServe rejects a key (400 InvalidKeyException in 0.12, 401 in
 later releases) it re-reads until the source shows a different key (bounded: a key renewed a moment
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -33,9 +32,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
+from flywheel.core.procs import free_port, stop_process_group
 
-REPO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "serving"
+REPO_DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "serving"
 KEY_FILE = "key_file.json"
 TOKEN_EXPIRATION_MIN = 1440  # deploy/serving/config.properties' token_expiration_min
 # TorchServe's body limits, set explicitly (its defaults are 6553500): a 4 MiB image (the handler's
@@ -71,7 +71,7 @@ class ServeConfig:
     @classmethod
     def local(cls, work_dir: Path, model_store: Path, **overrides) -> ServeConfig:
         """Loopback-only config on free random ports (tests, demo, several servers side by side)."""
-        ports = [_free_port() for _ in range(5)]
+        ports = [free_port() for _ in range(5)]
         cfg = cls(Path(work_dir), Path(model_store),
                   inference_address=f"http://127.0.0.1:{ports[0]}",
                   management_address=f"http://127.0.0.1:{ports[1]}",
@@ -79,14 +79,6 @@ class ServeConfig:
                   grpc_inference_port=ports[3], grpc_management_port=ports[4],
                   worker_port_base=random.randrange(20000, 60000, 100))
         return replace(cfg, **overrides) if overrides else cfg
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_properties(cfg: ServeConfig, metrics_config: Path | None = None) -> str:
@@ -123,7 +115,7 @@ class TorchServe:
     """A started TorchServe process group and its key renewer; `stop()` ends both (also as a context manager)."""
 
     def __init__(self, cfg: ServeConfig, proc: subprocess.Popen, log_path: Path):
-        from flywheel.serving_keys import KeyRenewer
+        from flywheel.serving.keys import KeyRenewer
 
         self.cfg = cfg
         self.proc = proc
@@ -166,19 +158,8 @@ class TorchServe:
         if self._background is not None and self._background.poll() is None:
             self._background.terminate()
             self._background.wait(timeout)
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # workers may outlive the launcher for a moment
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # The whole group: workers may outlive the launcher for a moment.
+        stop_process_group(self.proc, timeout=timeout)
         self.proc.wait()
         # Worker sockets (/tmp/.ts.sock.<port>, Java's tmpdir) are not removed on a signal.
         for port in range(self.cfg.worker_port_base, self.cfg.worker_port_base + 100):
@@ -259,7 +240,7 @@ class TorchServeClient:
                  max_request_bytes: int | None = MAX_REQUEST_BYTES):
         import requests
 
-        from flywheel.serving_keys import read_keys
+        from flywheel.serving.keys import read_keys
 
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/") if management_url else None
@@ -278,7 +259,7 @@ class TorchServeClient:
         self.session = requests.Session()
 
     def _key(self, kind: str, rejected: str | None = None, reload: bool = False) -> str | None:
-        from flywheel.serving_keys import fresh_key
+        from flywheel.serving.keys import fresh_key
 
         if self.key_source is None:
             return self._keys.get(kind)
@@ -420,7 +401,7 @@ def _message(r) -> str:
 
 
 def read_keys(key_file: Path) -> dict[str, str]:
-    """{"inference": key, "management": key} from TorchServe's key_file.json (flywheel.serving_keys)."""
-    from flywheel.serving_keys import read_keys as read
+    """{"inference": key, "management": key} from TorchServe's key_file.json (flywheel.serving.keys)."""
+    from flywheel.serving.keys import read_keys as read
 
     return read(key_file)

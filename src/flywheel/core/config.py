@@ -10,7 +10,7 @@ import os
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 DEFAULT_MODEL_NAME = "fashion-classifier"
 DEFAULT_EXPERIMENT = "flywheel"
@@ -121,3 +121,11 @@ def local_store_path(uri: str) -> Path | None:
 def export_lines(env: dict[str, str]) -> str:
     """`export K=V` lines a POSIX shell can `eval` or `source`, values quoted."""
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with its password, if any, replaced by *** (database and tracking URIs in messages)."""
+    parts = urlsplit(uri)
+    if parts.password:
+        return uri.replace(f":{parts.password}@", ":***@")
+    return uri

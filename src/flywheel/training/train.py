@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flywheel.config import Settings
-from flywheel.data import Splits, load_splits
-from flywheel.errors import FlywheelError
-from flywheel.evaluate import EvalReport, evaluate_model, predict
-from flywheel.models import ModelSpec, build_model, save_extras
+from flywheel.core.config import Settings
+from flywheel.core.data import Splits, load_splits
+from flywheel.core.errors import FlywheelError
+from flywheel.core.evaluate import EvalReport, evaluate_model, predict
+from flywheel.core.models import ModelSpec, build_model, save_extras
 
 _log = logging.getLogger(__name__)  # `logger` in _train is the run logger
 
@@ -126,7 +126,8 @@ def _amp(device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """The training progress bar (rich), shown on the main rank only."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -163,7 +164,7 @@ def refuse_mlflow_default_store(settings: Settings, cwd: Path | None = None) -> 
     starts it); a store that is also $FLYWHEEL_HOME's passes."""
     if not os.environ.get("MLFLOW_RUN_ID"):
         return
-    from flywheel.config import local_store_path
+    from flywheel.core.config import local_store_path
 
     here = (cwd or Path.cwd()).resolve()
     path = local_store_path(settings.tracking_uri)
@@ -182,7 +183,7 @@ def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
     # The optimizer's first call and the pt2 export import torch._dynamo; the plots, matplotlib.
     preload = _preload("torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg")
     if ctx.is_main:
-        from flywheel.tracking import preflight
+        from flywheel.core.runlog import preflight
 
         preflight(settings)  # wrong credentials / dead server fail here, not after training
     splits = load_splits(cfg.dataset, settings.data_dir, cfg.seed, cfg.extra_data)
@@ -198,7 +199,7 @@ def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
 
 def training_tensors(splits: Splits, seed: int, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split preprocessed once (it fits in memory), optionally a seeded subset."""
-    from flywheel.preprocessing import to_tensor
+    from flywheel.contracts.preprocessing import to_tensor
 
     x_all, y_all = splits.train.images, splits.train.labels
     if max_samples:
@@ -211,7 +212,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
            ctx: DistContext, preload: threading.Thread | None = None) -> TrainResult | None:
     import mlflow
 
-    from flywheel.tracking import RunLogger, active_run_id, ensure_experiment
+    from flywheel.core.runlog import RunLogger, active_run_id, ensure_experiment
 
     seed_everything(cfg.seed)
     x_train, y_train = training_tensors(splits, cfg.seed, cfg.max_train_samples)
@@ -246,7 +247,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
         logger.log_params({k: v for k, v in params.items() if k not in logged})
         tags = {**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
                 "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"), "flywheel.device": str(device)}
-        if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.dispatches)
+        if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.control.dispatches)
             tags["flywheel.event_id"] = event_id
         logger.set_tags(tags)
         _log_dataset(splits)
@@ -260,7 +261,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
     gc.collect()
     gc.freeze()
     loss_fn = nn.CrossEntropyLoss()
-    with _progress(ctx.is_main) as progress:
+    with progress_bar(ctx.is_main) as progress:
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, status="")
         for epoch in range(cfg.epochs):
             ddp.train()
@@ -298,7 +299,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
                 dist.all_reduce(totals)
             train_seconds += time.perf_counter() - started
             if ctx.is_main:
-                val_loss, val_acc = _val_metrics(model, splits, spec, device)
+                val_loss, val_acc = val_metrics(model, splits, spec, device)
                 row = {"train_loss": totals[0].item() / totals[2].item(), "train_accuracy": totals[1].item() / totals[2].item(),
                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0],
                        "epoch_seconds": time.perf_counter() - started}
@@ -323,7 +324,7 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
 
     decision = None
     if cfg.register:
-        from flywheel.registry import gate_run
+        from flywheel.core.registry import gate_run
 
         decision = gate_run(run.info.run_id, settings, dataset=splits.name, margin=cfg.margin, splits=splits,
                             challenger_accuracy=report.accuracy)
@@ -333,7 +334,8 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
 
 
 @torch.no_grad()
-def _val_metrics(model: nn.Module, splits: Splits, spec: ModelSpec, device: torch.device) -> tuple[float, float]:
+def val_metrics(model: nn.Module, splits: Splits, spec: ModelSpec, device: torch.device) -> tuple[float, float]:
+    """(loss, accuracy) on the validation split: the per-epoch check of the training loop."""
     logits = torch.from_numpy(predict(model, splits.val.images, spec, device=device))
     labels = torch.from_numpy(splits.val.labels)
     return nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
@@ -356,8 +358,8 @@ def _log_model_and_artifacts(logger, model, spec: ModelSpec, splits: Splits, his
     import mlflow
     from mlflow.models import infer_signature
 
-    from flywheel.plots import confusion_matrix_png, loss_curve_png
-    from flywheel.preprocessing import to_tensor
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.plots import confusion_matrix_png, loss_curve_png
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

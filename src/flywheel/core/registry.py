@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from flywheel.config import ALIASES, Settings
-from flywheel.errors import FlywheelError
+from flywheel.core.config import ALIASES, Settings
+from flywheel.core.errors import FlywheelError
 
 LINEAGE_TAGS = ("git_commit", "git_dirty", "dataset", "dataset_digest")
 
@@ -117,9 +117,9 @@ def gate_run(run_id: str, settings: Settings, dataset: str | None = None, margin
     """Compare run `run_id`'s model with the champion on the frozen test split; register if better."""
     import mlflow
 
-    from flywheel.data import load_splits
-    from flywheel.evaluate import check_compatible, cpu_layout, evaluate_model
-    from flywheel.models import load_model
+    from flywheel.core.data import load_splits
+    from flywheel.core.evaluate import check_compatible, cpu_layout, evaluate_model
+    from flywheel.core.models import load_model
 
     client = _client()
     run = client.get_run(run_id)

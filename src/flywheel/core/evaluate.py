@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flywheel.config import Settings
-from flywheel.data import Split, load_splits
-from flywheel.models import FlywheelNet, ModelSpec, load_model
-from flywheel.preprocessing import to_tensor
+from flywheel.contracts.preprocessing import to_tensor
+from flywheel.core.config import Settings
+from flywheel.core.data import Split, load_splits
+from flywheel.core.models import FlywheelNet, ModelSpec, load_model
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0
     """Load a logged model by URI and evaluate it on `dataset`'s frozen test split."""
     from mlflow.exceptions import MlflowException
 
-    from flywheel.errors import FlywheelError
-    from flywheel.registry import get_version, registered_in
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.registry import get_version, registered_in
 
     if (named := registered_in(model_uri)) is not None:
         get_version(settings, *named)  # a missing model or alias: one line, before the data is read
@@ -109,7 +109,7 @@ def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0
 
 
 def check_compatible(spec: ModelSpec, class_names: tuple[str, ...], model_uri: str, dataset: str) -> None:
-    from flywheel.errors import FlywheelError
+    from flywheel.core.errors import FlywheelError
 
     if tuple(spec.class_names) != tuple(class_names):
         raise FlywheelError(f"{model_uri} predicts classes {list(spec.class_names)[:4]}…, but dataset "

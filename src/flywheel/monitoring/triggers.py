@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
+from flywheel.core.files import atomic_write_json
 
 GITHUB_API = "https://api.github.com"
 GITHUB_API_VERSION = "2022-11-28"
@@ -125,7 +126,7 @@ class SSHCommand:
         import paramiko
 
         # Exported first so every part of a compound command sees it: the run is tagged with the event,
-        # which is how a retried delivery is recognised and skipped (flywheel.dispatches).
+        # which is how a retried delivery is recognised and skipped (flywheel.control.dispatches).
         cmd = f"export FLYWHEEL_EVENT_ID={shlex.quote(event.event_id)}; {render_command(self.command, event)}"
         client = paramiko.SSHClient()
         # Never trust an unknown host: the key must already be in known_hosts.
@@ -191,13 +192,6 @@ def render_command(template: str, event: RetrainEvent) -> str:
 
 
 # ---------------------------------------------------------------------------------------- outbox
-def _atomic_write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 @dataclass
 class Delivery:
     """One outbox entry: an event for one action, with its retry bookkeeping."""
@@ -234,7 +228,7 @@ class Outbox:
         for action in actions:
             d = Delivery(event=asdict(event), action=action.name)
             if not (self._pending(d.key).exists() or self._sent(d.key).exists()):
-                _atomic_write(self._pending(d.key), asdict(d))
+                atomic_write_json(self._pending(d.key), asdict(d))
             out.append(d)
         return out
 
@@ -271,13 +265,13 @@ class Outbox:
                 # Exponential backoff with jitter, so a recovering endpoint is not hammered in lockstep.
                 delay = min(self.max_delay, self.base_delay * 2 ** (d.attempts - 1))
                 d.next_attempt = now_ + delay * random.uniform(0.8, 1.2)
-                _atomic_write(self._pending(d.key), asdict(d))
+                atomic_write_json(self._pending(d.key), asdict(d))
                 results.append((d, False))
                 continue
             d.delivered_at, d.last_error = time.time(), None
             # Write `sent` first, then drop `pending`: a crash in between re-sends nothing (enqueue and
             # deliver both check `sent`), it only leaves a stale pending file that is cleaned next tick.
-            _atomic_write(self._sent(d.key), asdict(d))
+            atomic_write_json(self._sent(d.key), asdict(d))
             self._pending(d.key).unlink(missing_ok=True)
             results.append((d, True))
         return results
@@ -337,7 +331,7 @@ class TriggerPolicy:
             raise FlywheelError(f"trigger state {self.path} is corrupt ({exc}); delete it to start over") from None
 
     def save(self) -> None:
-        _atomic_write(self.path, asdict(self.state))
+        atomic_write_json(self.path, asdict(self.state))
 
     def observe(self, drift: bool, labelled_total: int = 0, now: float | None = None) -> Decision:
         """Feed one window's drift decision; returns whether to fire and why."""

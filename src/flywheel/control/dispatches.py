@@ -33,7 +33,7 @@ The contract:
   (so a train run whose `release-dev` job was superseded is found by `status=cancelled`), and a job
   cancelled while pending has no runner and no steps. A waiting job cancelled by hand looks the same
   and is reported the same way, naming the run that executed in its place: a trace either way.
-* Retrain requests from the monitor carry an `event_id` (flywheel.triggers.RetrainEvent). The
+* Retrain requests from the monitor carry an `event_id` (flywheel.monitoring.triggers.RetrainEvent). The
   training run records it as the tag `flywheel.event_id`; `plan_event` skips a request whose event
   already has a FINISHED run, or a RUNNING one younger than `stale_after_s` (a detached job on the
   training node may outlive its CI job), so a retried delivery never trains twice. FAILED or KILLED
@@ -54,10 +54,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 if TYPE_CHECKING:
-    from flywheel.config import Settings
+    from flywheel.core.config import Settings
 
 KINDS = ("release", "train")
 # Job names of the jobs that hold a concurrency group (the workflows spell them with ${{ }} values).

@@ -28,7 +28,7 @@ not be on disk yet); `KeyRenewer` renews each key once half its lifetime has pas
 a pure function), holding an flock so two renewers of one node never interleave TorchServe's
 unsynchronised rewrite.
 
-This module imports only the standard library and `flywheel.errors`: the serving image ships it
+This module imports only the standard library and `flywheel.core.errors`: the serving image ships it
 (with those two files) for its entrypoint and HEALTHCHECK, which have no flywheel install.
 """
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 KINDS = ("inference", "management")
 READ_WAIT_S = 2.0  # how long a half-written key file is waited for

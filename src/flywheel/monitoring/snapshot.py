@@ -8,7 +8,7 @@ writes nothing and returns the existing snapshot; the next training run uses it 
 `flywheel train --extra-data <snapshot dir>` (base data + labelled captures).
 
 Only live traffic is snapshotted: captures marked as release acceptance, warm-up or benchmark
-traffic (`X-Flywheel-Traffic`, see flywheel.capture) are not what users send. When nothing can be
+traffic (`X-Flywheel-Traffic`, see flywheel.contracts.capture) are not what users send. When nothing can be
 snapshotted the error says why, from what the store holds (no captures, no labels, labels that match
 no capture, matches that are all marked traffic).
 """
@@ -24,9 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flywheel.data import IMAGE_SUFFIXES
-from flywheel.data import class_folder as class_dir  # the layout `flywheel train --extra-data` reads
-from flywheel.errors import FlywheelError
+from flywheel.core.data import IMAGE_SUFFIXES
+from flywheel.core.data import class_folder as class_dir  # the layout `flywheel train --extra-data` reads
+from flywheel.core.errors import FlywheelError
 
 MANIFEST = "snapshot.json"
 
@@ -101,7 +101,7 @@ def _labelled_from_folder(folder: Path) -> list[tuple[str, str, bytes]]:
 def take_snapshot(capture_uri: str | None, model: str, out_root: Path, labelled_dirs: tuple[Path, ...] = (),
                   class_names: tuple[str, ...] | None = None) -> Snapshot:
     """Join captures with their feedback labels (+ labelled folders) into a new snapshot version."""
-    from flywheel.capture import iter_captures, read_feedback, safe_name
+    from flywheel.contracts.capture import iter_captures, read_feedback, safe_name
 
     items: list[tuple[str, str, bytes]] = []  # (class folder, file name, bytes)
     seen = _Seen()

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flywheel.errors import FlywheelError
-from flywheel.preprocessing import PreprocessSpec
+from flywheel.contracts.preprocessing import PreprocessSpec
+from flywheel.core.errors import FlywheelError
 
 SPEC_FILE = "flywheel_spec.json"  # stored beside the MLflow model: architecture, classes, preprocessing
 WEIGHTS_FILE = "state_dict.pt"
@@ -58,7 +58,7 @@ def small_cnn(num_classes: int, in_channels: int = 1) -> FlywheelNet:
 
 
 def _torchvision_backbone(name: str, num_classes: int, in_channels: int) -> FlywheelNet:
-    from flywheel.vision import import_torchvision
+    from flywheel.core.vision import import_torchvision
 
     tv = import_torchvision()
     if name == "resnet18":

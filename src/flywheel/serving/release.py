@@ -33,11 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.config import Settings
-from flywheel.errors import FlywheelError
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
 
 log = logging.getLogger(__name__)
 ENVS = ("dev", "prod")
+# What the serving image's entrypoint and HEALTHCHECK import (flywheel.serving.keys and the standard
+# library only), relative to the flywheel package: build_context copies them to CONTEXT/flywheel/.
+IMAGE_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "serving/__init__.py", "serving/keys.py")
 
 
 class ReleaseFailed(FlywheelError):
@@ -105,7 +108,7 @@ class AcceptanceData:
 
     @classmethod
     def for_dataset(cls, dataset: str, settings: Settings, cfg: AcceptanceConfig) -> AcceptanceData:
-        from flywheel.data import load_test_split
+        from flywheel.core.data import load_test_split
 
         test, class_names = load_test_split(dataset, data_dir=settings.data_dir)
         n = max(cfg.smoke_samples, cfg.accuracy_samples, cfg.latency_requests)
@@ -116,7 +119,7 @@ class AcceptanceData:
 def marked_predict(client, model: str, version: str | None = None) -> Callable[..., object]:
     """`predict(body, traffic="acceptance")` against `client` (a TorchServeClient), each request marked
     with the X-Flywheel-Traffic header so capture stores it apart from live traffic."""
-    from flywheel.capture import TRAFFIC_HEADER
+    from flywheel.contracts.capture import TRAFFIC_HEADER
 
     def predict(body, traffic: str = "acceptance"):
         return client.predict(model, body, version=version, headers={TRAFFIC_HEADER: traffic})
@@ -128,7 +131,7 @@ def run_acceptance(predict: Callable[..., object], data: AcceptanceData, version
                    cfg: AcceptanceConfig) -> AcceptanceReport:
     """Smoke, accuracy and latency checks against one endpoint. `predict(body, traffic="acceptance")`
     returns a response; warm-up requests are sent with traffic="warmup" (see `marked_predict`)."""
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
 
     report = AcceptanceReport()
     pngs = [encode_png(img) for img in data.images]
@@ -199,7 +202,7 @@ class ManagementTarget:
         return f"torchserve {self.inference_url}"
 
     def client(self):
-        from flywheel.serve import TorchServeClient
+        from flywheel.serving.torchserve import TorchServeClient
 
         return TorchServeClient(self.inference_url, self.management_url, key_file=self.key_file)
 
@@ -208,8 +211,8 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
                     acceptance: AcceptanceConfig = AcceptanceConfig(), mar_path: Path | None = None,
                     package_options: dict | None = None, retire: bool = True) -> ReleaseResult:
     """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc."""
-    from flywheel.package import PackageConfig, package_version
-    from flywheel.registry import mark_deployed
+    from flywheel.core.registry import mark_deployed
+    from flywheel.serving.package import PackageConfig, package_version
 
     client = target.client()
     # 1. The archive: this version's .mar in the server's model store. One `flywheel package` made
@@ -339,7 +342,7 @@ def verify_archive(mar_path: Path, model: str, version: str, run_id: str | None 
     within tolerance. FlywheelError otherwise."""
     import zipfile
 
-    from flywheel.package import MANIFEST_FILE, PARITY_TOL, TRT_PARITY_TOL
+    from flywheel.serving.package import MANIFEST_FILE, PARITY_TOL, TRT_PARITY_TOL
 
     try:
         with zipfile.ZipFile(mar_path) as zf:
@@ -386,7 +389,7 @@ def _check_env(env: str) -> None:
 
 def _begin(settings: Settings, model: str, version: str, env: str, where: str):
     """Validate the environment and resolve the registry version: (ModelVersion, a new ReleaseResult)."""
-    from flywheel.package import resolve_version
+    from flywheel.serving.package import resolve_version
 
     _check_env(env)
     settings.apply()
@@ -410,7 +413,7 @@ def _rollback(client, result: ReleaseResult, registered_here: bool) -> None:
 
 
 def _first_png(data: AcceptanceData) -> bytes:
-    from flywheel.preprocessing import encode_png
+    from flywheel.contracts.preprocessing import encode_png
 
     return encode_png(data.images[0])
 
@@ -448,16 +451,17 @@ class DockerTarget:
 
 def build_context(mar_paths: list[Path], dest: Path) -> Path:
     """A Docker build context: deploy/serving's files plus model-store/ with the given archives."""
-    from flywheel.serve import REPO_DEPLOY
+    from flywheel.serving.torchserve import REPO_DEPLOY
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("Dockerfile", "config.properties", "metrics.yaml", "log4j2.xml", "healthcheck.py",
                  "entrypoint.py", "requirements-serving.txt"):
         shutil.copy(REPO_DEPLOY / name, dest / name)
     # The key renewer/reader for the entrypoint and HEALTHCHECK (standard library only).
-    (dest / "flywheel").mkdir(exist_ok=True)
-    for name in ("__init__.py", "errors.py", "serving_keys.py"):
-        shutil.copy(Path(__file__).with_name(name), dest / "flywheel" / name)
+    pkg = Path(__file__).resolve().parents[1]  # src/flywheel
+    for name in IMAGE_MODULES:
+        (dest / "flywheel" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pkg / name, dest / "flywheel" / name)
     (dest / "model-store").mkdir(exist_ok=True)
     for mar in mar_paths:
         shutil.copy(mar, dest / "model-store" / Path(mar).name)
@@ -519,7 +523,7 @@ CONTAINER_KEY_FILE = "/opt/flywheel/run/key_file.json"  # the serving image's To
 
 def _container_keys(container) -> dict[str, str]:
     """The keys in a serving container's key file now (its entrypoint renews them)."""
-    from flywheel.serving_keys import parse_key_file
+    from flywheel.serving.keys import parse_key_file
 
     for _attempt in range(50):  # TorchServe truncates, then writes the file: an empty read is retried
         code, out = container.exec_run(["cat", CONTAINER_KEY_FILE])
@@ -537,8 +541,8 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
     """Release image MODEL:VERSION to `env` on a Docker host; see DockerTarget. Rolls back on failure."""
     from docker.errors import APIError, ImageNotFound, NotFound
 
-    from flywheel.registry import mark_deployed
-    from flywheel.serve import TorchServeClient
+    from flywheel.core.registry import mark_deployed
+    from flywheel.serving.torchserve import TorchServeClient
 
     mv, result = _begin(settings, model, version, env, target.describe())
     version = result.version

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flywheel.config import Settings
-from flywheel.errors import FlywheelError
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
 
 OUTAGE_ENV = "FLYWHEEL_TRACKING_OUTAGE_S"
 DEFAULT_OUTAGE_S = 300.0
@@ -200,7 +200,7 @@ class RunLogger:
             raise FlywheelError(f"{len(self._pending)} logged entries of run {self.run_id} could not be stored "
                                 f"on the tracking server ({_short(exc)}); they are kept in {self.spool_path}. "
                                 "Bring the server back (`flywheel doctor`) and run "
-                                "`flywheel.tracking.replay_spool` on that file.") from exc
+                                "`flywheel.core.runlog.replay_spool` on that file.") from exc
         mlflow.flush_async_logging()
         if not self._embedded:
             self.spool_path.unlink(missing_ok=True)

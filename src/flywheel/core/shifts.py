@@ -1,6 +1,6 @@
 """Realistic distribution shifts of served images, for the demo, tests and drift benchmarks.
 
-The one implementation of every simulated shift; `flywheel.drift` holds only the detectors.
+The one implementation of every simulated shift; `flywheel.monitoring.drift` holds only the detectors.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.data import IMAGE_SUFFIXES
-from flywheel.errors import FlywheelError
+from flywheel.core.data import IMAGE_SUFFIXES
+from flywheel.core.errors import FlywheelError
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def predict_files(client, model: str, files: list[Path], version: str | None = N
     """
     import requests
 
-    from flywheel.serve import RequestTooLarge, token_rejected
+    from flywheel.serving.torchserve import RequestTooLarge, token_rejected
 
     def one(path: Path) -> dict:
         try:
@@ -76,7 +76,7 @@ def run_predict(endpoint: str, model: str, images: list[Path], directory: Path |
                 version: str | None = None, concurrency: int = 4, progress: bool = True) -> PredictSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from flywheel.serve import TorchServeClient
+    from flywheel.serving.torchserve import TorchServeClient
 
     if key_file is None and token is None:
         raise FlywheelError("TorchServe needs a token: pass --key-file (the server's key_file.json) or --token")

@@ -27,14 +27,14 @@ DataDirOpt = Annotated[Optional[Path], typer.Option(
 
 
 def _settings(tracking_uri: str | None = None, model_name: str | None = None, data_dir: Path | None = None):
-    from flywheel.config import Settings
+    from flywheel.core.config import Settings
 
     return Settings.from_env(tracking_uri=tracking_uri, model_name=model_name, data_dir=data_dir).apply()
 
 
 def _stop_on_sigterm() -> None:
     """SIGTERM takes the Ctrl-C path, so a command's `finally` stops the servers it started."""
-    from flywheel.procs import sigterm_raises_keyboard_interrupt
+    from flywheel.core.procs import sigterm_raises_keyboard_interrupt
 
     sigterm_raises_keyboard_interrupt()
 
@@ -67,8 +67,8 @@ def train(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Train a model, log it to MLflow, gate it against the champion and register it if better."""
-    from flywheel.errors import FlywheelError
-    from flywheel.train import TrainConfig, run_training
+    from flywheel.core.errors import FlywheelError
+    from flywheel.training.train import TrainConfig, run_training
 
     cfg = TrainConfig(dataset=dataset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       register=register, margin=margin, extra_data=tuple(extra_data or ()),
@@ -87,8 +87,8 @@ def evaluate(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Evaluate a logged model on the frozen test split: accuracy, macro-F1, per-class."""
-    from flywheel.errors import FlywheelError
-    from flywheel.evaluate import evaluate_uri, print_report
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.evaluate import evaluate_uri, print_report
 
     settings = _settings(tracking_uri, None, data_dir)
     try:
@@ -107,8 +107,8 @@ def register(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Gate an existing run against the champion and register it as `candidate` if it wins."""
-    from flywheel.errors import FlywheelError
-    from flywheel.registry import gate_run
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.registry import gate_run
 
     settings = _settings(tracking_uri, model_name, data_dir)
     try:
@@ -121,7 +121,7 @@ def register(
 @app.command()
 def models() -> None:
     """List the model architectures `--model` accepts."""
-    from flywheel.models import ARCHITECTURES
+    from flywheel.core.models import ARCHITECTURES
 
     for name, text in ARCHITECTURES.items():
         typer.echo(f"{name:20s} {text}")
@@ -140,7 +140,7 @@ def datasets() -> None:
 
 
 def _print_datasets() -> None:
-    from flywheel.data import DATASETS
+    from flywheel.core.data import DATASETS
 
     docs = {"fashion-mnist": "Zalando Fashion-MNIST idx files (--data-dir, /usr/share/datasets/fashion-mnist)",
             "digits": "scikit-learn's built-in 8x8 digits upscaled to 28x28 (fast tests)",
@@ -158,8 +158,8 @@ def demo(
 ) -> None:
     """Run the whole flywheel on this machine: train, register, release, serve, monitor, retrain."""
     _stop_on_sigterm()
+    from flywheel.core.errors import FlywheelError
     from flywheel.demo import run_demo
-    from flywheel.errors import FlywheelError
 
     try:
         run_demo(keep=keep, full=full, data_dir=data_dir)
@@ -173,8 +173,8 @@ def env_(tracking_uri: TrackingOpt = None) -> None:
 
     The store is MLFLOW_TRACKING_URI, else the embedded one in $FLYWHEEL_HOME (created here, with the
     experiment keeping its artifacts in $FLYWHEEL_HOME/mlartifacts)."""
-    from flywheel.errors import FlywheelError
-    from flywheel.tracking import ensure_experiment
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.runlog import ensure_experiment
 
     settings = _settings(tracking_uri)
     if settings.embedded:  # else `mlflow run` would create the experiment with artifacts in ./mlruns
@@ -211,10 +211,10 @@ def stack_up(
 ) -> None:
     """Start Postgres, the GCS emulator and the MLflow server with auth on 127.0.0.1."""
     _stop_on_sigterm()
-    from flywheel.config import Settings
-    from flywheel.errors import FlywheelError
-    from flywheel.stack import StackConfig
-    from flywheel.stack import stack_up as up
+    from flywheel.core.config import Settings
+    from flywheel.core.errors import FlywheelError
+    from flywheel.tracking.server import StackConfig
+    from flywheel.tracking.server import stack_up as up
 
     settings = Settings.from_env()
     if embedded:
@@ -235,9 +235,9 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(state_dir: StackDirOpt = None) -> None:
     """Stop what `stack up` started (by PID); data stays unless it was --throwaway."""
-    from flywheel.config import Settings
-    from flywheel.stack import StackConfig
-    from flywheel.stack import stack_down as down
+    from flywheel.core.config import Settings
+    from flywheel.tracking.server import StackConfig
+    from flywheel.tracking.server import stack_down as down
 
     cfg = StackConfig.from_settings(Settings.from_env(), state_dir=state_dir)
     stopped = down(cfg.state_dir)
@@ -247,9 +247,9 @@ def stack_down(state_dir: StackDirOpt = None) -> None:
 @stack_app.command("status")
 def stack_status(state_dir: StackDirOpt = None) -> None:
     """Show each part of the stack: running (pid) and answering, or stopped. Exit 1 if any is down."""
-    from flywheel.config import Settings
-    from flywheel.stack import StackConfig, StackState
-    from flywheel.stack import stack_status as status
+    from flywheel.core.config import Settings
+    from flywheel.tracking.server import StackConfig, StackState
+    from flywheel.tracking.server import stack_status as status
 
     cfg = StackConfig.from_settings(Settings.from_env(), state_dir=state_dir)
     parts = status(cfg.state_dir)
@@ -278,8 +278,8 @@ def doctor(
     """Check the tracking setup end to end: server, auth, DB schema, bucket, artifact round-trip."""
     from dataclasses import replace
 
-    from flywheel.doctor import print_checks, run_doctor, targets_from_stack
-    from flywheel.stack import StackConfig
+    from flywheel.tracking.doctor import print_checks, run_doctor, targets_from_stack
+    from flywheel.tracking.server import StackConfig
 
     settings = _settings(tracking_uri)
     targets = targets_from_stack(StackConfig.from_settings(settings, state_dir=state_dir).state_dir,
@@ -331,8 +331,8 @@ def remote_train(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Train a commit on a GPU node over SSH with `mlflow run`; stream it and exit with its exit code."""
-    from flywheel.errors import FlywheelError
-    from flywheel.remote import CommandOptions, run_command
+    from flywheel.core.errors import FlywheelError
+    from flywheel.training.remote import CommandOptions, run_command
 
     opts = CommandOptions(node=node, nodes=nodes, commit=commit, repo=repo, entry=entry, params=tuple(param or ()),
                           nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
@@ -354,8 +354,8 @@ def report(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Markdown of a version's metrics against the champion's (prod), also appended to a CI job summary."""
-    from flywheel.errors import FlywheelError
-    from flywheel.remote import report_version
+    from flywheel.core.errors import FlywheelError
+    from flywheel.training.remote import report_version
 
     try:
         typer.echo(report_version(_settings(tracking_uri, model_name), version, plots_dir), nl=False)
@@ -386,8 +386,8 @@ def package(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Export a registry version (TorchScript, ONNX, TensorRT if possible), check parity, build the .mar."""
-    from flywheel.errors import FlywheelError
-    from flywheel.package import PackageConfig, package_version
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.package import PackageConfig, package_version
 
     settings = _settings(tracking_uri, model, data_dir)
     cfg = PackageConfig(settings.model_name, version=version, alias=alias, out_dir=out,
@@ -435,9 +435,9 @@ def release(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Release a registry version to a TorchServe: register, accept, switch, retire; roll back on failure."""
-    from flywheel.config import Settings
-    from flywheel.errors import FlywheelError
-    from flywheel.release import (
+    from flywheel.core.config import Settings
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.release import (
         AcceptanceConfig,
         DockerTarget,
         ManagementTarget,
@@ -489,9 +489,9 @@ def predict(
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
 ) -> None:
     """Batch inference over image files against a TorchServe endpoint, with progress."""
-    from flywheel.config import DEFAULT_MODEL_NAME
-    from flywheel.errors import FlywheelError
-    from flywheel.predict import run_predict
+    from flywheel.core.config import DEFAULT_MODEL_NAME
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.predict import run_predict
 
     try:
         summary = run_predict(endpoint, model or DEFAULT_MODEL_NAME, list(images or []), directory, out, key_file,
@@ -525,9 +525,9 @@ def serve(
     _stop_on_sigterm()
     import time
 
-    from flywheel.config import Settings, export_lines
-    from flywheel.errors import FlywheelError
-    from flywheel.serve import ServeConfig, start_torchserve
+    from flywheel.core.config import Settings, export_lines
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
     settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
     work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
     capture_to = (capture_uri or settings.capture_uri) if capture else ""
@@ -580,8 +580,8 @@ def serve_keys_renew(
     _stop_on_sigterm()
     import logging
 
-    from flywheel.errors import FlywheelError
-    from flywheel.serving_keys import KeyRenewer, management_url_from_properties
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.keys import KeyRenewer, management_url_from_properties
 
     if management_url is None and ts_config is None:
         _fail("give --management-url or --ts-config (the server's config.properties)")
@@ -644,9 +644,9 @@ def monitor(
     import logging
     import os
 
-    from flywheel.errors import FlywheelError
-    from flywheel.monitor import Monitor, MonitorConfig, describe_tick
-    from flywheel.triggers import PolicyConfig, build_actions
+    from flywheel.core.errors import FlywheelError
+    from flywheel.monitoring.service import Monitor, MonitorConfig, describe_tick
+    from flywheel.monitoring.triggers import PolicyConfig, build_actions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(tracking_uri, model_name)
@@ -687,9 +687,9 @@ def data_snapshot(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Turn labelled captures into a new versioned imagefolder dataset (prints its path and digest)."""
-    from flywheel.config import Settings
-    from flywheel.errors import FlywheelError
-    from flywheel.snapshot import take_snapshot
+    from flywheel.core.config import Settings
+    from flywheel.core.errors import FlywheelError
+    from flywheel.monitoring.snapshot import take_snapshot
 
     settings = Settings.from_env(model_name=model_name)  # no tracking needed: skip importing MLflow
     try:
@@ -711,7 +711,7 @@ def data_feedback(
     model_name: ModelNameOpt = None,
 ) -> None:
     """Send ground-truth labels for served predictions (joined with captures by `data snapshot`)."""
-    from flywheel.capture import write_feedback
+    from flywheel.contracts.capture import write_feedback
 
     pairs = []
     for item in labels:
@@ -719,7 +719,7 @@ def data_feedback(
         if not sep or not pid or not label:
             _fail(f"{item!r} is not PREDICTION_ID=LABEL")
         pairs.append((pid, label))
-    from flywheel.config import Settings
+    from flywheel.core.config import Settings
 
     settings = Settings.from_env(model_name=model_name)
     capture_uri = capture_uri or settings.capture_uri
@@ -732,7 +732,7 @@ def data_feedback(
 
 # ------------------------------------------------------------------------------------ CI bookkeeping
 dispatches_app = typer.Typer(no_args_is_help=True, help="CI bookkeeping: superseded release/train requests, "
-                                                        "retried retrain events (see flywheel.dispatches).")
+                                                        "retried retrain events (see flywheel.control.dispatches).")
 app.add_typer(dispatches_app, name="dispatches")
 
 
@@ -758,8 +758,8 @@ def dispatches_record_superseded(
     The token comes from GITHUB_TOKEN (needs `actions: read`); never pass it on a command line."""
     import json
 
-    from flywheel.dispatches import SupersedeOptions, record_superseded
-    from flywheel.errors import FlywheelError
+    from flywheel.control.dispatches import SupersedeOptions, record_superseded
+    from flywheel.core.errors import FlywheelError
 
     opts = SupersedeOptions(kind=kind, model=model, target=target, version=version, workflows=tuple(workflow or ()),
                             repository=repository, run_id=run_id, api_url=api_url, lookback_days=lookback_days)
@@ -784,8 +784,8 @@ def dispatches_check_event(
     """Train for a retrain event, or skip it because a run tagged flywheel.event_id already serves it."""
     import json
 
-    from flywheel.dispatches import check_event
-    from flywheel.errors import FlywheelError
+    from flywheel.control.dispatches import check_event
+    from flywheel.core.errors import FlywheelError
 
     try:
         plan = check_event(_settings(tracking_uri, model_name), event_id, superseded, stale_after_hours * 3600)

@@ -3,10 +3,10 @@
 One tick (`Monitor.tick`, which `--once` runs a single time for cron):
 1. resolve the alias (`prod`, `dev`) to a model version; a new version starts a new reference and run;
 2. load that version's own reference (the `reference/` artifacts its training run logged);
-3. read the capture batches not read before (`flywheel.capture.CaptureReader`: exactly once, from any
+3. read the capture batches not read before (`flywheel.contracts.capture.CaptureReader`: exactly once, from any
    number of writers, within its horizon); records of other versions and traffic marked as release
    acceptance, warm-up or benchmark (not live) are skipped;
-4. for every full window: embedding drift (`flywheel.drift`), prediction drift (chi-square on class
+4. for every full window: embedding drift (`flywheel.monitoring.drift`), prediction drift (chi-square on class
    counts), accuracy where feedback labels came back; log it to the MLflow `monitoring` experiment and
    to Prometheus;
 5. feed the decision to the trigger policy (K windows in a row → one retrain per episode) and deliver
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.config import Settings
-from flywheel.errors import FlywheelError
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
 
 log = logging.getLogger("flywheel.monitor")
 EXPERIMENT = "monitoring"
@@ -196,8 +196,8 @@ class Monitor:
     def __init__(self, cfg: MonitorConfig, settings: Settings, actions: list | None = None, policy=None):
         from filelock import FileLock
 
-        from flywheel.capture import CaptureReader
-        from flywheel.triggers import Outbox, PolicyConfig, TriggerPolicy
+        from flywheel.contracts.capture import CaptureReader
+        from flywheel.monitoring.triggers import Outbox, PolicyConfig, TriggerPolicy
 
         if cfg.window < 10:
             raise FlywheelError(f"--window {cfg.window} is too small for a drift test; use at least 10")
@@ -228,7 +228,7 @@ class Monitor:
         another monitor may have moved it on since this one was constructed."""
         from filelock import Timeout
 
-        from flywheel.triggers import TriggerPolicy
+        from flywheel.monitoring.triggers import TriggerPolicy
 
         outermost = not self._lock.is_locked
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ class Monitor:
 
     # -- state ---------------------------------------------------------------------------------
     def _load_state(self) -> MonitorState:
-        from flywheel.capture import CaptureCursor
+        from flywheel.contracts.capture import CaptureCursor
 
         path = self.dir / "state.json"
         if not path.is_file():
@@ -265,14 +265,14 @@ class Monitor:
 
     @property
     def cursor(self):
-        from flywheel.capture import CaptureCursor
+        from flywheel.contracts.capture import CaptureCursor
 
         return CaptureCursor.from_json(self.state.cursor)
 
     def _commit(self, pending: dict[str, np.ndarray] | None = None) -> None:
         """One atomic write of state.json; a new partial window is written first, under a fresh name
         that the new state names, so the state on disk always goes with its own partial window."""
-        from flywheel.triggers import _atomic_write
+        from flywheel.core.files import atomic_write_json
 
         if pending is not None:
             name = f"pending-{uuid.uuid4().hex[:12]}.npz"
@@ -282,7 +282,7 @@ class Monitor:
                 os.fsync(f.fileno())
             tmp.replace(self.dir / name)
             self.state.pending_file = name
-        _atomic_write(self.dir / "state.json", asdict(self.state))
+        atomic_write_json(self.dir / "state.json", asdict(self.state))
         if pending is not None:
             for old in self.dir.glob("pending*.npz"):  # superseded partial windows (and the old pending.npz)
                 if old.name != self.state.pending_file:
@@ -299,13 +299,13 @@ class Monitor:
 
     # -- reference -------------------------------------------------------------------------------
     def _resolve(self) -> tuple[str, str]:
-        from flywheel.registry import get_version
+        from flywheel.core.registry import get_version
 
         mv = get_version(self.settings, self.cfg.model, self.cfg.env)
         return str(mv.version), mv.run_id
 
     def _prepare(self, version: str, run_id: str) -> None:
-        from flywheel.drift import NoveltyDriftDetector
+        from flywheel.monitoring.drift import NoveltyDriftDetector
 
         if self._detector is not None and self._reference is not None and self._reference.run_id == run_id \
                 and self.state.version == version:
@@ -328,7 +328,7 @@ class Monitor:
             return self._tick()
 
     def _tick(self) -> list[WindowResult]:
-        from flywheel.capture import CaptureCursor, read_feedback
+        from flywheel.contracts.capture import CaptureCursor, read_feedback
 
         results = self._apply_journal()  # a crash after the last commit left windows to apply
         version, run_id = self._resolve()
@@ -405,7 +405,7 @@ class Monitor:
         m.pending.labels(**lab).set(summary.pending)
 
     def _test_window(self, emb, pred, ts, pid, version, feedback) -> WindowResult:
-        from flywheel.drift import combine_p_values, prediction_drift
+        from flywheel.monitoring.drift import combine_p_values, prediction_drift
 
         p_emb = self._detector.test(emb).p_value
         n_classes = len(self._reference.class_priors)
@@ -430,7 +430,7 @@ class Monitor:
     def _apply_journal(self) -> list[WindowResult]:
         """Feed tested windows to the trigger policy, in order, each exactly once: the policy state a
         window starts from is committed first, so a replay after a crash decides the same way."""
-        from flywheel.triggers import PolicyState
+        from flywheel.monitoring.triggers import PolicyState
 
         applied = []
         while self.state.journal:
@@ -456,7 +456,7 @@ class Monitor:
             try:
                 import mlflow
 
-                from flywheel.models import SPEC_FILE, ModelSpec
+                from flywheel.core.models import SPEC_FILE, ModelSpec
 
                 path = mlflow.artifacts.download_artifacts(
                     artifact_uri=f"models:/{self.cfg.model}/{version}/{SPEC_FILE}")
@@ -468,7 +468,7 @@ class Monitor:
 
     # -- triggers ----------------------------------------------------------------------------------
     def _queue_retrain(self, decision, res: WindowResult) -> None:
-        from flywheel.triggers import RetrainEvent
+        from flywheel.monitoring.triggers import RetrainEvent
 
         snapshot, digest = self._latest_snapshot()
         # The same window replayed after a crash asks with the same id, which the outbox keeps once.
@@ -490,7 +490,7 @@ class Monitor:
 
     def _dataset_tag(self, version: str) -> str | None:
         try:
-            from flywheel.registry import get_version
+            from flywheel.core.registry import get_version
 
             return get_version(self.settings, self.cfg.model, version).tags.get("dataset")
         except FlywheelError:
@@ -499,8 +499,8 @@ class Monitor:
     def _latest_snapshot(self) -> tuple[str | None, str | None]:
         if self.cfg.snapshot_dir is None:
             return None, None
-        from flywheel.capture import safe_name
-        from flywheel.snapshot import latest_snapshot
+        from flywheel.contracts.capture import safe_name
+        from flywheel.monitoring.snapshot import latest_snapshot
 
         snap = latest_snapshot(self.cfg.snapshot_dir, safe_name(self.cfg.model))  # layout of `data snapshot`
         return (str(snap.path), snap.digest) if snap else (None, None)
@@ -517,7 +517,7 @@ class Monitor:
 
     # -- outputs -------------------------------------------------------------------------------
     def _export(self, results: list[WindowResult]) -> None:
-        from flywheel.capture import read_writer_stats
+        from flywheel.contracts.capture import read_writer_stats
 
         m, lab = self.metrics, self.metrics.labels
         m.window_size.labels(**lab).set(self.cfg.window)
@@ -549,7 +549,7 @@ class Monitor:
         import mlflow
         from mlflow.entities import Metric, Param
 
-        from flywheel.tracking import ensure_experiment
+        from flywheel.core.runlog import ensure_experiment
 
         client = mlflow.MlflowClient()
         if self.state.run_id is None:
@@ -635,7 +635,7 @@ def describe_tick(summary: TickSummary | None, capture_uri: str, model: str) -> 
     if summary is None:
         return "no tick ran"
     if summary.store_has_captures is False:
-        from flywheel.capture import CAPTURES, safe_name
+        from flywheel.contracts.capture import CAPTURES, safe_name
 
         return (f"no captures of {model} in {capture_uri} (looked in {capture_uri.rstrip('/')}/{safe_name(model)}/"
                 f"{CAPTURES}/): is serving capturing there (FLYWHEEL_CAPTURE_URI)? no window tested")
@@ -662,7 +662,7 @@ def _lock_owner(state_dir: Path) -> str:
 
 def drift_plot(history, drift: dict, alpha: float, path: Path, title: str) -> Path:
     """p-value per window on a log axis, alpha line, drifting windows in red."""
-    from flywheel.plots import figure
+    from flywheel.core.plots import figure
 
     steps = [m.step for m in sorted(history, key=lambda m: m.step)]
     values = [max(m.value, 1e-12) for m in sorted(history, key=lambda m: m.step)]

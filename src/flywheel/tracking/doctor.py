@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.config import Settings
+from flywheel.core.config import Settings
 
 DOCTOR_EXPERIMENT = "flywheel-doctor"
 
@@ -93,7 +93,8 @@ def check_schema(db_uri: str) -> Check:
     import sqlalchemy
     from mlflow.store.db.utils import _get_latest_schema_revision, _get_schema_version
 
-    from flywheel.stack import StackError, _redact, check_database
+    from flywheel.core.config import redact_uri
+    from flywheel.tracking.server import StackError, check_database
 
     try:
         check_database(db_uri)
@@ -106,16 +107,16 @@ def check_schema(db_uri: str) -> Check:
         engine.dispose()
     head = _get_latest_schema_revision()
     if current == head:
-        return Check("database schema", True, f"{_redact(db_uri)} at head revision {head}")
+        return Check("database schema", True, f"{redact_uri(db_uri)} at head revision {head}")
     if current is None:
-        return Check("database schema", False, f"{_redact(db_uri)} has no MLflow tables: start the server "
+        return Check("database schema", False, f"{redact_uri(db_uri)} has no MLflow tables: start the server "
                      "once (it creates them) or run `mlflow db upgrade <uri>`")
-    return Check("database schema", False, f"{_redact(db_uri)} is at {current}, MLflow {head}: back up the "
+    return Check("database schema", False, f"{redact_uri(db_uri)} is at {current}, MLflow {head}: back up the "
                  "database, then run `mlflow db upgrade <uri>` (the server refuses to start until then)")
 
 
 def check_bucket(destination: str, emulator_url: str | None, timeout: float) -> Check:
-    from flywheel.stack import StackError, check_gcs_bucket
+    from flywheel.tracking.server import StackError, check_gcs_bucket
 
     try:
         check_gcs_bucket(destination, emulator_url, timeout=timeout)
@@ -130,7 +131,7 @@ def check_artifact_roundtrip(settings: Settings) -> Check:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from flywheel.tracking import quick_failure
+    from flywheel.core.runlog import quick_failure
 
     payload = f"flywheel doctor {uuid.uuid4()}\n"
     settings.apply()
@@ -199,7 +200,7 @@ def run_doctor(settings: Settings, targets: DoctorTargets | None = None) -> list
 
 def targets_from_stack(state_dir: Path, tracking_uri: str) -> DoctorTargets:
     """Targets of the `flywheel stack` on this box serving `tracking_uri` (empty when there is none)."""
-    from flywheel.stack import PostgresServer, StackState
+    from flywheel.tracking.server import PostgresServer, StackState
 
     state = StackState.load(state_dir)
     if state is None or state.tracking_uri.rstrip("/") != tracking_uri.rstrip("/"):

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from flywheel.errors import FlywheelError
+from flywheel.core.errors import FlywheelError
 
 if TYPE_CHECKING:
     import paramiko
 
-    from flywheel.config import Settings
+    from flywheel.core.config import Settings
 
 ENV_MANAGERS = ("local", "conda", "docker")
 RUN_ID_RE = re.compile(r"run with ID '([0-9a-f]{32})'")
@@ -190,7 +190,7 @@ class RemoteTrainConfig:
     env_manager: str = "local"
     reconnect_timeout: float = 300.0  # give up re-attaching after this long without a connection
     poll_interval: float = 0.5
-    event_id: str | None = None  # the monitor's retrain event: the run is tagged with it (flywheel.dispatches)
+    event_id: str | None = None  # the monitor's retrain event: the run is tagged with it (flywheel.control.dispatches)
 
     def __post_init__(self) -> None:
         if self.env_manager not in ENV_MANAGERS:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.errors import DataError
-from flywheel.preprocessing import PreprocessSpec, decode_image, resize
+from flywheel.contracts.preprocessing import PreprocessSpec, decode_image, resize
+from flywheel.core.errors import DataError
 
 DATASETS = ("fashion-mnist", "digits", "imagefolder")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -103,7 +103,7 @@ def _download_fashion(data_dir: Path | None) -> Path:
     """Last resort when online: torchvision's downloader into data_dir (or ~/.cache/flywheel)."""
     root = data_dir or Path.home() / ".cache" / "flywheel"
     try:
-        from flywheel.vision import import_torchvision
+        from flywheel.core.vision import import_torchvision
 
         tv = import_torchvision()
         tv.datasets.FashionMNIST(str(root), train=True, download=True)

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from flywheel.errors import FlywheelError
+from flywheel.core.config import redact_uri
+from flywheel.core.errors import FlywheelError
+from flywheel.core.procs import free_port, stop_process_group
 
 DEFAULT_PG_BIN = "/usr/lib/postgresql/15/bin"
 HOST = "127.0.0.1"
@@ -36,13 +38,6 @@ STACK_FILE = "stack.json"
 
 class StackError(FlywheelError):
     """A part of the tracking stack did not start, stop or answer; the message names which and why."""
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int, host: str = HOST) -> bool:
@@ -79,31 +74,6 @@ def pid_alive(pid: int | None) -> bool:
         return state != "Z"
     except (OSError, IndexError):
         return True
-
-
-def stop_process_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM the process group led by `pid` (uvicorn and its workers), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                _reap(pid)
-                return
-            _reap(pid)
-            time.sleep(0.1)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -385,7 +355,7 @@ def check_database(uri: str, timeout: int = 10) -> None:
             conn.execute(sqlalchemy.text("SELECT 1"))
         engine.dispose()
     except Exception as exc:  # any driver error: its message is what we show
-        safe = _redact(uri)
+        safe = redact_uri(uri)
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise StackError(f"backend database {safe} is not usable: {reason}. Check host, port, user, "
                          "password and that the database exists.") from exc
@@ -410,13 +380,6 @@ def move_passwords_to_pgpass(uris: list[str], pgpass: Path) -> tuple[list[str], 
         stripped.append(parts._replace(netloc=netloc).geturl())
     write_secret(pgpass, "".join(line + "\n" for line in lines))
     return stripped, pgpass
-
-
-def _redact(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password:
-        return uri.replace(f":{parts.password}@", ":***@")
-    return uri
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.config import Settings
-from flywheel.errors import FlywheelError
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def sha256_file(path: Path) -> str:
 
 def resolve_version(settings: Settings, name: str, version: str | None = None, alias: str | None = None):
     """The registry ModelVersion named by exactly one of version or alias."""
-    from flywheel.registry import get_version
+    from flywheel.core.registry import get_version
 
     if (version is None) == (alias is None):
         raise FlywheelError("name exactly one of --version or --alias")
@@ -99,7 +99,7 @@ def resolve_version(settings: Settings, name: str, version: str | None = None, a
 
 def held_batch(dataset: str, settings: Settings, n: int = HELD_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """The first n images of the dataset's frozen test split: the same held batch for every export."""
-    from flywheel.data import load_test_split
+    from flywheel.core.data import load_test_split
 
     test, _ = load_test_split(dataset, data_dir=settings.data_dir)
     return test.images[:n], test.labels[:n]
@@ -305,14 +305,11 @@ def build_mar(staging: Path, artifact: str, name: str, version: str, out_dir: Pa
 
 def stage_files(staging: Path, manifest: dict, class_names: list[str], cfg: PackageConfig) -> None:
     """Handler, shared serving-safe modules, class names, manifest and model-config beside the artifact."""
-    import flywheel
-    from flywheel.serving import HANDLER_FILE
+    from flywheel.serving import CONTRACTS_DIR, HANDLER_FILE, MAR_CONTRACTS
 
-    pkg = Path(flywheel.__file__).parent
     shutil.copy(HANDLER_FILE, staging / "handler.py")
-    shutil.copy(pkg / "preprocessing.py", staging / "preprocessing.py")
-    if (pkg / "capture.py").exists():  # monitor's capture writer; serving works without it
-        shutil.copy(pkg / "capture.py", staging / "capture.py")
+    for name in MAR_CONTRACTS:  # the contracts the handler imports, beside it in the archive
+        shutil.copy(CONTRACTS_DIR / name, staging / name)
     (staging / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}))
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     (staging / "model-config.yaml").write_text(model_config_yaml(cfg))
@@ -323,8 +320,8 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
     import torch
     from mlflow import MlflowClient
 
-    from flywheel.models import load_model
-    from flywheel.preprocessing import to_tensor
+    from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.core.models import load_model
 
     settings.apply()
     mv = resolve_version(settings, cfg.model_name, cfg.version, cfg.alias)
@@ -385,10 +382,3 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
     log.info("packaged %s v%s as %s (%s)", cfg.model_name, mv.version, mar, chosen.format)
     return PackageResult(mar, manifest)
 
-
-def read_manifest(mar_path: Path) -> dict:
-    """The flywheel manifest inside a .mar (a zip)."""
-    import zipfile
-
-    with zipfile.ZipFile(mar_path) as zf:
-        return json.loads(zf.read(MANIFEST_FILE))

@@ -1,0 +1,5 @@
+"""The control node (CI, GitHub Actions): which release/train requests a newer one superseded, and
+which retrain events were already handled (`dispatches`).
+
+Imports only `flywheel.core`, `flywheel.contracts` and itself (tests/test_layout.py checks it).
+"""

@@ -1,0 +1,20 @@
+"""Small file helpers every node shares.
+
+`atomic_write_json` is how state files (the monitor's state.json, the trigger outbox) are written:
+a temp file beside the target, then `os.replace`, so a reader or a crash never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented, key-sorted JSON to `path` in one atomic replace (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
