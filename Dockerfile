@@ -1,5 +1,6 @@
-# Training image for MLflow projects on GPU nodes: `docker build --build-arg BASE_IMAGE=... -t flywheel-train .`
-# The default base is a CUDA runtime; pass a plain python image for CPU nodes.
+# The training node's image, for MLflow projects on GPU nodes: `docker build --build-arg BASE_IMAGE=... -t flywheel-train .`
+# The default base is a CUDA runtime; pass a plain python image for CPU nodes. It installs the core
+# dependencies and the `train` extra only (pyproject.toml), not the serving, monitor or tracking ones.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
@@ -18,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --extra-index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && pip install --no-deps torchvision==0.28.0 \
- && pip install .
+ && pip install "./[train]"
 
 RUN useradd --create-home --uid 10001 flywheel
 USER flywheel

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	# torch first and exactly pinned: otherwise a dependency pulls the CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps torchvision==0.28.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[all,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

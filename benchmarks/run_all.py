@@ -268,7 +268,7 @@ def plot(records: dict[str, dict]) -> list[str]:
         on = [f["epoch_wall_on_s"], f["train_compute_on_s"] / f["epochs"]]
         off = [f["epoch_wall_off_s"], f["train_compute_off_s"] / f["epochs"]]
         ax.bar([0, 1], on, 0.4, label="tracking on")
-        ax.bar([0.4, 1.4], off, 0.4, label="off (plain loop)")
+        ax.bar([0.4, 1.4], off, 0.4, label="off (fit(), no tracking)")
         ax.set_xticks([0.2, 1.2], labels)
         ax.set_ylabel("seconds per epoch")
         ax.set_title(f"tracking overhead: epoch wall ratio {f['epoch_wall_ratio']:.3f}x")

@@ -1,28 +1,30 @@
 """Benchmark: what MLflow tracking costs a training run (goal: epoch wall time ratio on/off <= 1.01).
 
-The same training (dataset, subset, seed, batch size, epochs, model) runs in fresh subprocesses,
-alternating "on" and "off" `--repeats` times so both see the same machine state:
+The same training (dataset, subset, seed, batch size, epochs, model, CPU) runs in fresh subprocesses,
+alternating "on" and "off" `--repeats` times so both see the same machine state. Both sides run the
+same training loop, `flywheel.training.train.fit()` (AdamW + one-cycle schedule, AMP and DDP where
+they apply, the progress bar, the per-epoch validation):
 
-* on:  `flywheel.training.train.run_training` itself (register=False): the run is created, params/tags and the
+* on:  `flywheel.training.train.run_training` itself (register=False): tracking preflight, then
+  `fit()` with the MLflow run as its callback (`TrackedRun`): the run is created, params/tags and the
   dataset input are logged, system metrics are sampled by MLflow's background thread, each epoch's
-  metrics go through `RunLogger`, and the model + reference artifacts are logged at the end.
-* off: the same loop built from the same flywheel functions (`load_splits`, `training_tensors`,
-  `build_model`, AdamW + OneCycleLR, the per-epoch validation of `train.val_metrics`) with no MLflow
-  call at all. `run_training` has no logging switch today, so this plain loop is the "off" side.
+  metrics go through `RunLogger`, and the test evaluation, model and reference artifacts are logged
+  at the end.
+* off: `fit()` with no callback, on the same data: no MLflow call at all.
 
 What is compared:
 
-* epoch wall time, measured from one epoch's end-of-epoch point to the next (on: the server-side
-  timestamps of the logged `val_accuracy` metric; off: `time.time()` at the same point). This
+* epoch wall time, measured from one epoch's end-of-epoch point to the next (on: the timestamps of
+  the logged `val_accuracy` metric, taken by `RunLogger` when it logs them; off: `fit()`'s
+  `epoch_ends`, `time.time()` at the same point, just before the callback would be called). This
   includes the per-epoch logging call, the validation pass and any interference of the
   system-metrics thread: everything tracking adds *during* training. Goal <= 1.01.
-* train compute (`train_seconds` as `run_training` reports it vs the plain loop's), which leaves out
-  validation and logging.
+* train compute (`train_seconds` of `fit()` on both sides), which leaves out validation and logging.
 * one-off costs of the "on" side: setup (run, params, dataset input) and the final model/artifact
-  logging, reported in seconds; they do not grow with epochs.
+  logging, reported in seconds; they do not grow with epochs (setup is reported for both sides).
 
     .venv/bin/python benchmarks/tracking_overhead.py                 # Fashion-MNIST 12k images, 4 epochs, 3x
-    .venv/bin/python benchmarks/tracking_overhead.py --quick         # digits, 4 epochs, 2x (~1 min)
+    .venv/bin/python benchmarks/tracking_overhead.py --quick         # digits, 4 epochs, 2x
     .venv/bin/python benchmarks/tracking_overhead.py --tracking-uri http://user:pw@host:5000  # a server
 
 The last stdout line is `BENCH_JSON {...}` (also written to --json-out), which benchmarks/run_all.py reads.
@@ -46,74 +48,45 @@ from bench_io import emit  # noqa: E402 - benchmarks/ is the script's own direct
 
 
 # ------------------------------------------------------------------------------------ workers
-def _plain_loop(args) -> dict:
-    """The training loop of flywheel.training.train._train, minus every MLflow call."""
-    import torch
-    from torch import nn
+def _config(args):
+    from flywheel.training.train import TrainConfig
 
+    return TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, register=False, max_train_samples=args.samples or None,
+                       device="cpu")
+
+
+def _untracked_fit(args) -> dict:
+    """`fit()`, the training loop of `run_training`, with no callback: no MLflow call at all."""
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
-    from flywheel.core.models import ModelSpec, build_model
-    from flywheel.training.train import progress_bar, seed_everything, training_tensors, val_metrics
+    from flywheel.training.train import fit, select_device
 
     t_start, wall_start = time.perf_counter(), time.time()
-    settings = Settings.from_env()
-    splits = load_splits(args.dataset, settings.data_dir, args.seed)
-    seed_everything(args.seed)
-    x_train, y_train = training_tensors(splits, args.seed, args.samples)
-    model = build_model(args.model, len(splits.class_names)).to(memory_format=torch.channels_last)
-    spec = ModelSpec(args.model, splits.class_names, splits.preprocess, model.embedding_dim)
-    steps = max(1, len(y_train) // args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
-                                                    steps_per_epoch=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    device = torch.device("cpu")
-    epoch_ends, train_seconds, val_acc, setup_s = [], 0.0, 0.0, 0.0
-    progress = progress_bar(True)  # run_training's progress bar: not tracking, so on both sides
-    task = progress.add_task("train", total=args.epochs * steps, status="")
-    progress.start()
-    for epoch in range(args.epochs):
-        model.train()
-        if epoch == 0:
-            setup_s = time.time() - wall_start
-        started = time.perf_counter()
-        perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        totals = torch.zeros(3, dtype=torch.float64)
-        for step in range(steps):
-            idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-            xb = x_train[idx].contiguous(memory_format=torch.channels_last)
-            yb = y_train[idx]
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            totals += torch.tensor([loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)],
-                                   dtype=torch.float64)
-            progress.update(task, advance=1, status=f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
-        train_seconds += time.perf_counter() - started
-        _, val_acc = val_metrics(model, splits, spec, device)
-        epoch_ends.append(time.time())  # where run_training logs the epoch's metrics
-        progress.update(task, status=f"epoch {epoch + 1}/{args.epochs} val acc {val_acc:.4f}")
-    progress.stop()
-    return {"epoch_ends": epoch_ends, "train_seconds": train_seconds, "setup_s": setup_s,
-            "total_s": time.perf_counter() - t_start, "val_accuracy": val_acc}
+    cfg = _config(args)
+    splits = load_splits(cfg.dataset, Settings.from_env().data_dir, cfg.seed, cfg.extra_data)
+    # run_training imports torch._dynamo during its setup (a preload thread); without this the
+    # optimizer's first step would import it inside epoch 1's train compute.
+    import torch._dynamo  # noqa: F401
+
+    fitted = fit(cfg, splits, select_device(cfg.device))
+    ends = fitted.epoch_ends
+    # Setup: from the worker's start to the start of epoch 1, as for the "on" side.
+    return {"epoch_ends": ends, "train_seconds": fitted.train_seconds, "total_s": time.perf_counter() - t_start,
+            "setup_s": max(0.0, ends[0] - fitted.history[0]["epoch_seconds"] - wall_start),
+            "val_accuracy": fitted.history[-1]["val_accuracy"]}
 
 
 def _tracked_run(args) -> dict:
+    """`run_training`: `fit()` with the MLflow run (`TrackedRun`) as its callback."""
     import mlflow
 
     from flywheel.core.config import Settings
-    from flywheel.training.train import TrainConfig, run_training
+    from flywheel.training.train import run_training
 
     t_start, wall_start = time.perf_counter(), time.time()
     settings = Settings.from_env(**({"tracking_uri": args.tracking_uri} if args.tracking_uri else {})).apply()
-    cfg = TrainConfig(dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, register=False, max_train_samples=args.samples or None,
-                      device="cpu")
-    result = run_training(cfg, settings)
+    result = run_training(_config(args), settings)
     total = time.perf_counter() - t_start
     client = mlflow.MlflowClient()
     history = sorted(client.get_metric_history(result.run_id, "val_accuracy"), key=lambda m: m.step)
@@ -155,7 +128,7 @@ def _epoch_walls(ends: list[float]) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["on", "off"], help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="digits, 4 epochs, 2 alternations (~1 min)")
+    ap.add_argument("--quick", action="store_true", help="digits, 4 epochs, 2 alternations")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--samples", type=int, default=12000, help="training subset size (0: all)")
     ap.add_argument("--model", default="small-cnn")
@@ -171,7 +144,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.worker:
-        result = (_tracked_run if args.worker == "on" else _plain_loop)(args)
+        result = (_tracked_run if args.worker == "on" else _untracked_fit)(args)
         args.json_out.write_text(json.dumps(result))
         return
     if args.quick:

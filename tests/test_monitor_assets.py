@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import REPO, VENV_BIN
 
-MONITOR = REPO / "monitor"
+MONITOR = REPO / "deploy" / "monitor"
 
 
 def _exported_metric_names() -> set[str]:

@@ -1,5 +1,15 @@
 """Train a model, log everything to MLflow, then gate and register it.
 
+Three parts, so that the training itself can run with or without tracking:
+* `fit()`: the training (model, data, optimizer + one-cycle schedule, AMP, DDP, progress bar,
+  per-epoch validation). It knows nothing of MLflow; an optional `FitCallback` hears the run's
+  parameters before the first step and each epoch's metrics. benchmarks/tracking_overhead.py calls
+  it without one, so its "tracking off" side is this very loop.
+* `TrackedRun`: the MLflow run of a training (a `FitCallback`): params, tags and the dataset input
+  before training, per-epoch metrics through `RunLogger`, then test evaluation, plots, the monitor's
+  reference sample and the model at the end.
+* `run_training`: preflight, data, `fit()` with a `TrackedRun` on rank 0, then the gate.
+
 Runs single-process or under `torchrun` (DistributedDataParallel: NCCL on GPUs, gloo on CPU).
 Only rank 0 talks to MLflow; the other ranks train their shard and meet rank 0 at barriers.
 """
@@ -18,6 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +41,7 @@ from flywheel.core.errors import FlywheelError
 from flywheel.core.evaluate import EvalReport, evaluate_model, predict
 from flywheel.core.models import ModelSpec, build_model, save_extras
 
-_log = logging.getLogger(__name__)  # `logger` in _train is the run logger
+_log = logging.getLogger(__name__)
 
 REFERENCE_SIZE = 1000  # validation embeddings kept as the monitor's drift reference
 
@@ -137,8 +148,8 @@ def progress_bar(enabled: bool):
 
 def _preload(*modules: str) -> threading.Thread:
     """Import `modules` on a daemon thread while the caller waits on the network and on zlib/sha256
-    (both release the GIL): their import (~2 s) overlaps the tracking preflight, the data load and the
-    run's creation instead of following them (measured ~0.7 s less per training process)."""
+    (both release the GIL): their import overlaps the tracking preflight, the data load and the run's
+    creation instead of following them (benchmarks/README.md, loop timing)."""
     def work() -> None:
         for name in modules:
             try:
@@ -208,12 +219,33 @@ def training_tensors(splits: Splits, seed: int, max_samples: int | None = None) 
     return to_tensor(x_all, splits.preprocess), torch.from_numpy(y_all)
 
 
-def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.device,
-           ctx: DistContext, preload: threading.Thread | None = None) -> TrainResult | None:
-    import mlflow
+class FitCallback(Protocol):
+    """What `fit()` tells an observer (rank 0 only): the run's parameters before the first step and
+    each epoch's metrics after its validation. `TrackedRun` is the MLflow one."""
 
-    from flywheel.core.runlog import RunLogger, active_run_id, ensure_experiment
+    def on_start(self, params: dict[str, Any]) -> None: ...
 
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What `fit()` trained. `model` is the bare module (not the DDP wrapper), still on the device;
+    `history` and `epoch_ends` are filled on rank 0 only."""
+
+    model: nn.Module
+    spec: ModelSpec
+    history: list[dict[str, float]]
+    train_seconds: float  # the optimisation loop alone: no validation, no callback
+    epoch_ends: list[float]  # time.time() at each epoch's end, after validation, before the callback
+
+
+def fit(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: DistContext = DistContext(),
+        callback: FitCallback | None = None, preload: threading.Thread | None = None) -> Fitted:
+    """Train `cfg.model` on `splits` for `cfg.epochs`: AdamW + one-cycle schedule, AMP on GPUs,
+    DDP when `ctx` is distributed, a validation pass per epoch on rank 0. `callback` (rank 0 only)
+    hears the parameters and each epoch's metrics; without one, nothing outside this process is
+    touched. `preload` (an import thread) is joined before the first step."""
     seed_everything(cfg.seed)
     x_train, y_train = training_tensors(splits, cfg.seed, cfg.max_train_samples)
     model = build_model(cfg.model, len(splits.class_names)).to(device)
@@ -230,29 +262,15 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
                                                     steps_per_epoch=steps_per_epoch)
     autocast, scaler = _amp(device)
-    params = {**asdict(cfg), "extra_data": ",".join(map(str, cfg.extra_data)), "world_size": ctx.world_size,
-              "device": device.type, "train_samples": len(y_train), "val_samples": len(splits.val),
-              "test_samples": len(splits.test), "steps_per_epoch": steps_per_epoch,
-              "parameters": sum(p.numel() for p in model.parameters())}
-
-    logger = run = None
-    if ctx.is_main:
-        experiment_id = ensure_experiment(settings)
-        run = mlflow.start_run(run_id=active_run_id(), experiment_id=None if active_run_id() else experiment_id,
-                               log_system_metrics=True)
-        logger = RunLogger(run.info.run_id)
-        # Under `mlflow run` the project's parameters are already logged (as given); MLflow forbids
-        # re-logging a key with another spelling of its value ("true" vs "True"), so skip those keys.
-        logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
-        logger.log_params({k: v for k, v in params.items() if k not in logged})
-        tags = {**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
-                "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"), "flywheel.device": str(device)}
-        if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.control.dispatches)
-            tags["flywheel.event_id"] = event_id
-        logger.set_tags(tags)
-        _log_dataset(splits)
+    if ctx.is_main and callback is not None:
+        callback.on_start({**asdict(cfg), "extra_data": ",".join(map(str, cfg.extra_data)),
+                           "world_size": ctx.world_size, "device": device.type, "train_samples": len(y_train),
+                           "val_samples": len(splits.val), "test_samples": len(splits.test),
+                           "steps_per_epoch": steps_per_epoch,
+                           "parameters": sum(p.numel() for p in model.parameters())})
 
     history: list[dict[str, float]] = []
+    epoch_ends: list[float] = []
     train_seconds = 0.0
     if preload is not None:
         preload.join()  # nothing else competes with the optimisation loop for the CPU
@@ -261,66 +279,132 @@ def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.d
     gc.collect()
     gc.freeze()
     loss_fn = nn.CrossEntropyLoss()
-    with progress_bar(ctx.is_main) as progress:
-        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, status="")
-        for epoch in range(cfg.epochs):
-            ddp.train()
-            started = time.perf_counter()
-            perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            loss_sum = correct = seen = 0.0
-            for step in range(steps_per_epoch):
-                begin = (step * ctx.world_size + ctx.rank) * cfg.batch_size
-                idx = perm[begin:begin + cfg.batch_size]
-                xb = x_train[idx].to(device, non_blocking=True)
-                yb = y_train[idx].to(device, non_blocking=True)
-                if device.type == "cpu":
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    logits = ddp(xb)
-                    loss = loss_fn(logits, yb)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                scheduler.step()
-                batch_loss = loss.item()
-                loss_sum += batch_loss * len(yb)
-                correct += (logits.argmax(1) == yb).sum().item()
-                seen += len(yb)
-                if step % 20 == 0 or step == steps_per_epoch - 1:  # the bar needs no per-step redraw
-                    progress.update(task, completed=epoch * steps_per_epoch + step + 1,
-                                    status=f"epoch {epoch + 1}/{cfg.epochs} loss {batch_loss:.3f}")
-            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-            if ctx.distributed:
-                dist.all_reduce(totals)
-            train_seconds += time.perf_counter() - started
-            if ctx.is_main:
-                val_loss, val_acc = val_metrics(model, splits, spec, device)
-                row = {"train_loss": totals[0].item() / totals[2].item(), "train_accuracy": totals[1].item() / totals[2].item(),
-                       "val_loss": val_loss, "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0],
-                       "epoch_seconds": time.perf_counter() - started}
-                history.append(row)
-                logger.log_metrics(row, step=epoch)
-                progress.update(task, status=f"epoch {epoch + 1}/{cfg.epochs} val acc {val_acc:.4f}")
-            if ctx.distributed:
-                dist.barrier()
-
-    gc.unfreeze()  # long-lived callers (tests, notebooks) get normal collection back
-    if not ctx.is_main:
-        return None
     try:
-        report = evaluate_model(model, spec, splits.test, f"runs:/{run.info.run_id}/model", splits.name, device)
-        logger.log_metrics({**report.metrics(), "train_seconds": train_seconds})
-        model_info = _log_model_and_artifacts(logger, model.cpu().eval(), spec, splits, history, report)
-        logger.flush()
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run()
+        with progress_bar(ctx.is_main) as progress:
+            task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, status="")
+            for epoch in range(cfg.epochs):
+                ddp.train()
+                started = time.perf_counter()
+                perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+                loss_sum = correct = seen = 0.0
+                for step in range(steps_per_epoch):
+                    begin = (step * ctx.world_size + ctx.rank) * cfg.batch_size
+                    idx = perm[begin:begin + cfg.batch_size]
+                    xb = x_train[idx].to(device, non_blocking=True)
+                    yb = y_train[idx].to(device, non_blocking=True)
+                    if device.type == "cpu":
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    with autocast():
+                        logits = ddp(xb)
+                        loss = loss_fn(logits, yb)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    scheduler.step()
+                    batch_loss = loss.item()
+                    loss_sum += batch_loss * len(yb)
+                    correct += (logits.argmax(1) == yb).sum().item()
+                    seen += len(yb)
+                    if step % 20 == 0 or step == steps_per_epoch - 1:  # the bar needs no per-step redraw
+                        progress.update(task, completed=epoch * steps_per_epoch + step + 1,
+                                        status=f"epoch {epoch + 1}/{cfg.epochs} loss {batch_loss:.3f}")
+                totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+                if ctx.distributed:
+                    dist.all_reduce(totals)
+                train_seconds += time.perf_counter() - started
+                if ctx.is_main:
+                    val_loss, val_acc = val_metrics(model, splits, spec, device)
+                    row = {"train_loss": totals[0].item() / totals[2].item(),
+                           "train_accuracy": totals[1].item() / totals[2].item(),
+                           "val_loss": val_loss, "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[0],
+                           "epoch_seconds": time.perf_counter() - started}
+                    history.append(row)
+                    epoch_ends.append(time.time())
+                    if callback is not None:
+                        callback.on_epoch(epoch, row)
+                    progress.update(task, status=f"epoch {epoch + 1}/{cfg.epochs} val acc {val_acc:.4f}")
+                if ctx.distributed:
+                    dist.barrier()
+    finally:
+        gc.unfreeze()  # long-lived callers (tests, notebooks) get normal collection back
+    return Fitted(model, spec, history, train_seconds, epoch_ends)
+
+
+class TrackedRun:
+    """The MLflow run of one training (rank 0), a `FitCallback`: `on_start` creates (or, under
+    `mlflow run`, adopts) the run and logs params, tags and the dataset input; `on_epoch` logs the
+    epoch's metrics through `RunLogger` (spooled, retried); `finish` evaluates on the test split, logs
+    the test metrics, plots, reference sample and model, and ends the run (FAILED if that raises)."""
+
+    def __init__(self, settings: Settings, splits: Splits, device: torch.device):
+        import mlflow  # noqa: F401 - imported before fit() seeds the RNGs, so its import cannot touch them
+
+        self.settings, self.splits, self.device = settings, splits, device
+        self.run = None  # mlflow's ActiveRun, from on_start
+        self.logger = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def on_start(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        from flywheel.core.runlog import RunLogger, active_run_id, ensure_experiment
+
+        experiment_id = ensure_experiment(self.settings)
+        run = mlflow.start_run(run_id=active_run_id(), experiment_id=None if active_run_id() else experiment_id,
+                               log_system_metrics=True)
+        self.run = run
+        self.logger = logger = RunLogger(run.info.run_id)
+        # Under `mlflow run` the project's parameters are already logged (as given); MLflow forbids
+        # re-logging a key with another spelling of its value ("true" vs "True"), so skip those keys.
+        logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+        logger.log_params({k: v for k, v in params.items() if k not in logged})
+        splits = self.splits
+        tags = {**git_info(Path.cwd()), "dataset": splits.name, "dataset_digest": splits.digest,
+                "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"), "flywheel.device": str(self.device)}
+        if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.control.dispatches)
+            tags["flywheel.event_id"] = event_id
+        logger.set_tags(tags)
+        _log_dataset(splits)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.logger.log_metrics(metrics, step=epoch)
+
+    def finish(self, fitted: Fitted):
+        """(test EvalReport, the logged model's ModelInfo); the run is ended either way."""
+        import mlflow
+
+        logger, splits = self.logger, self.splits
+        try:
+            report = evaluate_model(fitted.model, fitted.spec, splits.test, f"runs:/{self.run_id}/model", splits.name,
+                                    self.device)
+            logger.log_metrics({**report.metrics(), "train_seconds": fitted.train_seconds})
+            model_info = _log_model_and_artifacts(logger, fitted.model.cpu().eval(), fitted.spec, splits,
+                                                  fitted.history, report)
+            logger.flush()
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run()
+        return report, model_info
+
+
+def _train(cfg: TrainConfig, settings: Settings, splits: Splits, device: torch.device,
+           ctx: DistContext, preload: threading.Thread | None = None) -> TrainResult | None:
+    """`fit()` with the MLflow run on rank 0, then the gate; None on the other ranks."""
+    tracked = TrackedRun(settings, splits, device) if ctx.is_main else None
+    fitted = fit(cfg, splits, device, ctx, callback=tracked, preload=preload)
+    if tracked is None:
+        return None
+    report, model_info = tracked.finish(fitted)
+    run, train_seconds = tracked.run, fitted.train_seconds
 
     decision = None
     if cfg.register:
