@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -30,7 +29,7 @@ EXIT_CODES = ("Exit codes: 0 done; 1 a check or some predictions failed (doctor,
 class _Root(TyperGroup):
     """The root command: maps errors of every sub-command to one red line and an exit code."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         from flywheel.core.errors import FlywheelError, Rejected
 
         try:
@@ -39,7 +38,7 @@ class _Root(TyperGroup):
             from flywheel.cli._common import print_error
 
             print_error(str(exc))
-            raise click.exceptions.Exit(3 if isinstance(exc, Rejected) else 2) from None
+            raise typer.Exit(3 if isinstance(exc, Rejected) else 2) from None
 
 
 app = typer.Typer(cls=_Root, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

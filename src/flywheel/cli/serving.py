@@ -145,7 +145,7 @@ def predict(
     if as_json and out is None:  # the predictions' JSON lines would share stdout with the summary
         fail("--json prints the summary on stdout: give --out FILE for the predictions")
     summary = run_predict(endpoint, model or DEFAULT_MODEL_NAME, list(images or []), directory, out, key_file,
-                          token, version, concurrency)
+                          token, version, concurrency, progress=not as_json)  # its bar draws on stdout
     if as_json:
         emit_json({"model": model or DEFAULT_MODEL_NAME, "total": summary.total, "ok": summary.ok,
                    "failed": summary.failed, "out": summary.out})
