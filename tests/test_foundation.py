@@ -183,7 +183,7 @@ def _cli(*args):
 def test_cli_bad_input_is_one_clear_line_without_traceback():
     out = _cli("train", "--dataset", "cifar", "--no-register")
     assert out.returncode == 2 and "unknown dataset 'cifar'" in out.stderr and "Traceback" not in out.stderr
-    out = _cli("train", "--dataset", "digits", "--model", "vgg")
+    out = _cli("train", "--dataset", "digits", "--arch", "vgg")
     assert out.returncode == 2 and "unknown model 'vgg'" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.core.config import Settings
-from flywheel.core.errors import FlywheelError
+from flywheel.core.errors import FlywheelError, Rejected
 
 log = logging.getLogger(__name__)
 ENVS = ("dev", "prod")
@@ -43,8 +43,8 @@ ENVS = ("dev", "prod")
 IMAGE_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "serving/__init__.py", "serving/keys.py")
 
 
-class ReleaseFailed(FlywheelError):
-    """A release that did not pass; the endpoint was rolled back and no alias moved."""
+class ReleaseFailed(Rejected):
+    """A release that did not pass; the endpoint was rolled back and no alias moved (the CLI exits 3)."""
 
     def __init__(self, message: str, result: ReleaseResult | None = None):
         super().__init__(message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import json
 import os
 import re
 import secrets
@@ -782,6 +783,12 @@ class RunReport:
             lines += ["", "Plots (in this workflow run's artifacts): " + ", ".join(f"`{p.name}`" for p in self.plots)]
         return "\n".join(lines) + "\n"
 
+    def as_dict(self) -> dict:
+        """The report as JSON-able data (`flywheel report --json`)."""
+        return {"run_id": self.run_id, "metrics": self.metrics, "champion": self.champion,
+                "champion_metrics": self.champion_metrics, "candidate_version": self.candidate_version,
+                "plots": [str(p) for p in self.plots]}
+
 
 def report_run(settings: Settings, run_id: str, plots_dir: Path | None = None) -> RunReport:
     """The run's metrics next to the champion's, whether it became `candidate`, and its plots."""
@@ -912,8 +919,9 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
     return result.exit_code
 
 
-def report_version(settings: Settings, version: str, plots_dir: Path | None = None) -> str:
-    """Markdown for a registry version (or alias) against the champion; appended to the CI job summary."""
+def report_version(settings: Settings, version: str, plots_dir: Path | None = None, as_json: bool = False) -> str:
+    """Markdown for a registry version (or alias) against the champion; appended to the CI job summary.
+    With `as_json`, returns the same facts as one JSON document instead (the summary still gets Markdown)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -931,4 +939,7 @@ def report_version(settings: Settings, version: str, plots_dir: Path | None = No
     if summary := os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(summary, "a") as fh:
             fh.write(text)
+    if as_json:
+        return json.dumps({"model": settings.model_name, "version": str(mv.version), "aliases": list(mv.aliases),
+                           **report.as_dict()}, indent=2)
     return text

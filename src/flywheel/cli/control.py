@@ -1,0 +1,92 @@
+"""Control verbs: the CI's bookkeeping (dispatches record-superseded | check-event) and `demo`, the
+whole flywheel on one machine (it combines every node, like the CI does)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from flywheel.cli._common import (
+    DataDirOpt,
+    ModelNameAlias,
+    ModelOpt,
+    TrackingOpt,
+    model_of,
+    settings_for,
+    stop_on_sigterm,
+)
+
+PANEL = "Control (CI, demo)"
+app = typer.Typer()
+
+
+@app.command(rich_help_panel=PANEL)
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", envvar="KEEP", help="Leave started servers running.")] = False,
+    full: Annotated[bool, typer.Option("--full", envvar="FULL",
+                                       help="Use Postgres + GCS emulator + auth (flywheel stack).")] = False,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run the whole flywheel on this machine: train, register, release, serve, monitor, retrain."""
+    stop_on_sigterm()
+    from flywheel.demo import run_demo
+
+    run_demo(keep=keep, full=full, data_dir=data_dir)
+
+
+dispatches_app = typer.Typer(no_args_is_help=True, help="CI bookkeeping: superseded release/train requests, "
+                                                        "retried retrain events (see flywheel.control.dispatches).")
+app.add_typer(dispatches_app, name="dispatches", rich_help_panel=PANEL)
+
+
+@dispatches_app.command("record-superseded")
+def dispatches_record_superseded(
+    kind: Annotated[str, typer.Option(help="What this job does: release | train.")],
+    model: Annotated[str, typer.Option(help="Registered model the request is for.")],
+    target: Annotated[str, typer.Option(help="The environment of a release (dev|prod), the git ref of a training.")],
+    version: Annotated[Optional[str], typer.Option(help="Registry version being released (releases).")] = None,
+    workflow: Annotated[Optional[list[str]], typer.Option(
+        "--workflow", help="Workflow file whose runs can hold this concurrency group (repeatable).")] = None,
+    repository: Annotated[str, typer.Option(envvar="GITHUB_REPOSITORY", help="owner/name of the repository.")] = "",
+    run_id: Annotated[int, typer.Option(envvar="GITHUB_RUN_ID", help="This workflow run's id.")] = 0,
+    api_url: Annotated[str, typer.Option(envvar="GITHUB_API_URL", help="GitHub REST API base URL.")
+                       ] = "https://api.github.com",
+    lookback_days: Annotated[float, typer.Option(
+        min=0.0, help="How far back to look when the group has no recorded previous run.")] = 7.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Record the requests GitHub cancelled while they waited behind this one: job summary and registry tags.
+
+    The token comes from GITHUB_TOKEN (needs `actions: read`); never pass it on a command line."""
+    import json
+
+    from flywheel.control.dispatches import SupersedeOptions, record_superseded
+
+    opts = SupersedeOptions(kind=kind, model=model, target=target, version=version, workflows=tuple(workflow or ()),
+                            repository=repository, run_id=run_id, api_url=api_url, lookback_days=lookback_days)
+    outcome = record_superseded(settings_for(tracking_uri, model), opts)
+    typer.echo(json.dumps(outcome.as_dict(), indent=2) if as_json else outcome.markdown(), nl=as_json)
+
+
+@dispatches_app.command("check-event")
+def dispatches_check_event(
+    event_id: Annotated[str, typer.Option(help="The monitor's event_id (repository_dispatch client_payload).")],
+    superseded: Annotated[int, typer.Option(
+        min=0, help="Requests this run superseded (record-superseded's output); > 0 always trains.")] = 0,
+    stale_after_hours: Annotated[float, typer.Option(
+        min=0.0, help="A RUNNING run with this event older than this counts as dead.")] = 6.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    model_name: ModelNameAlias = None,
+) -> None:
+    """Train for a retrain event, or skip it because a run tagged flywheel.event_id already serves it."""
+    import json
+
+    from flywheel.control.dispatches import check_event
+
+    plan = check_event(settings_for(tracking_uri, model_of(model, model_name)), event_id, superseded, stale_after_hours * 3600)
+    typer.echo(json.dumps(plan.as_dict()) if as_json else plan.note)
+

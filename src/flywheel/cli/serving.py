@@ -1,0 +1,244 @@
+"""Serving node's verbs: package (.mar), release (register, accept, switch, retire; exit 3 when it
+fails and rolls back), predict (batch inference), serve (a local TorchServe), serve-keys renew."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flywheel.cli._common import (
+    DataDirOpt,
+    ModelOpt,
+    TrackingOpt,
+    emit_json,
+    fail,
+    settings_for,
+    stop_on_sigterm,
+)
+
+PANEL = "Serving node"
+app = typer.Typer()
+
+InferenceUrlOpt = Annotated[str, typer.Option(
+    "--endpoint", "--inference-url", envvar="FLYWHEEL_TS_INFERENCE_URL", help="TorchServe inference API URL.")]
+KeyFileOpt = Annotated[Optional[Path], typer.Option(
+    "--key-file", envvar="FLYWHEEL_TS_KEY_FILE", help="TorchServe's key_file.json (tokens).")]
+
+
+@app.command(rich_help_panel=PANEL)
+def package(
+    model: ModelOpt = None,
+    version: Annotated[Optional[str], typer.Option(help="Registry version to package.")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="...or the version holding this alias.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Model store to write NAME-VERSION.mar into "
+                                                     "(default $FLYWHEEL_HOME/model-store).")] = None,
+    artifact_format: Annotated[str, typer.Option("--format", help="auto | onnx | torchscript | tensorrt.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="TorchServe batch size.")] = 16,
+    max_batch_delay: Annotated[int, typer.Option(min=0, help="TorchServe max batch delay (ms).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Workers per model.")] = 1,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Export a registry version (TorchScript, ONNX, TensorRT if possible), check parity, build the .mar."""
+    from flywheel.serving.package import PackageConfig, package_version
+
+    settings = settings_for(tracking_uri, model, data_dir)
+    cfg = PackageConfig(settings.model_name, version=version, alias=alias, out_dir=out,
+                        artifact_format=artifact_format, batch_size=batch_size,
+                        max_batch_delay_ms=max_batch_delay, workers=workers)
+    result = package_version(cfg, settings)
+    m = result.manifest
+    for e in m["exports"]:
+        typer.echo(f"  {e['format']:12s} " + (f"skipped: {e['skipped']}" if e["skipped"]
+                                              else f"max abs diff {e['max_abs_diff']:.2e}"))
+    typer.echo(f"{result.mar_path}  ({m['model_name']} v{m['model_version']}, serving {m['artifact']['format']}, "
+               f"sha256 {m['artifact']['sha256'][:12]})")
+
+
+@app.command(rich_help_panel=PANEL)
+def release(
+    version: Annotated[str, typer.Option(help="Registry version to release.")],
+    env: Annotated[str, typer.Option(help="dev | prod: the registry alias moved on success.")],
+    model: ModelOpt = None,
+    inference_url: InferenceUrlOpt = "http://127.0.0.1:8080",
+    management_url: Annotated[str, typer.Option(envvar="FLYWHEEL_TS_MANAGEMENT_URL",
+                                                help="TorchServe management API URL.")] = "http://127.0.0.1:8081",
+    key_file: KeyFileOpt = None,
+    model_store: Annotated[Optional[Path], typer.Option(
+        envvar="FLYWHEEL_TS_MODEL_STORE", help="The server's model store directory.")] = None,
+    mar: Annotated[Optional[Path], typer.Option(
+        help="The version's archive from `flywheel package` (verified: version, run, sha256, parity). "
+             "Default: NAME-VERSION.mar in the model store or $FLYWHEEL_HOME/model-store if there and "
+             "valid, else packaged now.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Workers for the new version.")] = 1,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds before retired versions are unregistered.")] = 10.0,
+    keep_previous: Annotated[int, typer.Option(min=0, help="Earlier versions kept reachable for A/B.")] = 1,
+    min_accuracy: Annotated[float, typer.Option(help="Acceptance: accuracy on a labelled sample.")] = 0.8,
+    p95_slo_ms: Annotated[float, typer.Option(help="Acceptance: p95 latency of single requests (ms).")] = 100.0,
+    target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION).")
+                      ] = "torchserve",
+    docker_host: Annotated[Optional[str], typer.Option(
+        envvar="DOCKER_HOST", help="Docker target: unix:///var/run/docker.sock or ssh://user@host.")] = None,
+    image_tar: Annotated[Optional[Path], typer.Option(help="Docker target: `docker save` tarball to load.")] = None,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Release a registry version to a TorchServe: register, accept, switch, retire; roll back on failure."""
+    from flywheel.core.config import Settings
+    from flywheel.serving.release import (
+        AcceptanceConfig,
+        DockerTarget,
+        ManagementTarget,
+        docker_release,
+        release_version,
+        retire_previous,
+    )
+
+    # Not applied here: release points MLflow at it itself, after handing a given archive to the server.
+    settings = Settings.from_env(tracking_uri=tracking_uri, model_name=model, data_dir=data_dir)
+    accept = AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms)
+    if target == "docker":
+        result = docker_release(settings, settings.model_name, version, env,
+                                DockerTarget(base_url=docker_host, image_tar=image_tar, grace_s=grace), accept)
+    elif target == "torchserve":
+        if key_file is None or model_store is None:
+            fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
+        ts = ManagementTarget(inference_url, management_url, key_file, model_store, workers=workers,
+                              grace_s=grace, keep_previous=keep_previous)
+        result = release_version(settings, settings.model_name, version, env, ts, accept, mar_path=mar,
+                                 retire=False)
+    else:
+        fail(f"unknown --target {target!r}; choose torchserve or docker")
+    for line in result.events:
+        typer.echo(f"  {line}")
+    typer.echo(f"released {result.model} v{result.version} to {env} ({result.target})")
+    if target == "torchserve":  # served already; old versions go after the grace period
+        sys.stdout.flush()
+        shown = len(result.events)
+        retire_previous(ts, result)
+        for line in result.events[shown:]:
+            typer.echo(f"  {line}")
+
+
+@app.command(rich_help_panel=PANEL)
+def predict(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files.")] = None,
+    model: ModelOpt = None,
+    endpoint: InferenceUrlOpt = "http://127.0.0.1:8080",
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Predict every image under this folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write JSON lines here (default: stdout).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Ask this version (A/B), not the default.")] = None,
+    key_file: KeyFileOpt = None,
+    token: Annotated[Optional[str], typer.Option(envvar="FLYWHEEL_TS_TOKEN", help="Inference token.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as one JSON document on stdout (needs --out for the predictions).")
+                       ] = False,
+) -> None:
+    """Batch inference over image files against a TorchServe endpoint, with progress. Exits 1 if any failed."""
+    from flywheel.core.config import DEFAULT_MODEL_NAME
+    from flywheel.serving.predict import run_predict
+
+    if as_json and out is None:  # the predictions' JSON lines would share stdout with the summary
+        fail("--json prints the summary on stdout: give --out FILE for the predictions")
+    summary = run_predict(endpoint, model or DEFAULT_MODEL_NAME, list(images or []), directory, out, key_file,
+                          token, version, concurrency, progress=not as_json)  # its bar draws on stdout
+    if as_json:
+        emit_json({"model": model or DEFAULT_MODEL_NAME, "total": summary.total, "ok": summary.ok,
+                   "failed": summary.failed, "out": summary.out})
+    else:
+        typer.echo(f"{summary.ok}/{summary.total} predicted" + (f", {summary.failed} failed" if summary.failed else "")
+                   + (f" → {summary.out}" if summary.out else ""), err=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command(rich_help_panel=PANEL)
+def serve(
+    model_store: Annotated[Optional[Path], typer.Option(
+        help="Model store with NAME-VERSION.mar files (default $FLYWHEEL_HOME/model-store, where `flywheel "
+             "package` writes).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="Server directory: key_file.json (bearer tokens), logs, config, and serve.env, the exports that "
+             "point release/predict/monitor/data at this server (default $FLYWHEEL_HOME/serving: never inside "
+             "the repository).")] = None,
+    capture_uri: Annotated[Optional[str], typer.Option(
+        "--capture-uri", help="Where served traffic is captured: a directory or gs://bucket/prefix (default "
+                              "FLYWHEEL_CAPTURE_URI, else $FLYWHEEL_HOME/captures).")] = None,
+    capture: Annotated[bool, typer.Option("--capture/--no-capture", help="Capture served traffic.")] = True,
+    load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
+    token_expiry_minutes: Annotated[float, typer.Option(
+        min=0.1, help="Lifetime of TorchServe's keys (renewed at half of it while this runs).")] = 1440,
+) -> None:
+    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C."""
+    stop_on_sigterm()
+    import time
+
+    from flywheel.core.config import Settings, export_lines
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
+    settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
+    work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
+    capture_to = (capture_uri or settings.capture_uri) if capture else ""
+    if capture_to and "://" not in capture_to:  # TorchServe runs in work_dir: no relative paths
+        capture_to = str(Path(capture_to).resolve())
+    env_file = work_dir.resolve() / "serve.env"
+    env_file.unlink(missing_ok=True)  # a stale one would name a dead server
+
+    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()),
+                            token_expiration_min=token_expiry_minutes)
+    server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
+    env_file.write_text(export_lines({
+        "FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
+        "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store),
+        **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
+    typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
+               f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
+               f"in another shell: source {env_file}")
+    try:
+        while server.alive():
+            time.sleep(1)
+    finally:
+        server.stop()
+        env_file.unlink(missing_ok=True)
+
+
+serve_keys_app = typer.Typer(no_args_is_help=True, help="TorchServe's token keys on a serving node: renew them.")
+app.add_typer(serve_keys_app, name="serve-keys", rich_help_panel=PANEL)
+
+
+@serve_keys_app.command("renew")
+def serve_keys_renew(
+    key_file: Annotated[Path, typer.Option(
+        "--key-file", envvar="FLYWHEEL_TS_KEY_FILE", help="TorchServe's key_file.json (in its working directory).")],
+    management_url: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_TS_MANAGEMENT_URL", help="TorchServe management API URL (default: from --ts-config).")
+                              ] = None,
+    ts_config: Annotated[Optional[Path], typer.Option(
+        help="The server's config.properties, read for its management_address.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep running and renew each key as it comes due.")
+                     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Renew both keys now, due or not.")] = False,
+    while_pid: Annotated[Optional[int], typer.Option(
+        help="With --watch: exit when this process (the TorchServe launcher) is gone.")] = None,
+) -> None:
+    """Renew TorchServe's inference and management keys that are past half their lifetime (systemd timer)."""
+    stop_on_sigterm()
+    import logging
+
+    from flywheel.serving.keys import KeyRenewer, management_url_from_properties
+
+    if management_url is None and ts_config is None:
+        fail("give --management-url or --ts-config (the server's config.properties)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    renewer = KeyRenewer(management_url or management_url_from_properties(ts_config), key_file)
+    if watch and while_pid:
+        return renewer.run_while_alive(while_pid)
+    if watch:
+        return renewer.run()
+    renewed, wait = renewer.renew_due(force=force)
+    typer.echo(f"renewed: {', '.join(renewed)}" if renewed else "no key due")
+    typer.echo(f"next renewal due in {wait:.0f} s")
+

@@ -1,0 +1,179 @@
+"""Training node's verbs: train, evaluate, register (the gate), archs, remote-train, report.
+
+`--model` is the registered model name (as in every command), `--arch` the architecture `train`
+builds. `train` exits 0 whether or not the gate registers the run (the run is the result; its
+`gate.decision` tag says which, and the train workflow reads it); `register`, whose whole job is the
+gate's decision, exits 3 when the gate rejects the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from flywheel.cli._common import (
+    DataDirOpt,
+    JsonOpt,
+    ModelNameAlias,
+    ModelOpt,
+    TrackingOpt,
+    emit_json,
+    model_of,
+    settings_for,
+)
+
+PANEL = "Training node"
+app = typer.Typer()
+
+
+@app.command(rich_help_panel=PANEL)
+def train(
+    dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | imagefolder.")] = "fashion-mnist",
+    arch: Annotated[str, typer.Option("--arch", help="Architecture to build (see `flywheel archs`).")] = "small-cnn",
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Per-process batch size.")] = 128,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate of the one-cycle schedule.")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed for splits, init and shuffling.")] = 0,
+    register: Annotated[bool, typer.Option(help="Gate against the champion and register if better.")] = True,
+    margin: Annotated[float, typer.Option(help="Accuracy the challenger must beat the champion by.")] = 0.0,
+    extra_data: Annotated[Optional[list[Path]], typer.Option(
+        "--extra-data", help="Labelled image folders (imagefolder layout) added to the training split.")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option(
+        help="Use at most this many training images (quick runs).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | cuda:N; default: CUDA when present.")] = None,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    model_name: ModelNameAlias = None,
+) -> None:
+    """Train a model, log it to MLflow, gate it against the champion and register it if better."""
+    from flywheel.training.train import TrainConfig, run_training
+
+    cfg = TrainConfig(dataset=dataset, model=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                      register=register, margin=margin, extra_data=tuple(extra_data or ()),
+                      max_train_samples=max_train_samples, device=device)
+    run_training(cfg, settings_for(tracking_uri, model_of(model, model_name), data_dir))
+
+
+@app.command(rich_help_panel=PANEL)
+def evaluate(
+    model_uri: Annotated[str, typer.Option(help="Model URI, e.g. models:/fashion-classifier@prod or runs:/ID/model.")],
+    dataset: Annotated[str, typer.Option(help="Dataset whose frozen test split is used.")] = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a logged model on the frozen test split: accuracy, macro-F1, per-class."""
+    from flywheel.core.evaluate import evaluate_uri, print_report
+
+    settings = settings_for(tracking_uri, None, data_dir)
+    report = evaluate_uri(model_uri, dataset, settings)
+    emit_json(report) if as_json else print_report(report)
+
+
+@app.command(rich_help_panel=PANEL)
+def register(
+    run_id: Annotated[str, typer.Option(help="MLflow run whose model is gated and registered.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset for the gate (default: the run's).")] = None,
+    margin: Annotated[float, typer.Option(help="Accuracy the challenger must beat the champion by.")] = 0.0,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    model_name: ModelNameAlias = None,
+) -> None:
+    """Gate an existing run against the champion and register it as `candidate` if it wins."""
+    from flywheel.core.errors import Rejected
+    from flywheel.core.registry import gate_run
+
+    settings = settings_for(tracking_uri, model_of(model, model_name), data_dir)
+    decision = gate_run(run_id, settings, dataset=dataset, margin=margin)
+    typer.echo(decision.summary())
+    if not decision.accepted:
+        raise Rejected(f"the gate rejected run {run_id}: it does not beat {settings.model_name}'s champion")
+
+
+@app.command(rich_help_panel=PANEL)
+def archs() -> None:
+    """List the architectures `train --arch` builds."""
+    from flywheel.core.models import ARCHITECTURES
+
+    for name, text in ARCHITECTURES.items():
+        typer.echo(f"{name:20s} {text}")
+
+
+@app.command(hidden=True)
+def models() -> None:
+    """Old name of `archs` (the word now means registered models)."""
+    archs()
+
+
+@app.command("remote-train", rich_help_panel=PANEL)
+def remote_train(
+    node: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_NODE", help="Training node as user@host[:port] (or use --nodes).")] = None,
+    nodes: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_NODES", help="nodes.yaml path (or its YAML text): the pool; the reachable node "
+                                      "with the most free GPU memory is used.")] = None,
+    commit: Annotated[str, typer.Option(help="Commit to train (SHA, branch or tag in --repo).")] = "HEAD",
+    repo: Annotated[Path, typer.Option(help="Git checkout the commit is archived from.")] = Path("."),
+    entry: Annotated[str, typer.Option(help="MLproject entry point to run.")] = "train",
+    param: Annotated[Optional[list[str]], typer.Option(
+        "-P", "--param", envvar="FLYWHEEL_TRAIN_PARAMS",
+        help="Entry point parameter key=value (repeatable; the env var takes them space separated).")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        min=1, help="Processes (GPUs) per node; passed as the entry's nproc_per_node parameter.")] = None,
+    env_manager: Annotated[str, typer.Option(help="mlflow run --env-manager on the node: local|conda|docker.")
+                           ] = "local",
+    env_activate: Annotated[str, typer.Option(
+        help="Shell snippet run on a --node before mlflow, e.g. 'source /opt/venv/bin/activate'.")] = "",
+    workdir: Annotated[str, typer.Option(
+        help="Jobs directory on a --node (relative to the login's home).")] = "flywheel-jobs",
+    attach: Annotated[Optional[str], typer.Option(
+        metavar="RUN", help="Follow a started job to its end: its commit (SHA or prefix) or MLflow run id.")
+                      ] = None,
+    cancel: Annotated[Optional[str], typer.Option(
+        metavar="COMMIT", help="Stop the running job of this commit on the node(s).")] = None,
+    identity: Annotated[Optional[str], typer.Option(
+        "--identity", "-i", envvar="FLYWHEEL_SSH_KEY", help="SSH private key: a path or the key text.")] = None,
+    known_hosts: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_SSH_KNOWN_HOSTS", help="known_hosts path or text; unknown hosts are refused "
+                                                "(default ~/.ssh/known_hosts).")] = None,
+    connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a node to answer.")
+                               ] = 10.0,
+    reconnect_timeout: Annotated[float, typer.Option(
+        min=0.0, help="Seconds to keep reconnecting after the SSH connection drops.")] = 300.0,
+    plots_dir: Annotated[Optional[Path], typer.Option(
+        help="Download the run's plots here for the CI job summary.")] = None,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    model_name: ModelNameAlias = None,
+) -> None:
+    """Train a commit on a GPU node over SSH with `mlflow run`; stream it and exit with its exit code."""
+    from flywheel.training.remote import CommandOptions, run_command
+
+    opts = CommandOptions(node=node, nodes=nodes, commit=commit, repo=repo, entry=entry, params=tuple(param or ()),
+                          nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
+                          workdir=workdir, attach=attach, cancel=cancel, identity=identity,
+                          known_hosts=known_hosts, connect_timeout=connect_timeout,
+                          reconnect_timeout=reconnect_timeout, plots_dir=plots_dir)
+    code = run_command(opts, settings_for(tracking_uri, model_of(model, model_name)), tracking_given=tracking_uri is not None)
+    raise typer.Exit(code)
+
+
+@app.command(rich_help_panel=PANEL)
+def report(
+    version: Annotated[str, typer.Option(help="Registry version (or alias) to report on.")],
+    plots_dir: Annotated[Optional[Path], typer.Option(help="Download the version's plots here.")] = None,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    model_name: ModelNameAlias = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Markdown of a version's metrics against the champion's (prod), also appended to a CI job summary."""
+    from flywheel.training.remote import report_version
+
+    settings = settings_for(tracking_uri, model_of(model, model_name))
+    typer.echo(report_version(settings, version, plots_dir, as_json=as_json), nl=as_json)
+
