@@ -75,7 +75,7 @@ def test_every_module_lives_in_a_node_or_contract_folder():
 def test_the_parser_sees_function_level_and_guarded_imports(tmp_path):
     probe = PKG / "serving" / "handler.py"  # imports its contracts in try/except at module level
     assert {m for _, m in flywheel_imports("flywheel.serving.handler", probe)} == {
-        "flywheel.contracts.preprocessing", "flywheel.contracts.capture"}
+        "flywheel.contracts.preprocessing", "flywheel.contracts.capture", "flywheel.contracts.manifest"}
     src = "def f():\n    from flywheel.monitoring.drift import x\nif 1:\n    import flywheel.core.data\n" \
           "from flywheel import cli\n"
     (tmp_path / "m.py").write_text(src)

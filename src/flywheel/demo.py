@@ -162,9 +162,9 @@ def _mlflow_run(settings: Settings, log: Path, **params: object) -> None:
 
 def _version_of_run(settings: Settings, name: str, log: Path) -> str:
     """The version the last `mlflow run` registered (its gate decision is in the log)."""
-    import mlflow
+    from flywheel.core.registry import Registry
 
-    client = mlflow.MlflowClient()
+    client = Registry(settings).client
     runs = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id],
                               order_by=["attributes.start_time DESC"], max_results=1)
     run = runs[0]
@@ -209,7 +209,7 @@ def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> d
     from flywheel.contracts.capture import write_feedback
     from flywheel.contracts.preprocessing import encode_png
     from flywheel.core.data import load_splits
-    from flywheel.core.registry import get_version
+    from flywheel.core.registry import Registry
     from flywheel.core.shifts import shift_images
     from flywheel.serving.package import PackageConfig, package_version
     from flywheel.serving.release import ManagementTarget, release_version
@@ -328,9 +328,8 @@ def _loop(cfg: DemoConfig, timeline: Timeline, cleanup: ExitStack, console) -> d
         tracking_uri=settings.tracking_uri, steps=[s.__dict__ for s in timeline.steps],
     )
     # push → served in dev, minus the training loop's own compute (what a faster GPU would shrink).
-    import mlflow
-
-    v1_run = mlflow.MlflowClient().get_run(get_version(settings, name, v1).run_id)
+    registry = Registry(settings)
+    v1_run = registry.run(registry.version(v1, name).run_id)
     out["train_v1_compute_s"] = v1_run.data.metrics.get("train_seconds", 0.0)
     out["push_to_dev_minus_training_s"] = sum(timeline.seconds(step) for step in (
         "train v1 (mlflow run)", "package v1", "start TorchServe dev", "release v1 → dev")) - out["train_v1_compute_s"]

@@ -51,10 +51,10 @@ def package(
                         max_batch_delay_ms=max_batch_delay, workers=workers)
     result = package_version(cfg, settings)
     m = result.manifest
-    for e in m["exports"]:
+    for e in m.exports:
         typer.echo(f"  {e['format']:12s} " + (f"skipped: {e['skipped']}" if e["skipped"]
                                               else f"max abs diff {e['max_abs_diff']:.2e}"))
-    typer.echo(f"{result.mar_path}  ({m['model_name']} v{m['model_version']}, serving {m['artifact']['format']}, "
+    typer.echo(f"{result.mar_path}  ({m.model_name} v{m.model_version}, serving {m.artifact['format']}, "
                f"sha256 {m['artifact']['sha256'][:12]})")
 
 
@@ -97,7 +97,7 @@ def release(
         retire_previous,
     )
 
-    # Not applied here: release points MLflow at it itself, after handing a given archive to the server.
+    # Not applied: release reads the registry through Registry(settings) (packaging applies it itself).
     settings = Settings.from_env(tracking_uri=tracking_uri, model_name=model, data_dir=data_dir)
     accept = AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms)
     if target == "docker":

@@ -367,10 +367,10 @@ def collect_jobs(gh: GitHubActions, run_id: int, workflows: Sequence[str], not_b
 
 
 # ------------------------------------------------------------------------------------ registry (thin)
-def _client():
-    import mlflow
+def _client(settings: Settings):
+    from flywheel.core.registry import Registry
 
-    return mlflow.MlflowClient()
+    return Registry(settings).client
 
 
 def marker_key(request: Request) -> str:
@@ -394,7 +394,7 @@ def _registered_model(client, name: str, create: bool):
 
 def registry_marker(settings: Settings, request: Request) -> Marker | None:
     """The group's previous executed request, as recorded on the registered model (None: never)."""
-    model = _registered_model(_client(), request.model, create=False)
+    model = _registered_model(_client(settings), request.model, create=False)
     text = model.tags.get(marker_key(request)) if model is not None else None
     return Marker.from_json(text) if text else None
 
@@ -406,7 +406,7 @@ def record_outcome(settings: Settings, outcome: Outcome) -> list[str]:
     old run cannot reopen a window. Returns one line per tag written, for the log."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = _client(settings)
     req = outcome.request
     _registered_model(client, req.model, create=True)
     written = []
@@ -430,7 +430,7 @@ def record_outcome(settings: Settings, outcome: Outcome) -> list[str]:
 
 def superseded_records(settings: Settings, model: str) -> dict[str, str]:
     """`superseded.<run_id>` tags of a registered model: run id → the URL of the run that superseded it."""
-    found = _registered_model(_client(), model, create=False)
+    found = _registered_model(_client(settings), model, create=False)
     if found is None:
         return {}
     return {k.removeprefix(SUPERSEDED_PREFIX): v for k, v in found.tags.items()
@@ -441,7 +441,7 @@ def event_runs(settings: Settings, event_id: str) -> list[EventRun]:
     """Runs of the settings' experiment tagged `flywheel.event_id = event_id`."""
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", event_id):
         raise FlywheelError(f"event id {event_id!r} must be letters, digits, _ . : - (the monitor sends hex)")
-    client = _client()
+    client = _client(settings)
     experiment = client.get_experiment_by_name(settings.experiment)
     if experiment is None:
         return []
@@ -484,7 +484,6 @@ def record_superseded(settings: Settings, opts: SupersedeOptions) -> Outcome:
     if not opts.run_id:
         raise FlywheelError("no workflow run id: run inside GitHub Actions or pass --run-id (GITHUB_RUN_ID)")
     request = opts.request()
-    settings.apply()
     gh = GitHubActions(opts.repository, os.environ.get("GITHUB_TOKEN", ""), opts.api_url)
     marker = registry_marker(settings, request)
     lookback = timedelta(days=opts.lookback_days)
@@ -502,7 +501,6 @@ def record_superseded(settings: Settings, opts: SupersedeOptions) -> Outcome:
 def check_event(settings: Settings, event_id: str, superseded: int = 0,
                 stale_after_s: float = DEFAULT_STALE_AFTER_S, now: datetime | None = None) -> EventPlan:
     """The CLI verb: decide, then write `train=true|false` to the step outputs and a summary line."""
-    settings.apply()
     plan = plan_event(event_id, event_runs(settings, event_id), now or datetime.now(timezone.utc), superseded,
                       stale_after_s)
     _append("GITHUB_OUTPUT", f"train={'true' if plan.train else 'false'}\n")

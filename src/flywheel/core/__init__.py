@@ -1,4 +1,4 @@
-"""What every node shares: settings, errors, the registry's rules, datasets, models, evaluation, plots,
+"""What every node shares: settings, errors, the registry (`Registry(settings)`), datasets, models, evaluation, plots,
 process plumbing and the MLflow run client (`runlog`).
 
 Imports only `flywheel.core` and `flywheel.contracts` (tests/test_layout.py checks it), so each node

@@ -1,7 +1,9 @@
 """One typed place for configuration: environment variables first, CLI flags override.
 
 Nothing here touches the filesystem or MLflow at import time; `Settings.from_env()` only reads
-`os.environ`, and `Settings.apply()` is the one call that points the MLflow client somewhere.
+`os.environ`. Registry and tracking reads use an explicit client built from these settings
+(`flywheel.core.registry.Registry`); `Settings.apply()`, which points MLflow's process-global URI
+here, is called only where MLflow's fluent API is used (see its docstring).
 """
 
 from __future__ import annotations
@@ -71,17 +73,27 @@ class Settings:
             given["tracking_uri"] = f"sqlite:///{(given['work_dir'] / 'mlflow.db').resolve()}"
         return replace(settings, **given) if given else settings
 
-    def apply(self) -> Settings:
-        """Point the MLflow client at this tracking server (and create the embedded store's dir)."""
-        import mlflow
-
+    def export_credentials(self) -> Settings:
+        """Put the credentials where MLflow's REST client reads them (the environment only; it has no
+        other way in) and create the embedded store's directory. No tracking URI is set."""
         if self.embedded:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-        # The MLflow client reads credentials from the environment only.
         if self.username is not None:
             os.environ["MLFLOW_TRACKING_USERNAME"] = self.username
         if self.password is not None:
             os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password
+        return self
+
+    def apply(self) -> Settings:
+        """Point MLflow's process-global tracking (and registry) URI at this store.
+
+        Only for MLflow's fluent API, which has no client argument: the training run
+        (`mlflow.start_run`, `log_model`), loading a logged or registered model
+        (`mlflow.pytorch.load_model` in core.models: package, evaluate, predict, the gate) and
+        `mlflow.register_model` (the gate). Everything else uses `Registry(settings)`."""
+        import mlflow
+
+        self.export_credentials()
         mlflow.set_tracking_uri(self.tracking_uri)  # the registry follows it unless MLFLOW_REGISTRY_URI says otherwise
         return self
 

@@ -1,9 +1,20 @@
-"""Champion/challenger gate and the model registry: aliases only (stages are deprecated).
+"""The model registry as one object: `Registry(settings)`, holding ONE explicit MLflow client.
 
-A new run is evaluated on the frozen test split together with the champion (the version holding
-`prod`, else the best registered version, both re-evaluated on the same images) and registered
-with the `candidate` alias only if it beats the champion by `margin`. A worse model is never
-aliased; the comparison is recorded on the run either way.
+Every registry or tracking read outside a training run goes through a `Registry`: its client is
+`MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)`, so no
+lookup depends on MLflow's process-global URI or on whichever `Settings.apply()` ran last. It holds
+what callers used to compute each their own way: a version by number or alias (`version`), aliases
+and deployment tags (`set_alias`, `mark_deployed`), the champion, a version's lineage and the
+dataset it was trained on (`lineage`, `dataset_of`), and the champion/challenger gate (`gate`).
+
+The gate: a new run is evaluated on the frozen test split together with the champion (the version
+holding `prod`, else the best registered version, both re-evaluated on the same images) and
+registered with the `candidate` alias only if it beats the champion by `margin`. A worse model is
+never aliased; the comparison is recorded on the run either way. Loading logged models and
+`mlflow.register_model` are MLflow's fluent API (process-global URI), so `gate` applies the settings.
+
+Aliases only: registry stages are deprecated. The module-level functions (`get_version`,
+`set_alias`, `gate_run`, ...) are one-line conveniences over a Registry for existing callers.
 """
 
 from __future__ import annotations
@@ -36,28 +47,142 @@ class GateDecision:
         return f"gate: challenger {self.challenger_accuracy:.4f} vs {vs} (margin {self.margin}): {verdict}"
 
 
-def _client():
-    import mlflow
+class Registry:
+    """Registry reads and writes for `settings.tracking_uri`, through one explicit MlflowClient."""
 
-    return mlflow.MlflowClient()
+    def __init__(self, settings: Settings):
+        from mlflow import MlflowClient
 
+        self.settings = settings
+        settings.export_credentials()  # MLflow's REST client reads credentials from the environment only
+        self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
-def get_version(settings: Settings, name: str, version_or_alias: str):
-    """A ModelVersion by number ('3') or alias ('prod'); FlywheelError if there is none."""
-    from mlflow.exceptions import MlflowException
+    # -- versions ----------------------------------------------------------------------------------
+    def version(self, version_or_alias: str, name: str | None = None):
+        """A ModelVersion of `name` (default: the settings' model) by number ('3') or alias ('prod');
+        FlywheelError if there is none. The one place "version number or alias" is resolved."""
+        from mlflow.exceptions import MlflowException
 
-    client = _client()
-    try:
-        if str(version_or_alias).isdigit():
-            return client.get_model_version(name, str(version_or_alias))
-        return client.get_model_version_by_alias(name, version_or_alias)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in exc.message:
-            raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r}: no registered "
-                                f"model {name!r} at {settings.tracking_uri}: train one first (`flywheel train`), or "
-                                "point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store that has it") from None
-        raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r} "
-                            f"at {settings.tracking_uri}: {exc.message}") from None
+        name = name or self.settings.model_name
+        try:
+            if str(version_or_alias).isdigit():
+                return self.client.get_model_version(name, str(version_or_alias))
+            return self.client.get_model_version_by_alias(name, str(version_or_alias))
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" and "Registered Model" in exc.message:
+                raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r}: no registered "
+                                    f"model {name!r} at {self.settings.tracking_uri}: train one first (`flywheel "
+                                    "train`), or point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store that has "
+                                    "it") from None
+            raise FlywheelError(f"no version {version_or_alias!r} of registered model {name!r} "
+                                f"at {self.settings.tracking_uri}: {exc.message}") from None
+
+    def resolve(self, name: str, version: str | None = None, alias: str | None = None):
+        """The ModelVersion named by exactly one of `version` or `alias` (the CLI's --version/--alias)."""
+        if (version is None) == (alias is None):
+            raise FlywheelError("name exactly one of --version or --alias")
+        return self.version(str(version if version is not None else alias), name)
+
+    def champion(self, name: str | None = None):
+        """The version holding `prod`, else the registered version with the best recorded test accuracy."""
+        from mlflow.exceptions import MlflowException
+
+        name = name or self.settings.model_name
+        try:
+            return self.client.get_model_version_by_alias(name, "prod")
+        except MlflowException:
+            pass
+        try:
+            versions = self.client.search_model_versions(f"name='{name}'")
+        except MlflowException:
+            return None
+        scored = [v for v in versions if "test_accuracy" in v.tags]
+        return max(scored, key=lambda v: float(v.tags["test_accuracy"]), default=None)
+
+    # -- aliases -----------------------------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        if alias not in ALIASES:
+            raise FlywheelError(f"unknown alias {alias!r}; choose one of: {', '.join(ALIASES)}")
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def mark_deployed(self, name: str, version: str, env: str, where: str) -> None:
+        """Move alias `env` to version and record when and where it was deployed."""
+        self.set_alias(name, env, version)
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.client.set_model_version_tag(name, str(version), f"deployed_{env}_at", f"{stamp} {where}")
+
+    # -- lineage -----------------------------------------------------------------------------------
+    def run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def lineage(self, mv) -> dict[str, str | None]:
+        """LINEAGE_TAGS of a version: its own tags first, then its training run's tags; `dataset`
+        falls back to the run's `dataset` param (a version registered by hand)."""
+        run = self.run(mv.run_id)
+        tags = {**run.data.tags, **(mv.tags or {})}
+        found = {k: tags.get(k) for k in LINEAGE_TAGS}
+        found["dataset"] = found["dataset"] or run.data.params.get("dataset")
+        return found
+
+    def dataset_of(self, mv) -> str | None:
+        """The dataset version `mv` was trained on (see `lineage`); None when nothing records it.
+        The version's own tag answers without asking for its run."""
+        return (mv.tags or {}).get("dataset") or self.lineage(mv)["dataset"]
+
+    def run_model_uri(self, run_id: str) -> str:
+        """`models:/<model_id>` of the model a run logged (MLflow 3 stores it outside the run's artifacts)."""
+        run = self.run(run_id)
+        outputs = run.outputs.model_outputs if run.outputs else []
+        if not outputs:
+            raise FlywheelError(f"run {run_id} logged no model: nothing to register")
+        return f"models:/{outputs[-1].model_id}"
+
+    # -- the gate ----------------------------------------------------------------------------------
+    def gate(self, run_id: str, dataset: str | None = None, margin: float = 0.0, splits=None,
+             challenger_accuracy: float | None = None) -> GateDecision:
+        """Compare run `run_id`'s model with the champion on the frozen test split; register if better."""
+        import mlflow
+
+        from flywheel.core.data import load_splits
+        from flywheel.core.evaluate import check_compatible, cpu_layout, evaluate_model
+        from flywheel.core.models import load_model
+
+        settings = self.settings
+        settings.apply()  # load_model and register_model are MLflow's fluent API: the process-global URI
+        run = self.run(run_id)
+        dataset = dataset or run.data.params.get("dataset")
+        if not dataset:
+            raise FlywheelError(f"run {run_id} has no 'dataset' param: pass --dataset")
+        if splits is None:
+            seed = int(run.data.params.get("seed", 0))
+            splits = load_splits(dataset, settings.data_dir, seed)
+        model_uri = self.run_model_uri(run_id)
+        if challenger_accuracy is None:
+            model, spec = load_model(model_uri)
+            check_compatible(spec, splits.class_names, model_uri, dataset)
+            challenger_accuracy = evaluate_model(cpu_layout(model), spec, splits.test).accuracy
+
+        name = settings.model_name
+        champion = self.champion(name)
+        champion_accuracy = None
+        if champion is not None:
+            champ_model, champ_spec = load_model(f"models:/{name}/{champion.version}")
+            check_compatible(champ_spec, splits.class_names, f"{name} v{champion.version}", dataset)
+            champion_accuracy = evaluate_model(cpu_layout(champ_model), champ_spec, splits.test).accuracy
+        accepted = champion_accuracy is None or challenger_accuracy > champion_accuracy + margin
+
+        version = None
+        if accepted:
+            tags = {k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags}
+            tags.update(run_id=run_id, test_accuracy=f"{challenger_accuracy:.6f}")
+            mv = mlflow.register_model(model_uri, name, tags=tags)
+            version = str(mv.version)
+            self.set_alias(name, "candidate", version)
+        decision = GateDecision(run_id, name, challenger_accuracy,
+                                None if champion is None else str(champion.version), champion_accuracy, margin,
+                                accepted, version)
+        _record(self.client, decision)
+        return decision
 
 
 def registered_in(model_uri: str) -> tuple[str, str] | None:
@@ -73,89 +198,30 @@ def registered_in(model_uri: str) -> tuple[str, str] | None:
     return (name, version) if found and name and version.isdigit() else None  # not stages ("/Production")
 
 
+# -- conveniences over a Registry (one client each) ------------------------------------------------
+def get_version(settings: Settings, name: str, version_or_alias: str):
+    """A ModelVersion by number ('3') or alias ('prod'); FlywheelError if there is none."""
+    return Registry(settings).version(version_or_alias, name)
+
+
 def set_alias(settings: Settings, name: str, alias: str, version: str) -> None:
-    if alias not in ALIASES:
-        raise FlywheelError(f"unknown alias {alias!r}; choose one of: {', '.join(ALIASES)}")
-    _client().set_registered_model_alias(name, alias, str(version))
+    Registry(settings).set_alias(name, alias, version)
 
 
 def mark_deployed(settings: Settings, name: str, version: str, env: str, where: str) -> None:
     """Move alias `env` to version and record when and where it was deployed."""
-    set_alias(settings, name, env, version)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _client().set_model_version_tag(name, str(version), f"deployed_{env}_at", f"{stamp} {where}")
+    Registry(settings).mark_deployed(name, version, env, where)
 
 
 def find_champion(settings: Settings, name: str):
     """The version holding `prod`, else the registered version with the best recorded test accuracy."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client()
-    try:
-        return client.get_model_version_by_alias(name, "prod")
-    except MlflowException:
-        pass
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
-    scored = [v for v in versions if "test_accuracy" in v.tags]
-    return max(scored, key=lambda v: float(v.tags["test_accuracy"]), default=None)
-
-
-def run_model_uri(run_id: str) -> str:
-    """`models:/<model_id>` of the model a run logged (MLflow 3 stores it outside the run's artifacts)."""
-    run = _client().get_run(run_id)
-    outputs = run.outputs.model_outputs if run.outputs else []
-    if not outputs:
-        raise FlywheelError(f"run {run_id} logged no model: nothing to register")
-    return f"models:/{outputs[-1].model_id}"
+    return Registry(settings).champion(name)
 
 
 def gate_run(run_id: str, settings: Settings, dataset: str | None = None, margin: float = 0.0,
              splits=None, challenger_accuracy: float | None = None) -> GateDecision:
-    """Compare run `run_id`'s model with the champion on the frozen test split; register if better."""
-    import mlflow
-
-    from flywheel.core.data import load_splits
-    from flywheel.core.evaluate import check_compatible, cpu_layout, evaluate_model
-    from flywheel.core.models import load_model
-
-    client = _client()
-    run = client.get_run(run_id)
-    dataset = dataset or run.data.params.get("dataset")
-    if not dataset:
-        raise FlywheelError(f"run {run_id} has no 'dataset' param: pass --dataset")
-    if splits is None:
-        seed = int(run.data.params.get("seed", 0))
-        splits = load_splits(dataset, settings.data_dir, seed)
-    model_uri = run_model_uri(run_id)
-    if challenger_accuracy is None:
-        model, spec = load_model(model_uri)
-        check_compatible(spec, splits.class_names, model_uri, dataset)
-        challenger_accuracy = evaluate_model(cpu_layout(model), spec, splits.test).accuracy
-
-    name = settings.model_name
-    champion = find_champion(settings, name)
-    champion_accuracy = None
-    if champion is not None:
-        champ_model, champ_spec = load_model(f"models:/{name}/{champion.version}")
-        check_compatible(champ_spec, splits.class_names, f"{name} v{champion.version}", dataset)
-        champion_accuracy = evaluate_model(cpu_layout(champ_model), champ_spec, splits.test).accuracy
-    accepted = champion_accuracy is None or challenger_accuracy > champion_accuracy + margin
-
-    version = None
-    if accepted:
-        tags = {k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags}
-        tags.update(run_id=run_id, test_accuracy=f"{challenger_accuracy:.6f}")
-        mv = mlflow.register_model(model_uri, name, tags=tags)
-        version = str(mv.version)
-        set_alias(settings, name, "candidate", version)
-    decision = GateDecision(run_id, name, challenger_accuracy,
-                            None if champion is None else str(champion.version), champion_accuracy, margin,
-                            accepted, version)
-    _record(client, decision)
-    return decision
+    """`Registry(settings).gate(...)`: compare a run with the champion; register it if better."""
+    return Registry(settings).gate(run_id, dataset, margin, splits, challenger_accuracy)
 
 
 def _record(client, d: GateDecision) -> None:

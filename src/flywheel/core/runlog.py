@@ -98,11 +98,12 @@ def quick_failure(retries: int = 1, timeout: int = 15):
                     os.environ[k] = v
 
 
-def ensure_experiment(settings: Settings) -> str:
-    """Id of the settings' experiment, created on first use (embedded: artifacts in work_dir)."""
+def ensure_experiment(settings: Settings, client=None) -> str:
+    """Id of the settings' experiment, created on first use (embedded: artifacts in work_dir).
+    `client`: an explicit MlflowClient (a Registry's); default the process-global one (training)."""
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = client or mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(settings.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.contracts.reference import ARTIFACT_DIR as REFERENCE_DIR
+from flywheel.contracts.reference import ReferenceSample
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
 
@@ -120,32 +122,26 @@ class MonitorState:
 
 
 class Reference:
-    """A model version's reference sample, as its training run logged it."""
+    """A model version's reference sample (contracts.reference), as its training run logged it."""
 
-    def __init__(self, embeddings: np.ndarray, predictions: np.ndarray, labels: np.ndarray | None,
-                 class_priors: np.ndarray, run_id: str):
-        self.embeddings, self.predictions, self.labels = embeddings, predictions, labels
-        self.class_priors, self.run_id = class_priors, run_id
+    def __init__(self, sample: ReferenceSample, run_id: str):
+        self.embeddings, self.predictions, self.labels = sample.embeddings, sample.predictions, sample.labels
+        self.class_priors, self.run_id = sample.class_priors, run_id
 
     @classmethod
-    def load(cls, run_id: str, cache: Path) -> Reference:
+    def load(cls, run_id: str, cache: Path, tracking_uri: str | None = None) -> Reference:
         import mlflow
 
         local = cache / run_id
-        if not (local / "reference" / "embeddings.npy").is_file():
+        ref = local / REFERENCE_DIR
+        if not ReferenceSample.present(ref):
             try:
-                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="reference", dst_path=str(local))
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_DIR, dst_path=str(local),
+                                                    tracking_uri=tracking_uri)
             except Exception as exc:  # noqa: BLE001 - say what is missing and why it matters
                 raise FlywheelError(f"run {run_id} has no reference/ artifacts ({type(exc).__name__}: {exc}); "
                                     "retrain with this flywheel version so the model carries its reference") from None
-        ref = local / "reference"
-        priors = json.loads((ref / "class_priors.json").read_text()) if (ref / "class_priors.json").is_file() else None
-        emb = np.load(ref / "embeddings.npy").astype(np.float32)
-        preds = np.load(ref / "predictions.npy").astype(np.int64)
-        labels = np.load(ref / "labels.npy").astype(np.int64) if (ref / "labels.npy").is_file() else None
-        n_classes = len(priors) if priors else int(preds.max()) + 1
-        return cls(emb, preds, labels, np.asarray(priors if priors else np.bincount(preds, minlength=n_classes)
-                                                  / len(preds), dtype=np.float64), run_id)
+        return cls(ReferenceSample.load(ref), run_id)
 
 
 class Metrics:
@@ -220,6 +216,16 @@ class Monitor:
         self._detector = None
         self._reference: Reference | None = None
         self._class_names: list[str] | None = None
+        self._registry = None
+
+    @property
+    def registry(self):
+        """The Registry (one explicit MLflow client) for version lookups and the monitoring run."""
+        if self._registry is None:
+            from flywheel.core.registry import Registry
+
+            self._registry = Registry(self.settings)
+        return self._registry
 
     # -- one process per state dir ----------------------------------------------------------------
     @contextmanager
@@ -299,9 +305,7 @@ class Monitor:
 
     # -- reference -------------------------------------------------------------------------------
     def _resolve(self) -> tuple[str, str]:
-        from flywheel.core.registry import get_version
-
-        mv = get_version(self.settings, self.cfg.model, self.cfg.env)
+        mv = self.registry.version(self.cfg.env, self.cfg.model)
         return str(mv.version), mv.run_id
 
     def _prepare(self, version: str, run_id: str) -> None:
@@ -310,7 +314,7 @@ class Monitor:
         if self._detector is not None and self._reference is not None and self._reference.run_id == run_id \
                 and self.state.version == version:
             return
-        self._reference = Reference.load(run_id, self.dir / "references")
+        self._reference = Reference.load(run_id, self.dir / "references", self.settings.tracking_uri)
         self._detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
         if self.state.version != version:
             log.info("monitoring %s@%s = version %s (new reference from run %s)", self.cfg.model, self.cfg.env,
@@ -459,7 +463,8 @@ class Monitor:
                 from flywheel.core.models import SPEC_FILE, ModelSpec
 
                 path = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.cfg.model}/{version}/{SPEC_FILE}")
+                    artifact_uri=f"models:/{self.cfg.model}/{version}/{SPEC_FILE}",
+                    tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.tracking_uri)
                 self._class_names = list(ModelSpec.from_json(Path(path).read_text()).class_names)
             except Exception:  # noqa: BLE001 - accuracy is optional; drift does not need names
                 log.warning("class names of %s v%s unavailable; accuracy not computed", self.cfg.model, version)
@@ -490,9 +495,7 @@ class Monitor:
 
     def _dataset_tag(self, version: str) -> str | None:
         try:
-            from flywheel.core.registry import get_version
-
-            return get_version(self.settings, self.cfg.model, version).tags.get("dataset")
+            return self.registry.dataset_of(self.registry.version(version, self.cfg.model))
         except FlywheelError:
             return None
 
@@ -546,14 +549,13 @@ class Monitor:
     def _log_mlflow(self, results: list[WindowResult]) -> None:
         if not self.cfg.log_mlflow or not results:
             return
-        import mlflow
         from mlflow.entities import Metric, Param
 
         from flywheel.core.runlog import ensure_experiment
 
-        client = mlflow.MlflowClient()
+        client = self.registry.client
         if self.state.run_id is None:
-            exp = ensure_experiment(replace(self.settings, experiment=EXPERIMENT))
+            exp = ensure_experiment(replace(self.settings, experiment=EXPERIMENT), client)
             run = client.create_run(exp, run_name=f"monitor-{self.cfg.model}-{self.cfg.env}-v{results[0].version}",
                                     tags={"model": self.cfg.model, "env": self.cfg.env,
                                           "version": results[0].version, "reference_run_id": self._reference.run_id,
@@ -594,9 +596,7 @@ class Monitor:
             return
         self._run_open = False
         try:
-            import mlflow
-
-            mlflow.MlflowClient().set_terminated(self.state.run_id, "FINISHED")
+            self.registry.client.set_terminated(self.state.run_id, "FINISHED")
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail stopping; the run reopens later
             log.warning("could not mark monitoring run %s finished: %s", self.state.run_id, exc)
 

@@ -12,4 +12,4 @@ from pathlib import Path
 
 HANDLER_FILE = Path(__file__).with_name("handler.py")
 CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "contracts"
-MAR_CONTRACTS = ("preprocessing.py", "capture.py")  # copied into every .mar beside handler.py
+MAR_CONTRACTS = ("preprocessing.py", "capture.py", "manifest.py")  # copied into every .mar beside handler.py

@@ -1,7 +1,7 @@
 """TorchServe handler for Flywheel models: image bytes or base64 JSON in, top-k JSON out.
 
-Shipped inside every .mar beside `preprocessing.py` (and `capture.py` when present), so it imports
-only stdlib, numpy, torch, onnxruntime, Pillow, TorchServe and those two modules.
+Shipped inside every .mar beside `preprocessing.py`, `manifest.py` (and `capture.py` when present),
+so it imports only stdlib, numpy, torch, onnxruntime, Pillow, TorchServe and those modules.
 
 Request forms (one request may carry one image, or a list of images in JSON):
   * raw PNG/JPEG bytes (any Content-Type but JSON/text)
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import os
@@ -41,8 +40,10 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside a .mar the shared modules sit beside this file
+    import manifest as _manifest
     import preprocessing as _pp
 except ImportError:  # in the repository (unit tests) they live in the flywheel package
+    from flywheel.contracts import manifest as _manifest
     from flywheel.contracts import preprocessing as _pp
 
 try:
@@ -55,7 +56,6 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "flywheel_manifest.json"
 LATENCY_METRIC = "FlywheelInferenceLatency"
 CONFIDENCE_METRIC = "FlywheelPredictionConfidence"
 # Each backend metric value is a log line the Java frontend parses: one per prediction cost the
@@ -73,14 +73,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -114,15 +106,14 @@ class FlywheelHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
         model_dir = properties.get("model_dir")
-        with open(os.path.join(model_dir, MANIFEST_FILE)) as f:
-            self.fw_manifest = json.load(f)
-        artifact = self.fw_manifest["artifact"]
+        self.fw_manifest = _manifest.Manifest.read(model_dir)
+        artifact = self.fw_manifest.artifact
         path = os.path.join(model_dir, artifact["file"])
         # Refuse to serve bytes that are not the ones packaged and parity-checked.
-        actual = sha256_file(path)
-        if actual != artifact["sha256"]:
-            raise RuntimeError(f"refusing to serve: {artifact['file']} sha256 {actual} does not match the "
-                               f"manifest's {artifact['sha256']} (archive corrupted or tampered with)")
+        try:
+            self.fw_manifest.verify(model_dir)
+        except _manifest.ChecksumMismatch as exc:
+            raise RuntimeError(f"refusing to serve: {exc} (archive corrupted or tampered with)") from None
         self.format = artifact["format"]
         if self.format == "tensorrt":
             self._init_tensorrt(context, path)
@@ -137,12 +128,12 @@ class FlywheelHandler(BaseHandler):
         if self.format == "onnx":
             self.model = self._ort_session(path, threads)
         self._rng = np.random.default_rng()  # picks the confidence metric's sample per batch
-        self.class_names = list(self.fw_manifest["class_names"])
-        self.spec = _pp.PreprocessSpec.from_dict(self.fw_manifest["preprocess"])
+        self.class_names = list(self.fw_manifest.class_names)
+        self.spec = _pp.PreprocessSpec.from_dict(self.fw_manifest.preprocess)
         self.top_k = int(os.environ.get("FLYWHEEL_TOP_K") or cfg.get("top_k", 3))
         self.max_images = int(cfg.get("max_images_per_request", 64))
-        self.model_label = self.fw_manifest["model_name"]
-        self.version = str(self.fw_manifest["model_version"])
+        self.model_label = self.fw_manifest.model_name
+        self.version = self.fw_manifest.model_version
         self.capture = None
         self._capture_reported: dict[str, int] = {}
         uri = os.environ.get("FLYWHEEL_CAPTURE_URI") or cfg.get("capture_uri")

@@ -4,7 +4,7 @@ The served network returns (logits, embedding) so the handler can answer top-k a
 penultimate embedding to the capture writer. TorchScript and ONNX are always exported and each is
 checked against eager PyTorch on a held batch of real test images; a TensorRT FP16 engine is built
 from the ONNX file only where `tensorrt` and CUDA exist. The artifact served is recorded in the
-archive's `flywheel_manifest.json` together with its sha256, which the handler verifies on load.
+archive's manifest (contracts/manifest.py) together with its sha256, which the handler verifies on load.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.contracts.manifest import MANIFEST_FILE, Manifest, sha256_file
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "flywheel_manifest.json"
 PARITY_TOL = 1e-4  # fp32 exports must match eager to this max abs diff (logits and embedding)
 TRT_PARITY_TOL = 5e-2  # fp16 engine: probabilities within this max abs diff
 HELD_BATCH = 64
@@ -71,30 +70,18 @@ class ExportResult:
 @dataclass(frozen=True)
 class PackageResult:
     mar_path: Path
-    manifest: dict = field(repr=False)
+    manifest: Manifest = field(repr=False)
 
     @property
     def version(self) -> str:
-        return str(self.manifest["model_version"])
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return self.manifest.model_version
 
 
 def resolve_version(settings: Settings, name: str, version: str | None = None, alias: str | None = None):
     """The registry ModelVersion named by exactly one of version or alias."""
-    from flywheel.core.registry import get_version
+    from flywheel.core.registry import Registry
 
-    if (version is None) == (alias is None):
-        raise FlywheelError("name exactly one of --version or --alias")
-    return get_version(settings, name, str(version if version is not None else alias))
+    return Registry(settings).resolve(name, version, alias)
 
 
 def held_batch(dataset: str, settings: Settings, n: int = HELD_BATCH) -> tuple[np.ndarray, np.ndarray]:
@@ -303,31 +290,35 @@ def build_mar(staging: Path, artifact: str, name: str, version: str, out_dir: Pa
     return target
 
 
-def stage_files(staging: Path, manifest: dict, class_names: list[str], cfg: PackageConfig) -> None:
-    """Handler, shared serving-safe modules, class names, manifest and model-config beside the artifact."""
+def stage_files(staging: Path, manifest: Manifest | dict, class_names: list[str], cfg: PackageConfig) -> None:
+    """Handler, shared serving-safe modules, class names, manifest and model-config beside the artifact.
+    (A plain dict manifest is written as given: the layout test stages the Python files only.)"""
     from flywheel.serving import CONTRACTS_DIR, HANDLER_FILE, MAR_CONTRACTS
 
     shutil.copy(HANDLER_FILE, staging / "handler.py")
     for name in MAR_CONTRACTS:  # the contracts the handler imports, beside it in the archive
         shutil.copy(CONTRACTS_DIR / name, staging / name)
     (staging / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}))
-    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    if isinstance(manifest, Manifest):
+        manifest.write(staging)
+    else:
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     (staging / "model-config.yaml").write_text(model_config_yaml(cfg))
 
 
 def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
     """Export, parity-check and archive one registry version; returns the .mar and its manifest."""
     import torch
-    from mlflow import MlflowClient
 
     from flywheel.contracts.preprocessing import to_tensor
     from flywheel.core.models import load_model
+    from flywheel.core.registry import Registry
 
-    settings.apply()
-    mv = resolve_version(settings, cfg.model_name, cfg.version, cfg.alias)
-    run = MlflowClient().get_run(mv.run_id)
-    tags = {**run.data.tags, **(mv.tags or {})}
-    dataset = tags.get("dataset") or run.data.params.get("dataset")
+    settings.apply()  # load_model below is MLflow's fluent API
+    registry = Registry(settings)
+    mv = registry.resolve(cfg.model_name, cfg.version, cfg.alias)
+    tags = registry.lineage(mv)
+    dataset = tags["dataset"]
     if not dataset:
         raise FlywheelError(f"{cfg.model_name} v{mv.version} has no 'dataset' tag: it was not trained by "
                             "`flywheel train`, so no held batch can check its exports")
@@ -358,22 +349,22 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
         for other in exports.values():  # only the served artifact goes into the archive
             if other.file and other.file != chosen.file:
                 (staging / other.file).unlink(missing_ok=True)
-        manifest = {
-            "model_name": cfg.model_name, "model_version": str(mv.version), "run_id": mv.run_id,
-            "git_commit": tags.get("git_commit"), "git_dirty": tags.get("git_dirty"),
-            "dataset": dataset, "dataset_digest": tags.get("dataset_digest"),
-            "architecture": spec.architecture, "class_names": list(spec.class_names),
-            "preprocess": spec.preprocess.to_dict(), "embedding_dim": spec.embedding_dim,
-            "artifact": {"file": chosen.file, "format": chosen.format, "sha256": chosen.sha256,
-                         "requested": cfg.artifact_format},
-            "exports": [e.to_dict() for e in exports.values()],
-            "parity": {"held_batch": f"{dataset} test[:{len(images)}]", "tolerance": PARITY_TOL,
-                       "tensorrt_tolerance": TRT_PARITY_TOL},
-            "serving": {"batch_size": cfg.batch_size, "max_batch_delay_ms": cfg.max_batch_delay_ms,
-                        "workers": cfg.workers},
-            "packaged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "export_seconds": round(time.perf_counter() - started, 2),
-        }
+        manifest = Manifest(
+            model_name=cfg.model_name, model_version=str(mv.version), run_id=mv.run_id,
+            git_commit=tags["git_commit"], git_dirty=tags["git_dirty"],
+            dataset=dataset, dataset_digest=tags["dataset_digest"],
+            architecture=spec.architecture, class_names=list(spec.class_names),
+            preprocess=spec.preprocess.to_dict(), embedding_dim=spec.embedding_dim,
+            artifact={"file": chosen.file, "format": chosen.format, "sha256": chosen.sha256,
+                      "requested": cfg.artifact_format},
+            exports=[e.to_dict() for e in exports.values()],
+            parity={"held_batch": f"{dataset} test[:{len(images)}]", "tolerance": PARITY_TOL,
+                    "tensorrt_tolerance": TRT_PARITY_TOL},
+            serving={"batch_size": cfg.batch_size, "max_batch_delay_ms": cfg.max_batch_delay_ms,
+                     "workers": cfg.workers},
+            packaged_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            export_seconds=round(time.perf_counter() - started, 2),
+        )
         stage_files(staging, manifest, list(spec.class_names), cfg)
         out_dir = cfg.out_dir or settings.work_dir / "model-store"
         mar = build_mar(staging, chosen.file, cfg.model_name, str(mv.version), Path(out_dir))

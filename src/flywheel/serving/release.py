@@ -20,8 +20,6 @@ users' traffic the monitor watches (`marked_predict`).
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.contracts.manifest import Manifest
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError, Rejected
 
@@ -239,8 +238,8 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     versions = client.versions(model)
     result.previous = next((v for v, d in versions.items() if d), None)
     result.event(f"serving default before release: {result.previous or 'none'}")
-    result.event(f"archive {mar_path} ({manifest['artifact']['format']}, sha256 "
-                 f"{manifest['artifact']['sha256'][:12]} verified)")
+    result.event(f"archive {mar_path} ({manifest.artifact['format']}, sha256 "
+                 f"{manifest.artifact['sha256'][:12]} verified)")
     store_name = f"{model}-{version}.mar"
     target.model_store.mkdir(parents=True, exist_ok=True)
     if Path(mar_path).resolve() != (target.model_store / store_name).resolve():
@@ -257,11 +256,11 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         try:
             if mv is None:
                 mv, _ = _begin(settings, model, version, env, target.describe())
-                if mv.run_id != manifest.get("run_id"):
-                    raise ReleaseFailed(f"{mar_path} was packaged from run {manifest.get('run_id')}, but {model} "
+                if mv.run_id != manifest.run_id:
+                    raise ReleaseFailed(f"{mar_path} was packaged from run {manifest.run_id}, but {model} "
                                         f"v{version} in this registry is run {mv.run_id}: package it again")
                 result.event(f"registry: v{version} is run {mv.run_id}, as the archive says")
-            data = AcceptanceData.for_dataset(manifest["dataset"], settings, acceptance)
+            data = AcceptanceData.for_dataset(manifest.dataset, settings, acceptance)
         finally:
             r = step.result()  # always waited for: a rollback must see the registration's outcome
         if registered_here:
@@ -336,33 +335,30 @@ def retire_previous(target: ManagementTarget, result: ReleaseResult) -> list[str
     return retire
 
 
-def verify_archive(mar_path: Path, model: str, version: str, run_id: str | None = None) -> dict:
+def verify_archive(mar_path: Path, model: str, version: str, run_id: str | None = None) -> Manifest:
     """The manifest of an existing .mar after checking it is what `flywheel package` made for exactly
     this registry version: name, version and run id; the served file's sha256; parity recorded
     within tolerance. FlywheelError otherwise."""
     import zipfile
 
-    from flywheel.serving.package import MANIFEST_FILE, PARITY_TOL, TRT_PARITY_TOL
+    from flywheel.contracts.manifest import ChecksumMismatch
+    from flywheel.serving.package import PARITY_TOL, TRT_PARITY_TOL
 
     try:
-        with zipfile.ZipFile(mar_path) as zf:
-            manifest = json.loads(zf.read(MANIFEST_FILE))
-            artifact = manifest["artifact"]
-            digest = hashlib.sha256()
-            with zf.open(artifact["file"]) as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+        manifest = Manifest.read(mar_path)
+        manifest.verify(mar_path)
+    except ChecksumMismatch as exc:
+        raise FlywheelError(f"{mar_path}: {exc.file} does not match the sha256 in its manifest") from None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise FlywheelError(f"{mar_path} is not a flywheel archive ({type(exc).__name__}: {exc})") from None
-    if str(manifest.get("model_version")) != str(version) or manifest.get("model_name") != model:
-        raise FlywheelError(f"{mar_path} holds {manifest.get('model_name')} v{manifest.get('model_version')}, "
+    if manifest.model_version != str(version) or manifest.model_name != model:
+        raise FlywheelError(f"{mar_path} holds {manifest.model_name} v{manifest.model_version}, "
                             f"not {model} v{version}")
-    if run_id is not None and manifest.get("run_id") != run_id:
-        raise FlywheelError(f"{mar_path} was packaged from run {manifest.get('run_id')}, but {model} v{version} "
+    if run_id is not None and manifest.run_id != run_id:
+        raise FlywheelError(f"{mar_path} was packaged from run {manifest.run_id}, but {model} v{version} "
                             f"in this registry is run {run_id}: package it again from this registry")
-    if digest.hexdigest() != artifact.get("sha256"):
-        raise FlywheelError(f"{mar_path}: {artifact['file']} does not match the sha256 in its manifest")
-    checked = next((e for e in manifest.get("exports", []) if e.get("format") == artifact.get("format")), {})
+    artifact = manifest.artifact
+    checked = next((e for e in manifest.exports if e.get("format") == artifact.get("format")), {})
     tol = TRT_PARITY_TOL if artifact.get("format") == "tensorrt" else PARITY_TOL
     if checked.get("max_abs_diff") is None or not checked["max_abs_diff"] <= tol:
         raise FlywheelError(f"{mar_path}: no passed parity check recorded for its {artifact.get('format')} file")
@@ -370,7 +366,7 @@ def verify_archive(mar_path: Path, model: str, version: str, run_id: str | None 
 
 
 def _packaged_archive(settings: Settings, target: ManagementTarget, model: str, version: str,
-                      run_id: str) -> tuple[Path | None, dict | None]:
+                      run_id: str) -> tuple[Path | None, Manifest | None]:
     """A verified NAME-VERSION.mar already in the server's model store or package's default output."""
     for candidate in (target.model_store / f"{model}-{version}.mar",
                       settings.work_dir / "model-store" / f"{model}-{version}.mar"):
@@ -389,11 +385,10 @@ def _check_env(env: str) -> None:
 
 def _begin(settings: Settings, model: str, version: str, env: str, where: str):
     """Validate the environment and resolve the registry version: (ModelVersion, a new ReleaseResult)."""
-    from flywheel.serving.package import resolve_version
+    from flywheel.core.registry import Registry
 
     _check_env(env)
-    settings.apply()
-    mv = resolve_version(settings, model, version=str(version))
+    mv = Registry(settings).version(str(version), model)
     return mv, ReleaseResult(model, str(mv.version), env, where)
 
 
@@ -578,7 +573,7 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
         _wait_container_healthy(container, target.health_timeout_s)
         ts = TorchServeClient(url, key_source=lambda: _container_keys(container),
                               key_source_name=f"{CONTAINER_KEY_FILE} in container {name}")
-        data = AcceptanceData.for_dataset(_dataset_of(mv), settings, acceptance)
+        data = AcceptanceData.for_dataset(_dataset_of(settings, mv), settings, acceptance)
         report = run_acceptance(marked_predict(ts, model, version), data, version, acceptance)
         result.report = report
         result.event(report.summary())
@@ -605,10 +600,10 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
     return result
 
 
-def _dataset_of(mv) -> str:
-    from mlflow import MlflowClient
+def _dataset_of(settings: Settings, mv) -> str:
+    from flywheel.core.registry import Registry
 
-    dataset = (mv.tags or {}).get("dataset") or MlflowClient().get_run(mv.run_id).data.tags.get("dataset")
+    dataset = Registry(settings).dataset_of(mv)
     if not dataset:
         raise FlywheelError(f"version {mv.version} has no 'dataset' tag: acceptance needs its labelled test data")
     return dataset

@@ -134,7 +134,7 @@ def check_artifact_roundtrip(settings: Settings) -> Check:
     from flywheel.core.runlog import quick_failure
 
     payload = f"flywheel doctor {uuid.uuid4()}\n"
-    settings.apply()
+    settings.export_credentials()  # explicit clients below; the REST client reads credentials from env only
     # Doctor must answer in seconds, not after MLflow's ~4 minutes of retries.
     with quick_failure():
         writer = MlflowClient(settings.tracking_uri)

@@ -748,12 +748,12 @@ def attach(nodes: Sequence[Node], auth: SSHAuth, commit: str, reconnect_timeout:
 
 def _commit_of_run(settings: Settings, run_id: str) -> str | None:
     """The `git_commit` tag of an MLflow run, or None if there is no such run (then it's a SHA prefix)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    settings.apply()
+    from flywheel.core.registry import Registry
+
     try:
-        return MlflowClient().get_run(run_id).data.tags.get("git_commit")
+        return Registry(settings).run(run_id).data.tags.get("git_commit")
     except MlflowException:
         return None
 
@@ -792,11 +792,11 @@ class RunReport:
 
 def report_run(settings: Settings, run_id: str, plots_dir: Path | None = None) -> RunReport:
     """The run's metrics next to the champion's, whether it became `candidate`, and its plots."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    settings.apply()
-    client = MlflowClient()
+    from flywheel.core.registry import Registry
+
+    client = Registry(settings).client
     run = client.get_run(run_id)
     champion, champion_metrics = None, {}
     try:
@@ -922,16 +922,9 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
 def report_version(settings: Settings, version: str, plots_dir: Path | None = None, as_json: bool = False) -> str:
     """Markdown for a registry version (or alias) against the champion; appended to the CI job summary.
     With `as_json`, returns the same facts as one JSON document instead (the summary still gets Markdown)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from flywheel.core.registry import Registry
 
-    settings.apply()
-    client = MlflowClient()
-    try:
-        mv = (client.get_model_version(settings.model_name, version) if version.isdigit()
-              else client.get_model_version_by_alias(settings.model_name, version))
-    except MlflowException as exc:
-        raise FlywheelError(f"{settings.model_name} has no version or alias {version!r}: {exc.message}") from exc
+    mv = Registry(settings).version(version)
     if not mv.run_id:
         raise FlywheelError(f"{settings.model_name} v{mv.version} has no source run to report on")
     report = report_run(settings, mv.run_id, plots_dir)

@@ -443,6 +443,8 @@ def _log_model_and_artifacts(logger, model, spec: ModelSpec, splits: Splits, his
     from mlflow.models import infer_signature
 
     from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.contracts.reference import ARTIFACT_DIR as REFERENCE_DIR
+    from flywheel.contracts.reference import ReferenceSample
     from flywheel.core.plots import confusion_matrix_png, loss_curve_png
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -456,17 +458,13 @@ def _log_model_and_artifacts(logger, model, spec: ModelSpec, splits: Splits, his
             {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "per_class": report.per_class}, indent=2))
         logger.log_artifact(tmp / "per_class_report.json", "evaluation")
 
-        reference = tmp / "reference"
-        reference.mkdir()
+        reference = tmp / REFERENCE_DIR
         n = min(REFERENCE_SIZE, len(splits.val))
         pick = np.sort(np.random.default_rng(0).permutation(len(splits.val))[:n])
         logits, embeddings = predict(model, splits.val.images[pick], spec, with_embeddings=True)
-        np.save(reference / "embeddings.npy", embeddings.astype(np.float32))
-        np.save(reference / "labels.npy", splits.val.labels[pick])
-        np.save(reference / "predictions.npy", logits.argmax(1))
         priors = np.bincount(splits.train.labels, minlength=len(spec.class_names)) / len(splits.train)
-        (reference / "class_priors.json").write_text(json.dumps(priors.tolist()))
-        logger.log_artifacts(reference, "reference")
+        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors).save(reference)
+        logger.log_artifacts(reference, REFERENCE_DIR)
 
         extras = save_extras(model, spec, tmp / "extras")
         example = to_tensor(splits.val.images[:2], spec.preprocess).numpy()  # batch 2: batch dim stays dynamic
