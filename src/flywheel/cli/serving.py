@@ -55,7 +55,7 @@ def package(
         typer.echo(f"  {e['format']:12s} " + (f"skipped: {e['skipped']}" if e["skipped"]
                                               else f"max abs diff {e['max_abs_diff']:.2e}"))
     typer.echo(f"{result.mar_path}  ({m.model_name} v{m.model_version}, serving {m.artifact['format']}, "
-               f"sha256 {m['artifact']['sha256'][:12]})")
+               f"sha256 {m.artifact['sha256'][:12]})")
 
 
 @app.command(rich_help_panel=PANEL)
