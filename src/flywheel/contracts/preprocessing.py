@@ -121,6 +121,6 @@ def to_array(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.
 
 def to_tensor(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> torch.Tensor:
     """uint8 images (N, H, W) → normalised float32 tensor (N, 1, size, size): `to_array` as a tensor."""
-    import torch  # here, not at the top: clients that only decode or encode (release, predict) skip its ~2 s import
+    import torch  # here, not at the top: clients that only decode or encode (release, predict) skip its slow import
 
     return torch.from_numpy(to_array(images, spec))

@@ -44,7 +44,7 @@ class PackageConfig:
     out_dir: Path | None = None  # default: $FLYWHEEL_HOME/model-store
     artifact_format: str = "auto"  # auto: tensorrt when built, else onnx (fastest on CPU, measured)
     batch_size: int = 16
-    max_batch_delay_ms: int = 1  # 1 ms: a lone client at MLflow's p50 (2 ms added ~2 ms), batching kept
+    max_batch_delay_ms: int = 1  # short: a lone client waits little, batching stays on (benchmarks/README.md)
     workers: int = 1
     response_timeout_s: int = 30
     top_k: int = 3
@@ -239,7 +239,7 @@ def choose_artifact(requested: str, exports: dict[str, ExportResult]) -> ExportR
     if requested not in FORMATS:
         raise FlywheelError(f"unknown artifact format {requested!r}; choose one of {', '.join(FORMATS)}")
     if requested == "auto":
-        # ONNX Runtime: 1.2 ms vs 86 ms (TorchScript) per single image on this project's 2-core CPU.
+        # ONNX Runtime answers single images far sooner than TorchScript on the CPU.
         requested = "tensorrt" if exports.get("tensorrt") and not exports["tensorrt"].skipped else "onnx"
     chosen = exports.get(requested)
     if chosen is None or chosen.skipped:
