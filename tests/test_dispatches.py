@@ -284,7 +284,8 @@ def test_record_superseded_refuses_without_a_token(store, monkeypatch):
 # ------------------------------------------------------------------------------------ event id flow
 def test_remote_train_hands_the_event_id_to_the_job_env():
     from flywheel.core.config import Settings
-    from flywheel.training.remote import Node, remote_env
+    from flywheel.training.dispatch.job import remote_env
+    from flywheel.training.dispatch.nodes import Node
 
     settings = Settings.from_env(tracking_uri="http://tracking.internal")
     node = Node(host="gpu1", user="train")

@@ -10,22 +10,17 @@ import subprocess
 import pytest
 
 from flywheel.core.errors import FlywheelError
-from flywheel.training.remote import (
+from flywheel.training.dispatch.job import RemoteTrainConfig, _env_file, mlflow_command, parse_params
+from flywheel.training.dispatch.nodes import (
     Node,
     NodeProbe,
-    RemoteTrainConfig,
-    SSHAuth,
-    _env_file,
-    check_entry,
-    connect,
     load_nodes,
-    mlflow_command,
     parse_free_memory,
-    parse_params,
     pick_node,
     rank_nodes,
-    resolve_commit,
 )
+from flywheel.training.dispatch.source import check_entry, resolve_commit
+from flywheel.training.dispatch.ssh import SSHAuth, connect
 from tests.conftest import free_port
 
 
@@ -96,7 +91,7 @@ def test_params_and_command_quoting():
 
 
 def test_docker_job_script_is_valid_bash_without_secret_values():
-    from flywheel.training.remote import RUNNER
+    from flywheel.training.dispatch.job import RUNNER
 
     node = Node(host="h", user="u", docker_build_args="--build-arg BASE_IMAGE=python:3.11-slim")
     cfg = RemoteTrainConfig(commit="c" * 40, env_manager="docker", params=(("dataset", "digits"),))

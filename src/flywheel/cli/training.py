@@ -151,7 +151,7 @@ def remote_train(
     model_name: ModelNameAlias = None,
 ) -> None:
     """Train a commit on a GPU node over SSH with `mlflow run`; stream it and exit with its exit code."""
-    from flywheel.training.remote import CommandOptions, run_command
+    from flywheel.training.dispatch.command import CommandOptions, run_command
 
     opts = CommandOptions(node=node, nodes=nodes, commit=commit, repo=repo, entry=entry, params=tuple(param or ()),
                           nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
@@ -172,7 +172,7 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Markdown of a version's metrics against the champion's (prod), also appended to a CI job summary."""
-    from flywheel.training.remote import report_version
+    from flywheel.training.dispatch.report import report_version
 
     settings = settings_for(tracking_uri, model_of(model, model_name))
     typer.echo(report_version(settings, version, plots_dir, as_json=as_json), nl=as_json)

@@ -1,0 +1,112 @@
+"""`flywheel remote-train`'s plumbing: turn the verb's options into nodes, SSH auth and a job
+request, then start, attach to or cancel the job, and report how it ended (stderr, the run report,
+GitHub outputs). cli/training.py only declares the options; the logic lives here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flywheel.core.errors import FlywheelError
+from flywheel.training.dispatch.job import (
+    RemoteJob,
+    RemoteTrainConfig,
+    attach,
+    find_job,
+    parse_params,
+    remote_train,
+)
+from flywheel.training.dispatch.nodes import Node, load_nodes
+from flywheel.training.dispatch.report import report_run, write_github_outputs
+from flywheel.training.dispatch.source import archive_commit, check_entry, resolve_commit
+from flywheel.training.dispatch.ssh import SSHAuth
+
+if TYPE_CHECKING:
+    from flywheel.core.config import Settings
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """Everything `flywheel remote-train` was given (see cli.remote_train for the help texts)."""
+
+    node: str | None = None
+    nodes: str | None = None
+    commit: str = "HEAD"
+    repo: Path = Path(".")
+    entry: str = "train"
+    params: tuple[str, ...] = ()
+    nproc_per_node: int | None = None
+    env_manager: str = "local"
+    env_activate: str = ""  # for --node; nodes.yaml sets it per node
+    workdir: str = Node.workdir
+    attach: str | None = None
+    cancel: str | None = None
+    identity: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: float = 10.0
+    reconnect_timeout: float = 300.0
+    plots_dir: Path | None = None
+
+
+def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) -> int:
+    """`flywheel remote-train`: returns the exit code to exit with (the remote job's)."""
+    def warn(msg: str) -> None:
+        print(f"flywheel: {msg}", file=sys.stderr, flush=True)
+
+    if bool(opts.node) == bool(opts.nodes):
+        raise FlywheelError("give exactly one of --node user@host[:port] or --nodes nodes.yaml")
+    nodes = ([Node.parse(opts.node, env_activate=opts.env_activate, workdir=opts.workdir)] if opts.node else load_nodes(str(opts.nodes)))
+    known_hosts = opts.known_hosts or str(Path("~/.ssh/known_hosts").expanduser())
+    auth = SSHAuth.load(opts.identity, known_hosts, os.environ.get("FLYWHEEL_SSH_KEY_PASSPHRASE") or None,
+                        opts.connect_timeout)
+    if opts.cancel:
+        node, sha = find_job(nodes, auth, opts.cancel, warn)
+        stopped = RemoteJob(node, auth, sha, warn=warn).cancel()
+        warn(f"{'stopped' if stopped else 'nothing running for'} commit {sha[:12]} on {node.label}")
+        return 0
+    if opts.attach:
+        target = opts.attach
+        if re.fullmatch(r"[0-9a-f]{32}", target) and tracking_given:
+            target = _commit_of_run(settings, target) or target  # an MLflow run id names its commit
+        result = attach(nodes, auth, target, opts.reconnect_timeout, warn=warn)
+    else:
+        if not tracking_given:
+            raise FlywheelError("remote-train needs a tracking server the node can reach: set MLFLOW_TRACKING_URI "
+                                "or pass --tracking-uri (the embedded SQLite store lives on this machine)")
+        sha = resolve_commit(opts.repo, opts.commit)
+        cfg = RemoteTrainConfig(commit=sha, entry=opts.entry, params=parse_params(opts.params),
+                                nproc_per_node=opts.nproc_per_node, env_manager=opts.env_manager,
+                                reconnect_timeout=opts.reconnect_timeout,
+                                # Set by train.yml for a monitor's retrain (like the passphrase, env only).
+                                event_id=os.environ.get("FLYWHEEL_EVENT_ID") or None)
+        check_entry(opts.repo, sha, cfg)
+        result = remote_train(cfg, settings, nodes, auth, archive_commit(opts.repo, sha), warn=warn)
+    warn(f"commit {result.commit[:12]} on {result.node}: MLflow run {result.run_id or 'unknown'}, "
+         f"exit code {result.exit_code}")
+    report = None
+    if result.run_id and result.exit_code == 0 and tracking_given:
+        try:
+            report = report_run(settings, result.run_id, opts.plots_dir)
+        except Exception as exc:  # noqa: BLE001 - the training succeeded; a report failure must not turn it red
+            warn(f"could not build the run report: {exc}")
+        if report and report.candidate_version:
+            warn(f"registered {settings.model_name} version {report.candidate_version} as candidate")
+    write_github_outputs(result, report)
+    return result.exit_code
+
+
+def _commit_of_run(settings: Settings, run_id: str) -> str | None:
+    """The `git_commit` tag of an MLflow run, or None if there is no such run (then it's a SHA prefix)."""
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.core.registry import Registry
+
+    try:
+        return Registry(settings).run(run_id).data.tags.get("git_commit")
+    except MlflowException:
+        return None
