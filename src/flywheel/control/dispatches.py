@@ -55,6 +55,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.github import api_headers
 
 if TYPE_CHECKING:
     from flywheel.core.config import Settings
@@ -73,7 +74,6 @@ MARKER_PREFIX = "flywheel.dispatch.last."
 DEFAULT_LOOKBACK = timedelta(days=7)
 DEFAULT_STALE_AFTER_S = 6 * 3600.0  # train.yml's job timeout: a RUNNING run older than that is dead
 GITHUB_API = "https://api.github.com"
-GITHUB_API_VERSION = "2022-11-28"
 
 
 # ------------------------------------------------------------------------------------ requests
@@ -329,8 +329,7 @@ class GitHubActions:
         import requests
 
         url = f"{self.api_url.rstrip('/')}/repos/{self.repo}/{path}"
-        headers = {"Accept": "application/vnd.github+json", "Authorization": f"Bearer {self.token}",
-                   "X-GitHub-Api-Version": GITHUB_API_VERSION}
+        headers = api_headers(self.token)
         try:
             resp = requests.get(url, headers=headers, params=params, timeout=self.timeout)
         except requests.RequestException as exc:

@@ -28,9 +28,9 @@ from typing import Protocol
 
 from flywheel.core.errors import FlywheelError
 from flywheel.core.files import atomic_write_json
+from flywheel.core.github import api_headers
 
 GITHUB_API = "https://api.github.com"
-GITHUB_API_VERSION = "2022-11-28"
 
 
 class TriggerError(FlywheelError):
@@ -93,8 +93,7 @@ class GitHubDispatch:
         import requests
 
         url = f"{self.api_url.rstrip('/')}/repos/{self.repo}/dispatches"
-        headers = {"Accept": "application/vnd.github+json", "Authorization": f"Bearer {self.token}",
-                   "X-GitHub-Api-Version": GITHUB_API_VERSION}
+        headers = api_headers(self.token)
         body = {"event_type": self.event_type, "client_payload": event.payload()}
         try:
             resp = requests.post(url, headers=headers, json=body, timeout=self.timeout)
