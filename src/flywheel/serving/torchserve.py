@@ -398,10 +398,3 @@ def _message(r) -> str:
     except ValueError:
         return r.text[:300]
     return str(body.get("message") or body.get("error") or body)[:300] if isinstance(body, dict) else r.text[:300]
-
-
-def read_keys(key_file: Path) -> dict[str, str]:
-    """{"inference": key, "management": key} from TorchServe's key_file.json (flywheel.serving.keys)."""
-    from flywheel.serving.keys import read_keys as read
-
-    return read(key_file)
