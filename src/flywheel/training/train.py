@@ -241,15 +241,16 @@ class Fitted:
 
 
 def fit(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: DistContext = DistContext(),
-        callback: FitCallback | None = None, preload: threading.Thread | None = None) -> Fitted:
+        callback: FitCallback | None = None, preload: threading.Thread | None = None,
+        model: nn.Module | None = None) -> Fitted:
     """Train `cfg.model` on `splits` for `cfg.epochs`: AdamW + one-cycle schedule, AMP on GPUs,
     DDP when `ctx` is distributed, a validation pass per epoch on rank 0. `callback` (rank 0 only)
     hears the parameters and each epoch's metrics; without one, nothing outside this process is
     touched. `preload` (an import thread) is joined before the first step."""
     seed_everything(cfg.seed)
     x_train, y_train = training_tensors(splits, cfg.seed, cfg.max_train_samples)
-    model = build_model(cfg.model, len(splits.class_names)).to(device)
-    spec = ModelSpec(cfg.model, splits.class_names, splits.preprocess, model.embedding_dim)
+    model = (model if model is not None else build_model(cfg.model, len(splits.class_names))).to(device)
+    spec = ModelSpec(cfg.model, splits.class_names, splits.preprocess, getattr(model, "embedding_dim", 0))
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
