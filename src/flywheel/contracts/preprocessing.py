@@ -235,7 +235,9 @@ def resize(images: np.ndarray, height: int, width: int | None = None, policy: st
 def _flatten_alpha(img: Image.Image, invert: bool) -> Image.Image:
     """Transparent pixels become the data's background: black, or white when `invert` (dark-on-light
     data). Pillow's plain convert would keep whatever colour hides under zero alpha."""
-    if not img.has_transparency_data:  # no alpha channel, no transparent palette entry or colour key
+    # Pillow's `has_transparency_data` (10.1+; pyproject allows 10.0) spelled out: an alpha band, or a
+    # transparent palette entry / colour key.
+    if img.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in img.info:
         return img
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
