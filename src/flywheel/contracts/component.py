@@ -175,7 +175,7 @@ class ComponentSpec:
 def check_images(images: np.ndarray, labels: np.ndarray, preprocess: PreprocessSpec, what: str) -> None:
     """Images and labels in the contract's layout for `preprocess` (uint8 (N,H,W) or (N,H,W,3))."""
     images, labels = np.asarray(images), np.asarray(labels)
-    channels = getattr(preprocess, "channels", 1)
+    channels = preprocess.channels
     want = 3 if channels == 1 else 4
     if images.dtype != np.uint8 or images.ndim != want or (want == 4 and images.shape[-1] != 3):
         layout = "(N, H, W)" if channels == 1 else "(N, H, W, 3)"

@@ -31,7 +31,7 @@ HOW_TO_GET_FASHION = ("install it with `apt-get install dataset-fashion-mnist` (
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8 (N, H, W), light strokes on dark background
+    images: np.ndarray  # uint8 (N, H, W) greyscale (light strokes on dark background) or (N, H, W, 3) RGB
     labels: np.ndarray  # int64 (N,)
 
     def __len__(self) -> int:
@@ -51,7 +51,11 @@ class Splits:
 
     @property
     def preprocess(self) -> PreprocessSpec:
-        return self.spec or PreprocessSpec(image_size=int(self.train.images.shape[-1]))
+        if self.spec is not None:
+            return self.spec
+        images = self.train.images  # (N, H, W) greyscale or (N, H, W, 3) RGB
+        return PreprocessSpec(channels=3 if images.ndim == 4 else 1, height=int(images.shape[1]),
+                              width=int(images.shape[2]))
 
 
 def _digest(*parts: bytes | str) -> str:
