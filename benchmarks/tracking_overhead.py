@@ -58,7 +58,7 @@ def _config(args):
 
 def _untracked_fit(args) -> dict:
     """`fit()`, the training loop of `run_training`, with no callback: no MLflow call at all."""
-    from flywheel.component.fit import fit, select_device
+    from flywheel.component.loop import fit, select_device
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
 

@@ -1,7 +1,7 @@
 """The Fashion-MNIST reference component's `train` entry point, on Flywheel's public API only.
 
 Fashion-MNIST (Flywheel's built-in loader: the Debian package, or the idx files in --data-dir),
-the component's own network (model.py), then `flywheel.component.train`: the training loop, the
+the component's own network (model.py), then `flywheel.component.trainer`: the training loop, the
 MLflow run, `log_model` under the component contract (embedding: the `features` module) and the
 champion/challenger gate. `MLproject` runs this file; so can you: `python train.py --help`.
 """

@@ -127,7 +127,7 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
 
     run = mlflow.active_run()
     if run is None:
-        raise ContractError("log_model needs an active MLflow run (mlflow.start_run, or flywheel.component.train)")
+        raise ContractError("log_model needs an active MLflow run (mlflow.start_run, or flywheel.component.trainer)")
     logger = logger or RunLogger(active_run_id() or run.info.run_id)
     serving, example = check_contract(model, splits, embedding)
     with tempfile.TemporaryDirectory(prefix="flywheel-log-") as tmp:

@@ -1,4 +1,4 @@
-"""`TrackedRun`: the MLflow run of one training, as a `FitCallback` of `flywheel.component.fit`.
+"""`TrackedRun`: the MLflow run of one training, as a `FitCallback` of `flywheel.component.loop`.
 
 `on_start` creates (or, under `mlflow run`, adopts) the run and logs parameters, lineage tags and the
 dataset input; `on_epoch` logs each epoch's metrics through `RunLogger` (spooled, retried); `finish`
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flywheel.component.fit import Fitted
+from flywheel.component.loop import Fitted
 from flywheel.contracts.component import GateSpec
 from flywheel.core.config import Settings
 from flywheel.core.data import Splits

@@ -3,7 +3,7 @@
 Everything but the choice of data and network is the public component API (`flywheel.component`),
 the same calls a team's own component makes: `fit` with a `TrackedRun`, `log_model` under the
 contract (the network's embedding is its `features` module), then the champion/challenger gate.
-Runs single-process or under `torchrun` (see flywheel.component.fit).
+Runs single-process or under `torchrun` (see flywheel.component.loop).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.component.fit import DistContext, fit, select_device  # noqa: F401 - re-exported for callers
+from flywheel.component.loop import DistContext, fit, select_device  # noqa: F401 - re-exported for callers
 from flywheel.component.run import TrackedRun, git_info, refuse_mlflow_default_store  # noqa: F401 - re-exported
-from flywheel.component.train import TrainResult, train
+from flywheel.component.trainer import TrainResult, train
 from flywheel.core.config import Settings
 from flywheel.core.data import load_splits
 

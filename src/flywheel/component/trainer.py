@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import nn
 
-from flywheel.component.fit import DistContext, FitConfig, fit, select_device, start_preload
+from flywheel.component.loop import DistContext, FitConfig, fit, select_device, start_preload
 from flywheel.component.run import TrackedRun, refuse_mlflow_default_store
 from flywheel.contracts.component import ComponentSpec, GateSpec
 from flywheel.core.config import Settings
