@@ -12,8 +12,9 @@ import argparse
 import os
 from pathlib import Path
 
-import flywheel.component as fc
 from model import FashionCNN
+
+import flywheel.component as fc
 
 
 def _int(value: str) -> int:
