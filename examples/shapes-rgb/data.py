@@ -82,10 +82,11 @@ def make_image(seed: int, split: str, index: int, label: int) -> np.ndarray:
     c0 = np.array(_rgb(rng.uniform(), rng.uniform(0, 0.35), rng.uniform(0.25, 0.85)), dtype=np.float32)
     c1 = np.array(_rgb(rng.uniform(), rng.uniform(0, 0.35), rng.uniform(0.25, 0.85)), dtype=np.float32)
     theta = rng.uniform(0, 2 * math.pi)
-    ys, xs = np.mgrid[0:HEIGHT * _SCALE, 0:WIDTH * _SCALE].astype(np.float32) / _SCALE
+    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
     t = ((xs - WIDTH / 2) * math.cos(theta) + (ys - HEIGHT / 2) * math.sin(theta)) / max(WIDTH, HEIGHT) + 0.5
     t = np.clip(t, 0, 1)[..., None]
-    canvas = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8), mode="RGB")
+    background = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8), mode="RGB")
+    canvas = background.resize((WIDTH * _SCALE, HEIGHT * _SCALE), Image.BILINEAR)
     draw = ImageDraw.Draw(canvas)
     for _ in range(rng.integers(2, 6)):
         bx, by, br = rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(3, 10)
@@ -141,12 +142,16 @@ def load_imagefolder(root: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...
     return np.stack(images), np.asarray(labels, dtype=np.int64), classes
 
 
+def _int(value: str) -> int:
+    return int(float(value))  # MLflow hands float parameters over as "4000.0"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write train/ and test/ into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=4000, help="training images")
-    parser.add_argument("--test-n", type=int, default=1000, help="test images")
+    parser.add_argument("--seed", type=_int, default=0)
+    parser.add_argument("--n", type=_int, default=4000, help="training images")
+    parser.add_argument("--test-n", type=_int, default=1000, help="test images")
     args = parser.parse_args(argv)
     generate(args.out, args.seed, args.n, args.test_n)
     print(f"wrote {args.n} train and {args.test_n} test images ({len(CLASS_NAMES)} classes) to {args.out}")
