@@ -153,7 +153,7 @@ def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain
 
         preds = _send(ts, NAME, clean)
         names = [data.CLASS_NAMES[y] for y in labels]
-        accuracy = np.mean([p["label"] == name for p, name in zip(preds, names)])
+        accuracy = np.mean([p["label"] == name for p, name in zip(preds, names, strict=True)])
         assert accuracy >= 0.8, accuracy  # the served model is the trained one, preprocessing included
         _send(ts, FASHION, fashion_images)  # the other model's traffic is captured apart, never mixed in
         clean_tick = _wait_windows(env, tmp_path, monitor_args, n // WINDOW)
