@@ -6,7 +6,7 @@ command writes byte-identical PNGs anywhere.
 
 Each image is 80x64 (width x height) RGB: a textured background (a random low-saturation colour
 gradient, Gaussian pixel noise and a few faint random-coloured blobs), one foreground shape with
-random position, scale and rotation, filled with a colour drawn from a hue *family* with jittered
+random position, scale and rotation (up to 25 degrees either way), filled with a colour drawn from a hue *family* with jittered
 hue, saturation and brightness, plus a small distractor shape of a random colour. The class is
 (shape, colour family): 4 shapes x 2 families = 8 classes, so neither the shape nor the colour alone
 tells the class apart. The image is wider than tall on purpose: the model reads a centre crop
@@ -34,6 +34,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 # Hue families in [0, 1): warm (red to orange) and cool (cyan to blue); the jitter stays inside.
 FAMILIES = {"warm": (0.96, 0.10), "cool": (0.50, 0.64)}
 CLASS_NAMES = tuple(sorted(f"{family}-{shape}" for family in FAMILIES for shape in SHAPES))  # = sorted dirs
+MAX_ROTATION = 25.0  # degrees either way: the foreground shape keeps roughly upright
 _SCALE = 4  # shapes are drawn at 4x and downsampled: anti-aliased edges
 _SPLIT_SALT = {"train": 1, "test": 2}
 
@@ -104,7 +105,8 @@ def make_image(seed: int, split: str, index: int, label: int) -> np.ndarray:
     cx = WIDTH / 2 + rng.uniform(-(HEIGHT / 2 - margin), HEIGHT / 2 - margin)
     cy = HEIGHT / 2 + rng.uniform(-(HEIGHT / 2 - margin), HEIGHT / 2 - margin)
     fill = _rgb(_hue(rng, family), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
-    _draw_shape(draw, shape, cx, cy, radius, rng.uniform(0, 2 * math.pi), fill)
+    angle = math.radians(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+    _draw_shape(draw, shape, cx, cy, radius, angle, fill)
 
     image = np.asarray(canvas.resize((WIDTH, HEIGHT), Image.BOX), dtype=np.float32)
     image += rng.normal(0, 12, image.shape).astype(np.float32)
