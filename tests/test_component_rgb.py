@@ -159,6 +159,8 @@ def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain
         assert accuracy >= 0.8, accuracy  # the served model is the trained one, preprocessing included
         _send(ts, FASHION, fashion_images)  # the other model's traffic is captured apart, never mixed in
         clean_tick = _wait_windows(env, tmp_path, monitor_args, n // WINDOW)
+        # 4 windows of this model's 200 predictions: the 50 Fashion-MNIST ones are another model's captures
+        assert len(clean_tick) == n // WINDOW
         assert all(w["version"] == str(mv.version) and w["size"] == WINDOW for w in clean_tick)
         assert not any(w["trigger"] for w in clean_tick) and not payload_file.exists()
 
@@ -166,6 +168,7 @@ def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain
         _send(ts, NAME, shifted)
         shifted_tick = _wait_windows(env, tmp_path, monitor_args, n // WINDOW)
         assert sum(w["drift"] for w in shifted_tick) >= 2, [w["p_value"] for w in shifted_tick]
+        assert len(shifted_tick) == n // WINDOW
         assert [w["trigger"] for w in shifted_tick if w["trigger"]] == ["drift"]
     finally:
         server.stop()
