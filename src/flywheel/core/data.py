@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.contracts.preprocessing import PreprocessSpec, decode_image, resize
+from flywheel.contracts.preprocessing import PreprocessSpec, convert_channels, decode_image, resize
 from flywheel.core.errors import DataError
 
 DATASETS = ("fashion-mnist", "digits", "imagefolder")
@@ -242,7 +242,12 @@ def add_labelled(base: Splits, extra_dirs: list[Path] | tuple[Path, ...]) -> Spl
     """
     if not extra_dirs:
         return base
-    xs, ys = [base.train.images], [base.train.labels]
+    # Extra images decode at the model's input geometry (`decode_image` per spec); a component whose
+    # own images are another size (a crop spec, say) has its train split brought there too, as the
+    # training loop would do anyway: the tensors the model sees are the same, and the arrays stack.
+    spec = base.preprocess
+    train_images = resize(convert_channels(base.train.images, spec.channels), spec.height, spec.width, spec.resize)
+    xs, ys = [train_images], [base.train.labels]
     for d in extra_dirs:
         images, labels, _, _ = read_imagefolder(Path(d), base.class_names, spec=base.preprocess)
         xs.append(images)
