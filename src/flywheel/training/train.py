@@ -372,9 +372,6 @@ class TrackedRun:
                 "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"), "flywheel.device": str(self.device)}
         if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.control.dispatches)
             tags["flywheel.event_id"] = event_id
-        # The project as remote-train / the user named it (path or git URL) and its MLproject's directory.
-        tags.update({"flywheel.project": os.environ.get("FLYWHEEL_PROJECT") or str(Path.cwd()),
-                     "flywheel.project_dir": os.environ.get("FLYWHEEL_PROJECT_DIR") or "."})
         logger.set_tags(tags)
         _log_dataset(splits)
 
