@@ -218,15 +218,23 @@ def test_a_seen_event_is_skipped_before_it_queues_in_the_training_group():
 
 # ------------------------------------------------------------------------------------ issue 13: reusable
 def _eval(expr: str, ctx: dict) -> object:
-    """A GitHub expression of the shapes these workflows use: `a || b || 'literal'` over dotted
-    context paths (a missing or empty value is falsy, like GitHub's)."""
-    for term in (t.strip() for t in expr.split("||")):
+    """A GitHub expression of the shapes these workflows use: `a || b && format('x={0}', c) || 'literal'`
+    over dotted context paths (a missing or empty value is falsy, like GitHub's)."""
+    def atom(term: str) -> object:
         if term.startswith("'"):
-            value: object = term.strip("'")
-        else:
-            value = ctx
-            for part in term.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
+            return term.strip("'")
+        if m := re.fullmatch(r"format\('(.*?)',\s*(.+)\)", term):
+            return m[1].replace("{0}", str(atom(m[2].strip())))
+        value: object = ctx
+        for part in term.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    for term in (t.strip() for t in expr.split("||")):
+        cond, _, then = term.partition("&&")
+        value = atom(cond.strip())
+        if then and value not in (None, "", False):
+            value = atom(then.strip())
         if value not in (None, "", False):
             return value
     return ""
@@ -314,3 +322,10 @@ def test_node_pool_input_overrides_the_nodes_secret():
 def test_release_dev_is_skipped_for_callers_that_release_themselves():
     cond = _load("train")["jobs"]["release-dev"]["if"]
     assert "inputs.release_dev != 'false'" in cond
+
+
+def test_dataset_parameter_is_passed_only_when_named():
+    """A component's train entry may have no `dataset` parameter (remote-train refuses undeclared ones)."""
+    params = _load("train")["jobs"]["train"]["env"]["FLYWHEEL_TRAIN_PARAMS"]
+    assert " ".join(_expand(params, {"inputs": {"epochs": "1"}}).split()) == "epochs=1"
+    assert " ".join(_expand(params, {"inputs": {"dataset": "digits"}}).split()) == "dataset=digits epochs=3"
