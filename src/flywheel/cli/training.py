@@ -60,12 +60,14 @@ def train(
 @app.command(rich_help_panel=PANEL)
 def evaluate(
     model_uri: Annotated[str, typer.Option(help="Model URI, e.g. models:/fashion-classifier@prod or runs:/ID/model.")],
-    dataset: Annotated[str, typer.Option(help="Dataset whose frozen test split is used.")] = "fashion-mnist",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Evaluate on this built-in dataset's frozen test split instead of the labelled test set the "
+             "model's component spec names (the default).")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a logged model on the frozen test split: accuracy, macro-F1, per-class."""
+    """Evaluate a logged model on its labelled test set: accuracy, macro-F1, per-class."""
     from flywheel.core.evaluate import evaluate_uri, print_report
 
     settings = settings_for(tracking_uri, None, data_dir)
@@ -76,7 +78,9 @@ def evaluate(
 @app.command(rich_help_panel=PANEL)
 def register(
     run_id: Annotated[str, typer.Option(help="MLflow run whose model is gated and registered.")],
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset for the gate (default: the run's).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset name recorded with the decision (default: the run's); the comparison always uses the "
+             "labelled test set the run's component spec names.")] = None,
     margin: Annotated[float, typer.Option(help="Accuracy the challenger must beat the champion by.")] = 0.0,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -97,7 +101,7 @@ def register(
 @app.command(rich_help_panel=PANEL)
 def archs() -> None:
     """List the architectures `train --arch` builds."""
-    from flywheel.core.models import ARCHITECTURES
+    from flywheel.training.archs import ARCHITECTURES
 
     for name, text in ARCHITECTURES.items():
         typer.echo(f"{name:20s} {text}")
