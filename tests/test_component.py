@@ -178,3 +178,18 @@ def test_package_and_evaluate_need_neither_the_components_code_nor_its_data(tmp_
     assert out["n"] == result.spec.test_set.n and abs(out["accuracy"] - result.metrics["test_accuracy"]) < 1e-9
     assert out["arch"] == "SecretNet" and out["pre"]["channels"] == 3
     assert out["embedding"] == {"source": "layer", "dim": 4, "layer": "features"}
+
+
+def test_packaging_a_version_logged_without_the_contract_names_what_is_missing():
+    """A model registered by hand (plain mlflow.pytorch.log_model): package refuses it, naming the spec."""
+    import mlflow
+
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.package import PackageConfig, package_version
+
+    settings = Settings.from_env(model_name="by-hand").apply()
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(TinyRGB(), name="model", registered_model_name="by-hand")
+    assert info.registered_model_version == 1
+    with pytest.raises(FlywheelError, match="no flywheel_component.json .*not logged by flywheel.component.log_model"):
+        package_version(PackageConfig(model_name="by-hand", version="1"), settings)
