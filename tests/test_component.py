@@ -189,7 +189,8 @@ def test_packaging_a_version_logged_without_the_contract_names_what_is_missing()
 
     settings = Settings.from_env(model_name="by-hand").apply()
     with mlflow.start_run():
-        info = mlflow.pytorch.log_model(TinyRGB(), name="model", registered_model_name="by-hand")
+        info = mlflow.pytorch.log_model(TinyRGB(), name="model", registered_model_name="by-hand",
+                                        input_example=np.zeros((2, 3, 16, 16), dtype=np.float32))
     assert info.registered_model_version == 1
     with pytest.raises(FlywheelError, match="no flywheel_component.json .*not logged by flywheel.component.log_model"):
         package_version(PackageConfig(model_name="by-hand", version="1"), settings)
