@@ -60,13 +60,17 @@ class RetrainEvent:
     project_dir: str = ""  # the MLproject's directory inside that repository
     commit: str = ""  # git_commit of the version being replaced
 
-    def payload(self) -> dict:
-        """client_payload for GitHub: at most 10 top-level keys (GitHub's limit), JSON-safe. What a
-        workflow reads is top level; `env` rides in `details` (the 11th key would be refused)."""
+    def client_payload(self) -> dict:
+        """GitHub's client_payload: the 10 top-level keys a workflow reads (GitHub refuses more than 10),
+        JSON-safe. `details` and `env` are in `payload()` (SSH, local) and the outbox's sent/ record."""
         return {"model": self.model, "reason": self.reason, "event_id": self.event_id,
                 "version": self.version, "dataset": self.dataset, "snapshot": self.snapshot,
                 "snapshot_digest": self.snapshot_digest, "project": self.project, "project_dir": self.project_dir,
-                "commit": self.commit, "details": {**self.details, "env": self.env}}
+                "commit": self.commit}
+
+    def payload(self) -> dict:
+        """The whole request (SSH stdin, $FLYWHEEL_RETRAIN_PAYLOAD): `client_payload()` plus `env`, `details`."""
+        return {**self.client_payload(), "env": self.env, "details": self.details}
 
     @classmethod
     def from_dict(cls, data: dict) -> RetrainEvent:
@@ -103,7 +107,7 @@ class GitHubDispatch:
 
         url = f"{self.api_url.rstrip('/')}/repos/{self.repo}/dispatches"
         headers = api_headers(self.token)
-        body = {"event_type": self.event_type, "client_payload": event.payload()}
+        body = {"event_type": self.event_type, "client_payload": event.client_payload()}
         try:
             resp = requests.post(url, headers=headers, json=body, timeout=self.timeout)
         except requests.RequestException as exc:
