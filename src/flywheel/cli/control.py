@@ -52,6 +52,9 @@ def status(
     statuses = collect_status(settings, model)
     if as_json:
         return emit_json({"tracking_uri": settings.tracking_uri, "models": statuses})
+    if not statuses:
+        return typer.echo(f"no registered model at {settings.tracking_uri}: train one first (`flywheel train`), or "
+                          "point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store that has them")
     from rich.console import Console
 
     Console().print(render_table(statuses, settings.tracking_uri))
