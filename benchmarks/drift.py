@@ -83,7 +83,7 @@ def embeddings_from_model(model_uri: str, shifts, seed: int = 0) -> dict[str, np
 
     def embed(images):
         with torch.no_grad():
-            return torch.cat([model.embed(to_tensor(images[i:i + 500], spec.preprocess))
+            return torch.cat([model(to_tensor(images[i:i + 500], spec.preprocess))[1]
                               for i in range(0, len(images), 500)]).numpy()
 
     test = splits.test.images

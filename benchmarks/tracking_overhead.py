@@ -58,9 +58,9 @@ def _config(args):
 
 def _untracked_fit(args) -> dict:
     """`fit()`, the training loop of `run_training`, with no callback: no MLflow call at all."""
+    from flywheel.component.loop import fit, select_device
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
-    from flywheel.training.train import fit, select_device
 
     t_start, wall_start = time.perf_counter(), time.time()
     cfg = _config(args)
@@ -69,7 +69,9 @@ def _untracked_fit(args) -> dict:
     # optimizer's first step would import it inside epoch 1's train compute.
     import torch._dynamo  # noqa: F401
 
-    fitted = fit(cfg, splits, select_device(cfg.device))
+    from flywheel.training.archs import build_model
+
+    fitted = fit(cfg, splits, select_device(cfg.device), model=build_model(cfg.model, len(splits.class_names)))
     ends = fitted.epoch_ends
     # Setup: from the worker's start to the start of epoch 1, as for the "on" side.
     return {"epoch_ends": ends, "train_seconds": fitted.train_seconds, "total_s": time.perf_counter() - t_start,

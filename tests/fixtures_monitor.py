@@ -153,7 +153,7 @@ def fashion_embeddings(serving_models) -> FashionEmbeddings:
 
     def embed(images):
         with torch.no_grad():
-            return torch.cat([model.embed(to_tensor(images[i:i + 500], spec.preprocess))
+            return torch.cat([model(to_tensor(images[i:i + 500], spec.preprocess))[1]
                               for i in range(0, len(images), 500)]).numpy()
 
     return FashionEmbeddings(np.load(ref_dir / "embeddings.npy"), np.load(ref_dir / "predictions.npy"),

@@ -17,7 +17,7 @@ from flywheel.contracts.preprocessing import InvalidImage, PreprocessSpec, decod
 from flywheel.core.config import Settings
 from flywheel.core.data import DATASETS, load_splits, read_idx
 from flywheel.core.errors import DataError, FlywheelError
-from flywheel.core.models import ARCHITECTURES, build_model
+from flywheel.training.archs import ARCHITECTURES, build_model
 
 
 def test_digest_is_content_stable_and_seed_sensitive():

@@ -2,8 +2,11 @@
 
 src/flywheel/ is one folder per node or contract:
 * a node package (training, control, tracking, serving, monitoring) imports only `flywheel.core`,
-  `flywheel.contracts` and itself; only `flywheel.cli` and `flywheel.demo` combine nodes;
-* `flywheel.core` imports only core and contracts; `flywheel.contracts` nothing of flywheel;
+  `flywheel.contracts`, `flywheel.component` (the public library a component uses) and itself;
+  only `flywheel.cli` and `flywheel.demo` combine nodes; `flywheel.component` imports only core,
+  contracts and itself;
+* `flywheel.core` imports only core and contracts; `flywheel.contracts` only other contracts (the
+  component spec embeds the preprocessing spec);
 * the modules copied into a .mar (serving/handler.py + serving.MAR_CONTRACTS) import nothing outside
   those contracts: they are staged the way `flywheel package` stages them and imported in a fresh
   interpreter where `flywheel` cannot be imported at all.
@@ -24,8 +27,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "flywheel"
 NODES = {"training", "control", "tracking", "serving", "monitoring"}
 COMBINERS = {"cli", "demo", "__main__"}  # may import any node
-ALLOWED = {**{node: {"core", "contracts", node} for node in NODES},
-           "core": {"core", "contracts"}, "contracts": set(), "__init__": set()}
+ALLOWED = {**{node: {"core", "contracts", "component", node} for node in NODES},
+           "component": {"core", "contracts", "component"},
+           "core": {"core", "contracts"}, "contracts": {"contracts"}, "__init__": set()}
 
 
 def _modules() -> dict[str, Path]:

@@ -47,7 +47,7 @@ def test_served_label_matches_mlflow_model(torchserve_server):
     test = _fashion_test()
     images = test.images[100:116]
     with torch.inference_mode():
-        expected = torch.softmax(model(to_tensor(images, spec.preprocess)), 1).numpy()
+        expected = torch.softmax(model(to_tensor(images, spec.preprocess))[0], 1).numpy()
     for i, image in enumerate(images):
         r = srv.client.predict(srv.model, _png(image))
         assert r.status_code == 200, r.text
@@ -109,8 +109,7 @@ def test_manifest_and_onnx_parity(serving_models):
     model, spec = load_model(f"models:/{serving_models.name}/{version}")
     x = to_tensor(_fashion_test().images[500:564], spec.preprocess)
     with torch.inference_mode():
-        emb = model.embed(x)
-        logits = model.head(emb)
+        logits, emb = model(x)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out_logits, out_emb = session.run(["logits", "embedding"], {"images": x.numpy()})
     assert np.abs(out_logits - logits.numpy()).max() <= PARITY_TOL

@@ -66,7 +66,7 @@ def test_handler_outputs_match_softmax_of_the_onnx_logits(torchserve_server):
     model, spec = load_model(f"models:/{srv.model}/{srv.version}")
     images = load_splits("fashion-mnist").test.images[:5]
     with torch.no_grad():
-        expected = torch.softmax(model(to_tensor(images, spec.preprocess)), 1).numpy()
+        expected = torch.softmax(model(to_tensor(images, spec.preprocess))[0], 1).numpy()
     for i in range(5):
         r = srv.client.predict(srv.model, _png(i))
         body = r.json()

@@ -76,7 +76,7 @@ def test_model_and_plots_are_in_the_bucket(tracking_stack, served_run):
         assert run_prefix + rel in names, names
     model_files = [n for n in names if "/models/" in n]
     assert any(n.endswith("/MLmodel") for n in model_files), names
-    assert any(n.endswith("flywheel_spec.json") for n in model_files), names
+    assert any(n.endswith("flywheel_component.json") for n in model_files), names
     png = tracking_stack.gcs_client().bucket(tracking_stack.bucket).blob(run_prefix + "plots/loss_curve.png")
     assert png.download_as_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -28,7 +28,7 @@ import numpy as np
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout holding MLproject
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout holding MLproject (fashion-mnist: delegates to examples/fashion-mnist)
 
 
 @dataclass(frozen=True)

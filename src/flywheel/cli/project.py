@@ -3,6 +3,10 @@
 MLflow passes every parameter as a string (floats as "3.0", empty strings for "unset"); this
 normalises them and hands over to the real CLI, so the project's entry points and the CLI
 can never drift apart. `--nproc-per-node N` (N > 1) re-executes the command under `torchrun`.
+
+The root project delegates to the Fashion-MNIST reference component: `train` with no `arch` on
+`fashion-mnist` (the defaults, so plain `mlflow run .`) runs examples/fashion-mnist/train.py with
+the same parameters; any other dataset or a named `arch` trains a built-in architecture.
 """
 
 from __future__ import annotations
@@ -46,10 +50,34 @@ def split_nproc(argv: list[str]) -> tuple[int, list[str]]:
     return max(1, int(float(value or 1))), argv[:i] + argv[i + 2:]
 
 
+REFERENCE_COMPONENT = "examples/fashion-mnist/train.py"  # relative to the project root (mlflow run's cwd)
+NOT_FOR_REFERENCE = {"--dataset", "--arch", "--nproc-per-node"}  # the root project's own choices
+
+
+def delegate_to_reference(raw: list[str]) -> list[str] | None:
+    """The reference component's command line for a root `train` that asks for it, else None."""
+    if not raw or raw[0] != "train":
+        return None
+    pairs = dict(zip(raw[1::2], raw[2::2], strict=False))
+    if pairs.get("--dataset", "fashion-mnist") != "fashion-mnist" or pairs.get("--arch", "") not in ("", "''"):
+        return None
+    args = [a for k, v in pairs.items() if k not in NOT_FOR_REFERENCE and v not in ("", "''") for a in (k, v)]
+    return [REFERENCE_COMPONENT, *args]
+
+
 def main() -> None:
     from pathlib import Path
 
     os.environ.setdefault("FLYWHEEL_ENTRY_POINT", sys.argv[1] if len(sys.argv) > 1 else "")
+    reference = delegate_to_reference(sys.argv[1:])
+    if reference is not None:
+        if not Path(reference[0]).is_file():
+            sys.exit(f"flywheel: {reference[0]} not found under {Path.cwd()}: run the root project from the "
+                     "repository (or pass -P arch=small-cnn for the built-in network)")
+        nproc, _ = split_nproc(translate(sys.argv[1:]))
+        python = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        os.execv(python[0], [*python, *reference])
     nproc, argv = split_nproc(translate(sys.argv[1:]))
     if nproc > 1:  # one process per GPU (gloo on CPU); rank 0 alone talks to MLflow
         torchrun = str(Path(sys.executable).with_name("torchrun"))

@@ -60,12 +60,14 @@ def train(
 @app.command(rich_help_panel=PANEL)
 def evaluate(
     model_uri: Annotated[str, typer.Option(help="Model URI, e.g. models:/fashion-classifier@prod or runs:/ID/model.")],
-    dataset: Annotated[str, typer.Option(help="Dataset whose frozen test split is used.")] = "fashion-mnist",
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Evaluate on this built-in dataset's frozen test split instead of the labelled test set the "
+             "model's component spec names (the default).")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a logged model on the frozen test split: accuracy, macro-F1, per-class."""
+    """Evaluate a logged model on its labelled test set: accuracy, macro-F1, per-class."""
     from flywheel.core.evaluate import evaluate_uri, print_report
 
     settings = settings_for(tracking_uri, None, data_dir)
@@ -76,7 +78,9 @@ def evaluate(
 @app.command(rich_help_panel=PANEL)
 def register(
     run_id: Annotated[str, typer.Option(help="MLflow run whose model is gated and registered.")],
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset for the gate (default: the run's).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset name recorded with the decision (default: the run's); the comparison always uses the "
+             "labelled test set the run's component spec names.")] = None,
     margin: Annotated[float, typer.Option(help="Accuracy the challenger must beat the champion by.")] = 0.0,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -97,7 +101,7 @@ def register(
 @app.command(rich_help_panel=PANEL)
 def archs() -> None:
     """List the architectures `train --arch` builds."""
-    from flywheel.core.models import ARCHITECTURES
+    from flywheel.training.archs import ARCHITECTURES
 
     for name, text in ARCHITECTURES.items():
         typer.echo(f"{name:20s} {text}")
@@ -116,8 +120,14 @@ def remote_train(
     nodes: Annotated[Optional[str], typer.Option(
         envvar="FLYWHEEL_NODES", help="nodes.yaml path (or its YAML text): the pool; the reachable node "
                                       "with the most free GPU memory is used.")] = None,
-    commit: Annotated[str, typer.Option(help="Commit to train (SHA, branch or tag in --repo).")] = "HEAD",
-    repo: Annotated[Path, typer.Option(help="Git checkout the commit is archived from.")] = Path("."),
+    commit: Annotated[str, typer.Option(help="Commit to train (SHA, branch or tag of --project).")] = "HEAD",
+    project: Annotated[str, typer.Option(
+        "--project", "--repo", envvar="FLYWHEEL_PROJECT",
+        help="The project's git checkout (a path) or git URL; a URL is fetched here, the node never sees it. "
+             "The run is tagged flywheel.project with it.")] = ".",
+    project_dir: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_PROJECT_DIR", help="Directory of the MLproject inside the repository, e.g. "
+                                            "examples/fashion-mnist (default: the root).")] = None,
     entry: Annotated[str, typer.Option(help="MLproject entry point to run.")] = "train",
     param: Annotated[Optional[list[str]], typer.Option(
         "-P", "--param", envvar="FLYWHEEL_TRAIN_PARAMS",
@@ -153,7 +163,7 @@ def remote_train(
     """Train a commit on a GPU node over SSH with `mlflow run`; stream it and exit with its exit code."""
     from flywheel.training.dispatch.command import CommandOptions, run_command
 
-    opts = CommandOptions(node=node, nodes=nodes, commit=commit, repo=repo, entry=entry, params=tuple(param or ()),
+    opts = CommandOptions(node=node, nodes=nodes, commit=commit, project=project, project_dir=project_dir, entry=entry, params=tuple(param or ()),
                           nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
                           workdir=workdir, attach=attach, cancel=cancel, identity=identity,
                           known_hosts=known_hosts, connect_timeout=connect_timeout,

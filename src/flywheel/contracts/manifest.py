@@ -68,6 +68,7 @@ class Manifest:
     serving: dict = field(default_factory=dict)
     packaged_at: str | None = None
     export_seconds: float | None = None
+    embedding: dict = field(default_factory=dict)  # contracts.component.EmbeddingSpec: {source, dim, layer}
 
     def __getitem__(self, key: str):
         """`manifest["run_id"]`: a field by its JSON key (KeyError when there is no such field)."""

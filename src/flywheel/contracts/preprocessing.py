@@ -4,16 +4,32 @@ This module is copied into every TorchServe archive, so it imports only numpy, P
 in `to_tensor`) torch, never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays;
 the handler calls `decode_image` on request bytes and then `to_array`, the same normalisation
 (`to_tensor` is `to_array` wrapped as a tensor).
+
+A model's `PreprocessSpec` says what its input is:
+  * `channels` 1 (greyscale, Pillow mode "L") or 3 (RGB);
+  * `height` x `width` pixels, reached by the `resize` policy: "stretch" (bilinear to exactly that
+    size, aspect ratio not kept) or "crop" (scale so the image covers the size, then centre-crop);
+  * per-channel `mean`/`std` applied to pixels scaled to [0, 1] (after `invert`, if set).
+uint8 image arrays use one layout everywhere (datasets, captures, snapshots): (N, H, W) for one
+channel, (N, H, W, 3) for three; a single image drops the N. An image of the other colour layout
+is converted, the way Pillow converts (RGB to greyscale by ITU-R 601-2 luma; greyscale to RGB by
+repeating it), in `decode_image` and in `to_array` alike.
+
+Backwards compatible: specs saved before channels/height/width existed (`{"image_size": 28,
+"mean": 0.286, "std": 0.353, ...}`) load as 1-channel, square, "stretch" specs and give the same
+arrays as before; `PreprocessSpec(image_size=28)` still works and `spec.image_size` reads the side
+of a square spec.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +37,12 @@ if TYPE_CHECKING:
 # Fashion-MNIST training-set statistics (pixel values scaled to [0, 1]).
 FASHION_MEAN = 0.2860
 FASHION_STD = 0.3530
+# ImageNet statistics, the usual choice for RGB networks (pretrained ones expect exactly these).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RESIZE_POLICIES = ("stretch", "crop")
+_MODES = {1: "L", 3: "RGB"}
 
 
 class InvalidImage(ValueError):
@@ -40,35 +62,192 @@ def _pillow_reason(exc: Exception) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " the request body", str(exc)).strip()
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Constants stored with every model, so serving preprocesses exactly as training did."""
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"preprocess {name} must be a positive integer, got {value!r}")
+    return int(value)
 
-    image_size: int = 28
-    mean: float = FASHION_MEAN
-    std: float = FASHION_STD
-    invert: bool = False  # True for data with dark-on-light strokes, so every model sees light-on-dark
-    max_bytes: int = 4 * 1024 * 1024  # reject larger request bodies before decoding
-    max_pixels: int = 4096 * 4096  # decompression-bomb guard, checked before pixels are decoded
+
+def _per_channel(name: str, value, channels: int) -> tuple[float, ...]:
+    """A scalar, or a sequence of one value per channel (one value broadcasts), as a float tuple."""
+    values = [value] if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else value
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"preprocess {name} must be a number or a list of {channels} numbers, "
+                         f"got {value!r}") from None
+    if len(out) == 1:
+        out = out * channels
+    if len(out) != channels:
+        raise ValueError(f"preprocess {name} has {len(out)} values but channels is {channels}: give one "
+                         "value per channel (or one for all)")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"preprocess {name} must be finite numbers, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True, init=False)
+class PreprocessSpec:
+    """Constants stored with every model, so serving preprocesses exactly as training did.
+
+    Keyword-only: `PreprocessSpec(channels=3, height=64, width=64, mean=IMAGENET_MEAN,
+    std=IMAGENET_STD, resize="crop")`. `image_size=S` is the old spelling of height=width=S."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str
+    invert: bool  # True for data with dark-on-light strokes, so every model sees light-on-dark
+    max_bytes: int  # reject larger request bodies before decoding
+    max_pixels: int  # decompression-bomb guard, checked before pixels are decoded
+
+    def __init__(self, *, channels: int = 1, height: int | None = None, width: int | None = None,
+                 mean: float | Sequence[float] = FASHION_MEAN, std: float | Sequence[float] = FASHION_STD,
+                 resize: str = "stretch", invert: bool = False, max_bytes: int = 4 * 1024 * 1024,
+                 max_pixels: int = 4096 * 4096, image_size: int | None = None):
+        if image_size is not None:
+            side = _positive_int("image_size", image_size)
+            if (height is not None and height != side) or (width is not None and width != side):
+                raise ValueError(f"preprocess image_size {side} contradicts height {height} / width {width}: "
+                                 "give height and width only")
+            height, width = side, side
+        values = dict(channels=channels, height=28 if height is None else height,
+                      width=28 if width is None else width, mean=mean, std=std, resize=resize,
+                      invert=invert, max_bytes=max_bytes, max_pixels=max_pixels)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        """Validate and normalise (called by __init__: the class defines its own for `image_size`)."""
+        if isinstance(self.channels, bool) or self.channels not in _MODES:
+            raise ValueError(f"preprocess channels must be 1 (greyscale) or 3 (RGB), got {self.channels!r}")
+        channels = int(self.channels)
+        normalised = {key: _positive_int(key, getattr(self, key))
+                      for key in ("height", "width", "max_bytes", "max_pixels")}
+        normalised.update(channels=channels, mean=_per_channel("mean", self.mean, channels),
+                          std=_per_channel("std", self.std, channels))
+        if not all(s > 0 for s in normalised["std"]):
+            raise ValueError(f"preprocess std must be > 0 for every channel, got {list(normalised['std'])}")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"preprocess resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        if not isinstance(self.invert, (bool, np.bool_)):
+            raise ValueError(f"preprocess invert must be true or false, got {self.invert!r}")
+        normalised["invert"] = bool(self.invert)
+        for key, value in normalised.items():
+            object.__setattr__(self, key, value)  # frozen: the documented way to set fields while building
+
+    @property
+    def image_size(self) -> int:
+        """The side of a square spec (the old single-size field)."""
+        if self.height != self.width:
+            raise ValueError(f"preprocess image_size is undefined for a {self.height}x{self.width} (HxW) "
+                             "spec: use height and width")
+        return self.height
+
+    @property
+    def mode(self) -> str:
+        """Pillow mode of the model's input: "L" or "RGB"."""
+        return _MODES[self.channels]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one preprocessed input, as the model receives it."""
+        return (self.channels, self.height, self.width)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        if self.height == self.width:  # readers older than height/width still find the size
+            data["image_size"] = self.height
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessSpec:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        """Load `to_dict` output, or an old spec ({"image_size", scalar "mean"/"std", ...}).
+
+        Unknown keys are ignored (a newer writer's additions); invalid values raise ValueError."""
+        known = {f.name for f in fields(cls)} | {"image_size"}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 batch (N, H, W) to (N, size, size) with Pillow's bilinear filter."""
-    if images.shape[1:] == (size, size):
+def _layout(images: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """A uint8 batch as (N, H, W) or (N, H, W, 3); a single image gains N = 1.
+
+    `channels` tells a 3-D array apart: with 3, (H, W, 3) is one RGB image; otherwise 3-D is a
+    greyscale batch (N, H, W). (N, H, W, 1) is greyscale."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = images.astype(np.uint8)
+    if images.ndim == 2 or (images.ndim == 3 and channels == 3 and images.shape[-1] == 3):
+        images = images[None]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3):
         return images
-    return np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)) for img in images])
+    raise ValueError(f"images must be uint8 (N, H, W) or (N, H, W, 3), got shape {images.shape}")
+
+
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """A uint8 batch in the layout of `channels`: (N, H, W) for 1, (N, H, W, 3) for 3.
+
+    RGB to greyscale uses Pillow's conversion (the one `decode_image` applies to colour files);
+    greyscale to RGB repeats the plane, as Pillow does."""
+    if channels not in _MODES:
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    images = _layout(images, channels)
+    is_rgb = images.ndim == 4
+    if channels == 3 and not is_rgb:
+        return np.repeat(images[..., None], 3, axis=-1)
+    if channels == 1 and is_rgb:
+        if not len(images):
+            return images[..., 0]
+        return np.stack([np.asarray(Image.fromarray(img, mode="RGB").convert("L")) for img in images])
+    return images
+
+
+def _resize_one(img: Image.Image, height: int, width: int, policy: str) -> Image.Image:
+    if img.size == (width, height):
+        return img
+    if policy == "stretch":
+        return img.resize((width, height), Image.BILINEAR)
+    if policy == "crop":  # the largest centred box of the target aspect ratio, scaled to the target
+        return ImageOps.fit(img, (width, height), method=Image.BILINEAR, centering=(0.5, 0.5))
+    raise ValueError(f"resize policy must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+
+
+def resize(images: np.ndarray, height: int, width: int | None = None, policy: str = "stretch") -> np.ndarray:
+    """Resize a uint8 batch (N, H, W) or (N, H, W, 3) to `height` x `width` (square when width is
+    None) with Pillow's bilinear filter; `policy` "stretch" or "crop" (see the module docstring)."""
+    width = height if width is None else width
+    images = np.asarray(images, dtype=np.uint8)
+    if images.ndim not in (3, 4):
+        raise ValueError(f"resize takes a batch (N, H, W) or (N, H, W, 3), got shape {images.shape}")
+    if images.shape[1:3] == (height, width):
+        return images
+    if not len(images):
+        return np.zeros((0, height, width, *images.shape[3:]), np.uint8)
+    return np.stack([np.asarray(_resize_one(Image.fromarray(img), height, width, policy)) for img in images])
+
+
+def _flatten_alpha(img: Image.Image, invert: bool) -> Image.Image:
+    """Transparent pixels become the data's background: black, or white when `invert` (dark-on-light
+    data). Pillow's plain convert would keep whatever colour hides under zero alpha."""
+    # Pillow's `has_transparency_data` (10.1+; pyproject allows 10.0) spelled out: an alpha band, or a
+    # transparent palette entry / colour key.
+    if img.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in img.info:
+        return img
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba)
 
 
 def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """Decode PNG/JPEG (or any Pillow format) bytes to a greyscale uint8 array (size, size).
+    """Decode PNG/JPEG (or any Pillow format) bytes to a uint8 array in the spec's layout and size:
+    (height, width) for 1 channel, (height, width, 3) for 3. Colour, palette and greyscale inputs are
+    converted to the spec's mode; transparency is flattened onto the background (see `_flatten_alpha`).
 
     Raises InvalidImage naming the problem: empty, too large, not an image, truncated.
     """
@@ -83,7 +262,7 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
                 raise InvalidImage(f"image too large: {width}x{height} pixels > limit {spec.max_pixels}",
                                    status=413)
             img.load()  # forces a full decode so truncated files fail here, not later
-            grey = img.convert("L")
+            converted = _flatten_alpha(img, spec.invert).convert(spec.mode)
     except InvalidImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -92,35 +271,45 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
         raise InvalidImage(f"not a decodable image: {_pillow_reason(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's truncated/corrupt-stream errors
         raise InvalidImage(f"corrupt or truncated image: {_pillow_reason(exc)}") from None
-    array = np.asarray(grey, dtype=np.uint8)
-    return resize(array[None], spec.image_size)[0]
+    return np.asarray(_resize_one(converted, spec.height, spec.width, spec.resize), dtype=np.uint8)
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """Encode a uint8 (H, W) array as PNG bytes (lossless: decode_image returns the same pixels)."""
+    """Encode a uint8 (H, W) greyscale or (H, W, 3) RGB array as PNG bytes (lossless: `decode_image`
+    with a spec of the same channels and size returns the same pixels)."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        mode = "L"
+    elif array.ndim == 3 and array.shape[-1] == 3:
+        mode = "RGB"
+    else:
+        raise ValueError(f"encode_png takes a uint8 (H, W) or (H, W, 3) image, got shape {array.shape}")
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def to_array(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
-    """uint8 images (N, H, W) → normalised float32 array (N, 1, size, size), numpy only.
+    """uint8 images (N, H, W) or (N, H, W, 3) (or one image) → normalised float32 array
+    (N, channels, height, width), numpy only: converted to the spec's channels, resized by its
+    policy, scaled to [0, 1], inverted if set, then (x - mean[c]) / std[c] per channel.
 
     The serving path (ONNX Runtime) uses this directly: a torch op there wakes torch's intra-op
     thread pool, whose spinning threads cost the worker more CPU than the model itself."""
-    images = np.asarray(images, dtype=np.uint8)
-    if images.ndim == 2:
-        images = images[None]
-    x = resize(images, spec.image_size).astype(np.float32) / np.float32(255.0)
+    images = resize(convert_channels(images, spec.channels), spec.height, spec.width, spec.resize)
+    x = images.astype(np.float32) / np.float32(255.0)
+    x = x[:, None] if spec.channels == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     if spec.invert:
         x = np.float32(1.0) - x
-    x -= np.float32(spec.mean)
-    x /= np.float32(spec.std)
-    return x[:, None]
+    x -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    x /= np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return x
 
 
 def to_tensor(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> torch.Tensor:
-    """uint8 images (N, H, W) → normalised float32 tensor (N, 1, size, size): `to_array` as a tensor."""
+    """`to_array` as a torch tensor: float32 (N, channels, height, width)."""
     import torch  # here, not at the top: clients that only decode or encode (release, predict) skip its slow import
 
     return torch.from_numpy(to_array(images, spec))

@@ -31,7 +31,7 @@ HOW_TO_GET_FASHION = ("install it with `apt-get install dataset-fashion-mnist` (
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8 (N, H, W), light strokes on dark background
+    images: np.ndarray  # uint8 (N, H, W) greyscale (light strokes on dark background) or (N, H, W, 3) RGB
     labels: np.ndarray  # int64 (N,)
 
     def __len__(self) -> int:
@@ -47,10 +47,15 @@ class Splits:
     class_names: tuple[str, ...]
     digest: str  # sha256 of the content (pixels, labels, class names, split membership)
     source: str  # where the data was read from
+    spec: PreprocessSpec | None = None  # a component's own; None: greyscale at the images' size
 
     @property
     def preprocess(self) -> PreprocessSpec:
-        return PreprocessSpec(image_size=int(self.train.images.shape[-1]))
+        if self.spec is not None:
+            return self.spec
+        images = self.train.images  # (N, H, W) greyscale or (N, H, W, 3) RGB
+        return PreprocessSpec(channels=3 if images.ndim == 4 else 1, height=int(images.shape[1]),
+                              width=int(images.shape[2]))
 
 
 def _digest(*parts: bytes | str) -> str:
@@ -161,9 +166,10 @@ def class_folder(name: str) -> str:
     return name.replace("/", "_")
 
 
-def read_imagefolder(root: Path, class_names: tuple[str, ...] | None = None,
-                     size: int = 28) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Read root/<class>/<image>; returns images, labels, is_test mask, class names."""
+def read_imagefolder(root: Path, class_names: tuple[str, ...] | None = None, size: int = 28,
+                     spec: PreprocessSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Read root/<class>/<image>, decoded per `spec` (default: greyscale size x size); returns images,
+    labels, is_test mask, class names."""
     if not root.is_dir():
         raise DataError(f"image folder missing: {root} (expected one sub-folder of images per class)")
     found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
@@ -173,7 +179,7 @@ def read_imagefolder(root: Path, class_names: tuple[str, ...] | None = None,
     if unknown:
         raise DataError(f"image folder {root} has classes {unknown} not among {folders}")
     images, labels, is_test = [], [], []
-    spec = PreprocessSpec(image_size=size)
+    spec = spec or PreprocessSpec(image_size=size)
     for label, cls in enumerate(folders):
         folder = root / cls
         if not folder.is_dir():
@@ -202,10 +208,31 @@ def load_imagefolder(root: Path, seed: int) -> Splits:
 
 
 def _splits(name: str, x: np.ndarray, y: np.ndarray, keep: np.ndarray, val: np.ndarray, test: Split,
-            class_names: tuple[str, ...], source: str) -> Splits:
+            class_names: tuple[str, ...], source: str, spec: PreprocessSpec | None = None) -> Splits:
     train_s, val_s = Split(x[keep], y[keep]), Split(x[val], y[val])
     return Splits(name, train_s, val_s, test, class_names,
-                  split_digest(name, train_s, val_s, test, class_names), source)
+                  split_digest(name, train_s, val_s, test, class_names), source, spec)
+
+
+def make_splits(name: str, images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...] | list[str], *,
+                preprocess: PreprocessSpec, seed: int = 0, source: str = "", test_images: np.ndarray | None = None,
+                test_labels: np.ndarray | None = None) -> Splits:
+    """A component's own labelled images as Splits: train/val split by `seed`, and a test split that
+    never depends on it (given, or chosen by each image's content hash, so it stays frozen however
+    the data grows). Images are uint8 (N, H, W) or (N, H, W, 3) per `preprocess.channels`."""
+    images, labels = np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels):
+        raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+    if test_images is None:
+        is_test = np.fromiter((_content_is_test(img.tobytes()) for img in images), dtype=bool, count=len(images))
+        test = Split(images[is_test], labels[is_test])
+        images, labels = images[~is_test], labels[~is_test]
+    else:
+        test = Split(np.ascontiguousarray(test_images, dtype=np.uint8), np.asarray(test_labels, dtype=np.int64))
+    if min(len(images), len(test)) == 0:
+        raise DataError(f"{name}: too few images for a train and a test split ({len(images)} / {len(test)})")
+    keep, val = _seeded_split(len(labels), VAL_FRACTION, seed)
+    return _splits(name, images, labels, keep, val, test, tuple(class_names), source or name, preprocess)
 
 
 def add_labelled(base: Splits, extra_dirs: list[Path] | tuple[Path, ...]) -> Splits:
@@ -215,16 +242,15 @@ def add_labelled(base: Splits, extra_dirs: list[Path] | tuple[Path, ...]) -> Spl
     """
     if not extra_dirs:
         return base
-    size = int(base.train.images.shape[-1])
     xs, ys = [base.train.images], [base.train.labels]
     for d in extra_dirs:
-        images, labels, _, _ = read_imagefolder(Path(d), base.class_names, size)
+        images, labels, _, _ = read_imagefolder(Path(d), base.class_names, spec=base.preprocess)
         xs.append(images)
         ys.append(labels)
     train = Split(np.concatenate(xs), np.concatenate(ys))
     return Splits(base.name, train, base.val, base.test, base.class_names,
                   split_digest(base.name, train, base.val, base.test, base.class_names),
-                  base.source + "".join(f" + {d}" for d in extra_dirs))
+                  base.source + "".join(f" + {d}" for d in extra_dirs), base.spec)
 
 
 def load_test_split(name: str, data_dir: Path | None = None) -> tuple[Split, tuple[str, ...]]:

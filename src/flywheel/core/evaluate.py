@@ -1,4 +1,9 @@
-"""Evaluate a model on the frozen test split: accuracy, macro-F1 and a per-class report."""
+"""Evaluate a model on a labelled test set: accuracy, macro-F1 and a per-class report.
+
+A model here is anything that maps a float (N, C, H, W) batch to logits or to (logits, embedding):
+an eager component network during training, a `ServingModule`, or the TorchScript file loaded back
+from the registry (flywheel.core.models.load_model). `spec` is anything with `class_names` and
+`preprocess` (a ComponentSpec)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch
 from flywheel.contracts.preprocessing import to_tensor
 from flywheel.core.config import Settings
 from flywheel.core.data import Split, load_splits
-from flywheel.core.models import FlywheelNet, ModelSpec, load_model
+from flywheel.core.models import load_model
 
 
 @dataclass(frozen=True)
@@ -28,28 +33,36 @@ class EvalReport:
     def metrics(self, prefix: str = "test_") -> dict[str, float]:
         return {f"{prefix}accuracy": self.accuracy, f"{prefix}macro_f1": self.macro_f1}
 
+    def metric(self, name: str) -> float:
+        """A gate metric by name (contracts.component.GATE_METRICS)."""
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1}[name]
+
 
 CPU_BATCH = 256  # small enough that activations stay in the CPU's cache (1024 was slower)
 
 
 @torch.no_grad()
-def predict(model: FlywheelNet, images: np.ndarray, spec: ModelSpec, batch_size: int | None = None,
+def predict(model, images: np.ndarray, spec, batch_size: int | None = None,
             device: str | torch.device = "cpu", with_embeddings: bool = False):
-    """Logits (and optionally embeddings) for uint8 images, in batches, as numpy arrays."""
+    """Logits (and optionally embeddings) for uint8 images, in batches, as numpy arrays. Embeddings
+    need a model that returns (logits, embedding)."""
     batch_size = batch_size or (1024 if torch.device(device).type == "cuda" else CPU_BATCH)
     model.eval()
     logits, embeddings = [], []
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start:start + batch_size], spec.preprocess).to(device)
-        emb = model.embed(x)
-        logits.append(model.head(emb).float().cpu())
+        out = model(x)
+        logit, emb = out if isinstance(out, tuple) else (out, None)
+        logits.append(logit.float().cpu())
         if with_embeddings:
+            if emb is None:
+                raise TypeError(f"{type(model).__name__} returns logits only: wrap it in ServingModule for embeddings")
             embeddings.append(emb.float().cpu())
     out = torch.cat(logits).numpy()
     return (out, torch.cat(embeddings).numpy()) if with_embeddings else out
 
 
-def evaluate_model(model: FlywheelNet, spec: ModelSpec, split: Split, model_uri: str = "", dataset: str = "",
+def evaluate_model(model, spec, split: Split, model_uri: str = "", dataset: str = "",
                    device: str | torch.device = "cpu") -> EvalReport:
     pred = predict(model, split.images, spec, device=device).argmax(axis=1)
     confusion = confusion_counts(split.labels, pred, len(spec.class_names))
@@ -80,7 +93,7 @@ def per_class_scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return precision, recall, f1, support
 
 
-def cpu_layout(model: FlywheelNet) -> FlywheelNet:
+def cpu_layout(model):
     """A model on the CPU in channels-last layout (the one training uses there): the conv stack runs
     faster than in the default layout a loaded model has; the answers differ only in rounding."""
     if next(model.parameters()).device.type == "cpu":
@@ -88,9 +101,10 @@ def cpu_layout(model: FlywheelNet) -> FlywheelNet:
     return model
 
 
-def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0,
+def evaluate_uri(model_uri: str, dataset: str | None, settings: Settings, seed: int = 0,
                  data_dir: Path | None = None) -> EvalReport:
-    """Load a logged model by URI and evaluate it on `dataset`'s frozen test split."""
+    """Load a logged model by URI and evaluate it on `dataset`'s frozen test split, or (no dataset)
+    on the labelled test set its component spec names."""
     from mlflow.exceptions import MlflowException
 
     from flywheel.core.errors import FlywheelError
@@ -98,17 +112,22 @@ def evaluate_uri(model_uri: str, dataset: str, settings: Settings, seed: int = 0
 
     if (named := registered_in(model_uri)) is not None:
         get_version(settings, *named)  # a missing model or alias: one line, before the data is read
-    splits = load_splits(dataset, data_dir or settings.data_dir, seed)
     try:
-        model, spec = load_model(model_uri)
+        model, spec = load_model(model_uri, tracking_uri=settings.tracking_uri)
     except MlflowException as exc:
         raise FlywheelError(f"cannot load {model_uri} from {settings.tracking_uri}: {exc.message}") from None
     model = cpu_layout(model)
-    check_compatible(spec, splits.class_names, model_uri, dataset)
-    return evaluate_model(model, spec, splits.test, model_uri, dataset)
+    if dataset:
+        splits = load_splits(dataset, data_dir or settings.data_dir, seed)
+        check_compatible(spec, splits.class_names, model_uri, dataset)
+        return evaluate_model(model, spec, splits.test, model_uri, dataset)
+    from flywheel.core.models import read_test_set
+
+    images, labels = read_test_set(spec, settings.tracking_uri)
+    return evaluate_model(model, spec, Split(images, labels), model_uri, spec.dataset or spec.test_set.uri)
 
 
-def check_compatible(spec: ModelSpec, class_names: tuple[str, ...], model_uri: str, dataset: str) -> None:
+def check_compatible(spec, class_names: tuple[str, ...], model_uri: str, dataset: str) -> None:
     from flywheel.core.errors import FlywheelError
 
     if tuple(spec.class_names) != tuple(class_names):

@@ -1,139 +1,118 @@
-"""Model architectures by name, and loading a logged model back as a full `FlywheelNet`.
+"""The served network: a component's module as (logits, embedding), and loading it back from the registry.
 
-Every architecture is a `FlywheelNet`: `features` maps an image batch to an embedding (the
-penultimate layer, which the monitor compares against the training reference) and `head` maps the
-embedding to class logits. `forward` returns logits only, which is what MLflow's signature and
-`mlflow models serve` expose.
+`ServingModule` wraps any classifier (`forward`: float (N, C, H, W) → logits (N, classes)) so that
+one forward pass returns (logits, embedding): the embedding is the output of the submodule the
+component named (captured by a forward hook, so the component's `forward` stays its own), or the
+softmax of the logits when it named none. `flywheel.component.log_model` traces exactly this module
+to TorchScript and ONNX.
+
+Loading never rebuilds a network from a list of architectures: `load_model` downloads the logged
+model directory and loads the TorchScript file the component spec names, so evaluation, the gate
+and packaging run without the component's code. `load_spec` fetches only the spec JSON (the
+monitor, `flywheel status`); `read_test_set` the labelled test set, checked against its sha256.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flywheel.contracts.preprocessing import PreprocessSpec
+from flywheel.contracts.component import SPEC_PATH, ComponentSpec, SpecError, parse_test_set
 from flywheel.core.errors import FlywheelError
 
-SPEC_FILE = "flywheel_spec.json"  # stored beside the MLflow model: architecture, classes, preprocessing
-WEIGHTS_FILE = "state_dict.pt"
 
+class ServingModule(nn.Module):
+    """(logits, embedding) from one forward pass of `net`; the embedding is `embedding_layer`'s
+    output flattened to (N, D), or softmax(logits) when `embedding_layer` is None."""
 
-class FlywheelNet(nn.Module):
-    def __init__(self, features: nn.Module, embedding_dim: int, num_classes: int):
+    def __init__(self, net: nn.Module, embedding_layer: str | None):
         super().__init__()
-        self.features = features
-        self.head = nn.Linear(embedding_dim, num_classes)
-        self.embedding_dim = embedding_dim
+        self.net = net
+        self.embedding_layer = embedding_layer
+        self._captured: list[torch.Tensor] = []
+        self._hook = None
+        if embedding_layer is not None:
+            try:
+                layer = net.get_submodule(embedding_layer)
+            except AttributeError:
+                raise FlywheelError(f"embedding layer {embedding_layer!r} is not a submodule of "
+                                    f"{type(net).__name__}; name one of: "
+                                    f"{', '.join(n for n, _ in net.named_children()) or '(none)'}") from None
+            self._hook = layer.register_forward_hook(lambda _m, _i, out: self._captured.append(out))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+    def remove_hook(self) -> None:
+        """Leave `net` as it was (torch.export of `net` must not see the capturing hook)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-def small_cnn(num_classes: int, in_channels: int = 1) -> FlywheelNet:
-    """~0.31M-parameter CNN sized for a 2-core CPU: 91.4% on Fashion-MNIST after 3 epochs, 49 s of
-    training measured here (batch 128, one-cycle AdamW at 3e-3).
-
-    Pooling right after each conv keeps the 24→48 conv at 14×14 (a quarter of the cost at 28×28);
-    the flattened 7×7 map keeps spatial layout that global pooling would throw away. 32/64 channels
-    measured 2× slower per epoch on this CPU for +0.1 pt.
-    """
-    features = nn.Sequential(
-        *_conv_bn(in_channels, 24), nn.MaxPool2d(2),  # 28 → 14
-        *_conv_bn(24, 48), nn.MaxPool2d(2),  # 14 → 7
-        nn.Flatten(), nn.Dropout(0.2),
-        nn.Linear(48 * 7 * 7, 128), nn.ReLU(inplace=True),
-    )
-    return FlywheelNet(features, 128, num_classes)
-
-
-def _torchvision_backbone(name: str, num_classes: int, in_channels: int) -> FlywheelNet:
-    from flywheel.core.vision import import_torchvision
-
-    tv = import_torchvision()
-    if name == "resnet18":
-        net = tv.models.resnet18(weights=None)
-        # 28×28 inputs: a 3×3 stride-1 stem and no max-pool keep enough spatial resolution.
-        net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return FlywheelNet(net, dim, num_classes)
-    if name == "mobilenet_v3_small":
-        net = tv.models.mobilenet_v3_small(weights=None)
-        first = net.features[0][0]
-        net.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=1, padding=1, bias=False)
-        dim = net.classifier[0].out_features  # keep the 1024-d hidden layer as the embedding
-        net.classifier = nn.Sequential(*list(net.classifier.children())[:-1])
-        return FlywheelNet(net, dim, num_classes)
-    raise AssertionError(name)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._captured.clear()
+        logits = self.net(x)
+        if self.embedding_layer is None:
+            return logits, torch.softmax(logits, dim=1)
+        if not self._captured:
+            raise FlywheelError(f"embedding layer {self.embedding_layer!r} did not run in forward()")
+        embedding = self._captured[-1]
+        self._captured.clear()
+        return logits, embedding
 
 
-ARCHITECTURES = {
-    "small-cnn": "3 conv-BN blocks + global pool (CPU friendly, default)",
-    "resnet18": "torchvision ResNet-18, weights=None, 3x3 stem for 28x28 (GPU nodes)",
-    "mobilenet_v3_small": "torchvision MobileNetV3-Small, weights=None, stride-1 stem (GPU nodes)",
-}
-
-
-def build_model(name: str, num_classes: int, in_channels: int = 1) -> FlywheelNet:
-    if name not in ARCHITECTURES:
-        raise FlywheelError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    if name == "small-cnn":
-        return small_cnn(num_classes, in_channels)
-    return _torchvision_backbone(name, num_classes, in_channels)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What serving and evaluation need besides weights; saved as flywheel_spec.json."""
-
-    architecture: str
-    class_names: tuple[str, ...]
-    preprocess: PreprocessSpec
-    embedding_dim: int
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["class_names"] = list(self.class_names)
-        return json.dumps(data, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        data = json.loads(text)
-        return cls(data["architecture"], tuple(data["class_names"]),
-                   PreprocessSpec.from_dict(data["preprocess"]), int(data["embedding_dim"]))
-
-
-def save_extras(model: FlywheelNet, spec: ModelSpec, directory: Path) -> list[str]:
-    """Write the spec and a plain state_dict, to be logged as the MLflow model's extra files."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / SPEC_FILE).write_text(spec.to_json())
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, directory / WEIGHTS_FILE)
-    return [str(directory / SPEC_FILE), str(directory / WEIGHTS_FILE)]
-
-
-def load_model(model_uri: str, device: str | torch.device = "cpu") -> tuple[FlywheelNet, ModelSpec]:
-    """Rebuild the full FlywheelNet (with `embed`) of a logged model, e.g. `models:/name@prod`."""
+def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
+    """The logged model's local directory (downloaded once per call)."""
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    spec_path = next(local.rglob(SPEC_FILE), None)
-    weights = next(local.rglob(WEIGHTS_FILE), None)
-    if spec_path is None or weights is None:
-        raise FlywheelError(f"{model_uri} was not logged by flywheel: no {SPEC_FILE}/{WEIGHTS_FILE} in it")
-    spec = ModelSpec.from_json(spec_path.read_text())
-    model = build_model(spec.architecture, len(spec.class_names))
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.to(device).eval(), spec
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
+                                                    registry_uri=tracking_uri))
+
+
+def load_model(model_uri: str, device: str | torch.device = "cpu",
+               tracking_uri: str | None = None) -> tuple[torch.jit.ScriptModule, ComponentSpec]:
+    """(TorchScript module → (logits, embedding), its ComponentSpec) of a logged model, e.g.
+    `models:/name@prod`; FlywheelError when the model was not logged through the component contract."""
+    local = model_dir(model_uri, tracking_uri)
+    try:
+        spec = ComponentSpec.read(local)
+    except SpecError as exc:
+        raise FlywheelError(f"{model_uri}: {exc} (retrain it with flywheel.component)") from None
+    script = next(local.rglob(spec.serving["torchscript"]), None)
+    if script is None:
+        raise FlywheelError(f"{model_uri} has no {spec.serving['torchscript']}: its export is missing")
+    module = torch.jit.load(str(script), map_location=torch.device(device))
+    return module.eval(), spec
+
+
+def load_spec(model_uri: str, tracking_uri: str | None = None) -> ComponentSpec:
+    """Only the ComponentSpec of `models:/NAME/VERSION` (or any model URI), without the network."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{SPEC_PATH}",
+                                                   tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except (MlflowException, OSError) as exc:
+        raise FlywheelError(f"{model_uri} has no {SPEC_PATH}: not logged by flywheel.component "
+                            f"({type(exc).__name__})") from None
+    try:
+        return ComponentSpec.read(path)
+    except SpecError as exc:
+        raise FlywheelError(f"{model_uri}: {exc}") from None
+
+
+def read_test_set(spec: ComponentSpec, tracking_uri: str | None = None):
+    """(images, labels) of the spec's labelled test set, verified against its sha256."""
+    import mlflow
+
+    ref = spec.test_set
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, tracking_uri=tracking_uri,
+                                                   registry_uri=tracking_uri)
+        data = Path(path).read_bytes()
+    except Exception as exc:  # noqa: BLE001 - any store error: the one message names the URI
+        raise FlywheelError(f"test set {ref.uri} of {spec.name} cannot be read: {type(exc).__name__}: {exc}") from None
+    try:
+        return parse_test_set(data, ref.sha256, where=f"test set {ref.uri}")
+    except SpecError as exc:
+        raise FlywheelError(str(exc)) from None

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from flywheel.core.config import ALIASES, Settings
 from flywheel.core.errors import FlywheelError
 
-LINEAGE_TAGS = ("git_commit", "git_dirty", "dataset", "dataset_digest")
+LINEAGE_TAGS = ("git_commit", "git_dirty", "dataset", "dataset_digest", "flywheel.project", "flywheel.project_dir")
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,15 @@ class GateDecision:
     margin: float
     accepted: bool
     registered_version: str | None
+    metric: str = "accuracy"  # the component's gate metric; the *_accuracy fields hold its values
 
     def summary(self) -> str:
         vs = ("no champion yet" if self.champion_version is None
               else f"champion v{self.champion_version} {self.champion_accuracy:.4f}")
         verdict = (f"registered {self.model_name} v{self.registered_version} as 'candidate'" if self.accepted
                    else "not registered (does not beat the champion)")
-        return f"gate: challenger {self.challenger_accuracy:.4f} vs {vs} (margin {self.margin}): {verdict}"
+        return (f"gate ({self.metric}): challenger {self.challenger_accuracy:.4f} vs {vs} (margin {self.margin}): "
+                f"{verdict}")
 
 
 class Registry:
@@ -140,36 +142,35 @@ class Registry:
     # -- the gate ----------------------------------------------------------------------------------
     def gate(self, run_id: str, dataset: str | None = None, margin: float = 0.0, splits=None,
              challenger_accuracy: float | None = None) -> GateDecision:
-        """Compare run `run_id`'s model with the champion on the frozen test split; register if better."""
+        """Compare run `run_id`'s model with the champion on the challenger's labelled test set (its
+        component spec names it; `splits` given: its test split, the same images) in the spec's gate
+        metric; register it as `candidate` if better by `margin`. `challenger_accuracy`: the
+        challenger's metric value when the caller already has it. `dataset` is only a label."""
         import mlflow
 
-        from flywheel.core.data import load_splits
+        from flywheel.core.data import Split
         from flywheel.core.evaluate import check_compatible, cpu_layout, evaluate_model
-        from flywheel.core.models import load_model
+        from flywheel.core.models import load_model, read_test_set
 
         settings = self.settings
-        settings.apply()  # load_model and register_model are MLflow's fluent API: the process-global URI
+        settings.apply()  # register_model is MLflow's fluent API: the process-global URI
         run = self.run(run_id)
-        dataset = dataset or run.data.params.get("dataset")
-        if not dataset:
-            raise FlywheelError(f"run {run_id} has no 'dataset' param: pass --dataset")
-        if splits is None:
-            seed = int(run.data.params.get("seed", 0))
-            splits = load_splits(dataset, settings.data_dir, seed)
         model_uri = self.run_model_uri(run_id)
+        model, spec = load_model(model_uri, tracking_uri=settings.tracking_uri)
+        dataset = dataset or spec.dataset or run.data.params.get("dataset") or spec.test_set.uri
+        test = splits.test if splits is not None else Split(*read_test_set(spec, settings.tracking_uri))
+        metric = spec.gate.metric
         if challenger_accuracy is None:
-            model, spec = load_model(model_uri)
-            check_compatible(spec, splits.class_names, model_uri, dataset)
-            challenger_accuracy = evaluate_model(cpu_layout(model), spec, splits.test).accuracy
+            challenger_accuracy = evaluate_model(cpu_layout(model), spec, test).metric(metric)
 
         name = settings.model_name
         champion = self.champion(name)
         champion_accuracy = None
         if champion is not None:
-            champ_model, champ_spec = load_model(f"models:/{name}/{champion.version}")
-            check_compatible(champ_spec, splits.class_names, f"{name} v{champion.version}", dataset)
-            champion_accuracy = evaluate_model(cpu_layout(champ_model), champ_spec, splits.test).accuracy
-        accepted = champion_accuracy is None or challenger_accuracy > champion_accuracy + margin
+            champ_model, champ_spec = load_model(f"models:/{name}/{champion.version}", tracking_uri=settings.tracking_uri)
+            check_compatible(champ_spec, spec.class_names, f"{name} v{champion.version}", dataset)
+            champion_accuracy = evaluate_model(cpu_layout(champ_model), champ_spec, test).metric(metric)
+        accepted = champion_accuracy is None or spec.gate.better(challenger_accuracy, champion_accuracy, margin)
 
         version = None
         if accepted:
@@ -180,7 +181,7 @@ class Registry:
             self.set_alias(name, "candidate", version)
         decision = GateDecision(run_id, name, challenger_accuracy,
                                 None if champion is None else str(champion.version), champion_accuracy, margin,
-                                accepted, version)
+                                accepted, version, metric)
         _record(self.client, decision)
         return decision
 
@@ -227,7 +228,8 @@ def gate_run(run_id: str, settings: Settings, dataset: str | None = None, margin
 def _record(client, d: GateDecision) -> None:
     """The comparison goes on the run (always) and on the new version (when registered)."""
     tags = {"gate.decision": "accepted" if d.accepted else "rejected",
-            "gate.champion_version": d.champion_version or "none", "gate.margin": str(d.margin)}
+            "gate.champion_version": d.champion_version or "none", "gate.margin": str(d.margin),
+            "gate.metric": d.metric}
     for key, value in tags.items():
         client.set_tag(d.run_id, key, value)
     client.log_metric(d.run_id, "gate_challenger_accuracy", d.challenger_accuracy)

@@ -481,14 +481,10 @@ class Monitor:
     def _class_names_for(self, version: str) -> list[str] | None:
         if self._class_names is None:
             try:
-                import mlflow
+                from flywheel.core.models import load_spec
 
-                from flywheel.core.models import SPEC_FILE, ModelSpec
-
-                path = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.cfg.model}/{version}/{SPEC_FILE}",
-                    tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.tracking_uri)
-                self._class_names = list(ModelSpec.from_json(Path(path).read_text()).class_names)
+                spec = load_spec(f"models:/{self.cfg.model}/{version}", self.settings.tracking_uri)
+                self._class_names = list(spec.class_names)
             except Exception:  # noqa: BLE001 - accuracy is optional; drift does not need names
                 log.warning("class names of %s v%s unavailable; accuracy not computed", self.cfg.model, version)
                 return None

@@ -3,7 +3,9 @@
 Labels come back two ways: the feedback call (`flywheel data feedback`, stored beside the captures as
 {"prediction_id", "label"} lines) and labelling exports already in imagefolder layout (`--labelled DIR`).
 A snapshot is written as `<out>/<model>/v0001/<class>/<image>.png` plus `snapshot.json` (digest, counts,
-sources). The digest covers the content only (class + image bytes), so re-running with no new labels
+sources). Image bytes are copied as captured or exported, never re-encoded: a captured PNG is in the
+model's layout (greyscale, or RGB for a 3-channel model; see flywheel.contracts.preprocessing), so an
+RGB model's snapshot stays RGB. The digest covers the content only (class + image bytes), so re-running with no new labels
 writes nothing and returns the existing snapshot; the next training run uses it with
 `flywheel train --extra-data <snapshot dir>` (base data + labelled captures).
 

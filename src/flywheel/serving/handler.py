@@ -79,9 +79,9 @@ class RequestError(Exception):
 class _Batch:
     """Preprocessed batch: valid images stacked, per-request slices, and per-request errors."""
 
-    images: list = field(default_factory=list)  # decoded uint8 (S, S) arrays, all requests
+    images: list = field(default_factory=list)  # decoded uint8 (H, W) or (H, W, 3) arrays (spec's layout)
     slices: list = field(default_factory=list)  # per request: (start, stop, single, top_k) or RequestError
-    inputs: np.ndarray | None = None  # normalised float32 (N, 1, S, S), the model's input
+    inputs: np.ndarray | None = None  # normalised float32 (N, C, H, W), the model's input
 
 
 def _image_bytes_from_b64(value, where: str) -> bytes:

@@ -1,10 +1,13 @@
 """`flywheel package`: a registry version → parity-checked serving artifacts → a TorchServe .mar.
 
 The served network returns (logits, embedding) so the handler can answer top-k and hand the
-penultimate embedding to the capture writer. TorchScript and ONNX are always exported and each is
-checked against eager PyTorch on a held batch of real test images; a TensorRT FP16 engine is built
-from the ONNX file only where `tensorrt` and CUDA exist. The artifact served is recorded in the
-archive's manifest (contracts/manifest.py) together with its sha256, which the handler verifies on load.
+embedding to the capture writer. The component logged both serving files (TorchScript and ONNX,
+each checked against eager PyTorch then: flywheel.component.log); packaging needs neither the
+component's code nor its data loader. It loads them from the registry, checks the ONNX file against
+the TorchScript one again on a held batch of the version's own labelled test set, and builds a
+TensorRT FP16 engine from the ONNX file only where `tensorrt` and CUDA exist. The artifact served is
+recorded in the archive's manifest (contracts/manifest.py) together with its sha256, which the
+handler verifies on load.
 """
 
 from __future__ import annotations
@@ -18,17 +21,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from flywheel.component.export import PARITY_TOL, ExportResult, max_diff, onnx_outputs
 from flywheel.contracts.manifest import MANIFEST_FILE, Manifest, sha256_file
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
 
 log = logging.getLogger(__name__)
-PARITY_TOL = 1e-4  # fp32 exports must match eager to this max abs diff (logits and embedding)
+__all__ = ["PARITY_TOL", "sha256_file", "package_version"]  # PARITY_TOL, sha256_file: re-exported for callers
 TRT_PARITY_TOL = 5e-2  # fp16 engine: probabilities within this max abs diff
 HELD_BATCH = 64
 FORMATS = ("auto", "onnx", "torchscript", "tensorrt")
@@ -54,20 +58,6 @@ class PackageConfig:
 
 
 @dataclass(frozen=True)
-class ExportResult:
-    format: str
-    file: str | None
-    sha256: str | None
-    max_abs_diff: float | None
-    skipped: str | None = None  # reason, when not built
-    exporter: str | None = None  # how the file was produced (ONNX: torchscript or dynamo exporter)
-
-    def to_dict(self) -> dict:
-        return {"format": self.format, "file": self.file, "sha256": self.sha256,
-                "max_abs_diff": self.max_abs_diff, "skipped": self.skipped, "exporter": self.exporter}
-
-
-@dataclass(frozen=True)
 class PackageResult:
     mar_path: Path
     manifest: Manifest = field(repr=False)
@@ -84,97 +74,12 @@ def resolve_version(settings: Settings, name: str, version: str | None = None, a
     return Registry(settings).resolve(name, version, alias)
 
 
-def held_batch(dataset: str, settings: Settings, n: int = HELD_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """The first n images of the dataset's frozen test split: the same held batch for every export."""
-    from flywheel.core.data import load_test_split
+def held_batch(spec, settings: Settings, n: int = HELD_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """The first n images of the version's labelled test set: the same held batch for every export."""
+    from flywheel.core.models import read_test_set
 
-    test, _ = load_test_split(dataset, data_dir=settings.data_dir)
-    return test.images[:n], test.labels[:n]
-
-
-def _serving_module(net):
-    """Wrap a FlywheelNet so one call returns (logits, embedding) from a single forward pass."""
-    import torch
-
-    class ServingNet(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            emb = self.inner.embed(x)
-            return self.inner.head(emb), emb
-
-    return ServingNet(net).eval()
-
-
-def _max_diff(a: tuple, b: tuple) -> float:
-    return float(max(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)).max()
-                     for x, y in zip(a, b, strict=True)))
-
-
-def export_torchscript(module, example, reference: tuple, directory: Path):
-    """Trace, save, reload and check the TorchScript file; returns (result, the reloaded module)."""
-    import torch
-
-    path = directory / "model.pt"
-    with torch.inference_mode():
-        traced = torch.jit.trace(module, example[:2], check_trace=False)
-    traced.save(str(path))
-    loaded = torch.jit.load(str(path), map_location="cpu").eval()
-    with torch.inference_mode():
-        out = tuple(t.numpy() for t in loaded(example))
-    return ExportResult("torchscript", path.name, sha256_file(path), _max_diff(out, reference),
-                        exporter="torch.jit.trace"), loaded
-
-
-def _onnx_from_torchscript(scripted, example, path: Path) -> None:
-    """The TorchScript-based exporter on the already traced (and parity-checked) graph: ~0.2 s,
-    against ~5 s for the dynamo exporter (torch.export + onnxscript, mostly import and tracing)."""
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():  # its deprecation notices; the parity check is what counts
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message="no signature found for", category=UserWarning)
-        torch.onnx.export(scripted, (example[:2],), str(path), input_names=["images"],
-                          output_names=["logits", "embedding"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
-                          dynamo=False, external_data=False)
-
-
-def _onnx_dynamo(module, example, path: Path) -> None:
-    import torch
-
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    # external_data=False: TorchServe only ships the one file, not a separate .onnx.data.
-    torch.onnx.export(module, (example[:2],), str(path), input_names=["images"],
-                      output_names=["logits", "embedding"], dynamic_shapes={"x": {0: batch}},
-                      external_data=False, dynamo=True, verbose=False)
-
-
-def export_onnx(module, example, reference: tuple, directory: Path, scripted=None) -> ExportResult:
-    """ONNX file checked with ONNX Runtime against eager PyTorch. From the TorchScript module when one
-    is given (fast); the dynamo exporter when that fails or none is given (deprecated exporter gone,
-    an untraceable model). Either way the parity check below decides."""
-    import onnxruntime as ort
-
-    path = directory / "model.onnx"
-    exporter = "dynamo"
-    if scripted is not None:
-        try:
-            _onnx_from_torchscript(scripted, example, path)
-            exporter = "torchscript"
-        except Exception as exc:  # noqa: BLE001 - any failure: the other exporter gets its chance
-            log.info("TorchScript-based ONNX export failed (%s: %s); using the dynamo exporter",
-                     type(exc).__name__, exc)
-            path.unlink(missing_ok=True)
-    if exporter == "dynamo":
-        _onnx_dynamo(module, example, path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = tuple(session.run(["logits", "embedding"], {"images": example.numpy()}))
-    return ExportResult("onnx", path.name, sha256_file(path), _max_diff(out, reference), exporter=exporter)
+    images, labels = read_test_set(spec, settings.tracking_uri)
+    return images[:n], labels[:n]
 
 
 def tensorrt_unavailable() -> str | None:
@@ -307,37 +212,41 @@ def stage_files(staging: Path, manifest: Manifest | dict, class_names: list[str]
 
 
 def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
-    """Export, parity-check and archive one registry version; returns the .mar and its manifest."""
+    """Parity-check and archive one registry version's serving files; returns the .mar and its manifest."""
     import torch
 
     from flywheel.contracts.preprocessing import to_tensor
-    from flywheel.core.models import load_model
+    from flywheel.core.models import load_model, model_dir
     from flywheel.core.registry import Registry
 
-    settings.apply()  # load_model below is MLflow's fluent API
     registry = Registry(settings)
     mv = registry.resolve(cfg.model_name, cfg.version, cfg.alias)
     tags = registry.lineage(mv)
-    dataset = tags["dataset"]
-    if not dataset:
-        raise FlywheelError(f"{cfg.model_name} v{mv.version} has no 'dataset' tag: it was not trained by "
-                            "`flywheel train`, so no held batch can check its exports")
-    net, spec = load_model(f"models:/{cfg.model_name}/{mv.version}")
-    images, _ = held_batch(dataset, settings)
+    uri = f"models:/{cfg.model_name}/{mv.version}"
+    scripted, spec = load_model(uri, tracking_uri=settings.tracking_uri)
+    local = model_dir(uri, settings.tracking_uri)
+    images, _ = held_batch(spec, settings)
     example = to_tensor(images, spec.preprocess)
-    module = _serving_module(net)
     with torch.inference_mode():
-        reference = tuple(t.numpy() for t in module(example))
+        reference = tuple(t.numpy() for t in scripted(example))
     ref_probs = torch.softmax(torch.from_numpy(reference[0]), 1).numpy()
 
     staging = Path(tempfile.mkdtemp(prefix="flywheel-package-"))
     try:
         started = time.perf_counter()
         exports = {}
-        exports["torchscript"], scripted = export_torchscript(module, example, reference, staging)
-        _check(exports["torchscript"], PARITY_TOL)
-        exports["onnx"] = export_onnx(module, example, reference, staging, scripted=scripted)
-        _check(exports["onnx"], PARITY_TOL)
+        for fmt, target in (("torchscript", "model.pt"), ("onnx", "model.onnx")):
+            found = next(local.rglob(spec.serving[fmt]), None)
+            if found is None:
+                raise FlywheelError(f"{uri} has no {spec.serving[fmt]}: it was not logged by flywheel.component")
+            shutil.copy(found, staging / target)
+        # TorchScript: its log-time diff from eager; ONNX: the worse of that and today's check against TorchScript.
+        exports["torchscript"] = ExportResult("torchscript", "model.pt", sha256_file(staging / "model.pt"),
+                                              spec.parity.get("torchscript", 0.0), exporter="torch.jit.trace")
+        onnx_diff = max(spec.parity.get("onnx", 0.0), max_diff(onnx_outputs(staging / "model.onnx", example), reference))
+        exports["onnx"] = ExportResult("onnx", "model.onnx", sha256_file(staging / "model.onnx"), onnx_diff)
+        for result in exports.values():
+            _check(result, PARITY_TOL)
         reason = tensorrt_unavailable()
         if reason is None:
             exports["tensorrt"] = export_tensorrt(staging / "model.onnx", example, ref_probs, staging)
@@ -352,18 +261,19 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
         manifest = Manifest(
             model_name=cfg.model_name, model_version=str(mv.version), run_id=mv.run_id,
             git_commit=tags["git_commit"], git_dirty=tags["git_dirty"],
-            dataset=dataset, dataset_digest=tags["dataset_digest"],
-            architecture=spec.architecture, class_names=list(spec.class_names),
+            dataset=tags["dataset"] or spec.dataset, dataset_digest=tags["dataset_digest"] or spec.dataset_digest,
+            architecture=spec.name, class_names=list(spec.class_names),
             preprocess=spec.preprocess.to_dict(), embedding_dim=spec.embedding_dim,
             artifact={"file": chosen.file, "format": chosen.format, "sha256": chosen.sha256,
                       "requested": cfg.artifact_format},
             exports=[e.to_dict() for e in exports.values()],
-            parity={"held_batch": f"{dataset} test[:{len(images)}]", "tolerance": PARITY_TOL,
+            parity={"held_batch": f"{spec.test_set.uri}[:{len(images)}]", "tolerance": PARITY_TOL,
                     "tensorrt_tolerance": TRT_PARITY_TOL},
             serving={"batch_size": cfg.batch_size, "max_batch_delay_ms": cfg.max_batch_delay_ms,
                      "workers": cfg.workers},
             packaged_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             export_seconds=round(time.perf_counter() - started, 2),
+            embedding=asdict(spec.embedding),
         )
         stage_files(staging, manifest, list(spec.class_names), cfg)
         out_dir = cfg.out_dir or settings.work_dir / "model-store"
@@ -372,4 +282,3 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("packaged %s v%s as %s (%s)", cfg.model_name, mv.version, mar, chosen.format)
     return PackageResult(mar, manifest)
-

@@ -99,20 +99,22 @@ class ReleaseResult:
 
 @dataclass(frozen=True)
 class AcceptanceData:
-    """Fixed labelled images (the version's dataset, frozen test split) used by every check."""
+    """Fixed labelled images (the version's own labelled test set, named by its component spec) used
+    by every check: acceptance needs neither the component's code nor its data loader."""
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
 
     @classmethod
-    def for_dataset(cls, dataset: str, settings: Settings, cfg: AcceptanceConfig) -> AcceptanceData:
-        from flywheel.core.data import load_test_split
+    def for_version(cls, settings: Settings, model: str, version: str, cfg: AcceptanceConfig) -> AcceptanceData:
+        from flywheel.core.models import load_spec, read_test_set
 
-        test, class_names = load_test_split(dataset, data_dir=settings.data_dir)
+        spec = load_spec(f"models:/{model}/{version}", settings.tracking_uri)
+        images, labels = read_test_set(spec, settings.tracking_uri)
         n = max(cfg.smoke_samples, cfg.accuracy_samples, cfg.latency_requests)
-        start = cfg.sample_offset if len(test) >= cfg.sample_offset + n else 0
-        return cls(test.images[start:start + n], test.labels[start:start + n], class_names)
+        start = cfg.sample_offset if len(labels) >= cfg.sample_offset + n else 0
+        return cls(images[start:start + n], labels[start:start + n], spec.class_names)
 
 
 def marked_predict(client, model: str, version: str | None = None) -> Callable[..., object]:
@@ -260,7 +262,7 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
                     raise ReleaseFailed(f"{mar_path} was packaged from run {manifest.run_id}, but {model} "
                                         f"v{version} in this registry is run {mv.run_id}: package it again")
                 result.event(f"registry: v{version} is run {mv.run_id}, as the archive says")
-            data = AcceptanceData.for_dataset(manifest.dataset, settings, acceptance)
+            data = AcceptanceData.for_version(settings, model, version, acceptance)
         finally:
             r = step.result()  # always waited for: a rollback must see the registration's outcome
         if registered_here:
@@ -573,7 +575,7 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
         _wait_container_healthy(container, target.health_timeout_s)
         ts = TorchServeClient(url, key_source=lambda: _container_keys(container),
                               key_source_name=f"{CONTAINER_KEY_FILE} in container {name}")
-        data = AcceptanceData.for_dataset(_dataset_of(settings, mv), settings, acceptance)
+        data = AcceptanceData.for_version(settings, model, version, acceptance)
         report = run_acceptance(marked_predict(ts, model, version), data, version, acceptance)
         result.report = report
         result.event(report.summary())
@@ -599,11 +601,3 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
         result.event(f"removed old container(s) {', '.join(c.name for c in old)}")
     return result
 
-
-def _dataset_of(settings: Settings, mv) -> str:
-    from flywheel.core.registry import Registry
-
-    dataset = Registry(settings).dataset_of(mv)
-    if not dataset:
-        raise FlywheelError(f"version {mv.version} has no 'dataset' tag: acceptance needs its labelled test data")
-    return dataset

@@ -1,0 +1,180 @@
+"""The component contract (flywheel.component): what `log_model` checks and logs, and that every later
+step works from the registry alone, without the component's code. Real MLflow (the embedded store).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import flywheel.component as fc
+from flywheel.core.config import Settings
+
+
+def _rgb_splits(n: int = 240, size: int = 20):
+    """Two classes a tiny network separates: red-ish vs blue-ish noise (honest synthetic data)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 120, size=(n, size, size, 3), dtype=np.uint8)
+    images[labels == 0, :, :, 0] += 120
+    images[labels == 1, :, :, 2] += 120
+    spec = fc.PreprocessSpec(channels=3, height=16, width=16, mean=(0.4, 0.3, 0.4), std=(0.25, 0.2, 0.25),
+                             resize="crop")
+    return fc.make_splits("red-blue", images, labels, ("red", "blue"), preprocess=spec, seed=0)
+
+
+class TinyRGB(nn.Module):
+    def __init__(self, classes: int = 2, embed_shape: str = "flat"):
+        super().__init__()
+        conv = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2)]
+        self.body = nn.Sequential(*conv) if embed_shape == "map" else nn.Sequential(*conv, nn.Flatten())
+        self.flat = nn.Flatten()
+        self.out = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.out(self.flat(self.body(x)))
+
+
+def _train(model, splits, **kw):
+    settings = Settings.from_env(model_name=kw.pop("model_name", "red-blue"))
+    return fc.train(model, splits, fc.FitConfig(epochs=1, batch_size=32, lr=1e-2), settings=settings, **kw), settings
+
+
+def test_a_component_with_its_own_network_and_rgb_data_is_logged_gated_and_loaded_from_the_registry():
+    splits = _rgb_splits()
+    result, settings = _train(TinyRGB(), splits, embedding="body", name="tiny-rgb")
+    assert result.registered_version == "1"
+    model, spec = fc.load_model("models:/red-blue/1", tracking_uri=settings.tracking_uri)
+    assert isinstance(model, torch.jit.ScriptModule)  # loaded from the logged file, not rebuilt from code
+    assert spec.name == "tiny-rgb" and spec.class_names == ("red", "blue")
+    assert spec.preprocess.channels == 3 and (spec.preprocess.height, spec.preprocess.width) == (16, 16)
+    assert spec.embedding == fc.EmbeddingSpec("layer", 32, "body")
+    assert spec.gate == fc.GateSpec("accuracy", "maximize")
+    assert spec.parity["onnx"] <= 1e-4
+    images, labels = fc.read_test_set(spec, settings.tracking_uri)
+    assert images.shape[1:] == (20, 20, 3) and len(labels) == spec.test_set.n == len(splits.test)
+    assert np.array_equal(images, splits.test.images)
+    assert fc.load_spec("models:/red-blue/1", settings.tracking_uri) == spec
+
+
+def test_no_embedding_named_falls_back_to_softmax_and_the_spec_says_so():
+    result, settings = _train(TinyRGB(), _rgb_splits(), embedding=None, model_name="red-blue-softmax")
+    spec = result.spec
+    assert spec.embedding.source == "softmax" and spec.embedding.dim == 2
+    model, _ = fc.load_model("models:/red-blue-softmax/1", tracking_uri=settings.tracking_uri)
+    x = torch.randn(3, 3, 16, 16)
+    logits, emb = model(x)
+    assert torch.allclose(emb, torch.softmax(logits, 1), atol=1e-6)
+
+
+class NoExport(nn.Module):
+    """A forward that TorchScript tracing cannot reproduce: the branch depends on the batch size, and
+    the trace (of a 2-image batch) keeps only one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        emb = self.features(x)
+        if x.shape[0] > 2:
+            return self.head(emb)
+        return -self.head(emb)
+
+
+@pytest.mark.parametrize(("model", "embedding", "says"), [
+    (TinyRGB(), "nope", "embedding layer 'nope' is not a submodule"),
+    (TinyRGB(embed_shape="map"), "body", "embedding: layer 'body' outputs (48, 8, 2, 2)"),
+    (TinyRGB(classes=3), "body", "signature: model(x) must return logits of shape (48, 2)"),
+    (NoExport(), "features", "export: torchscript export does not match eager PyTorch"),
+])
+def test_a_component_that_breaks_the_contract_fails_naming_it_and_registers_nothing(model, embedding, says):
+    from mlflow import MlflowClient
+
+    with pytest.raises(fc.ContractError if "submodule" not in says else Exception) as err:
+        _train(model, _rgb_splits(), embedding=embedding, model_name="broken")
+    assert says in str(err.value)
+    settings = Settings.from_env()
+    client = MlflowClient(settings.tracking_uri)
+    assert client.search_registered_models() == [] or all(m.name != "broken" for m in client.search_registered_models())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.status == "FAILED" for r in runs)  # the run says it failed; no model logged
+    assert all(not r.outputs.model_outputs for r in runs if r.outputs)
+
+
+def test_log_model_refuses_images_in_the_wrong_layout():
+    splits = _rgb_splits()
+    grey = fc.make_splits("grey", splits.train.images[..., 0], splits.train.labels, ("red", "blue"),
+                          preprocess=splits.preprocess)  # (N, H, W) under a 3-channel spec
+    with pytest.raises(fc.ContractError, match=r"images must be uint8 \(N, H, W, 3\) for 3 channel"):
+        _train(TinyRGB(), grey, embedding="body", model_name="wrong-layout")
+
+
+def test_a_test_set_changed_after_logging_is_refused(tmp_path):
+    from flywheel.core.errors import FlywheelError
+
+    result, settings = _train(TinyRGB(), _rgb_splits(), embedding="body", model_name="tampered")
+    spec = result.spec
+    forged = fc.TestSetRef(spec.test_set.uri, "0" * 64, spec.test_set.n)
+    from dataclasses import replace
+
+    with pytest.raises(FlywheelError, match="does not match the recorded"):
+        fc.read_test_set(replace(spec, test_set=forged), settings.tracking_uri)
+
+
+def test_package_and_evaluate_need_neither_the_components_code_nor_its_data(tmp_path):
+    """The network class lives only in a module this process wrote; a fresh interpreter without it
+    evaluates the version on its logged test set and packages it for TorchServe."""
+    component = tmp_path / "component"
+    component.mkdir()
+    (component / "secret_net.py").write_text(textwrap.dedent('''
+        from torch import nn
+        class SecretNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                self.head = nn.Linear(4, 2)
+            def forward(self, x):
+                return self.head(self.features(x))
+    '''))
+    sys.path.insert(0, str(component))
+    try:
+        from secret_net import SecretNet
+
+        result, settings = _train(SecretNet(), _rgb_splits(), embedding="features", model_name="secret")
+    finally:
+        sys.path.remove(str(component))
+        sys.modules.pop("secret_net", None)
+    code = textwrap.dedent('''
+        import json, sys
+        from flywheel.core.config import Settings
+        from flywheel.core.evaluate import evaluate_uri
+        from flywheel.serving.package import PackageConfig, package_version
+        assert "secret_net" not in sys.modules
+        try:
+            import secret_net  # noqa: F401
+            raise SystemExit("the component's code is importable: the test proves nothing")
+        except ImportError:
+            pass
+        s = Settings.from_env(model_name="secret")
+        report = evaluate_uri("models:/secret/1", None, s)
+        res = package_version(PackageConfig(model_name="secret", version="1"), s)
+        print(json.dumps({"accuracy": report.accuracy, "n": report.n, "mar": str(res.mar_path),
+                          "arch": res.manifest.architecture, "pre": res.manifest.preprocess,
+                          "embedding": res.manifest.embedding}))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == result.spec.test_set.n and abs(out["accuracy"] - result.metrics["test_accuracy"]) < 1e-9
+    assert out["arch"] == "SecretNet" and out["pre"]["channels"] == 3
+    assert out["embedding"] == {"source": "layer", "dim": 4, "layer": "features"}
