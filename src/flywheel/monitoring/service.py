@@ -238,6 +238,7 @@ class Monitor:
         self._detector = None
         self._reference: Reference | None = None
         self._class_names: list[str] | None = None
+        self._embedding_source = "unknown"  # the served version's: "layer" or "softmax" (its component spec)
         self._registry = None
         self._sources: dict[str, dict[str, str]] = {}  # version → where it came from (for retrain requests)
 
@@ -339,6 +340,7 @@ class Monitor:
             return
         self._reference = Reference.load(run_id, self.dir / "references", self.settings.tracking_uri)
         self._detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
+        self._embedding_source = self._embedding_source_of(version)
         if self.state.version != version:
             log.info("monitoring %s@%s = version %s (new reference from run %s)", self.cfg.model, self.cfg.env,
                      version, run_id)
@@ -347,6 +349,22 @@ class Monitor:
             self._class_names = None
             self._commit({"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64),
                           "ts": np.zeros(0), "ids": np.zeros(0, dtype="<U64")})
+
+    def _embedding_source_of(self, version: str) -> str:
+        """Where the version's embedding comes from (its component spec): "layer", or "softmax" when
+        the component named no embedding, which the monitor says, since softmax outputs see less
+        of a shift in the inputs than a penultimate layer does."""
+        from flywheel.core.models import load_spec
+
+        try:
+            embedding = load_spec(f"models:/{self.cfg.model}/{version}", self.settings.tracking_uri).embedding
+        except FlywheelError as exc:  # drift works from the reference alone; the source is a label
+            log.warning("%s v%s: component spec unavailable (%s); embedding source unknown", self.cfg.model, version, exc)
+            return "unknown"
+        if embedding.source == "softmax":
+            log.warning("%s v%s names no embedding layer: drift is tested on its softmax outputs (a weaker signal "
+                        "than a penultimate layer; name one in log_model(embedding=...))", self.cfg.model, version)
+        return embedding.source
 
     # -- one tick --------------------------------------------------------------------------------
     def tick(self) -> list[WindowResult]:
@@ -587,6 +605,7 @@ class Monitor:
             run = client.create_run(exp, run_name=f"monitor-{self.cfg.model}-{self.cfg.env}-v{results[0].version}",
                                     tags={"model": self.cfg.model, "env": self.cfg.env,
                                           "version": results[0].version, "reference_run_id": self._reference.run_id,
+                                          "embedding_source": self._embedding_source,
                                           "capture_uri": self.cfg.capture_uri})
             client.log_batch(run.info.run_id, params=[Param("window", str(self.cfg.window)),
                                                       Param("alpha", str(self.cfg.alpha))])
