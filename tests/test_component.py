@@ -18,7 +18,7 @@ import flywheel.component as fc
 from flywheel.core.config import Settings
 
 
-def _rgb_splits(n: int = 240, size: int = 20):
+def _rgb_splits(n: int = 600, size: int = 20):
     """Two classes a tiny network separates: red-ish vs blue-ish noise (honest synthetic data)."""
     rng = np.random.default_rng(0)
     labels = np.arange(n) % 2
@@ -73,6 +73,17 @@ def test_no_embedding_named_falls_back_to_softmax_and_the_spec_says_so():
     logits, emb = model(x)
     assert torch.allclose(emb, torch.softmax(logits, 1), atol=1e-6)
 
+    # The monitor watching it says which signal it tests (a real `flywheel monitor --once` process).
+    from flywheel.core.registry import Registry
+
+    Registry(settings).set_alias("red-blue-softmax", "prod", "1")
+    captures = settings.work_dir / "captures"
+    captures.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "flywheel", "monitor", "--once", "--model", "red-blue-softmax",
+                           "--capture-uri", str(captures)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "names no embedding layer: drift is tested on its softmax outputs" in proc.stderr + proc.stdout
+
 
 class NoExport(nn.Module):
     """A forward that TorchScript tracing cannot reproduce: the branch depends on the batch size, and
@@ -92,8 +103,8 @@ class NoExport(nn.Module):
 
 @pytest.mark.parametrize(("model", "embedding", "says"), [
     (TinyRGB(), "nope", "embedding layer 'nope' is not a submodule"),
-    (TinyRGB(embed_shape="map"), "body", "embedding: layer 'body' outputs (48, 8, 2, 2)"),
-    (TinyRGB(classes=3), "body", "signature: model(x) must return logits of shape (48, 2)"),
+    (TinyRGB(embed_shape="map"), "body", "embedding: layer 'body' outputs (64, 8, 2, 2)"),
+    (TinyRGB(classes=3), "body", "signature: model(x) must return logits of shape (64, 2)"),
     (NoExport(), "features", "export: torchscript export does not match eager PyTorch"),
 ])
 def test_a_component_that_breaks_the_contract_fails_naming_it_and_registers_nothing(model, embedding, says):
@@ -108,6 +119,11 @@ def test_a_component_that_breaks_the_contract_fails_naming_it_and_registers_noth
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and all(r.info.status == "FAILED" for r in runs)  # the run says it failed; no model logged
     assert all(not r.outputs.model_outputs for r in runs if r.outputs)
+
+
+def test_log_model_refuses_a_validation_split_too_small_for_the_monitors_reference():
+    with pytest.raises(fc.ContractError, match="the validation split has 19 images; the monitor's reference needs"):
+        _train(TinyRGB(), _rgb_splits(n=240), embedding="body", model_name="too-small")
 
 
 def test_log_model_refuses_images_in_the_wrong_layout():
@@ -178,3 +194,19 @@ def test_package_and_evaluate_need_neither_the_components_code_nor_its_data(tmp_
     assert out["n"] == result.spec.test_set.n and abs(out["accuracy"] - result.metrics["test_accuracy"]) < 1e-9
     assert out["arch"] == "SecretNet" and out["pre"]["channels"] == 3
     assert out["embedding"] == {"source": "layer", "dim": 4, "layer": "features"}
+
+
+def test_packaging_a_version_logged_without_the_contract_names_what_is_missing():
+    """A model registered by hand (plain mlflow.pytorch.log_model): package refuses it, naming the spec."""
+    import mlflow
+
+    from flywheel.core.errors import FlywheelError
+    from flywheel.serving.package import PackageConfig, package_version
+
+    settings = Settings.from_env(model_name="by-hand").apply()
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(TinyRGB(), name="model", registered_model_name="by-hand",
+                                        input_example=np.zeros((2, 3, 16, 16), dtype=np.float32))
+    assert info.registered_model_version == 1
+    with pytest.raises(FlywheelError, match="no flywheel_component.json .*not logged by flywheel.component.log_model"):
+        package_version(PackageConfig(model_name="by-hand", version="1"), settings)

@@ -22,7 +22,7 @@ def _exported_metric_names() -> set[str]:
 
     m = Metrics("m", "prod")
     m.p_value.labels(model="m", env="prod", test="embedding").set(0.5)
-    for g in (m.detected, m.window_size, m.lag, m.dropped, m.outbox, m.accuracy, m.version):
+    for g in (m.detected, m.window_size, m.lag, m.dropped, m.outbox, m.accuracy, m.version, m.up):
         g.labels(model="m", env="prod").set(1)
     m.class_fraction.labels(model="m", env="prod", class_index="0").set(0.1)
     m.windows.labels(model="m", env="prod").inc()

@@ -152,6 +152,102 @@ def test_unknown_commit_and_not_a_repo(tmp_path):
         resolve_commit(repo, "0" * 40)
 
 
+# ------------------------------------------------------------------------------------ issue 13: projects
+def test_project_names_urls_dirs_and_job_keys():
+    from flywheel.training.dispatch.job import job_key, split_key
+    from flywheel.training.dispatch.source import Project, normalize_project_dir, redact_url
+
+    for url in ("https://github.com/team/model.git", "file:///tmp/x.git", "ssh://git@h:2222/t/m",
+                "git@github.com:team/model.git"):
+        assert Project(url).is_url, url
+    for path in (".", "../model", "/srv/model", "model", "./a:b"):
+        assert not Project(path).is_url, path
+    assert redact_url("https://ci:s3cret@github.com/team/m.git") == "https://github.com/team/m.git"
+    assert Project("https://x-access-token:tok@h.example:8443/t/m").label == "https://h.example:8443/t/m"
+    assert Project("git@github.com:team/model.git").label == "git@github.com:team/model.git"
+    assert [normalize_project_dir(d) for d in ("", ".", "./examples/fm/", "a/./b")] == [".", ".", "examples/fm", "a/b"]
+    for bad in ("../x", "/abs", "a/../../x", "a b", "$(id)", "a;b", "~x"):
+        with pytest.raises(FlywheelError, match="relative path inside the repository"):
+            Project(".", bad)
+    sha = "a" * 40
+    assert job_key(sha) == sha and job_key(sha, ".") == sha
+    keys = {job_key(sha, d) for d in ("a/b", "a-b", "a_b", "a~b".replace("~", "/"))}
+    assert len(keys) == 3  # a/b given twice: one key; distinct dirs never share a job directory
+    for d in (".", "examples/fashion-mnist", "a-b"):
+        assert split_key(job_key(sha, d)) == (sha, d)
+
+
+def test_command_runs_the_project_dir_and_env_names_the_project(tmp_path):
+    from flywheel.core.config import Settings
+    from flywheel.training.dispatch.job import RUNNER, remote_env
+
+    cfg = RemoteTrainConfig(commit="a" * 40, project="file:///srv/m.git", project_dir="examples/fm")
+    cmd = mlflow_command(Node(host="h", user="u", mlflow="mlflow"), cfg)
+    out = subprocess.run(["bash", "-c", f"cd /tmp && printf '%s\\n' {cmd}"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[:3] == ["mlflow", "run", "/tmp/src/examples/fm"]
+    docker = mlflow_command(Node(host="h", user="u"), RemoteTrainConfig(
+        commit="c" * 40, env_manager="docker", project_dir="examples/fm"), ["MLFLOW_TRACKING_URI"])
+    subprocess.run(["bash", "-n"], input=RUNNER.format(activate="", sha="c" * 40, entry="train",
+                                                       command=docker), text=True, check=True)
+    # The repository root is the build context; the component's own Dockerfile builds the image.
+    assert " -f src/examples/fm/Dockerfile -t flywheel-train:cccccccccccc-" in docker
+    assert "mlflow run /project/examples/fm -e train" in docker
+    settings = Settings.from_env(tracking_uri="http://127.0.0.1:5000")
+    env = remote_env(settings, Node(host="h", user="u"), "b" * 40, None, cfg.project, cfg.project_dir)
+    assert (env["FLYWHEEL_PROJECT"], env["FLYWHEEL_PROJECT_DIR"], env["FLYWHEEL_GIT_COMMIT"]) == (
+        "file:///srv/m.git", "examples/fm", "b" * 40)
+
+
+def test_git_url_project_fetches_exactly_the_named_commit(tmp_path):
+    """A git URL is fetched on the control side: by full SHA, branch or tag; the archive is that commit's tree."""
+    import io
+    import tarfile
+
+    from flywheel.training.dispatch.source import Project, archive_commit
+
+    work = tmp_path / "work"
+    work.mkdir()
+    mlproject = ("name: p\nentry_points:\n  train:\n    parameters:\n      epochs: {type: float, default: 1}\n"
+                 "    command: python train.py\n")
+    (work / "comp").mkdir()
+    (work / "comp" / "MLproject").write_text(mlproject)
+    first = _commit_files(work, **{"README": "v1"})
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "tag", "v1"], check=True)
+    second = _commit_files(work, README="v2")
+    bare = tmp_path / "model.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    url = f"file://{bare}"
+    project = Project(url, "comp")
+    for commit, want in ((first, first), ("v1", first), ("master" if _branch(work) == "master" else "main", second),
+                         (second, second)):
+        with project.checkout(commit) as (repo, sha):
+            assert sha == want, commit
+            check_entry(repo, sha, RemoteTrainConfig(commit=sha, params=(("epochs", "1"),)), project.project_dir)
+            with pytest.raises(FlywheelError, match="comp/MLproject at .* no parameter\\(s\\) lr"):
+                check_entry(repo, sha, RemoteTrainConfig(commit=sha, params=(("lr", "1"),)), project.project_dir)
+            files = tarfile.open(fileobj=io.BytesIO(archive_commit(repo, sha)), mode="r:gz")
+            assert files.extractfile("README").read().decode() == ("v1" if want == first else "v2")
+        assert not repo.exists(), "the fetched repository must not outlive the call"
+    with pytest.raises(FlywheelError, match="no MLproject at elsewhere"):
+        with Project(url, "elsewhere").checkout("v1") as (repo, sha):
+            check_entry(repo, sha, RemoteTrainConfig(commit=sha), "elsewhere")
+    with pytest.raises(FlywheelError, match="unknown commit 'nope' in file://"):
+        with project.checkout("nope"):
+            pass
+    # A URL that does not answer: the error names it without the credentials it carried.
+    with pytest.raises(FlywheelError) as err:
+        with Project(f"file://user:s3cret@localhost{tmp_path}/missing.git").checkout("main"):
+            pass
+    assert "cannot fetch" in str(err.value) and "s3cret" not in str(err.value)
+
+
+def _branch(repo) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 # ------------------------------------------------------------------------------------ SSH refusals
 def _auth(ssh_node, known_hosts=None, key=None) -> SSHAuth:
     return SSHAuth.load(str(key or ssh_node.key_path), str(known_hosts or ssh_node.known_hosts), connect_timeout=5)

@@ -115,3 +115,40 @@ def test_failing_run_propagates_exit_code(ssh_node, tracking_stack, project_repo
     assert "unknown dataset 'no-such-dataset'" in out, out[-3000:]  # the node's error reached the client
     assert not _lock_held(ssh_node, sha), "the failed job must not keep running"
     _job_files_clean(ssh_node, sha, tracking_stack.password)
+
+
+def test_remote_train_ships_a_git_url_projects_subdirectory_and_tags_the_run(
+        ssh_node, tracking_stack, project_repo, tmp_path, monkeypatch):
+    """Issue 13: a component named by git URL + commit + project dir; the control side fetches that
+    commit, the node runs `mlflow run <dir> -e train`, and the run names the project it came from."""
+    bare = tmp_path / "component.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(project_repo), str(bare)], check=True)
+    work = tmp_path / "component"
+    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
+    # A component in a subdirectory: this tree's MLproject, moved (the node runs the commit's flywheel).
+    (work / "components" / "digits").mkdir(parents=True)
+    text = (work / "MLproject").read_text().replace("conda_env: conda.yaml\n", "")
+    (work / "components" / "digits" / "MLproject").write_text(text.replace("name: flywheel", "name: digits-component"))
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a component in a subdirectory"], check=True)
+    subprocess.run([*git, "tag", "component-v1"], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD", "component-v1"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    url = f"file://{bare}"
+    # The project is the URL (no --repo checkout here): `--commit` is a tag of that repository.
+    cmd = [arg for arg in _cli(ssh_node, Path("/nonexistent"), "--node", ssh_node.spec, "--commit", "component-v1",
+                                 "--project-dir", "components/digits", *QUICK) if arg not in ("--repo", "/nonexistent")]
+    done = _run([*cmd, "--project", url], _cli_env(tracking_stack, tmp_path), timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    assert f"commit {sha} entry train of components/digits" in out, out[-3000:]
+    (run,) = _runs_for(tracking_stack, sha, monkeypatch)
+    assert run.data.tags["git_commit"] == sha
+    assert run.data.tags["flywheel.project"] == url
+    assert run.data.tags["flywheel.project_dir"] == "components/digits"
+    assert run.data.tags["mlflow.project.entryPoint"] == "train"
+    # One job directory per commit *and* project dir: the root project of the same commit is another job.
+    assert (ssh_node.workdir / f"{sha}-components~digits" / "job.exit").read_text().strip() == "0"
+    assert not (ssh_node.workdir / sha).exists()
+    _job_files_clean(ssh_node, f"{sha}-components~digits", tracking_stack.password)

@@ -64,7 +64,8 @@ def test_train_triggers_concurrency_secrets_and_release():
     for name in TRAIN_SECRETS:
         assert job["env"][name] == f"${{{{ secrets.{name} }}}}", name
     (cmd,) = [c for _, c in _run_steps(doc) if "remote-train" in c]
-    assert '--commit "$GITHUB_SHA"' in cmd
+    # Issue 13: the commit is an input (a retrain names an older one); a push trains $GITHUB_SHA as before.
+    assert '--commit "$TRAIN_COMMIT"' in cmd and job["env"]["TRAIN_COMMIT"] == "${{ inputs.commit || github.sha }}"
     release = doc["jobs"]["release-dev"]
     assert release["uses"] == "./.github/workflows/release.yml"
     assert "candidate_version != ''" in release["if"]
@@ -169,6 +170,7 @@ def test_train_groups_per_model_and_ref_and_dedupes_the_event_before_training():
     group = job["concurrency"]["group"]
     assert "vars.FLYWHEEL_MODEL_NAME" in group and "github.ref" in group
     values = {"vars.FLYWHEEL_MODEL_NAME || 'fashion-classifier'": "fashion-classifier",
+              "inputs.model_name || vars.FLYWHEEL_MODEL_NAME || 'fashion-classifier'": "fashion-classifier",
               "github.ref": "refs/heads/main", "inputs.reason || github.event_name": "drift",
               "inputs.event_id && format(' event {0}', inputs.event_id) || ''": " event 4be1"}
     assert parse_request(_render(job["name"], values)) == Request(
@@ -193,6 +195,8 @@ def test_retrain_passes_the_event_id_and_its_run_name_is_the_request():
     assert doc["permissions"]["actions"] == "read"  # the called train.yml lists cancelled runs
     assert "client_payload.event_id" in doc["jobs"]["retrain"]["with"]["event_id"]
     values = {"vars.FLYWHEEL_MODEL_NAME || 'fashion-classifier'": "fashion-classifier",
+              "github.event.client_payload.model || vars.FLYWHEEL_MODEL_NAME || 'fashion-classifier'":
+                  "fashion-classifier",
               "github.ref": "refs/heads/main", "github.event.client_payload.reason || github.event_name": "drift",
               "github.event.client_payload.event_id && format(' event {0}', github.event.client_payload.event_id)"
               " || ''": " event 4be1"}
@@ -210,3 +214,118 @@ def test_a_seen_event_is_skipped_before_it_queues_in_the_training_group():
     assert dedupe["env"]["FLYWHEEL_EVENT_ID"] == "${{ inputs.event_id }}"
     assert train["needs"] == "dedupe"
     assert "needs.dedupe.outputs.train != 'false'" in train["if"] and "!cancelled()" in train["if"]
+
+
+# ------------------------------------------------------------------------------------ issue 13: reusable
+def _eval(expr: str, ctx: dict) -> object:
+    """A GitHub expression of the shapes these workflows use: `a || b && format('x={0}', c) || 'literal'`
+    over dotted context paths (a missing or empty value is falsy, like GitHub's)."""
+    def atom(term: str) -> object:
+        if term.startswith("'"):
+            return term.strip("'")
+        if m := re.fullmatch(r"format\('(.*?)',\s*(.+)\)", term):
+            return m[1].replace("{0}", str(atom(m[2].strip())))
+        value: object = ctx
+        for part in term.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    for term in (t.strip() for t in expr.split("||")):
+        cond, _, then = term.partition("&&")
+        value = atom(cond.strip())
+        if then and value not in (None, "", False):
+            value = atom(then.strip())
+        if value not in (None, "", False):
+            return value
+    return ""
+
+
+def _expand(template: str, ctx: dict) -> str:
+    """A `with:`/`env:` value with each ${{ expr }} evaluated by `_eval`."""
+    return re.sub(r"\$\{\{(.*?)\}\}", lambda m: str(_eval(" ".join(m.group(1).split()), ctx)), template)
+
+
+def _uses_outside_on(doc_text: str, name: str) -> bool:
+    body = doc_text.split("\njobs:", 1)[1]
+    return re.search(rf"\binputs\.{name}\b", body) is not None
+
+
+@pytest.mark.parametrize("name", ["train", "release"])
+def test_reusable_workflows_use_every_input_they_declare(name):
+    text = (WORKFLOWS / f"{name}.yml").read_text()
+    inputs = _load(name)["on"]["workflow_call"]["inputs"]
+    for key in inputs:
+        assert _uses_outside_on(text, key), f"{name}.yml declares input {key} but never reads it"
+    if name == "train":
+        assert {"model_name", "project", "project_dir", "commit", "node_pool"} <= set(inputs)
+        assert inputs["project"]["default"] == "." and inputs["project_dir"]["default"] == "."
+        assert inputs["commit"]["default"] == "" and inputs["node_pool"]["default"] == ""
+
+
+@pytest.mark.parametrize("name", ["train", "release"])
+def test_called_workflows_install_flywheel_from_their_own_repository(name):
+    """A model repository calling these has no flywheel source: each job checks out the workflow's own
+    repository at the workflow's own commit and installs the client from there."""
+    doc = _load(name)
+    for job_id, job in doc["jobs"].items():
+        if "steps" not in job:
+            continue
+        checkouts = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/checkout")
+                     and s.get("with", {}).get("path") == ".flywheel-src"]
+        assert len(checkouts) == 1, f"{name}/{job_id}"
+        assert "job.workflow_repository" in checkouts[0]["with"]["repository"]
+        assert "job.workflow_sha" in checkouts[0]["with"]["ref"]
+        scripts = "\n".join(script for j, script in _run_steps(doc) if j == job_id)
+        assert ".flywheel-src" in scripts, f"{name}/{job_id} does not install from the checkout"
+
+
+def _train_env(inputs: dict, github: dict, vars_: dict | None = None) -> dict[str, str]:
+    """train.yml's train job environment for these inputs, as GitHub would compute it."""
+    doc = _load("train")
+    job = doc["jobs"]["train"]
+    ctx = {"inputs": inputs, "github": github, "vars": vars_ or {}, "secrets": {"FLYWHEEL_NODES": "<secret>"}}
+    env = {k: _expand(str(v), ctx) for k, v in job["env"].items() if k != "FLYWHEEL_TRAIN_PARAMS"}
+    _, train = _step(job, "remote-train")
+    env.update({k: _expand(str(v), ctx) for k, v in train.get("env", {}).items()})
+    return env
+
+
+def test_retrain_payload_names_the_model_project_dir_and_commit_that_train():
+    """The monitor's payload → retrain.yml's `with:` → train.yml's env → remote-train's flags."""
+    retrain = _load("retrain")["jobs"]["retrain"]
+    payload = {"model": "rgb-shapes", "project": "https://git.example/team/models.git",
+               "project_dir": "examples/rgb", "commit": "c" * 40, "event_id": "4be1", "reason": "drift"}
+    github = {"event": {"client_payload": payload}, "sha": "d" * 40, "event_name": "repository_dispatch"}
+    inputs = {k: _expand(str(v), {"github": github}) for k, v in retrain["with"].items()}
+    env = _train_env(inputs, {"sha": "d" * 40, "ref": "refs/heads/main"})
+    assert (env["FLYWHEEL_MODEL_NAME"], env["PROJECT"], env["PROJECT_DIR"], env["TRAIN_COMMIT"]) == (
+        "rgb-shapes", "https://git.example/team/models.git", "examples/rgb", "c" * 40)
+    (cmd,) = [c for _, c in _run_steps(_load("train")) if "remote-train" in c]
+    for flag in ('--project "$PROJECT"', '--project-dir "$PROJECT_DIR"', '--commit "$TRAIN_COMMIT"'):
+        assert flag in cmd, flag
+    # The superseded-requests bookkeeping and the release use the same model name.
+    release = _load("train")["jobs"]["release-dev"]
+    assert _expand(release["with"]["model_name"], {"inputs": inputs, "vars": {}}) == "rgb-shapes"
+    # A schedule (no payload) trains this repository's triggering commit, the default model.
+    github = {"event": {}, "sha": "d" * 40, "event_name": "schedule"}
+    inputs = {k: _expand(str(v), {"github": github}) for k, v in retrain["with"].items()}
+    env = _train_env(inputs, {"sha": "d" * 40}, {"FLYWHEEL_MODEL_NAME": "fashion-classifier"})
+    assert (env["FLYWHEEL_MODEL_NAME"], env["PROJECT"], env["PROJECT_DIR"], env["TRAIN_COMMIT"]) == (
+        "fashion-classifier", ".", ".", "d" * 40)
+
+
+def test_node_pool_input_overrides_the_nodes_secret():
+    assert _train_env({"node_pool": "ops/nodes-gpu.yaml"}, {"sha": "d" * 40})["FLYWHEEL_NODES"] == "ops/nodes-gpu.yaml"
+    assert _train_env({}, {"sha": "d" * 40})["FLYWHEEL_NODES"] == "<secret>"
+
+
+def test_release_dev_is_skipped_for_callers_that_release_themselves():
+    cond = _load("train")["jobs"]["release-dev"]["if"]
+    assert "inputs.release_dev != 'false'" in cond
+
+
+def test_dataset_parameter_is_passed_only_when_named():
+    """A component's train entry may have no `dataset` parameter (remote-train refuses undeclared ones)."""
+    params = _load("train")["jobs"]["train"]["env"]["FLYWHEEL_TRAIN_PARAMS"]
+    assert " ".join(_expand(params, {"inputs": {"epochs": "1"}}).split()) == "epochs=1"
+    assert " ".join(_expand(params, {"inputs": {"dataset": "digits"}}).split()) == "dataset=digits epochs=3"

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from flywheel.cli import control, data, monitoring, serving, tracking, training
+from flywheel.cli import control, data, init, monitoring, serving, tracking, training
 
 EXIT_CODES = ("Exit codes: 0 done; 1 a check or some predictions failed (doctor, stack status, predict), "
               "or remote-train's job exit code; 2 a usage error or a problem you can fix (one red line says "
@@ -44,7 +44,7 @@ class _Root(TyperGroup):
 app = typer.Typer(cls=_Root, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Flywheel: continuous training and delivery for PyTorch models on MLflow.",
                   epilog=EXIT_CODES)
-for _node in (training, tracking, serving, monitoring, data, control):
+for _node in (training, init, tracking, serving, monitoring, data, control):
     app.registered_commands += _node.app.registered_commands
     app.registered_groups += _node.app.registered_groups
 

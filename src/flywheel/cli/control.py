@@ -1,5 +1,6 @@
-"""Control verbs: the CI's bookkeeping (dispatches record-superseded | check-event) and `demo`, the
-whole flywheel on one machine (it combines every node, like the CI does)."""
+"""Control verbs: the CI's bookkeeping (dispatches record-superseded | check-event), `status` (every
+registered model, its aliases, deployments, drift and retrains) and `demo`, the whole flywheel on one
+machine (it combines every node, like the CI does)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flywheel.cli._common import (
     ModelNameAlias,
     ModelOpt,
     TrackingOpt,
+    emit_json,
     model_of,
     settings_for,
     stop_on_sigterm,
@@ -33,6 +35,29 @@ def demo(
     from flywheel.demo import run_demo
 
     run_demo(keep=keep, full=full, data_dir=data_dir)
+
+
+@app.command(rich_help_panel=PANEL)
+def status(
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", help="Only this registered model (repeatable); default: every registered model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
+                       ] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Every registered model: its aliases, where each is deployed, its last drift window and last retrain."""
+    from flywheel.control.status import collect_status, render_table
+
+    settings = settings_for(tracking_uri)
+    statuses = collect_status(settings, model)
+    if as_json:
+        return emit_json({"tracking_uri": settings.tracking_uri, "models": statuses})
+    if not statuses:
+        return typer.echo(f"no registered model at {settings.tracking_uri}: train one first (`flywheel train`), or "
+                          "point MLFLOW_TRACKING_URI / FLYWHEEL_HOME at the store that has them")
+    from rich.console import Console
+
+    Console().print(render_table(statuses, settings.tracking_uri))
 
 
 dispatches_app = typer.Typer(no_args_is_help=True, help="CI bookkeeping: superseded release/train requests, "

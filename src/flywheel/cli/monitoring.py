@@ -11,22 +11,28 @@ import typer
 from flywheel.cli._common import (
     CaptureUriOpt,
     ModelNameAlias,
-    ModelOpt,
     TrackingOpt,
     emit_json,
     fail,
-    model_of,
     settings_for,
     stop_on_sigterm,
 )
 
 PANEL = "Monitor node"
 app = typer.Typer()
+# Repeatable: one process watches every model named (FLYWHEEL_MODEL_NAME may list several, space-separated).
+ModelsOpt = Annotated[Optional[list[str]], typer.Option(
+    "--model", envvar="FLYWHEEL_MODEL_NAME",
+    help="Registered model to watch; repeat for several models in one process (default fashion-classifier).")]
 
 
 @app.command(rich_help_panel=PANEL)
 def monitor(
-    model: ModelOpt = None,
+    ctx: typer.Context,
+    model: ModelsOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML listing the models to watch, each with its own env/window/alpha/policy (see "
+                         "docs/runbooks/monitor.md); the options here are their defaults.")] = None,
     env: Annotated[str, typer.Option(help="Alias whose served traffic is monitored: prod | dev.")] = "prod",
     capture_uri: CaptureUriOpt = None,
     once: Annotated[bool, typer.Option("--once", help="Process what is there, then exit (cron).")] = False,
@@ -43,7 +49,9 @@ def monitor(
     cooldown: Annotated[float, typer.Option(help="Seconds after a retrain before drift may trigger again.")] = 3600.0,
     schedule: Annotated[Optional[float], typer.Option(help="Also retrain every this many seconds.")] = None,
     min_labelled: Annotated[Optional[int], typer.Option(help="Also retrain after this many new labels.")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Cursor, policy, outbox (default $FLYWHEEL_HOME/monitor).")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(
+        help="Cursor, policy, outbox (default $FLYWHEEL_HOME/monitor/<model>-<env>); with several models, "
+             "each keeps its state in a <model>-<env> sub-dir of it.")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(envvar="FLYWHEEL_MONITOR_PORT",
                                                         help="Serve Prometheus /metrics on this port.")] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for /metrics.")] = "127.0.0.1",
@@ -63,42 +71,72 @@ def monitor(
     tracking_uri: TrackingOpt = None,
     model_name: ModelNameAlias = None,
 ) -> None:
-    """Watch captured traffic for drift against the version's reference and trigger retraining."""
+    """Watch captured traffic for drift against the version's reference and trigger retraining.
+
+    Several models: repeat --model, or list them in --config; one process, one /metrics endpoint whose
+    series carry `model` and `env` labels; a model that fails (no alias yet) does not stop the others."""
     stop_on_sigterm()
     import logging
     import os
+    from dataclasses import replace
 
-    from flywheel.monitoring.service import Monitor, MonitorConfig, describe_tick
+    from click.core import ParameterSource
+
+    from flywheel.monitoring.monitors_file import MonitorEntry, read_monitors_file
+    from flywheel.monitoring.service import MonitorConfig, MonitorGroup, describe_tick, monitor_state_dir
     from flywheel.monitoring.triggers import PolicyConfig, build_actions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_for(tracking_uri, model_of(model, model_name))
     if as_json and not once:
         fail("--json reports one pass: use it with --once")
+    named = [model_name] if model_name else list(model or [])
+    if config is not None and ctx.get_parameter_source("model") == ParameterSource.COMMANDLINE:
+        fail("name the models with --model or in --config, not both")
+    settings = settings_for(tracking_uri, named[0] if named and config is None else None)
+    base = MonitorEntry(model=settings.model_name, env=env, window=window, alpha=alpha, interval=interval,
+                        consecutive=consecutive, cooldown=cooldown, schedule=schedule, min_labelled=min_labelled,
+                        from_now=from_now)
+    entries = (read_monitors_file(config, base) if config is not None
+               else [base] if not named else [replace(base, model=m) for m in named])
     actions = build_actions(github_repo, os.environ.get("GITHUB_TOKEN"), github_api, ssh_node, ssh_command,
                             identity or ssh_key, known_hosts, local_command)
-    cfg = MonitorConfig(model=settings.model_name, capture_uri=capture_uri or settings.capture_uri, env=env,
-                        state_dir=state_dir or settings.work_dir / "monitor" / f"{settings.model_name}-{env}",
-                        window=window, alpha=alpha, interval_s=interval, metrics_port=metrics_port,
-                        metrics_addr=metrics_addr, snapshot_dir=snapshot_dir or settings.work_dir / "snapshots",
-                        from_now=from_now, horizon_s=capture_horizon)
-    policy = PolicyConfig(consecutive=consecutive, cooldown_s=cooldown, schedule_s=schedule,
-                          min_labelled=min_labelled)
-    mon = Monitor(cfg, settings, actions, policy)
-    if once:
-        try:
-            results = mon.tick()
-            if as_json:
-                return emit_json({"model": cfg.model, "env": env, "windows": results, "read": mon.last_tick,
-                                  "summary": describe_tick(mon.last_tick, cfg.capture_uri, cfg.model)})
-            for r in results:
-                typer.echo(f"window {r.index} v{r.version}: p={r.p_value:.3g} (embedding {r.p_embedding:.3g}, "
-                           f"prediction {r.p_prediction:.3g}) drift={r.drift}"
+    several = len(entries) > 1
+    configs = [MonitorConfig(model=e.model, capture_uri=e.capture_uri or capture_uri or settings.capture_uri,
+                             env=e.env, state_dir=e.state_dir or monitor_state_dir(state_dir, settings.work_dir,
+                                                                                   e.model, e.env, several),
+                             window=e.window, alpha=e.alpha, interval_s=e.interval, dataset=e.dataset,
+                             snapshot_dir=snapshot_dir or settings.work_dir / "snapshots", from_now=e.from_now,
+                             horizon_s=capture_horizon) for e in entries]
+    policies = [PolicyConfig(consecutive=e.consecutive, cooldown_s=e.cooldown, schedule_s=e.schedule,
+                             min_labelled=e.min_labelled) for e in entries]
+    group = MonitorGroup.build(configs, settings, actions, policies, metrics_port, metrics_addr)
+    if not once:
+        return group.serve_forever()
+    try:
+        outcomes = group.tick()
+    finally:
+        group.close()
+    reports = [{"model": o.model, "env": o.env, "windows": o.results, "read": o.summary,
+                "summary": describe_tick(o.summary, c.capture_uri, c.model) if o.error is None else None,
+                "error": o.error} for o, c in zip(outcomes, configs, strict=True)]
+    failed = [o for o in outcomes if o.error is not None]
+    if as_json:
+        if not several:  # one model: the document `--once --json` always printed
+            if not failed:
+                emit_json({k: v for k, v in reports[0].items() if k != "error"})
+        else:
+            emit_json({"monitors": reports})
+    else:
+        for o, report in zip(outcomes, reports, strict=True):
+            prefix = f"{o.model}@{o.env}: " if several else ""
+            for r in o.results:
+                typer.echo(f"{prefix}window {r.index} v{r.version}: p={r.p_value:.3g} (embedding "
+                           f"{r.p_embedding:.3g}, prediction {r.p_prediction:.3g}) drift={r.drift}"
                            + (f" accuracy={r.accuracy:.3f}" if r.accuracy is not None else "")
                            + (f" -> retrain ({r.trigger})" if r.trigger else ""))
-            typer.echo(describe_tick(mon.last_tick, cfg.capture_uri, cfg.model))
-        finally:
-            mon.close()
-    else:
-        mon.serve_forever()
+            if o.error is None:
+                typer.echo(prefix + report["summary"])
+    if failed:
+        fail(failed[0].error if not several else f"{len(failed)} of {len(outcomes)} monitors failed: "
+             + "; ".join(f"{o.model}@{o.env}: {o.error}" for o in failed))
 

@@ -120,8 +120,14 @@ def remote_train(
     nodes: Annotated[Optional[str], typer.Option(
         envvar="FLYWHEEL_NODES", help="nodes.yaml path (or its YAML text): the pool; the reachable node "
                                       "with the most free GPU memory is used.")] = None,
-    commit: Annotated[str, typer.Option(help="Commit to train (SHA, branch or tag in --repo).")] = "HEAD",
-    repo: Annotated[Path, typer.Option(help="Git checkout the commit is archived from.")] = Path("."),
+    commit: Annotated[str, typer.Option(help="Commit to train (SHA, branch or tag of --project).")] = "HEAD",
+    project: Annotated[str, typer.Option(
+        "--project", "--repo", envvar="FLYWHEEL_PROJECT",
+        help="The project's git checkout (a path) or git URL; a URL is fetched here, the node never sees it. "
+             "The run is tagged flywheel.project with it.")] = ".",
+    project_dir: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_PROJECT_DIR", help="Directory of the MLproject inside the repository, e.g. "
+                                            "examples/fashion-mnist (default: the root).")] = None,
     entry: Annotated[str, typer.Option(help="MLproject entry point to run.")] = "train",
     param: Annotated[Optional[list[str]], typer.Option(
         "-P", "--param", envvar="FLYWHEEL_TRAIN_PARAMS",
@@ -157,7 +163,7 @@ def remote_train(
     """Train a commit on a GPU node over SSH with `mlflow run`; stream it and exit with its exit code."""
     from flywheel.training.dispatch.command import CommandOptions, run_command
 
-    opts = CommandOptions(node=node, nodes=nodes, commit=commit, repo=repo, entry=entry, params=tuple(param or ()),
+    opts = CommandOptions(node=node, nodes=nodes, commit=commit, project=project, project_dir=project_dir, entry=entry, params=tuple(param or ()),
                           nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
                           workdir=workdir, attach=attach, cancel=cancel, identity=identity,
                           known_hosts=known_hosts, connect_timeout=connect_timeout,

@@ -61,10 +61,14 @@ class LoggedModel:
 def check_contract(model: nn.Module, splits: Splits, embedding: str | None) -> tuple[ServingModule, torch.Tensor]:
     """Steps 1–3 of the contract; returns the serving module and the held batch (float, on the CPU)."""
     from flywheel.contracts.preprocessing import to_tensor
+    from flywheel.contracts.reference import MIN_SAMPLES
 
     try:
         for what, split in (("test split", splits.test), ("validation split", splits.val)):
             check_images(split.images, split.labels, splits.preprocess, what)
+        if len(splits.val) < MIN_SAMPLES:
+            raise SpecError(f"the validation split has {len(splits.val)} images; the monitor's reference needs at "
+                            f"least {MIN_SAMPLES}")
         if int(splits.test.labels.max()) >= len(splits.class_names) or int(splits.test.labels.min()) < 0:
             raise SpecError(f"test labels span 0..{int(splits.test.labels.max())} but there are "
                             f"{len(splits.class_names)} class names")

@@ -20,6 +20,7 @@ EMBEDDINGS = "embeddings.npy"  # float32 (N, D)
 PREDICTIONS = "predictions.npy"  # predicted class index per sample (N,)
 LABELS = "labels.npy"  # true class index per sample (N,); optional when read
 CLASS_PRIORS = "class_priors.json"  # the training split's class fractions, a JSON list; optional when read
+MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     """The logged model's local directory (downloaded once per call)."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
+                                                    registry_uri=tracking_uri))
 
 
 def load_model(model_uri: str, device: str | torch.device = "cpu",
@@ -90,7 +91,7 @@ def load_spec(model_uri: str, tracking_uri: str | None = None) -> ComponentSpec:
 
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{SPEC_PATH}",
-                                                   tracking_uri=tracking_uri)
+                                                   tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except (MlflowException, OSError) as exc:
         raise FlywheelError(f"{model_uri} has no {SPEC_PATH}: not logged by flywheel.component "
                             f"({type(exc).__name__})") from None
@@ -106,7 +107,8 @@ def read_test_set(spec: ComponentSpec, tracking_uri: str | None = None):
 
     ref = spec.test_set
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, tracking_uri=tracking_uri)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, tracking_uri=tracking_uri,
+                                                   registry_uri=tracking_uri)
         data = Path(path).read_bytes()
     except Exception as exc:  # noqa: BLE001 - any store error: the one message names the URI
         raise FlywheelError(f"test set {ref.uri} of {spec.name} cannot be read: {type(exc).__name__}: {exc}") from None

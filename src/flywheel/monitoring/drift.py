@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from flywheel.contracts.reference import MIN_SAMPLES
+
 
 @dataclass(frozen=True)
 class TestResult:
@@ -85,8 +87,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _check_reference(reference: np.ndarray, k: int) -> np.ndarray:
     ref = np.asarray(reference, dtype=np.float64)
-    if ref.ndim != 2 or len(ref) < max(40, 2 * k):
-        raise ValueError(f"reference must be (N>=40, D) embeddings, got shape {ref.shape}")
+    if ref.ndim != 2 or len(ref) < max(MIN_SAMPLES, 2 * k):
+        raise ValueError(f"reference must be (N>={max(MIN_SAMPLES, 2 * k)}, D) embeddings, got shape {ref.shape}")
     return ref
 
 

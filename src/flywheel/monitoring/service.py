@@ -20,6 +20,12 @@ commit and applied to the trigger policy after it, from a journal in the same fi
 policy state each window starts from, so a crash between the two replays a window's decision with
 the same outcome and the same event id (the outbox keeps one request per event id).
 
+Several models, one process (`MonitorGroup`): each model (and env) is its own `Monitor` with its own
+reference, windows, policy, triggers and state dir; they share one Prometheus registry, so one
+/metrics endpoint serves every model's series, told apart by their `model` and `env` labels. A model
+whose tick fails (no `prod` alias yet, its reference missing, a store error) is logged and counted in
+`flywheel_monitor_errors_total{model,env}` (`flywheel_monitor_up` goes 0); the others go on.
+
 One process per state dir: a monitor holds `state_dir/monitor.lock` (filelock) for as long as it
 runs (a service) or ticks (`--once`); a second one stops with an error naming the holder. The
 monitor's MLflow run (one per model, env and version) is RUNNING while a monitor writes to it and
@@ -145,7 +151,9 @@ class Reference:
 
 
 class Metrics:
-    """Prometheus metrics in the monitor's own registry (no global state)."""
+    """Prometheus metrics in the monitor's own registry (no global state). Every series carries the
+    `model` and `env` labels; `bound(model, env)` gives another monitor the same registry under its
+    own labels (one /metrics endpoint for several models)."""
 
     def __init__(self, model: str, env: str):
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -154,6 +162,10 @@ class Metrics:
         labels = ["model", "env"]
         self.labels = {"model": model, "env": env}
         r = self.registry
+        self.up = Gauge("flywheel_monitor_up", "1 when the model's latest monitor tick succeeded, 0 when it failed",
+                        labels, registry=r)
+        self.errors = Counter("flywheel_monitor_errors", "monitor ticks that failed (no alias, no reference, "
+                              "store or tracking errors)", labels, registry=r)
         self.p_value = Gauge("flywheel_drift_p_value", "p-value of the latest window's drift test", labels + ["test"],
                              registry=r)
         self.detected = Gauge("flywheel_drift_detected", "1 when the latest window drifted", labels, registry=r)
@@ -178,6 +190,14 @@ class Metrics:
         self.pending = Gauge("flywheel_captures_pending", "monitored records waiting for a full window", labels,
                              registry=r)
 
+    def bound(self, model: str, env: str) -> Metrics:
+        """These metric families (same registry) under another model's labels."""
+        import copy
+
+        other = copy.copy(self)
+        other.labels = {"model": model, "env": env}
+        return other
+
     def serve(self, port: int, addr: str):
         from prometheus_client import start_http_server
 
@@ -189,7 +209,8 @@ class MonitorBusy(FlywheelError):
 
 
 class Monitor:
-    def __init__(self, cfg: MonitorConfig, settings: Settings, actions: list | None = None, policy=None):
+    def __init__(self, cfg: MonitorConfig, settings: Settings, actions: list | None = None, policy=None,
+                 metrics: Metrics | None = None):
         from filelock import FileLock
 
         from flywheel.contracts.capture import CaptureReader
@@ -207,7 +228,8 @@ class Monitor:
         self._policy_config = policy or PolicyConfig()
         self.policy = TriggerPolicy(self._policy_config, self.dir / "policy.json")
         self.outbox = Outbox(self.dir / "outbox")
-        self.metrics = Metrics(cfg.model, cfg.env)
+        # Given: the group's shared registry, under this model's labels (one /metrics for all).
+        self.metrics = metrics.bound(cfg.model, cfg.env) if metrics is not None else Metrics(cfg.model, cfg.env)
         self.reader = CaptureReader(cfg.capture_uri, cfg.model, horizon_s=cfg.horizon_s, settle_s=cfg.settle_s)
         self.state = self._load_state()
         self.last_tick: TickSummary | None = None
@@ -216,7 +238,9 @@ class Monitor:
         self._detector = None
         self._reference: Reference | None = None
         self._class_names: list[str] | None = None
+        self._embedding_source = "unknown"  # the served version's: "layer" or "softmax" (its component spec)
         self._registry = None
+        self._sources: dict[str, dict[str, str]] = {}  # version → where it came from (for retrain requests)
 
     @property
     def registry(self):
@@ -316,6 +340,7 @@ class Monitor:
             return
         self._reference = Reference.load(run_id, self.dir / "references", self.settings.tracking_uri)
         self._detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
+        self._embedding_source = self._embedding_source_of(version)
         if self.state.version != version:
             log.info("monitoring %s@%s = version %s (new reference from run %s)", self.cfg.model, self.cfg.env,
                      version, run_id)
@@ -324,6 +349,22 @@ class Monitor:
             self._class_names = None
             self._commit({"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64),
                           "ts": np.zeros(0), "ids": np.zeros(0, dtype="<U64")})
+
+    def _embedding_source_of(self, version: str) -> str:
+        """Where the version's embedding comes from (its component spec): "layer", or "softmax" when
+        the component named no embedding, which the monitor says, since softmax outputs see less
+        of a shift in the inputs than a penultimate layer does."""
+        from flywheel.core.models import load_spec
+
+        try:
+            embedding = load_spec(f"models:/{self.cfg.model}/{version}", self.settings.tracking_uri).embedding
+        except FlywheelError as exc:  # drift works from the reference alone; the source is a label
+            log.warning("%s v%s: component spec unavailable (%s); embedding source unknown", self.cfg.model, version, exc)
+            return "unknown"
+        if embedding.source == "softmax":
+            log.warning("%s v%s names no embedding layer: drift is tested on its softmax outputs (a weaker signal "
+                        "than a penultimate layer; name one in log_model(embedding=...))", self.cfg.model, version)
+        return embedding.source
 
     # -- one tick --------------------------------------------------------------------------------
     def tick(self) -> list[WindowResult]:
@@ -481,13 +522,22 @@ class Monitor:
                              snapshot_digest=digest,
                              details={"episode": decision.episode, "window": res.index,
                                       "p_embedding": res.p_embedding, "p_prediction": res.p_prediction,
-                                      "note": decision.note})
+                                      "note": decision.note},
+                             **self._source_of(res.version))
         self.outbox.enqueue(event, self.actions)
         self.metrics.triggers.labels(**self.metrics.labels, reason=decision.reason).inc()
         log.warning("retrain requested for %s: %s", self.cfg.model, decision.note)
         if not self.actions:
             log.warning("no trigger action configured (--github-repo, --ssh-node, --local-command): retrain "
                         "request %s is only logged and counted in flywheel_retrain_triggers_total", event.event_id)
+
+    def _source_of(self, version: str) -> dict[str, str]:
+        """Where `version` came from: project, project_dir, commit (see `version_source`). A registry
+        that cannot answer fails the tick: the journal replays the window next tick with the same event
+        id, so the request goes out once, naming the right project, rather than now naming none."""
+        if version not in self._sources:
+            self._sources[version] = version_source(self.registry, self.cfg.model, version)
+        return self._sources[version]
 
     def _dataset_tag(self, version: str) -> str | None:
         try:
@@ -545,7 +595,7 @@ class Monitor:
     def _log_mlflow(self, results: list[WindowResult]) -> None:
         if not self.cfg.log_mlflow or not results:
             return
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         from flywheel.core.runlog import ensure_experiment
 
@@ -555,6 +605,7 @@ class Monitor:
             run = client.create_run(exp, run_name=f"monitor-{self.cfg.model}-{self.cfg.env}-v{results[0].version}",
                                     tags={"model": self.cfg.model, "env": self.cfg.env,
                                           "version": results[0].version, "reference_run_id": self._reference.run_id,
+                                          "embedding_source": self._embedding_source,
                                           "capture_uri": self.cfg.capture_uri})
             client.log_batch(run.info.run_id, params=[Param("window", str(self.cfg.window)),
                                                       Param("alpha", str(self.cfg.alpha))])
@@ -576,6 +627,7 @@ class Monitor:
             metrics += [Metric(k, float(v), now, r.index) for k, v in values.items()]
         for i in range(0, len(metrics), 900):  # log_batch caps at 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[i:i + 900])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _status_tags(results).items()])
         history = client.get_metric_history(run_id, "p_value")
         drift = {m.step: m.value for m in client.get_metric_history(run_id, "drift_detected")}
         import tempfile
@@ -604,26 +656,188 @@ class Monitor:
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         """Tick every `interval_s` until SIGTERM/SIGINT (or `stop` is set); a failing tick is logged
         and retried next interval, so a tracking-server or store outage does not kill the service.
-        Holds the state dir's lock throughout (MonitorBusy if another monitor has it)."""
+        Holds the state dir's lock throughout (MonitorBusy if another monitor has it). A group of one."""
+        MonitorGroup([self], self.cfg.metrics_port, self.cfg.metrics_addr).serve_forever(stop)
+
+
+SOURCE_TAGS = {"project": "flywheel.project", "project_dir": "flywheel.project_dir", "commit": "git_commit"}
+
+
+def version_source(registry, model: str, version: str) -> dict[str, str]:
+    """project, project_dir and commit of a registered version, for its retrain request: the version's
+    own lineage tags (SOURCE_TAGS) first, then its training run's; "" where neither records one (a
+    version or run deleted since counts as recording none). A tracking server that does not answer
+    raises, so the caller retries rather than sending a request that names no project."""
+    from mlflow.exceptions import MlflowException
+
+    def gone(exc: MlflowException) -> bool:
+        return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+    try:
+        mv = registry.client.get_model_version(model, str(version))
+    except MlflowException as exc:
+        if not gone(exc):
+            raise FlywheelError(f"registry unreadable for {model} v{version}'s lineage: {exc.message}") from None
+        log.warning("%s v%s is no longer registered: its retrain request names no project", model, version)
+        return dict.fromkeys(SOURCE_TAGS, "")
+    tags = {k: v for k, v in (mv.tags or {}).items() if v}
+    if not all(tags.get(t) for t in SOURCE_TAGS.values()) and mv.run_id:
+        try:
+            run_tags = registry.client.get_run(mv.run_id).data.tags
+        except MlflowException as exc:
+            if not gone(exc):
+                raise FlywheelError(f"tracking server unreadable for run {mv.run_id}'s lineage: {exc.message}") \
+                    from None
+            run_tags = {}
+        tags = {**run_tags, **tags}
+    return {key: tags.get(tag) or "" for key, tag in SOURCE_TAGS.items()}
+
+
+def _iso(ts: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _status_tags(results: list[WindowResult]) -> dict[str, str]:
+    """Tags on the monitoring run that `flywheel status` reads: the latest window, the latest drifting
+    window, the latest retrain request (the metrics hold every window; tags answer without a history)."""
+    last = results[-1]
+    tags = {"last_window": str(last.index), "last_window_at": _iso(last.tested_at or last.last_ts),
+            "last_window_drift": str(last.drift).lower(), "last_window_p_value": f"{last.p_value:.6g}"}
+    drifted = [r for r in results if r.drift]
+    if drifted:
+        tags["last_drift_at"] = _iso(drifted[-1].tested_at or drifted[-1].last_ts)
+    fired = [r for r in results if r.trigger]
+    if fired:
+        tags.update(last_retrain_at=_iso(fired[-1].tested_at or fired[-1].last_ts),
+                    last_retrain_reason=fired[-1].trigger, last_retrain_window=str(fired[-1].index))
+    return tags
+
+
+def monitor_state_dir(state_dir: Path | None, work_dir: Path, model: str, env: str, several: bool) -> Path:
+    """Where one model's monitor keeps its state. Default `work_dir/monitor/<model>-<env>` (one per
+    model and env, as always). An explicit `state_dir` is used as it is for one model (today's layout)
+    and holds a `<model>-<env>` sub-dir per model for several; a state dir that already holds one
+    model's state is refused for several (whose state would it be?) rather than guessed."""
+    if state_dir is None:
+        return Path(work_dir) / "monitor" / f"{model}-{env}"
+    if not several:
+        return Path(state_dir)
+    if (Path(state_dir) / "state.json").is_file():
+        raise FlywheelError(f"{state_dir} holds one model's monitor state (state.json); with several models each "
+                            f"keeps its state in {state_dir}/<model>-<env>/: move those files into the sub-dir of "
+                            f"the model they belong to (e.g. {Path(state_dir) / f'{model}-{env}'}), or give another "
+                            "--state-dir")
+    return Path(state_dir) / f"{model}-{env}"
+
+
+@dataclass(frozen=True)
+class TickOutcome:
+    """One model's part of a group tick: its windows, or the error that stopped it (the rest went on)."""
+
+    model: str
+    env: str
+    results: list[WindowResult]
+    summary: TickSummary | None
+    error: str | None = None
+
+
+class MonitorGroup:
+    """Several monitors (model, env) in one process: one Prometheus registry and endpoint, each model
+    ticked on its own interval, a failing model logged and counted while the others go on."""
+
+    def __init__(self, monitors: list[Monitor], metrics_port: int | None = None, metrics_addr: str = "127.0.0.1"):
+        if not monitors:
+            raise FlywheelError("no model to monitor: name one with --model (or list them in --config)")
+        seen: dict = {}
+        for m in monitors:
+            key = (m.cfg.model, m.cfg.env)
+            if key in seen:
+                raise FlywheelError(f"{m.cfg.model}@{m.cfg.env} is listed twice: monitor each model and env once")
+            where = Path(m.cfg.state_dir).resolve()
+            if where in seen.values():
+                raise FlywheelError(f"two monitors share state dir {m.cfg.state_dir}: give each model its own")
+            seen[key] = where
+        if len({id(m.metrics.registry) for m in monitors}) != 1 and metrics_port is not None:
+            raise FlywheelError("the monitors of one group must share one Metrics registry (MonitorGroup.build)")
+        self.monitors = list(monitors)
+        self.metrics_port, self.metrics_addr = metrics_port, metrics_addr
+
+    @classmethod
+    def build(cls, configs: list[MonitorConfig], settings: Settings, actions: list | None = None,
+              policies: list | None = None, metrics_port: int | None = None,
+              metrics_addr: str = "127.0.0.1") -> MonitorGroup:
+        """One Monitor per config (with `policies[i]`, default PolicyConfig()), all on one Metrics registry."""
+        if not configs:
+            raise FlywheelError("no model to monitor: name one with --model (or list them in --config)")
+        shared = Metrics(configs[0].model, configs[0].env)
+        policies = policies or [None] * len(configs)
+        return cls([Monitor(c, settings, actions, p, metrics=shared) for c, p in zip(configs, policies, strict=True)],
+                   metrics_port, metrics_addr)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.monitors[0].metrics
+
+    def tick_one(self, mon: Monitor) -> TickOutcome:
+        """One model's tick; its failure is logged, counted (`flywheel_monitor_errors_total`) and returned."""
+        cfg, m = mon.cfg, mon.metrics
+        try:
+            results = mon.tick()
+        except FlywheelError as exc:
+            error = str(exc)
+            log.error("monitor of %s@%s failed: %s", cfg.model, cfg.env, error)
+        except Exception as exc:  # noqa: BLE001 - one model's fault must not stop the others; next tick retries
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("monitor of %s@%s failed", cfg.model, cfg.env)
+        else:
+            m.up.labels(**m.labels).set(1)
+            return TickOutcome(cfg.model, cfg.env, results, mon.last_tick)
+        m.errors.labels(**m.labels).inc()
+        m.up.labels(**m.labels).set(0)
+        return TickOutcome(cfg.model, cfg.env, [], None, error)
+
+    def tick(self) -> list[TickOutcome]:
+        """Every model once, in order (what `--once` runs)."""
+        return [self.tick_one(mon) for mon in self.monitors]
+
+    def close(self) -> None:
+        for mon in self.monitors:
+            mon.close()
+
+    def serve_forever(self, stop: threading.Event | None = None) -> None:
+        """Tick each model every its `interval_s` until SIGTERM/SIGINT (or `stop`); holds every model's
+        state dir lock throughout (MonitorBusy if another process has one: nothing starts)."""
+        from contextlib import ExitStack
+
         stop = stop or threading.Event()
-        with self.locked():
+        with ExitStack() as held:
+            for mon in self.monitors:
+                held.enter_context(mon.locked())
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, lambda *_: stop.set())
-            if self.cfg.metrics_port is not None:
-                self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_addr)
-                log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_addr, self.cfg.metrics_port)
+            http = None
+            if self.metrics_port is not None:
+                http = self.metrics.serve(self.metrics_port, self.metrics_addr)
+                log.info("metrics of %d model(s) on http://%s:%d/metrics", len(self.monitors), self.metrics_addr,
+                         self.metrics_port)
+            due = [0.0] * len(self.monitors)
             try:
                 while not stop.is_set():
-                    try:
-                        self.tick()
-                    except FlywheelError as exc:
-                        log.error("monitor tick failed: %s", exc)
-                    except Exception:  # noqa: BLE001 - keep serving; the next tick retries
-                        log.exception("monitor tick failed")
-                    stop.wait(self.cfg.interval_s)
+                    for i, mon in enumerate(self.monitors):
+                        if stop.is_set():
+                            break
+                        if time.monotonic() >= due[i]:
+                            self.tick_one(mon)
+                            due[i] = time.monotonic() + mon.cfg.interval_s
+                    stop.wait(max(0.0, min(due) - time.monotonic()))
             finally:
                 self.close()
+                if isinstance(http, tuple):  # prometheus_client >= 0.17 returns (server, thread)
+                    http[0].shutdown()
+                    http[0].server_close()
 
 
 def describe_tick(summary: TickSummary | None, capture_uri: str, model: str) -> str:

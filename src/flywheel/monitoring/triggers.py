@@ -40,7 +40,11 @@ class TriggerError(FlywheelError):
 # ---------------------------------------------------------------------------------------- events
 @dataclass(frozen=True)
 class RetrainEvent:
-    """What is asked for: retrain `model` because of `reason`, optionally with a dataset snapshot."""
+    """What is asked for: retrain `model` because of `reason`, optionally with a dataset snapshot.
+
+    `project`, `project_dir` and `commit` name where the version being replaced came from (its
+    `flywheel.project`, `flywheel.project_dir` and `git_commit` lineage tags; "" when it records none),
+    so the receiver trains THAT model from THAT project and commit."""
 
     model: str
     reason: str  # drift | schedule | labelled-data | manual
@@ -52,12 +56,21 @@ class RetrainEvent:
     snapshot_digest: str | None = None
     details: dict = field(default_factory=dict)  # p-values, window ids, counts
     created: float = field(default_factory=time.time)
+    project: str = ""  # flywheel.project of the version being replaced: a local path or a git URL
+    project_dir: str = ""  # the MLproject's directory inside that repository
+    commit: str = ""  # git_commit of the version being replaced
+
+    def client_payload(self) -> dict:
+        """GitHub's client_payload: the 10 top-level keys a workflow reads (GitHub refuses more than 10),
+        JSON-safe. `details` and `env` are in `payload()` (SSH, local) and the outbox's sent/ record."""
+        return {"model": self.model, "reason": self.reason, "event_id": self.event_id,
+                "version": self.version, "dataset": self.dataset, "snapshot": self.snapshot,
+                "snapshot_digest": self.snapshot_digest, "project": self.project, "project_dir": self.project_dir,
+                "commit": self.commit}
 
     def payload(self) -> dict:
-        """client_payload for GitHub: at most 10 top-level keys (GitHub's limit), JSON-safe."""
-        return {"model": self.model, "reason": self.reason, "event_id": self.event_id, "env": self.env,
-                "version": self.version, "dataset": self.dataset, "snapshot": self.snapshot,
-                "snapshot_digest": self.snapshot_digest, "details": self.details}
+        """The whole request (SSH stdin, $FLYWHEEL_RETRAIN_PAYLOAD): `client_payload()` plus `env`, `details`."""
+        return {**self.client_payload(), "env": self.env, "details": self.details}
 
     @classmethod
     def from_dict(cls, data: dict) -> RetrainEvent:
@@ -94,7 +107,7 @@ class GitHubDispatch:
 
         url = f"{self.api_url.rstrip('/')}/repos/{self.repo}/dispatches"
         headers = api_headers(self.token)
-        body = {"event_type": self.event_type, "client_payload": event.payload()}
+        body = {"event_type": self.event_type, "client_payload": event.client_payload()}
         try:
             resp = requests.post(url, headers=headers, json=body, timeout=self.timeout)
         except requests.RequestException as exc:
@@ -108,8 +121,9 @@ class GitHubDispatch:
 class SSHCommand:
     """Run a retrain command on a training node over SSH (paramiko, host key pinned in known_hosts).
 
-    The command is a template: `{model}`, `{reason}`, `{event_id}`, `{dataset}`, `{snapshot}` are
-    substituted shell-quoted; the full payload is also sent on stdin as JSON.
+    The command is a template: `{model}`, `{reason}`, `{event_id}`, `{env}`, `{version}`, `{dataset}`,
+    `{snapshot}`, `{project}`, `{project_dir}`, `{commit}` are substituted shell-quoted (see
+    `render_command`); the full payload is also sent on stdin as JSON.
     """
 
     host: str
@@ -182,7 +196,8 @@ class LocalCommand:
 def render_command(template: str, event: RetrainEvent) -> str:
     values = {"model": event.model, "reason": event.reason, "event_id": event.event_id, "env": event.env,
               "version": event.version or "", "dataset": event.dataset or "fashion-mnist",
-              "snapshot": event.snapshot or ""}
+              "snapshot": event.snapshot or "", "project": event.project, "project_dir": event.project_dir or ".",
+              "commit": event.commit}
     try:
         return template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
     except (KeyError, IndexError) as exc:

@@ -23,7 +23,7 @@ from flywheel.training.dispatch.job import (
 )
 from flywheel.training.dispatch.nodes import Node, load_nodes
 from flywheel.training.dispatch.report import report_run, write_github_outputs
-from flywheel.training.dispatch.source import archive_commit, check_entry, resolve_commit
+from flywheel.training.dispatch.source import Project, archive_commit, check_entry
 from flywheel.training.dispatch.ssh import SSHAuth
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ class CommandOptions:
     node: str | None = None
     nodes: str | None = None
     commit: str = "HEAD"
-    repo: Path = Path(".")
+    project: str = "."  # a git checkout's path or a git URL (--repo is its old name)
+    project_dir: str | None = None  # the MLproject's directory in the repository; None: "." (any, for --attach)
     entry: str = "train"
     params: tuple[str, ...] = ()
     nproc_per_node: int | None = None
@@ -65,27 +66,34 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
     auth = SSHAuth.load(opts.identity, known_hosts, os.environ.get("FLYWHEEL_SSH_KEY_PASSPHRASE") or None,
                         opts.connect_timeout)
     if opts.cancel:
-        node, sha = find_job(nodes, auth, opts.cancel, warn)
-        stopped = RemoteJob(node, auth, sha, warn=warn).cancel()
-        warn(f"{'stopped' if stopped else 'nothing running for'} commit {sha[:12]} on {node.label}")
+        node, key = find_job(nodes, auth, opts.cancel, warn, _dir_filter(opts.project_dir))
+        job = RemoteJob(node, auth, key, warn=warn)
+        stopped = job.cancel()
+        warn(f"{'stopped' if stopped else 'nothing running for'} {job.what} on {node.label}")
         return 0
     if opts.attach:
         target = opts.attach
         if re.fullmatch(r"[0-9a-f]{32}", target) and tracking_given:
-            target = _commit_of_run(settings, target) or target  # an MLflow run id names its commit
-        result = attach(nodes, auth, target, opts.reconnect_timeout, warn=warn)
+            target = _job_of_run(settings, target) or target  # an MLflow run id names its commit (and dir)
+        result = attach(nodes, auth, target, opts.reconnect_timeout, warn=warn,
+                        project_dir=_dir_filter(opts.project_dir))
     else:
         if not tracking_given:
             raise FlywheelError("remote-train needs a tracking server the node can reach: set MLFLOW_TRACKING_URI "
                                 "or pass --tracking-uri (the embedded SQLite store lives on this machine)")
-        sha = resolve_commit(opts.repo, opts.commit)
-        cfg = RemoteTrainConfig(commit=sha, entry=opts.entry, params=parse_params(opts.params),
-                                nproc_per_node=opts.nproc_per_node, env_manager=opts.env_manager,
-                                reconnect_timeout=opts.reconnect_timeout,
-                                # Set by train.yml for a monitor's retrain (like the passphrase, env only).
-                                event_id=os.environ.get("FLYWHEEL_EVENT_ID") or None)
-        check_entry(opts.repo, sha, cfg)
-        result = remote_train(cfg, settings, nodes, auth, archive_commit(opts.repo, sha), warn=warn)
+        project = Project(opts.project, opts.project_dir or ".")
+        with project.checkout(opts.commit) as (repo, sha):
+            cfg = RemoteTrainConfig(commit=sha, entry=opts.entry, params=parse_params(opts.params),
+                                    nproc_per_node=opts.nproc_per_node, env_manager=opts.env_manager,
+                                    reconnect_timeout=opts.reconnect_timeout,
+                                    # Set by train.yml for a monitor's retrain (like the passphrase, env only).
+                                    event_id=os.environ.get("FLYWHEEL_EVENT_ID") or None,
+                                    project=project.label, project_dir=project.project_dir)
+            check_entry(repo, sha, cfg, project.project_dir)
+            archive = archive_commit(repo, sha)
+        if project.is_url or project.project_dir != ".":
+            warn(f"project {project.label}, directory {project.project_dir}, commit {sha[:12]}")
+        result = remote_train(cfg, settings, nodes, auth, archive, warn=warn)
     warn(f"commit {result.commit[:12]} on {result.node}: MLflow run {result.run_id or 'unknown'}, "
          f"exit code {result.exit_code}")
     report = None
@@ -100,13 +108,24 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
     return result.exit_code
 
 
-def _commit_of_run(settings: Settings, run_id: str) -> str | None:
-    """The `git_commit` tag of an MLflow run, or None if there is no such run (then it's a SHA prefix)."""
+def _dir_filter(project_dir: str | None) -> str | None:
+    """--project-dir for --attach/--cancel: None (not given) matches a commit's job of any directory."""
+    from flywheel.training.dispatch.source import normalize_project_dir
+
+    return None if project_dir is None else normalize_project_dir(project_dir)
+
+
+def _job_of_run(settings: Settings, run_id: str) -> str | None:
+    """The job of an MLflow run (its `git_commit` and `flywheel.project_dir` tags), or None if there is
+    no such run (then it's a SHA prefix)."""
     from mlflow.exceptions import MlflowException
 
     from flywheel.core.registry import Registry
+    from flywheel.training.dispatch.job import SHA_RE, job_key
 
     try:
-        return Registry(settings).run(run_id).data.tags.get("git_commit")
+        tags = Registry(settings).run(run_id).data.tags
     except MlflowException:
         return None
+    commit = tags.get("git_commit") or ""
+    return job_key(commit, tags.get("flywheel.project_dir") or ".") if SHA_RE.match(commit) else (commit or None)

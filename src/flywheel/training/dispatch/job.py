@@ -6,6 +6,10 @@ per-commit directory), so a dropped SSH connection or a cancelled CI job doesn't
 the client reconnects with backoff, or `--attach COMMIT` picks the job up later. An `flock` held by
 the job for its whole life means one commit never trains twice at once on a node.
 
+A job is one commit of one project directory (`job_key`: the SHA, plus the MLproject's directory
+when it is not the repository root), so two components of one repository train side by side at the
+same commit, while one component's commit still never trains twice at once.
+
 Secrets (tracking URI, credentials) reach the job through a 0600 env file written over SFTP inside
 a 0700 directory and deleted by the job as soon as it has read it: never on a command line (`ps`
 shows those) and never in a log.
@@ -14,6 +18,7 @@ shows those) and never in a log.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import re
 import secrets
 import shlex
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
 ENV_MANAGERS = ("local", "conda", "docker")
 RUN_ID_RE = re.compile(r"run with ID '([0-9a-f]{32})'")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+JOB_RE = re.compile(r"^([0-9a-f]{40})(?:-([A-Za-z0-9._~-]+))?$")  # job_key's shape
 BUSY_EXIT = 75  # EX_TEMPFAIL: the commit's lock is held by a running job
 
 
@@ -60,14 +66,40 @@ class RemoteTrainConfig:
     reconnect_timeout: float = 300.0  # give up re-attaching after this long without a connection
     poll_interval: float = 0.5
     event_id: str | None = None  # the monitor's retrain event: the run is tagged with it (flywheel.control.dispatches)
+    project: str = "."  # the project as the user named it (path or URL, credentials stripped): a run tag
+    project_dir: str = "."  # the MLproject's directory inside the shipped tree (source.normalize_project_dir)
 
     def __post_init__(self) -> None:
+        from flywheel.training.dispatch.source import normalize_project_dir
+
+        object.__setattr__(self, "project_dir", normalize_project_dir(self.project_dir))
         if self.env_manager not in ENV_MANAGERS:
             raise FlywheelError(f"--env-manager must be one of {', '.join(ENV_MANAGERS)}")
         if not SHA_RE.match(self.commit):
             raise FlywheelError(f"commit {self.commit!r} must be a full 40-character SHA (resolve_commit)")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.entry):
             raise FlywheelError(f"bad entry point name {self.entry!r}")
+
+
+def job_key(sha: str, project_dir: str = ".") -> str:
+    """The job's directory name on the node: the SHA for a project at the repository root, else
+    `SHA-dir~sub` ('/' becomes '~', which a project dir never contains, so keys never collide)."""
+    return sha if project_dir in ("", ".") else f"{sha}-{project_dir.replace('/', '~')}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(sha, project_dir) of a job_key."""
+    m = JOB_RE.match(key)
+    if not m:
+        raise FlywheelError(f"{key!r} is not a remote-train job name")
+    return m[1], (m[2] or ".").replace("~", "/")
+
+
+def _container(key: str) -> str:
+    """A docker name/tag part for a job (docker names allow no '~'): SHA prefix + the dir's hash."""
+    sha, project_dir = split_key(key)
+    suffix = "" if project_dir == "." else "-" + hashlib.sha256(project_dir.encode()).hexdigest()[:8]
+    return f"{sha[:12]}{suffix}"
 
 
 def parse_params(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -128,12 +160,15 @@ def _env_file(env: dict[str, str]) -> str:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
 
 
-def remote_env(settings: Settings, node: Node, sha: str, event_id: str | None = None) -> dict[str, str]:
-    """What the job needs in its environment: where to log, as whom, which commit it is and, for a
-    retrain the monitor asked for, its event id (train tags the run with it)."""
+def remote_env(settings: Settings, node: Node, sha: str, event_id: str | None = None, project: str = ".",
+               project_dir: str = ".") -> dict[str, str]:
+    """What the job needs in its environment: where to log, as whom, which project, directory and
+    commit it is (the run's `flywheel.project`, `flywheel.project_dir` and `git_commit` tags) and,
+    for a retrain the monitor asked for, its event id (train tags the run with it)."""
     env = dict(node.env)
     env.update({"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_EXPERIMENT_NAME": settings.experiment,
-                "FLYWHEEL_MODEL_NAME": settings.model_name, "FLYWHEEL_GIT_COMMIT": sha})
+                "FLYWHEEL_MODEL_NAME": settings.model_name, "FLYWHEEL_GIT_COMMIT": sha,
+                "FLYWHEEL_PROJECT": project, "FLYWHEEL_PROJECT_DIR": project_dir})
     if event_id:
         env["FLYWHEEL_EVENT_ID"] = event_id
     if settings.username is not None:
@@ -149,19 +184,23 @@ def mlflow_command(node: Node, cfg: RemoteTrainConfig, env_names: Sequence[str] 
     if cfg.nproc_per_node is not None:
         params.append(("nproc_per_node", str(cfg.nproc_per_node)))
     p_args = [a for key, value in params for a in ("-P", f"{key}={value}")]
+    sub = "" if cfg.project_dir == "." else "/" + cfg.project_dir  # normalize_project_dir: no shell specials
     if cfg.env_manager != "docker":
         args = [node.mlflow, "run", "$PWD/src", "-e", cfg.entry, "--env-manager", cfg.env_manager, *p_args]
         # $PWD must expand on the node; everything else is quoted literally.
-        return " ".join('"$PWD/src"' if a == "$PWD/src" else shlex.quote(a) for a in args)
-    # docker: build the commit's own Dockerfile (its flywheel installed inside), run `mlflow run`
-    # in it on the host network. `-e NAME` without a value copies the variable from this shell,
-    # so secrets stay off the docker command line too.
-    tag = f"flywheel-train:{cfg.commit[:12]}"
-    name = f"flywheel-train-{cfg.commit[:12]}"
+        return " ".join(f'"$PWD/src{sub}"' if a == "$PWD/src" else shlex.quote(a) for a in args)
+    # docker: build the project's own Dockerfile (its flywheel installed inside; the build context
+    # is the repository root, so a component in a subdirectory can COPY the files next to it), run
+    # `mlflow run` in it on the host network. `-e NAME` without a value copies the variable from
+    # this shell, so secrets stay off the docker command line too.
+    key = _container(job_key(cfg.commit, cfg.project_dir))
+    tag = f"flywheel-train:{key}"
+    name = f"flywheel-train-{key}"
+    dockerfile = f" -f src{sub}/Dockerfile" if sub else ""
     env_args = " ".join(f"-e {shlex.quote(n)}" for n in sorted(env_names))
-    run_args = " ".join(shlex.quote(a) for a in ["mlflow", "run", "/project", "-e", cfg.entry,
+    run_args = " ".join(shlex.quote(a) for a in ["mlflow", "run", f"/project{sub}", "-e", cfg.entry,
                                                   "--env-manager", "local", *p_args])
-    return (f"docker build {node.docker_build_args} -t {tag} src || exit $?\n"
+    return (f"docker build {node.docker_build_args}{dockerfile} -t {tag} src || exit $?\n"
             "gpus=(); if command -v nvidia-smi >/dev/null 2>&1; then gpus=(--gpus all); fi\n"
             # The node's datasets, read-only at the same paths the job's env names.
             "data=(); for d in \"${FLYWHEEL_DATA_DIR:-}\" /usr/share/datasets; do "
@@ -182,10 +221,13 @@ class JobResult:
 class RemoteJob:
     """One commit's job directory on one node: start it, follow its log, report how it ended."""
 
-    def __init__(self, node: Node, auth: SSHAuth, sha: str, out: TextIO | None = None,
+    def __init__(self, node: Node, auth: SSHAuth, key: str, out: TextIO | None = None,
                  warn: Callable[[str], None] | None = None, reconnect_timeout: float = 300.0,
                  poll_interval: float = 0.5) -> None:
-        self.node, self.auth, self.sha = node, auth, sha
+        """`key`: the job_key (a commit's SHA, plus its project dir when that is not the root)."""
+        self.node, self.auth, self.key = node, auth, key
+        self.sha, self.project_dir = split_key(key)
+        self.what = f"commit {self.sha[:12]}" + ("" if self.project_dir == "." else f" of {self.project_dir}")
         self.reconnect_timeout, self.poll_interval = reconnect_timeout, poll_interval
         self.out = out or sys.stdout
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -199,7 +241,7 @@ class RemoteJob:
         client = connect(self.node, self.auth)
         try:
             sftp = client.open_sftp()
-            jobdir = f"{jobs_root(sftp, self.node)}/{self.sha}"
+            jobdir = f"{jobs_root(sftp, self.node)}/{self.key}"
             yield client, sftp, jobdir
         finally:
             client.close()
@@ -215,10 +257,11 @@ class RemoteJob:
             tag = secrets.token_hex(6)
             upload, envfile = f"upload-{tag}.tar.gz", f"job.env.{tag}"
             try:
-                env = remote_env(settings, self.node, self.sha, cfg.event_id)
+                env = remote_env(settings, self.node, self.sha, cfg.event_id, cfg.project, self.project_dir)
                 put_file(sftp, f"{jobdir}/{envfile}", _env_file(env), 0o600)
                 put_file(sftp, f"{jobdir}/{upload}", archive, 0o600)
-                runner = RUNNER.format(activate=self.node.env_activate, sha=self.sha, entry=cfg.entry,
+                entry = cfg.entry if self.project_dir == "." else f"{cfg.entry} of {self.project_dir}"
+                runner = RUNNER.format(activate=self.node.env_activate, sha=self.sha, entry=entry,
                                        command=mlflow_command(self.node, cfg, list(env)))
                 put_file(sftp, f"{jobdir}/run.sh", runner, 0o700)
                 code, out, err = exec_command(client, STARTER.format(jobdir=shlex.quote(jobdir), upload=upload,
@@ -239,8 +282,8 @@ class RemoteJob:
             raise self._busy_error()
 
     def _busy_error(self) -> FlywheelError:
-        return FlywheelError(f"commit {self.sha[:12]} is already training on {self.node.label}; follow it with "
-                             f"`flywheel remote-train --attach {self.sha}` instead of starting it twice")
+        return FlywheelError(f"{self.what} is already training on {self.node.label}; follow it with "
+                             f"`flywheel remote-train --attach {self.key}` instead of starting it twice")
 
     @staticmethod
     def _lock_held(client: paramiko.SSHClient, jobdir: str) -> bool:
@@ -265,7 +308,7 @@ class RemoteJob:
             if time.monotonic() - lost_at > self.reconnect_timeout:
                 raise FlywheelError(
                     f"lost {self.node.label} for over {self.reconnect_timeout:.0f}s ({error}); the job keeps "
-                    f"running there: follow it later with `flywheel remote-train --attach {self.sha}`") from error
+                    f"running there: follow it later with `flywheel remote-train --attach {self.key}`") from error
             self.warn(f"connection to {self.node.label} lost ({error or type(error).__name__}); "
                       f"retrying in {delay:.0f}s")
             time.sleep(delay)
@@ -273,7 +316,7 @@ class RemoteJob:
 
     def _follow_once(self, client: paramiko.SSHClient, sftp: paramiko.SFTPClient, jobdir: str) -> int:
         if not remote_exists(sftp, f"{jobdir}/run.sh"):
-            raise FlywheelError(f"no job for commit {self.sha[:12]} on {self.node.label}")
+            raise FlywheelError(f"no job for {self.what} on {self.node.label}")
         while True:
             self._drain(sftp, jobdir)
             code = _read_exit(sftp, jobdir)
@@ -286,7 +329,7 @@ class RemoteJob:
                 self._drain(sftp, jobdir)
                 if code is not None:
                     return code
-                raise FlywheelError(f"the job for {self.sha[:12]} on {self.node.label} ended without an exit "
+                raise FlywheelError(f"the job for {self.what} on {self.node.label} ended without an exit "
                                     "status (killed, or the node rebooted); see job.log in its directory")
             time.sleep(self.poll_interval)
 
@@ -316,7 +359,7 @@ class RemoteJob:
         with self._session() as (client, _, jobdir):
             if not self._lock_held(client, jobdir):
                 return False
-            script = CANCEL.format(jobdir=shlex.quote(jobdir), container=f"flywheel-train-{self.sha[:12]}")
+            script = CANCEL.format(jobdir=shlex.quote(jobdir), container=f"flywheel-train-{_container(self.key)}")
             code, _, err = exec_command(client, script, timeout=120)
             if code != 0:
                 raise FlywheelError(f"could not stop the job on {self.node.label}: {err.strip()}")
@@ -354,25 +397,34 @@ def remote_train(cfg: RemoteTrainConfig, settings: Settings, nodes: Sequence[Nod
                  warn: Callable[[str], None] | None = None) -> JobResult:
     """Pick a node, start the commit there detached, stream it to the end. Returns its exit code."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    key = job_key(cfg.commit, cfg.project_dir)
     if len(nodes) == 1:
         node = nodes[0]
     else:
-        node = pick_node(nodes, auth, cfg.commit, cfg.nproc_per_node or 1, warn)
-    job = RemoteJob(node, auth, cfg.commit, out=out, warn=warn, reconnect_timeout=cfg.reconnect_timeout,
+        node = pick_node(nodes, auth, key, cfg.nproc_per_node or 1, warn)
+    job = RemoteJob(node, auth, key, out=out, warn=warn, reconnect_timeout=cfg.reconnect_timeout,
                     poll_interval=cfg.poll_interval)
     job.start(settings, cfg, archive)
-    warn(f"started commit {cfg.commit[:12]} on {node.label}; if this client goes away, reattach with "
-         f"`flywheel remote-train --attach {cfg.commit}`")
+    warn(f"started {job.what} on {node.label}; if this client goes away, reattach with "
+         f"`flywheel remote-train --attach {key}`")
     code = job.follow()
     return JobResult(node=node.label, commit=cfg.commit, exit_code=code, run_id=job.run_id)
 
 
 def find_job(nodes: Sequence[Node], auth: SSHAuth, commit: str,
-             warn: Callable[[str], None] | None = None) -> tuple[Node, str]:
-    """The node and full SHA of the job directory matching `commit` (a full SHA or a prefix)."""
+             warn: Callable[[str], None] | None = None, project_dir: str | None = None) -> tuple[Node, str]:
+    """The node and job_key of the job directory matching `commit` (a full SHA or a prefix, or a
+    whole job_key), of the project directory `project_dir` when one is given."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if JOB_RE.match(commit) and not SHA_RE.match(commit):  # a whole job key, as remote-train prints it
+        commit, project_dir = split_key(commit)
     if not re.fullmatch(r"[0-9a-f]{4,40}", commit):
         raise FlywheelError(f"--attach takes the commit SHA (or a prefix of it) of a job, got {commit!r}")
+
+    def wanted(name: str) -> bool:
+        m = JOB_RE.match(name)
+        return bool(m and m[1].startswith(commit)
+                    and (project_dir is None or split_key(name)[1] == project_dir))
     matches: list[tuple[Node, str]] = []
     for node in nodes:
         try:
@@ -386,21 +438,22 @@ def find_job(nodes: Sequence[Node], auth: SSHAuth, commit: str,
                 names = sftp.listdir(jobs_root(sftp, node))
             except FileNotFoundError:
                 names = []
-            matches += [(node, n) for n in names if SHA_RE.match(n) and n.startswith(commit)]
+            matches += [(node, n) for n in names if wanted(n)]
         finally:
             client.close()
     if not matches:
         raise FlywheelError(f"no remote-train job for commit {commit} on {', '.join(n.label for n in nodes)}")
     if len(matches) > 1:
-        raise FlywheelError(f"commit prefix {commit} is ambiguous: " +
-                            ", ".join(f"{sha[:12]} on {n.label}" for n, sha in matches))
+        raise FlywheelError(f"commit prefix {commit} is ambiguous (give the whole job name, or --project-dir): " +
+                            ", ".join(f"{key} on {n.label}" for n, key in matches))
     return matches[0]
 
 
 def attach(nodes: Sequence[Node], auth: SSHAuth, commit: str, reconnect_timeout: float = 300.0,
-           out: TextIO | None = None, warn: Callable[[str], None] | None = None) -> JobResult:
+           out: TextIO | None = None, warn: Callable[[str], None] | None = None,
+           project_dir: str | None = None) -> JobResult:
     """Follow an already started job (replaying its log) and report how it ended."""
-    node, sha = find_job(nodes, auth, commit, warn)
-    job = RemoteJob(node, auth, sha, out=out, warn=warn, reconnect_timeout=reconnect_timeout)
+    node, key = find_job(nodes, auth, commit, warn, project_dir)
+    job = RemoteJob(node, auth, key, out=out, warn=warn, reconnect_timeout=reconnect_timeout)
     code = job.follow()
-    return JobResult(node=node.label, commit=sha, exit_code=code, run_id=job.run_id)
+    return JobResult(node=node.label, commit=job.sha, exit_code=code, run_id=job.run_id)
