@@ -17,6 +17,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,9 +63,11 @@ def _send(client, model: str, images: np.ndarray, per_request: int = 25) -> list
 
 def _monitor_once(env: dict, cwd: Path, args: list[str]) -> dict:
     out = _run([str(VENV_BIN / "flywheel"), "monitor", "--once", "--json", *args], env, cwd, timeout=300)
-    # raw_decode: against an HTTP tracking server MLflow's end_run writes "View run ... at" lines to
-    # stdout after the document (mlflow/tracking/_tracking_service/client.py); the JSON comes first.
-    return json.JSONDecoder().raw_decode(out.stdout)[0]
+    # Against an HTTP tracking server MLflow's end_run writes "🏃 View run ... at" lines to stdout
+    # (mlflow/tracking/_tracking_service/client.py), around the document: read the document alone.
+    start = re.search(r"^\{", out.stdout, re.MULTILINE)
+    assert start is not None, out.stdout[-2000:]
+    return json.JSONDecoder().raw_decode(out.stdout, start.start())[0]
 
 
 def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain(tracking_stack, serving_models,
