@@ -4,7 +4,7 @@
 emulator) → the gate registers a candidate → `flywheel package` → `flywheel release` to a real
 TorchServe that already serves the Fashion-MNIST model (both side by side, the release of one
 leaves the other alone) → RGB PNG traffic with capture on → `flywheel monitor --once`: clean traffic
-opens no episode, colour-inverted traffic does → the retrain trigger (a local command that records
+opens no episode, hue-rotated traffic does → the retrain trigger (a local command that records
 its payload) names the component's own model, project and commit.
 
 Everything here runs the CLIs a user runs, as subprocesses; nothing imports the component's model.
@@ -145,7 +145,7 @@ def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain
         n = 4 * WINDOW
         labels = np.arange(n) % len(data.CLASS_NAMES)
         clean = np.stack([data.make_image(101, "test", i, int(y)) for i, y in enumerate(labels)])
-        shifted = 255 - np.stack([data.make_image(102, "test", i, int(y)) for i, y in enumerate(labels)])
+        shifted = _rotate_hue(np.stack([data.make_image(102, "test", i, int(y)) for i, y in enumerate(labels)]))
         assert clean.shape == (n, 64, 80, 3)
 
         state = tmp_path / "monitor"
@@ -167,7 +167,7 @@ def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain
         assert all(w["version"] == str(mv.version) and w["size"] == WINDOW for w in clean_tick)
         assert not any(w["trigger"] for w in clean_tick) and not payload_file.exists()
 
-        # 6. Colour-inverted traffic: drift windows, and the retrain trigger fires with its own project.
+        # 6. Hue-rotated traffic: drift windows, and the retrain trigger fires with its own project.
         _send(ts, NAME, shifted)
         shifted_tick = _wait_windows(env, tmp_path, monitor_args, n // WINDOW)
         assert sum(w["drift"] for w in shifted_tick) >= 2, [w["p_value"] for w in shifted_tick]
@@ -181,6 +181,20 @@ def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain
     assert payload["model"] == NAME and payload["version"] == str(mv.version)
     assert (Path(payload["project"]) / payload["project_dir"]).resolve() == PROJECT.resolve()
     assert payload["commit"] == commit
+
+
+def _rotate_hue(images: np.ndarray, turn: int = 64) -> np.ndarray:
+    """Every pixel's hue turned by `turn`/256 of a circle (90 degrees): red and orange shapes become
+    yellow-green, cyan and blue ones violet, colours the training data never had. (Inverting the
+    colours would not do: it maps warm shapes onto cool ones, in-distribution images of another class.)"""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        hsv = np.asarray(Image.fromarray(img, mode="RGB").convert("HSV")).copy()
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + turn) % 256).astype(np.uint8)
+        out.append(np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB")))
+    return np.stack(out)
 
 
 def _wait_windows(env: dict, cwd: Path, args: list[str], expected: int, attempts: int = 60) -> list[dict]:
