@@ -7,8 +7,11 @@ leaves the other alone) → RGB PNG traffic with capture on → `flywheel monito
 opens no episode, hue-rotated traffic does → the retrain trigger (a local command that records
 its payload) names the component's own model, project and commit.
 
-Everything here runs the CLIs a user runs, as subprocesses; nothing imports the component's model.
-The component's data generator is used for traffic: held-out images (another seed than training).
+Everything there runs the CLIs a user runs, as subprocesses; nothing imports the component's model.
+The component's data generator makes the traffic: held-out images (other seeds than training's).
+Two fast tests check the component's own parts: its generator is reproducible and its loader gives
+(N, 64, 80, 3) uint8 arrays; labelled captures (decoded at the model's 48x48) join its raw images
+for a retrain (`extra_data`).
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import pytest
 from flywheel.contracts.preprocessing import encode_png
 from tests.conftest import REPO, VENV_BIN
 from tests.fixtures_serving import MODEL as FASHION
-
-pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 PROJECT = REPO / "examples" / "shapes-rgb"
 NAME = "shapes-rgb"
@@ -70,6 +71,50 @@ def _monitor_once(env: dict, cwd: Path, args: list[str]) -> dict:
     return json.JSONDecoder().raw_decode(out.stdout, start.start())[0]
 
 
+def _component(monkeypatch, module: str):
+    """A module of examples/shapes-rgb imported as its entry point sees it (its directory on sys.path)."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(PROJECT))
+    for name in ("data", "model", "train"):  # the component's own top-level modules, fresh
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module(module)
+
+
+def test_generated_data_is_reproducible_and_reads_back_as_rgb_arrays(monkeypatch, tmp_path):
+    data = _component(monkeypatch, "data")
+    data.main(["--out", str(tmp_path / "a"), "--seed", "3", "--n", "24", "--test-n", "8"])
+    data.main(["--out", str(tmp_path / "b"), "--seed", "3", "--n", "24", "--test-n", "8"])
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 32
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    images, labels, classes = data.load_imagefolder(tmp_path / "a" / "train")
+    assert images.shape == (24, 64, 80, 3) and images.dtype == np.uint8
+    assert classes == data.CLASS_NAMES and np.bincount(labels).tolist() == [3] * 8
+    other = data.make_image(4, "train", 0, 0)  # another seed, another image
+    assert not np.array_equal(other, data.make_image(3, "train", 0, 0))
+
+
+def test_labelled_captures_at_model_size_join_the_raw_training_images(monkeypatch, tmp_path):
+    """A capture snapshot holds images decoded at the model's 48x48; the component's own are 80x64."""
+    train = _component(monkeypatch, "train")
+    data = _component(monkeypatch, "data")
+    data.generate(tmp_path / "data", seed=0, n=40, test_n=16)
+    snapshot = tmp_path / "snapshot"
+    for i, name in enumerate(data.CLASS_NAMES):
+        (snapshot / name).mkdir(parents=True)
+        (snapshot / name / "c.png").write_bytes(encode_png(data.make_image(9, "test", i, i)[8:56, 16:64]))
+    base = train.load_splits(tmp_path / "data", seed=0)
+    splits = train.load_splits(tmp_path / "data", seed=0, extra=(snapshot,))
+    assert splits.train.images.shape == (len(base.train) + 8, 48, 48, 3)
+    assert splits.train.labels[-8:].tolist() == list(range(8))
+    assert splits.test.images.shape == (16, 64, 80, 3)  # the frozen test set stays as generated
+    assert splits.digest != base.digest
+
+
+@pytest.mark.integration
+@pytest.mark.reliability
 def test_rgb_component_trains_serves_beside_fashion_and_triggers_its_own_retrain(tracking_stack, serving_models,
                                                                                   tmp_path):
     import mlflow
