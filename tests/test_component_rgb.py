@@ -20,7 +20,6 @@ import base64
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,11 +63,9 @@ def _send(client, model: str, images: np.ndarray, per_request: int = 25) -> list
 
 def _monitor_once(env: dict, cwd: Path, args: list[str]) -> dict:
     out = _run([str(VENV_BIN / "flywheel"), "monitor", "--once", "--json", *args], env, cwd, timeout=300)
-    # Against an HTTP tracking server MLflow's end_run writes "🏃 View run ... at" lines to stdout
-    # (mlflow/tracking/_tracking_service/client.py), around the document: read the document alone.
-    start = re.search(r"^\{", out.stdout, re.MULTILINE)
-    assert start is not None, out.stdout[-2000:]
-    return json.JSONDecoder().raw_decode(out.stdout, start.start())[0]
+    # stdout is the one JSON document, even against an HTTP tracking server (whose end_run prints
+    # "View run … at" lines: the CLI sends them to stderr).
+    return json.loads(out.stdout)
 
 
 def _component(monkeypatch, module: str):

@@ -112,10 +112,16 @@ def monitor(
     group = MonitorGroup.build(configs, settings, actions, policies, metrics_port, metrics_addr)
     if not once:
         return group.serve_forever()
-    try:
-        outcomes = group.tick()
-    finally:
-        group.close()
+    import contextlib
+    import sys
+
+    # MLflow prints "View run … at …" on stdout when a run against a server ends: with --json, stdout
+    # carries the one JSON document only, so anything else said during the pass goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        try:
+            outcomes = group.tick()
+        finally:
+            group.close()
     reports = [{"model": o.model, "env": o.env, "windows": o.results, "read": o.summary,
                 "summary": describe_tick(o.summary, c.capture_uri, c.model) if o.error is None else None,
                 "error": o.error} for o, c in zip(outcomes, configs, strict=True)]
