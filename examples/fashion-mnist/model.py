@@ -24,12 +24,12 @@ class FashionCNN(nn.Module):
     14x14, 64 at 7x7, where a convolution is cheapest per weight. The 7x7x64 map is flattened (not
     globally pooled: where on the garment a feature sits matters) into the 128-d embedding.
 
-    Measured on this CPU (one thread, CPU time per step, next to the old 24/48 small-cnn): 0.75x
-    per epoch, so 4 epochs cost what its 3 did. Tried and slower to reach the accuracy in the same
-    time: a pixel-unshuffle stem that skips 28x28 altogether (0.6x per epoch, but 91.5-92.0% in
-    the same time: the first 2x downsampling loses the fine texture that tells shirt from T-shirt);
-    wider 7x7 stages; left-right flips and label smoothing (they regularise, and a run this short
-    underfits: -0.4 pt).
+    Measured on this 2-core CPU next to the old 24/48 small-cnn (RECIPE.md): a step costs 0.5-0.6x
+    its wall time on two threads, 0.70-0.73x its CPU time on one, so the recipe's 5 epochs cost
+    ~1.0-1.2x its 3. No dropout: a run this short underfits, and the dropout mask alone was ~10% of
+    a CPU step. Tried and worse in the same time: a pixel-unshuffle stem that skips 28x28 (0.6x per
+    epoch, but 91.5-92.0%: the first 2x downsampling loses the texture that tells shirt from
+    T-shirt); wider 7x7 stages; left-right flips and label smoothing (-0.1 to -0.4 pt).
     """
 
     def __init__(self, num_classes: int = 10):
