@@ -93,6 +93,8 @@ BENCHES = (
     Bench("loop_timing", "push → served in dev, minus training compute", quick=("--quick",)),
     Bench("soak", "1-minute keys, a replica killed mid-run, a monitor reading: failures and lost captures",
           quick=("--minutes", "3")),
+    Bench("reference_component", "Fashion-MNIST reference component: test accuracy and training time vs small-cnn",
+          quick=("--quick",)),
 )
 
 
@@ -216,6 +218,16 @@ def _rows(rec: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((name, "captures read by the monitor vs stored", f"**{f['captures_read']} / {f['captures_stored']}**",
                      f"{f['monitor_windows']} windows; {f['captures_lost_with_killed_replica']} answered but lost "
                      "in the killed replica's capture queue", "equal"))
+    elif name == "reference_component":
+        c, p = f["component"], f["small_cnn"]
+        rows.append((name, f"test accuracy, median of seeds {', '.join(map(str, f['seeds']))} "
+                           f"({f['train_samples']} training images, tracking on)",
+                     f"**{c['test_accuracy']:.2%}**", f"small-cnn {p['test_accuracy']:.2%} → "
+                     f"{100 * f['accuracy_gain']:+.2f} pt", f"≥{f['goal']['test_accuracy']:.1%}"))
+        rows.append((name, "train_seconds (optimisation loop), median", f"**{c['train_seconds']:.1f} s**",
+                     f"small-cnn {p['train_seconds']:.1f} s → {f['train_seconds_ratio']:.2f}x "
+                     f"(load avg {f['load_avg_min']:.1f}-{f['load_avg_max']:.1f})",
+                     f"≤{f['goal']['train_seconds']:.0f} s"))
     else:  # a script whose figures we do not know in detail: show its flat numbers
         for k, v in _flat(f):
             rows.append((name, k, f"{v:.4g}" if isinstance(v, float) else str(v), "", ""))

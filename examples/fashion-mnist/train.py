@@ -27,7 +27,7 @@ def _text(value: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=_int, default=3, help="passes over the training split")
+    p.add_argument("--epochs", type=_int, default=5, help="passes over the training split")
     p.add_argument("--batch-size", type=_int, default=128, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")

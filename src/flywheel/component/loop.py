@@ -44,6 +44,11 @@ class FitConfig:
     seed: int = 0
     max_train_samples: int | None = None
     device: str | None = None
+    # Regularisers, all off by default (the loop is then unchanged); a config without these fields
+    # (the built-in trainer's TrainConfig) gets the defaults:
+    label_smoothing: float = 0.0  # CrossEntropyLoss(label_smoothing=...)
+    hflip: bool = False  # mirror a random half of each batch left-right (only where classes are mirror-symmetric)
+    shift: int = 0  # translate each training image by up to `shift` pixels in x and y (edge pixels repeat)
 
 
 def _params(cfg) -> dict[str, Any]:
@@ -124,6 +129,29 @@ def start_preload(*modules: str) -> threading.Thread:
     return thread
 
 
+def augment(xb: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """The batch `xb` (N, C, H, W) with `cfg`'s augmentation applied per image, drawn from `generator`
+    (seeded by the run's seed, so a run repeats): a left-right mirror of a random half (`hflip`), a
+    random translation by up to `shift` pixels in each axis with the uncovered border repeating the
+    edge pixels (`shift`). Two gathers on the preprocessed float batch: no per-image Python, no PIL,
+    no worker processes; well under 1% of a training step on a CPU."""
+    hflip, shift = getattr(cfg, "hflip", False), getattr(cfg, "shift", 0)
+    if not hflip and not shift:
+        return xb
+    n, c, h, w = xb.shape
+    rows = torch.arange(h).expand(n, h)
+    cols = torch.arange(w).expand(n, w)
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    if shift:
+        dy, dx = torch.randint(-shift, shift + 1, (2, n, 1), generator=generator)
+        rows = (rows + dy).clamp_(0, h - 1)
+        cols = (cols + dx).clamp_(0, w - 1)
+    xb = xb.gather(2, rows[:, None, :, None].expand(n, c, h, w))
+    return xb.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
 def training_tensors(splits: Splits, seed: int, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split preprocessed once (it fits in memory), optionally a seeded subset."""
     from flywheel.contracts.preprocessing import to_tensor
@@ -193,7 +221,8 @@ def fit(cfg: FitConfig, splits: Splits, device: torch.device, ctx: DistContext =
     # cyclic GC, which the training loop's many short-lived objects trigger, from rescanning it.
     gc.collect()
     gc.freeze()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=getattr(cfg, "label_smoothing", 0.0))
+    augment_rng = torch.Generator().manual_seed(cfg.seed)
     try:
         with progress_bar(ctx.is_main) as progress:
             task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, status="")
@@ -205,7 +234,7 @@ def fit(cfg: FitConfig, splits: Splits, device: torch.device, ctx: DistContext =
                 for step in range(steps_per_epoch):
                     begin = (step * ctx.world_size + ctx.rank) * cfg.batch_size
                     idx = perm[begin:begin + cfg.batch_size]
-                    xb = x_train[idx].to(device, non_blocking=True)
+                    xb = augment(x_train[idx], cfg, augment_rng).to(device, non_blocking=True)
                     yb = y_train[idx].to(device, non_blocking=True)
                     if device.type == "cpu":
                         xb = xb.contiguous(memory_format=torch.channels_last)
