@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = fc.FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            weight_decay=args.weight_decay, seed=args.seed,
                            max_train_samples=args.max_train_samples or None)
+        fc.seed_everything(args.seed)  # the initial weights follow --seed
         fc.train(ShapesNet(len(splits.class_names)), splits, cfg, embedding="embed", gate=fc.GateSpec("accuracy"),
                  register=args.register == "true", margin=args.margin, model_name=args.model_name, name="shapes-net")
 

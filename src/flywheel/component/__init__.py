@@ -25,6 +25,7 @@ _EXPORTS = {
     "FitConfig": "flywheel.component.loop",
     "Fitted": "flywheel.component.loop",
     "fit": "flywheel.component.loop",
+    "seed_everything": "flywheel.component.loop",
     "TrackedRun": "flywheel.component.run",
     "ContractError": "flywheel.component.log",
     "LoggedModel": "flywheel.component.log",

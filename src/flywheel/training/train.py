@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.component.loop import DistContext, fit, select_device  # noqa: F401 - re-exported for callers
+from flywheel.component.loop import DistContext, fit, seed_everything, select_device  # noqa: F401 - re-exported
 from flywheel.component.run import TrackedRun, git_info, refuse_mlflow_default_store  # noqa: F401 - re-exported
 from flywheel.component.trainer import TrainResult, train
 from flywheel.core.config import Settings
@@ -43,6 +43,7 @@ def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
 
     refuse_mlflow_default_store(settings)
     splits = load_splits(cfg.dataset, settings.data_dir, cfg.seed, cfg.extra_data)
+    seed_everything(cfg.seed)  # the initial weights follow the seed
     model = build_model(cfg.model, len(splits.class_names))
     return train(model, splits, cfg, embedding="features", register=cfg.register, margin=cfg.margin,
                  name=cfg.model, settings=settings)
