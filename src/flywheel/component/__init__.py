@@ -36,6 +36,11 @@ _EXPORTS = {
     "load_spec": "flywheel.core.models",
     "read_test_set": "flywheel.core.models",
     "GateDecision": "flywheel.core.registry",
+    "add_training_arguments": "flywheel.component.options",
+    "fit_config": "flywheel.component.options",
+    "extra_data": "flywheel.component.options",
+    "mlflow_int": "flywheel.component.options",
+    "mlflow_text": "flywheel.component.options",
 }
 
 __all__ = sorted([*_EXPORTS, "load_dataset", "gate"])
