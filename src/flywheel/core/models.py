@@ -72,7 +72,11 @@ def load_model(model_uri: str, device: str | torch.device = "cpu",
                tracking_uri: str | None = None) -> tuple[torch.jit.ScriptModule, ComponentSpec]:
     """(TorchScript module → (logits, embedding), its ComponentSpec) of a logged model, e.g.
     `models:/name@prod`; FlywheelError when the model was not logged through the component contract."""
-    local = model_dir(model_uri, tracking_uri)
+    return load_local(model_dir(model_uri, tracking_uri), model_uri, device)
+
+
+def load_local(local: Path, model_uri: str, device: str | torch.device = "cpu"):
+    """`load_model` of a logged model already downloaded to `local` (`model_uri` names it in errors)."""
     try:
         spec = ComponentSpec.read(local)
     except SpecError as exc:

@@ -216,15 +216,15 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
     import torch
 
     from flywheel.contracts.preprocessing import to_tensor
-    from flywheel.core.models import load_model, model_dir
+    from flywheel.core.models import load_local, model_dir
     from flywheel.core.registry import Registry
 
     registry = Registry(settings)
     mv = registry.resolve(cfg.model_name, cfg.version, cfg.alias)
     tags = registry.lineage(mv)
     uri = f"models:/{cfg.model_name}/{mv.version}"
-    scripted, spec = load_model(uri, tracking_uri=settings.tracking_uri)
-    local = model_dir(uri, settings.tracking_uri)
+    local = model_dir(uri, settings.tracking_uri)  # downloaded once: the TorchScript to check and both files to ship
+    scripted, spec = load_local(local, uri)
     images, _ = held_batch(spec, settings)
     example = to_tensor(images, spec.preprocess)
     with torch.inference_mode():

@@ -17,8 +17,6 @@ from flywheel.component.trainer import TrainResult, train
 from flywheel.core.config import Settings
 from flywheel.core.data import load_splits
 
-REFERENCE_SIZE = 1000  # validation embeddings kept as the monitor's drift reference (flywheel.component.log)
-
 
 @dataclass(frozen=True)
 class TrainConfig:
