@@ -21,6 +21,7 @@ from flywheel.core.errors import FlywheelError
 
 log = logging.getLogger(__name__)
 PARITY_TOL = 1e-4  # fp32 exports must match eager to this max abs diff (logits and embedding)
+HELD_BATCH = 64  # the first test images every export is checked on, at log and at package time
 
 
 @dataclass(frozen=True)

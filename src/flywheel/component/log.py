@@ -45,7 +45,6 @@ from flywheel.core.models import ServingModule
 
 log = logging.getLogger(__name__)
 REFERENCE_SIZE = 1000  # validation embeddings kept as the monitor's drift reference
-HELD_BATCH = 64  # test images every export is checked on
 
 
 class ContractError(FlywheelError):
@@ -60,6 +59,7 @@ class LoggedModel:
 
 def check_contract(model: nn.Module, splits: Splits, embedding: str | None) -> tuple[ServingModule, torch.Tensor]:
     """Steps 1–3 of the contract; returns the serving module and the held batch (float, on the CPU)."""
+    from flywheel.component.export import HELD_BATCH
     from flywheel.contracts.preprocessing import to_tensor
     from flywheel.contracts.reference import MIN_SAMPLES
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.component.export import PARITY_TOL, ExportResult, max_diff, onnx_outputs
+from flywheel.component.export import HELD_BATCH, PARITY_TOL, ExportResult, max_diff, onnx_outputs
 from flywheel.contracts.manifest import MANIFEST_FILE, Manifest, sha256_file
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
@@ -34,7 +34,6 @@ from flywheel.core.errors import FlywheelError
 log = logging.getLogger(__name__)
 __all__ = ["PARITY_TOL", "sha256_file", "package_version"]  # PARITY_TOL, sha256_file: re-exported for callers
 TRT_PARITY_TOL = 5e-2  # fp16 engine: probabilities within this max abs diff
-HELD_BATCH = 64
 FORMATS = ("auto", "onnx", "torchscript", "tensorrt")
 
 
