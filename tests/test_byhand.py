@@ -207,8 +207,11 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
     env.update(FLYWHEEL_HOME=str(home), PYTHONUNBUFFERED="1")
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
+        # preexec_fn: Ctrl-C reaches it even when pytest runs as a background job (whose children inherit
+        # SIGINT ignored, and an ignored SIGINT at start-up never becomes KeyboardInterrupt in Python).
         proc = subprocess.Popen([str(VENV_BIN / "flywheel"), "serve"], cwd=tmp_path, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     env_file = home / "serving" / "serve.env"
     before = _aliases(serving_models)
     try:
