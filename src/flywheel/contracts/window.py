@@ -138,8 +138,11 @@ def find_windows(uri: str, model: str, prediction_id: str, ts: float) -> list[Wi
     one per monitor of the model); windows of other times are never read. A record that does not
     verify raises ValueError naming it."""
     ts_ns = _ns(ts)
+    store = open_store(uri)  # one store (one GCS client) for the listing and the reads
+    folder = f"{safe_name(model)}/{WINDOWS}"
     found = []
-    for name in list_windows(uri, model):
+    for path in store.list(folder, suffix=SUFFIX):
+        name = path.rsplit("/", 1)[-1]
         try:
             first, last = span_of(name)
         except ValueError:
@@ -147,7 +150,7 @@ def find_windows(uri: str, model: str, prediction_id: str, ts: float) -> list[Wi
         if not first - _SLACK_NS <= ts_ns <= last + _SLACK_NS:
             continue
         try:
-            record = read_window(uri, model, name)
+            record = WindowRecord.from_json(store.get(path))
         except ValueError as exc:
             raise ValueError(f"window record {name} in {uri}: {exc}") from None
         if prediction_id in record.prediction_ids:

@@ -97,15 +97,19 @@ class Trace:
 def find_capture(capture_uri: str, model: str, prediction_id: str):
     """The captured record (`contracts.capture.Capture`) of `prediction_id`, newest batch first; None
     when no batch holds it. See the module docstring for the cost."""
-    from flywheel.contracts.capture import decode_record, list_batches, read_batch
+    from flywheel.contracts.capture import CAPTURES, decode_record, open_store, safe_name
 
+    store = open_store(capture_uri)  # one store (one GCS client) for the whole scan
     needle = f'"{prediction_id}"'
-    for name in reversed(list_batches(capture_uri, model)):
-        for line in read_batch(capture_uri, model, name):
-            if needle not in line:  # a cheap test before decoding a record with its image and embedding
+    for path in reversed(store.list(f"{safe_name(model)}/{CAPTURES}")):
+        text = store.get(path).decode()
+        if needle not in text:  # a cheap test before decoding records with their images and embeddings
+            continue
+        for line in text.splitlines():
+            if needle not in line:
                 continue
             try:
-                record = decode_record(line, batch=name)
+                record = decode_record(line, batch=path.rsplit("/", 1)[-1])
             except (ValueError, TypeError, KeyError):
                 continue  # a corrupt line: the store may hold anything a hand put there
             if record.prediction_id == prediction_id:
