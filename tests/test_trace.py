@@ -141,9 +141,11 @@ def test_trace_a_served_prediction_end_to_end(serving_models, tmp_path):
                  "no drift" if not second.drift else "drift"):
         assert part in text, (part, out.stdout)
 
-    # A prediction of the first group lies in window 1; an unknown id is one line and exit 2.
-    other = json.loads(_flywheel("trace", sorted(first_group)[0], "--json", "--model", name, env=env).stdout)
-    assert [w["index"] for w in other["windows"]] == [1]
+    # A prediction of the first group lies in window 1 (the Python API); an unknown id is one line, exit 2.
+    from flywheel.control.trace import trace_prediction
+
+    other = trace_prediction(serving_models.settings(), sorted(first_group)[0], name, caps)
+    assert [(w.index, w.p_value) for w in other.windows] == [(1, results[0].p_value)]
     out = _flywheel("trace", "0" * 32, "--model", name, env=env)
     assert out.returncode == 2 and out.stdout == ""
     err = _one_line(out.stderr)
