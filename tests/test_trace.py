@@ -182,6 +182,28 @@ def test_window_records_round_trip_and_are_found_by_time_span(tmp_path):
     assert len(list_windows(uri, "m")) == 3
 
 
+@pytest.mark.integration
+def test_captures_and_windows_are_found_on_gcs(gcs_env):
+    """The same lookups through a real GCS emulator (gs://): the capture record by id, its window."""
+    from flywheel.contracts.capture import CaptureWriter
+    from flywheel.contracts.window import find_windows
+    from flywheel.control.trace import find_capture
+
+    uri = f"gs://{gcs_env.bucket}/trace"
+    writer = CaptureWriter(uri, flush_every=4, flush_seconds=0.1)
+    for i in range(10):
+        writer.submit({"prediction_id": f"id-{i}", "model": "m", "version": "3", "ts": 1000.0 + i,
+                       "image_png": b"png-%d" % i, "traffic": "live"})
+    writer.close()
+    assert writer.written == 10, writer.last_error
+    record = find_capture(uri, "m", "id-6")
+    assert (record.prediction_id, record.ts, record.image_png) == ("id-6", 1006.0, b"png-6")
+    assert find_capture(uri, "m", "id-66") is None
+    window = _record(1, 1000.0, tuple(f"id-{i}" for i in range(10)), last_ts=1009.0)
+    window.write(uri)
+    assert find_windows(uri, "m", "id-6", record.ts) == [window]
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(prediction_ids=("p1", "p1")), "2 prediction ids (1 distinct) for a window of 2"),
     (dict(size=3), "2 prediction ids (2 distinct) for a window of 3"),
