@@ -1,15 +1,18 @@
 """Control verbs: the CI's bookkeeping (dispatches record-superseded | check-event), `status` (every
-registered model, its aliases, deployments, drift and retrains) and `demo`, the whole flywheel on one
-machine (it combines every node, like the CI does)."""
+registered model, its aliases, deployments, drift and retrains), `trace` (one prediction's
+provenance) and `demo`, the whole flywheel on one machine (it combines every node, like the CI does)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from flywheel.cli._common import (
+    CaptureUriOpt,
     DataDirOpt,
+    JsonOpt,
     ModelNameAlias,
     ModelOpt,
     TrackingOpt,
@@ -58,6 +61,26 @@ def status(
     from rich.console import Console
 
     Console().print(render_table(statuses, settings.tracking_uri))
+
+
+@app.command(rich_help_panel=PANEL)
+def trace(
+    prediction_id: Annotated[str, typer.Argument(help="The prediction_id a response carried.")],
+    model: ModelOpt = None,
+    capture_uri: CaptureUriOpt = None,
+    image_out: Annotated[Optional[Path], typer.Option(
+        "--image-out", help="Write the captured input image (PNG) to this file.")] = None,
+    as_json: JsonOpt = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Where one prediction came from: version, run, commit, data, params, archive, deployment, input, window."""
+    from flywheel.control.trace import render_text, trace_prediction
+
+    settings = settings_for(tracking_uri, model)
+    result = trace_prediction(settings, prediction_id, settings.model_name, capture_uri, image_out)
+    if as_json:
+        return emit_json(result)
+    typer.echo(render_text(result))
 
 
 dispatches_app = typer.Typer(no_args_is_help=True, help="CI bookkeeping: superseded release/train requests, "

@@ -10,6 +10,13 @@ The JSON layout is the archive format other nodes read: its keys are the field n
 `artifact` is {file, format, sha256, requested}, `exports` a list of {format, file, sha256,
 max_abs_diff, skipped, exporter}. Unknown keys are ignored when read, so an older reader still
 loads a newer archive. `manifest["key"]` reads a field like the JSON did.
+
+`ArchiveStamp` is what a release served, written back to the registry version as tags (a format the
+serving node writes and `flywheel trace`, an auditor or any node reads): `flywheel.archive.sha256`
+(the .mar file's sha256), `flywheel.archive.format` (onnx | torchscript | tensorrt) and
+`flywheel.archive.artifact_sha256` (the served model file inside it, the manifest's), for the latest
+release of that version, and the same three under `flywheel.archive.<env>.` for each environment it
+was released to (one version may be packaged differently for dev and prod).
 """
 
 from __future__ import annotations
@@ -111,6 +118,24 @@ class Manifest:
         except TypeError as exc:  # a required field missing
             raise ValueError(f"{MANIFEST_FILE}: {exc}") from None
 
+    @classmethod
+    def read_bytes(cls, data: bytes) -> Manifest:
+        """From a .mar held in memory (read out of a container). Raises ValueError or zipfile.BadZipFile."""
+        import io
+
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            try:
+                text = zf.read(MANIFEST_FILE)
+            except KeyError:
+                raise ValueError(f"no {MANIFEST_FILE} in this archive") from None
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{MANIFEST_FILE} is not a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"{MANIFEST_FILE}: {exc}") from None
+
     def write(self, directory: str | os.PathLike) -> str:
         """Write MANIFEST_FILE into `directory` (the archive's staging folder); returns its path."""
         path = os.path.join(os.fspath(directory), MANIFEST_FILE)
@@ -134,3 +159,59 @@ class Manifest:
 
 
 _FIELDS = frozenset(f.name for f in fields(Manifest))
+
+ARCHIVE_TAG = "flywheel.archive"  # registry version tag prefix of an ArchiveStamp
+_STAMP_KEYS = ("sha256", "format", "artifact_sha256")
+
+
+@dataclass(frozen=True)
+class ArchiveStamp:
+    """The archive a release served: the .mar's sha256, its artifact format and the served file's sha256.
+
+    Build with `of` (a .mar on disk) or `from_bytes` (a .mar read out of a container); write with
+    `tags`, read back with `from_tags`, check a file against it with `verify`."""
+
+    sha256: str  # of the .mar file as served
+    format: str  # the manifest's artifact format: onnx | torchscript | tensorrt
+    artifact_sha256: str  # the served model file inside the .mar (the manifest's artifact.sha256)
+
+    @classmethod
+    def of(cls, mar_path: str | os.PathLike, manifest: Manifest | None = None) -> ArchiveStamp:
+        """The stamp of a .mar on disk (its manifest read from it unless given)."""
+        manifest = manifest or Manifest.read(mar_path)
+        return cls(sha256_file(mar_path), str(manifest.artifact["format"]), str(manifest.artifact["sha256"]))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, manifest: Manifest | None = None) -> ArchiveStamp:
+        """The stamp of a .mar held in memory; raises ValueError / zipfile.BadZipFile when it is not one."""
+        manifest = manifest or Manifest.read_bytes(data)
+        return cls(hashlib.sha256(data).hexdigest(), str(manifest.artifact["format"]),
+                   str(manifest.artifact["sha256"]))
+
+    def tags(self, env: str | None = None) -> dict[str, str]:
+        """Registry tags: `flywheel.archive.<key>`, or `flywheel.archive.<env>.<key>` for one environment."""
+        prefix = f"{ARCHIVE_TAG}.{env}." if env else f"{ARCHIVE_TAG}."
+        return {prefix + key: str(getattr(self, key)) for key in _STAMP_KEYS}
+
+    @classmethod
+    def from_tags(cls, tags: dict, env: str | None = None) -> ArchiveStamp | None:
+        """The stamp recorded in a version's tags (for `env`, or the latest release); None when the
+        version was never released with one (released by an older flywheel, or never released).
+        ValueError when the tags are there but malformed (not a sha256 hex digest)."""
+        prefix = f"{ARCHIVE_TAG}.{env}." if env else f"{ARCHIVE_TAG}."
+        values = {key: (tags or {}).get(prefix + key) for key in _STAMP_KEYS}
+        if not any(values.values()):
+            return None
+        for key in ("sha256", "artifact_sha256"):
+            value = values[key] or ""
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError(f"registry tag {prefix}{key} is not a sha256 hex digest: {value!r}")
+        if not values["format"]:
+            raise ValueError(f"registry tag {prefix}format is missing")
+        return cls(**values)
+
+    def verify(self, mar_path: str | os.PathLike) -> None:
+        """Check that `mar_path` is the archive this stamp names; raises ChecksumMismatch otherwise."""
+        actual = sha256_file(mar_path)
+        if actual != self.sha256:
+            raise ChecksumMismatch(os.fspath(mar_path), self.sha256, actual)

@@ -4,7 +4,8 @@ Every registry or tracking read outside a training run goes through a `Registry`
 `MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)`, so no
 lookup depends on MLflow's process-global URI or on whichever `Settings.apply()` ran last. It holds
 what callers used to compute each their own way: a version by number or alias (`version`), aliases
-and deployment tags (`set_alias`, `mark_deployed`), the champion, a version's lineage and the
+and deployment tags (`set_alias`, `mark_deployed`, `deployments`; the served archive's sha256 and
+format as `contracts.manifest.ArchiveStamp` tags), the champion, a version's lineage and the
 dataset it was trained on (`lineage`, `dataset_of`), and the champion/challenger gate (`gate`).
 
 The gate: a new run is evaluated on the frozen test split together with the champion (the version
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from flywheel.contracts.manifest import ArchiveStamp
 from flywheel.core.config import ALIASES, Settings
 from flywheel.core.errors import FlywheelError
 
@@ -107,11 +109,26 @@ class Registry:
             raise FlywheelError(f"unknown alias {alias!r}; choose one of: {', '.join(ALIASES)}")
         self.client.set_registered_model_alias(name, alias, str(version))
 
-    def mark_deployed(self, name: str, version: str, env: str, where: str) -> None:
-        """Move alias `env` to version and record when and where it was deployed."""
+    def mark_deployed(self, name: str, version: str, env: str, where: str,
+                      archive: ArchiveStamp | None = None) -> None:
+        """Move alias `env` to version and record when and where it was deployed, and, given `archive`,
+        which archive was served (ArchiveStamp tags, for the latest release and for `env`). The archive
+        tags go first: an alias never points at a version whose served archive is not recorded."""
+        if archive is not None:
+            for key, value in {**archive.tags(), **archive.tags(env)}.items():
+                self.client.set_model_version_tag(name, str(version), key, value)
         self.set_alias(name, env, version)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.client.set_model_version_tag(name, str(version), f"deployed_{env}_at", f"{stamp} {where}")
+
+    def deployments(self, mv) -> dict[str, tuple[str, str]]:
+        """env → (ISO time, where) of every `deployed_<env>_at` tag on a version (`mark_deployed`)."""
+        found = {}
+        for key, value in (mv.tags or {}).items():
+            if key.startswith("deployed_") and key.endswith("_at") and value:
+                at, _, where = value.partition(" ")
+                found[key[len("deployed_"):-len("_at")]] = (at, where)
+        return found
 
     # -- lineage -----------------------------------------------------------------------------------
     def run(self, run_id: str):
@@ -209,9 +226,10 @@ def set_alias(settings: Settings, name: str, alias: str, version: str) -> None:
     Registry(settings).set_alias(name, alias, version)
 
 
-def mark_deployed(settings: Settings, name: str, version: str, env: str, where: str) -> None:
-    """Move alias `env` to version and record when and where it was deployed."""
-    Registry(settings).mark_deployed(name, version, env, where)
+def mark_deployed(settings: Settings, name: str, version: str, env: str, where: str,
+                  archive: ArchiveStamp | None = None) -> None:
+    """Move alias `env` to version and record when and where it was deployed (and the archive served)."""
+    Registry(settings).mark_deployed(name, version, env, where, archive)
 
 
 def find_champion(settings: Settings, name: str):

@@ -18,7 +18,9 @@ windows tested and the advanced cursor are committed in one atomic write of `sta
 window goes to a fresh `pending-<id>.npz` that the commit names). Windows are tested before that
 commit and applied to the trigger policy after it, from a journal in the same file that keeps the
 policy state each window starts from, so a crash between the two replays a window's decision with
-the same outcome and the same event id (the outbox keeps one request per event id).
+the same outcome and the same event id (the outbox keeps one request per event id). Applying a window
+also stores it, with the ids of its predictions, in the capture store (`flywheel.contracts.window`:
+`<model>/windows/`), where `flywheel trace` finds the window a prediction fell into.
 
 Several models, one process (`MonitorGroup`): each model (and env) is its own `Monitor` with its own
 reference, windows, policy, triggers and state dir; they share one Prometheus registry, so one
@@ -416,12 +418,13 @@ class Monitor:
         tested = []
         w = self.cfg.window
         while len(emb) >= w:
-            tested.append(self._test_window(emb[:w], pred[:w], ts[:w], pid[:w], version, feedback))
+            tested.append((self._test_window(emb[:w], pred[:w], ts[:w], pid[:w], version, feedback),
+                           [str(x) for x in pid[:w]]))
             emb, pred, ts, pid = emb[w:], pred[w:], ts[w:], pid[w:]
         if len(ts):
             self.state.last_capture_ts = float(max(ts.max(), self.state.last_capture_ts or 0))
         self.state.cursor = self.reader.advance(cursor, poll).to_json()
-        self.state.journal = [{"window": asdict(r), "policy_before": None} for r in tested]
+        self.state.journal = [{"window": asdict(r), "policy_before": None, "prediction_ids": ids} for r, ids in tested]
         self._commit({"emb": emb, "pred": pred, "ts": ts, "ids": pid})  # records, windows, cursor: one write
         results += self._apply_journal()
         has_any = None
@@ -488,6 +491,8 @@ class Monitor:
             decision = self.policy.observe(res.drift, labelled_total=res.labelled_total, now=res.tested_at)
             if decision.fire:
                 res.trigger = decision.reason
+            self._record_window(res, entry.get("prediction_ids"))
+            if decision.fire:
                 self._queue_retrain(decision, res)
             log.info("window %d v%s: p_emb=%.3g p_pred=%.3g drift=%s %s", res.index, res.version, res.p_embedding,
                      res.p_prediction, res.drift, decision.note)
@@ -495,6 +500,27 @@ class Monitor:
             self._commit()
             applied.append(res)
         return applied
+
+    def _record_window(self, res: WindowResult, prediction_ids: list | None) -> None:
+        """Store the window with its prediction ids beside the captures (contracts.window), for
+        `flywheel trace`. Before the journal entry is dropped: a failed write fails the tick and the
+        next tick replays the window (same decision, same record name). A journal written by an older
+        flywheel has no ids: that window is not recorded."""
+        from flywheel.contracts.window import WindowRecord
+
+        if not prediction_ids:
+            return
+        record = WindowRecord(model=self.cfg.model, env=self.cfg.env, version=res.version,
+                              monitor=self.state.instance[:8], index=res.index, first_ts=res.first_ts,
+                              last_ts=res.last_ts, tested_at=res.tested_at, size=res.size, p_value=res.p_value,
+                              p_embedding=res.p_embedding, p_prediction=res.p_prediction, alpha=self.cfg.alpha,
+                              drift=res.drift, trigger=res.trigger, accuracy=res.accuracy, labelled=res.labelled,
+                              prediction_ids=tuple(str(x) for x in prediction_ids))
+        try:
+            record.write(self.cfg.capture_uri)
+        except Exception as exc:  # noqa: BLE001 - any store error (OSError, google.api_core): retried next tick
+            raise FlywheelError(f"could not record window {res.index} in capture store {self.cfg.capture_uri} "
+                                f"({type(exc).__name__}: {exc}); the next tick retries it") from None
 
     def _class_names_for(self, version: str) -> list[str] | None:
         if self._class_names is None:

@@ -10,7 +10,10 @@ period. Any failed step rolls back to the previous default and unregisters what 
 Docker target (docker SDK, local socket or ssh://): load the image M:V, start it beside the old
 container on its own port, health + the same acceptance, then stop the old one (`docker_release`).
 
-Only a release that passed moves registry alias `dev`/`prod` and tags `deployed_<env>_at`.
+Only a release that passed moves registry alias `dev`/`prod` and tags `deployed_<env>_at`, together
+with the served archive's sha256 and format (`contracts.manifest.ArchiveStamp`: the .mar in the
+server's model store, or the one in the container's image), so `flywheel trace` and an auditor can
+check what ran.
 
 Every request a release sends (warm-up, acceptance, the post-switch check) carries
 `X-Flywheel-Traffic: warmup|acceptance`: the handler captures it marked, so it never counts as the
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.contracts.manifest import Manifest
+from flywheel.contracts.manifest import ArchiveStamp, Manifest
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError, Rejected
 
@@ -246,6 +249,7 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     target.model_store.mkdir(parents=True, exist_ok=True)
     if Path(mar_path).resolve() != (target.model_store / store_name).resolve():
         shutil.copy(mar_path, target.model_store / store_name)
+    stamp = ArchiveStamp.of(target.model_store / store_name, manifest)  # the file the server loads
 
     registered_here = version not in versions
     pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-register")
@@ -305,12 +309,13 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
 
     # 5. Only now does the registry move; if it cannot, the endpoint goes back to match it.
     try:
-        mark_deployed(settings, model, version, env, target.describe())
+        mark_deployed(settings, model, version, env, target.describe(), archive=stamp)
     except Exception as exc:
         _rollback(client, result, registered_here)
         raise ReleaseFailed(f"could not move alias {env!r} to v{version} ({type(exc).__name__}: {exc}); "
                             "the endpoint was rolled back so it matches the registry", result) from exc
     result.event(f"alias {env} → v{version}")
+    result.event(f"registry: v{version} served as archive sha256 {stamp.sha256[:12]} ({stamp.format})")
     # 6. Retire versions beyond keep_previous after the grace period (in-flight requests finish).
     #    The new version is already served; `retire=False` leaves this to the caller (the CLI
     #    reports success first, then waits out the grace period).
@@ -516,6 +521,36 @@ def _wait_container_healthy(container, timeout_s: float) -> None:
 
 
 CONTAINER_KEY_FILE = "/opt/flywheel/run/key_file.json"  # the serving image's TorchServe working dir
+CONTAINER_MODEL_STORE = "/opt/flywheel/model-store"  # deploy/serving/Dockerfile's model store
+
+
+def container_archive(container, model: str, version: str) -> ArchiveStamp:
+    """The stamp of the .mar of `model` v`version` in a serving container's model store: the bytes the
+    container serves, read out of it (`docker cp`), whatever file name the image gave them."""
+    import io
+    import tarfile
+    import zipfile
+
+    from docker.errors import APIError, NotFound
+
+    try:
+        chunks, _ = container.get_archive(CONTAINER_MODEL_STORE)
+        data = b"".join(chunks)
+    except (APIError, NotFound) as exc:
+        raise ReleaseFailed(f"could not read {CONTAINER_MODEL_STORE} in {container.name}: {exc}") from None
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            if not (member.isfile() and member.name.endswith(".mar")):
+                continue
+            mar = tar.extractfile(member).read()
+            try:
+                manifest = Manifest.read_bytes(mar)
+            except (ValueError, KeyError, zipfile.BadZipFile):
+                continue  # not a flywheel archive: another model's, or not a .mar at all
+            if manifest.model_name == model and manifest.model_version == str(version):
+                return ArchiveStamp.from_bytes(mar, manifest)
+    raise ReleaseFailed(f"{container.name} holds no archive of {model} v{version} in {CONTAINER_MODEL_STORE}: "
+                        "build the image with that version's .mar (flywheel.serving.release.build_image)")
 
 
 def _container_keys(container) -> dict[str, str]:
@@ -581,6 +616,8 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
         result.event(report.summary())
         if not report.passed:
             raise ReleaseFailed(f"{model} v{version} failed acceptance: {'; '.join(report.failures)}")
+        stamp = container_archive(container, model, version)
+        result.event(f"archive in {name}: sha256 {stamp.sha256[:12]} ({stamp.format})")
     except Exception as exc:
         container.remove(force=True)
         result.rolled_back = True
@@ -591,7 +628,7 @@ def docker_release(settings: Settings, model: str, version: str, env: str, targe
         raise ReleaseFailed(f"docker release of {model} v{version} failed ({type(exc).__name__}: {exc})",
                             result) from exc
     result.switched = True
-    mark_deployed(settings, model, version, env, f"{target.describe()} {url}")
+    mark_deployed(settings, model, version, env, f"{target.describe()} {url}", archive=stamp)
     result.event(f"alias {env} → v{version}")
     if old:
         time.sleep(target.grace_s)
