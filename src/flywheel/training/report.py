@@ -40,6 +40,8 @@ CHAMPION_CONFUSION_PNG = "champion_confusion_matrix.png"
 CURVES_PNG = "loss_curves.png"
 CURVE_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")  # flywheel.component.loop's per-epoch keys
 LOWER_IS_BETTER = ("loss", "seconds")  # a metric whose name contains one of these improves downwards
+NEUTRAL = ("lr",)  # a setting logged as a metric: neither better nor worse
+COMMENT_CLASSES = 30  # a PR comment lists the classes that changed most (GitHub caps a comment at 65536 chars)
 SKIP_PREFIXES = ("system/",)  # MLflow's system metrics: the machine, not the model
 
 
@@ -123,7 +125,8 @@ class PullRequestReport:
         lines = [f"### Flywheel: {self.model_name}, this change's run vs the champion", "",
                  f"Run {_link(f'`{run.run_id}`', run.url)}"
                  + (f" vs {_link(f'{self.model_name} v{champ.version}', self.version_url)} "
-                    f"(run {_link(f'`{champ.run_id}`', champ.url)})" if champ else f": no champion of {self.model_name}")
+                    + (f"(run {_link(f'`{champ.run_id}`', champ.url)})" if champ.run_id else "(no source run)")
+                    if champ else f": no champion of {self.model_name}")
                  + ".", "",
                  "#### Gate", "",
                  f"| | this run | {champ_name} | Δ |", "|---|---:|---:|---:|",
@@ -140,10 +143,17 @@ class PullRequestReport:
         lines += ["", "#### Per class (this run's test set)", "",
                   f"| class | n | recall | {champ_name} | Δ recall | F1 | {champ_name} | Δ F1 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for c in self.classes:
+        classes = self.classes
+        if not embed_images and len(classes) > COMMENT_CLASSES:  # the comment: the largest changes only
+            classes = tuple(sorted(classes, key=lambda c: -abs(c.f1 - (c.champion_f1 if c.champion_f1 is not None
+                                                                         else c.f1)))[:COMMENT_CLASSES])
+        for c in classes:
             lines.append(f"| {c.name} | {c.support} | {c.recall:.4f} | {_num(c.champion_recall)} | "
                          f"{_delta(c.recall, c.champion_recall)} | {c.f1:.4f} | {_num(c.champion_f1)} | "
                          f"{_delta(c.f1, c.champion_f1)} |")
+        if len(classes) < len(self.classes):
+            lines += ["", f"The {len(classes)} classes whose F1 changed most of {len(self.classes)}; all are in "
+                          "`report.md`."]
         lines += ["", "#### Data and code", "", f"| | this run | {champ_name} | |", "|---|---|---|---|"]
         for label, new, old in (("dataset", run.dataset, champ.dataset if champ else None),
                                 ("dataset digest", run.dataset_digest, champ.dataset_digest if champ else None),
@@ -200,7 +210,7 @@ def _signed(delta: float | None, key: str) -> str:
     """A delta with an arrow that says better (▲ up is good for accuracy, down for loss) or worse."""
     if delta is None:
         return ""
-    if delta == 0:
+    if delta == 0 or key in NEUTRAL:
         return f"{delta:+.4f}"
     better = (delta < 0) if any(w in key for w in LOWER_IS_BETTER) else (delta > 0)
     return f"{delta:+.4f} {'✅' if better else '🔻'}"
@@ -268,12 +278,12 @@ def build_report(settings: Settings, run_id: str, *, margin: float = 0.0, out: P
     compared = registry.compare(run_id, margin=margin)
     challenger, champ_eval = compared.challenger, compared.champion
     this = _side(run, base)
-    champion = None
-    version_url = None
-    if compared.champion_run_id is not None:
-        champion = _side(registry.run(compared.champion_run_id), base, compared.decision.champion_version)
+    champion, version_url, version = None, None, compared.decision.champion_version
+    if version is not None:
+        champion = (_side(registry.run(compared.champion_run_id), base, version) if compared.champion_run_id
+                    else Side("", "", {}, {}, version))  # a version registered without a source run
         if base:
-            version_url = f"{base}/#/models/{settings.model_name}/versions/{compared.decision.champion_version}"
+            version_url = f"{base}/#/models/{settings.model_name}/versions/{version}"
     classes = tuple(
         ClassRow(name, int(m["support"]), float(m["recall"]), float(m["f1"]),
                  None if champ_eval is None else float(champ_eval.per_class[name]["recall"]),
