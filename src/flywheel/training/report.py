@@ -28,6 +28,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from flywheel.core.errors import FlywheelError
 
@@ -116,8 +117,7 @@ class PullRequestReport:
             return f"**would register** this run as `candidate`: {self.model_name} has no champion yet"
         verb = "**would register**" if d.accepted else "**would not register**"
         how = "beats" if d.accepted else "does not beat"
-        return (f"{verb} this run as `candidate`: it {how} champion v{d.champion_version} by the margin "
-                f"{d.margin:g} in {d.metric}")
+        return f"{verb} this run as `candidate`: it {how} champion v{d.champion_version} in {d.metric} (margin {d.margin:g})"
 
     def markdown(self, embed_images: bool = True) -> str:
         d, run, champ = self.decision, self.run, self.champion
@@ -283,7 +283,7 @@ def build_report(settings: Settings, run_id: str, *, margin: float = 0.0, out: P
         champion = (_side(registry.run(compared.champion_run_id), base, version) if compared.champion_run_id
                     else Side("", "", {}, {}, version))  # a version registered without a source run
         if base:
-            version_url = f"{base}/#/models/{settings.model_name}/versions/{version}"
+            version_url = f"{base}/#/models/{quote(settings.model_name, safe='')}/versions/{version}"
     classes = tuple(
         ClassRow(name, int(m["support"]), float(m["recall"]), float(m["f1"]),
                  None if champ_eval is None else float(champ_eval.per_class[name]["recall"]),
@@ -311,7 +311,7 @@ def draw_images(client, run: Side, champion: Side | None, challenger, champ_eval
     if champ_eval is not None:
         images.append(confusion_matrix_png(champ_eval.confusion, champ_eval.class_names, out / CHAMPION_CONFUSION_PNG))
     histories = {"this run": _history(client, run.run_id)}
-    if champion is not None:
+    if champion is not None and champion.run_id:
         histories[f"champion v{champion.version}"] = _history(client, champion.run_id)
     images.append(curves_png(histories, out / CURVES_PNG))
     return tuple(images)
@@ -341,8 +341,11 @@ def curves_png(histories: dict[str, dict[str, list[tuple[int, float]]]], path: P
                     ax.plot([s + 1 for s in steps], values, style, marker="o", color=color, label=f"{label} {split}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
         if ax.get_lines():
             ax.legend(fontsize=7)
     fig.tight_layout()
