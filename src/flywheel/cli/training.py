@@ -20,6 +20,7 @@ from flywheel.cli._common import (
     ModelOpt,
     TrackingOpt,
     emit_json,
+    fail,
     model_of,
     settings_for,
 )
@@ -174,16 +175,43 @@ def remote_train(
 
 @app.command(rich_help_panel=PANEL)
 def report(
-    version: Annotated[str, typer.Option(help="Registry version (or alias) to report on.")],
+    version: Annotated[Optional[str], typer.Option(help="Registry version (or alias) to report on.")] = None,
+    run: Annotated[Optional[str], typer.Option(
+        "--run", help="MLflow run to compare with the champion (a pull request's training).")] = None,
+    commit: Annotated[Optional[str], typer.Option(
+        help="Report on the newest finished run of this commit (SHA, or a branch/tag of the git checkout here).")
+                      ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Write report.md, comment.md (the PR comment), report.json and the PNG plots into this folder.")] = None,
+    margin: Annotated[float, typer.Option(help="The gate's margin for the decision shown (--run/--commit).")] = 0.0,
+    mlflow_url: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_MLFLOW_URL", help="MLflow UI base URL for links (default: the tracking URI if http).")
+                          ] = None,
     plots_dir: Annotated[Optional[Path], typer.Option(help="Download the version's plots here.")] = None,
     tracking_uri: TrackingOpt = None,
     model: ModelOpt = None,
     model_name: ModelNameAlias = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Markdown of a version's metrics against the champion's (prod), also appended to a CI job summary."""
-    from flywheel.training.dispatch.report import report_version
+    """Markdown of a run or version against the champion: a CI job summary, or a pull request's full report.
 
+    --version alone: the version's logged metrics vs prod's, also appended to a CI job summary. --run,
+    --commit or --out: the full report (flywheel.training.report): metrics with deltas, the gate's
+    decision (nothing is registered), per-class changes, confusion matrix and loss curves, data digests."""
     settings = settings_for(tracking_uri, model_of(model, model_name))
-    typer.echo(report_version(settings, version, plots_dir, as_json=as_json), nl=as_json)
+    if version is not None and run is None and commit is None and out is None:
+        from flywheel.training.dispatch.report import report_version
 
+        return typer.echo(report_version(settings, version, plots_dir, as_json=as_json), nl=as_json)
+    from flywheel.training.report import render
+
+    if version is not None:
+        from flywheel.core.registry import Registry
+
+        if run is not None or commit is not None:
+            fail("name the run to report on with exactly one of --run, --commit or --version")
+        run = Registry(settings).version(version).run_id
+    done = render(settings, run_id=run, commit=commit, margin=margin, out=out, tracking_url=mlflow_url)
+    if as_json:
+        return emit_json(done.as_dict())
+    typer.echo(done.markdown(embed_images=out is not None))

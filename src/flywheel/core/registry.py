@@ -13,6 +13,8 @@ holding `prod`, else the best registered version, both re-evaluated on the same 
 registered with the `candidate` alias only if it beats the champion by `margin`. A worse model is
 never aliased; the comparison is recorded on the run either way. Loading logged models and
 `mlflow.register_model` are MLflow's fluent API (process-global URI), so `gate` applies the settings.
+`compare` is the gate's comparison alone, registering and recording nothing (`flywheel report` shows
+it on a pull request without moving an alias).
 
 Aliases only: registry stages are deprecated. The module-level functions (`get_version`,
 `set_alias`, `gate_run`, ...) are one-line conveniences over a Registry for existing callers.
@@ -20,12 +22,16 @@ Aliases only: registry stages are deprecated. The module-level functions (`get_v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from flywheel.contracts.manifest import ArchiveStamp
 from flywheel.core.config import ALIASES, Settings
 from flywheel.core.errors import FlywheelError
+
+if TYPE_CHECKING:
+    from flywheel.core.evaluate import EvalReport
 
 LINEAGE_TAGS = ("git_commit", "git_dirty", "dataset", "dataset_digest", "flywheel.project", "flywheel.project_dir")
 
@@ -49,6 +55,17 @@ class GateDecision:
                    else "not registered (does not beat the champion)")
         return (f"gate ({self.metric}): challenger {self.challenger_accuracy:.4f} vs {vs} (margin {self.margin}): "
                 f"{verdict}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What the gate compares (`Registry.compare`), before anything is registered."""
+
+    decision: GateDecision  # registered_version None; `accepted`: whether `gate` would register the run
+    model_uri: str  # models:/m-… the run logged
+    challenger: EvalReport | None  # the run's model on the test set (None: the caller gave its metric)
+    champion: EvalReport | None  # the champion on the same images (None: no champion yet)
+    champion_run_id: str | None  # the champion version's source run
 
 
 class Registry:
@@ -157,6 +174,44 @@ class Registry:
         return f"models:/{outputs[-1].model_id}"
 
     # -- the gate ----------------------------------------------------------------------------------
+    def compare(self, run_id: str, dataset: str | None = None, margin: float = 0.0, splits=None,
+                challenger_accuracy: float | None = None) -> Comparison:
+        """The gate's comparison alone: run `run_id`'s model against the champion on the challenger's
+        labelled test set, in the spec's gate metric. Registers, aliases and records nothing (`flywheel
+        report` shows it on a pull request); `gate` acts on it. Arguments as for `gate`."""
+        from flywheel.core.data import Split
+        from flywheel.core.evaluate import check_compatible, cpu_layout, evaluate_model
+        from flywheel.core.models import load_model, read_test_set
+
+        settings = self.settings
+        settings.apply()  # loading a logged model is MLflow's fluent API: the process-global URI
+        run = self.run(run_id)
+        model_uri = self.run_model_uri(run_id)
+        model, spec = load_model(model_uri, tracking_uri=settings.tracking_uri)
+        dataset = dataset or spec.dataset or run.data.params.get("dataset") or spec.test_set.uri
+        test = splits.test if splits is not None else Split(*read_test_set(spec, settings.tracking_uri))
+        metric = spec.gate.metric
+        challenger = None
+        if challenger_accuracy is None:
+            challenger = evaluate_model(cpu_layout(model), spec, test, model_uri, dataset)
+            challenger_accuracy = challenger.metric(metric)
+
+        name = settings.model_name
+        champion = self.champion(name)
+        champion_report = None
+        if champion is not None:
+            champ_uri = f"models:/{name}/{champion.version}"
+            champ_model, champ_spec = load_model(champ_uri, tracking_uri=settings.tracking_uri)
+            check_compatible(champ_spec, spec.class_names, f"{name} v{champion.version}", dataset)
+            champion_report = evaluate_model(cpu_layout(champ_model), champ_spec, test, champ_uri, dataset)
+        champion_accuracy = None if champion_report is None else champion_report.metric(metric)
+        accepted = champion_accuracy is None or spec.gate.better(challenger_accuracy, champion_accuracy, margin)
+        decision = GateDecision(run_id, name, challenger_accuracy,
+                                None if champion is None else str(champion.version), champion_accuracy, margin,
+                                accepted, None, metric)
+        return Comparison(decision, model_uri, challenger, champion_report,
+                          None if champion is None else champion.run_id)
+
     def gate(self, run_id: str, dataset: str | None = None, margin: float = 0.0, splits=None,
              challenger_accuracy: float | None = None) -> GateDecision:
         """Compare run `run_id`'s model with the champion on the challenger's labelled test set (its
@@ -165,40 +220,15 @@ class Registry:
         challenger's metric value when the caller already has it. `dataset` is only a label."""
         import mlflow
 
-        from flywheel.core.data import Split
-        from flywheel.core.evaluate import check_compatible, cpu_layout, evaluate_model
-        from flywheel.core.models import load_model, read_test_set
-
-        settings = self.settings
-        settings.apply()  # register_model is MLflow's fluent API: the process-global URI
-        run = self.run(run_id)
-        model_uri = self.run_model_uri(run_id)
-        model, spec = load_model(model_uri, tracking_uri=settings.tracking_uri)
-        dataset = dataset or spec.dataset or run.data.params.get("dataset") or spec.test_set.uri
-        test = splits.test if splits is not None else Split(*read_test_set(spec, settings.tracking_uri))
-        metric = spec.gate.metric
-        if challenger_accuracy is None:
-            challenger_accuracy = evaluate_model(cpu_layout(model), spec, test).metric(metric)
-
-        name = settings.model_name
-        champion = self.champion(name)
-        champion_accuracy = None
-        if champion is not None:
-            champ_model, champ_spec = load_model(f"models:/{name}/{champion.version}", tracking_uri=settings.tracking_uri)
-            check_compatible(champ_spec, spec.class_names, f"{name} v{champion.version}", dataset)
-            champion_accuracy = evaluate_model(cpu_layout(champ_model), champ_spec, test).metric(metric)
-        accepted = champion_accuracy is None or spec.gate.better(challenger_accuracy, champion_accuracy, margin)
-
-        version = None
-        if accepted:
+        compared = self.compare(run_id, dataset, margin, splits, challenger_accuracy)
+        decision = compared.decision
+        if decision.accepted:
+            run = self.run(run_id)
             tags = {k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags}
-            tags.update(run_id=run_id, test_accuracy=f"{challenger_accuracy:.6f}")
-            mv = mlflow.register_model(model_uri, name, tags=tags)
-            version = str(mv.version)
-            self.set_alias(name, "candidate", version)
-        decision = GateDecision(run_id, name, challenger_accuracy,
-                                None if champion is None else str(champion.version), champion_accuracy, margin,
-                                accepted, version, metric)
+            tags.update(run_id=run_id, test_accuracy=f"{decision.challenger_accuracy:.6f}")
+            mv = mlflow.register_model(compared.model_uri, decision.model_name, tags=tags)
+            self.set_alias(decision.model_name, "candidate", str(mv.version))
+            decision = replace(decision, registered_version=str(mv.version))
         _record(self.client, decision)
         return decision
 
