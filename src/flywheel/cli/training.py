@@ -168,8 +168,15 @@ def tune(
                      sampler=sampler, sampler_seed=sampler_seed, pruner=pruner, finalize=finalize,
                      register=register, margin=margin, wait_s=wait)
     fixed = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_train_samples": max_train_samples}
-    target = make_target(component, TrainConfig(dataset=dataset, model=arch, device=device), fixed, tuple(ctx.args))
-    summary = run_tune(cfg, target, settings)
+    # A component names its registered model itself (--model-name, default FLYWHEEL_MODEL_NAME); --model tells it.
+    passed = ("--model-name", model) if component is not None and model else ()
+    target = make_target(component, TrainConfig(dataset=dataset, model=arch, device=device), fixed,
+                         (*passed, *ctx.args))
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # --json: one document
+        summary = run_tune(cfg, target, settings)
     emit_json(summary.as_dict()) if as_json else typer.echo(summary.text())
 
 

@@ -509,7 +509,7 @@ def find_parent_run(settings: Settings, study: str) -> str | None:
     if experiment is None:
         return None
     runs = client.search_runs([experiment.experiment_id],
-                              f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
+                              f"tags.`{STUDY_TAG}` = '{study}' AND tags.`{ROLE_TAG}` = 'study'",
                               order_by=["attributes.start_time ASC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
