@@ -576,8 +576,10 @@ def run_tune(cfg: TuneConfig, target: TrainTarget, settings: Settings) -> TuneSu
     if have < cfg.n_trials:
         print(f"flywheel: study {cfg.study}: {have}/{cfg.n_trials} trials so far; {target.label()}; parent run "
               f"{parent}", file=sys.stderr, flush=True)
-        study.optimize(_objective(target, cfg, settings, parent), n_trials=cfg.n_trials - have,
-                       callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=None)], gc_after_trial=True)
+        with warnings.catch_warnings():  # the heartbeat's stale-trial check is "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(_objective(target, cfg, settings, parent), n_trials=cfg.n_trials - have,
+                           callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=None)], gc_after_trial=True)
     else:
         print(f"flywheel: study {cfg.study} already holds {have} trials (--n-trials {cfg.n_trials}): none to run",
               file=sys.stderr, flush=True)
@@ -628,7 +630,9 @@ def finalize_study(study: optuna.Study, settings: Settings, parent: str, url: st
 
     deadline = time.monotonic() + wait_s
     while True:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial stops counting as running
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial stops counting as running
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             break
@@ -688,7 +692,7 @@ def _gate_once(registry, settings: Settings, run_id: str, model_name: str | None
         accepted = tags["gate.decision"] == "accepted"
         version = None
         if accepted:
-            found = registry.client.search_model_versions(f"name='{settings.model_name}' and run_id='{run_id}'")
+            found = registry.client.search_model_versions(f"name='{settings.model_name}' AND run_id='{run_id}'")
             version = str(found[0].version) if found else None
         champion = tags.get("gate.champion_version", "none")
         return GateDecision(run_id, settings.model_name, metrics.get("gate_challenger_accuracy", float("nan")),
@@ -765,7 +769,7 @@ def parallel_coordinates_png(study: optuna.Study, complete: list, path: Path) ->
         if study.direction.name == "MINIMIZE":
             shade = 1.0 - shade
         ax.plot(xs, [pos[i] for pos in positions], color=cmap(shade), lw=3.0 if trial.number == best else 1.2,
-                alpha=1.0 if trial.number == best else 0.7, label=f"best: trial {best}" if trial.number == best else None)
+                alpha=1.0 if trial.number == best else 0.7)
     for x, col in zip(xs, columns, strict=True):
         ax.axvline(x, color="0.6", lw=0.8)
         numeric = all(isinstance(v, (int, float)) for v in col)
@@ -775,8 +779,8 @@ def parallel_coordinates_png(study: optuna.Study, complete: list, path: Path) ->
     ax.set_xticks(xs, [*names, study.user_attrs.get("metric", "objective")])
     ax.set_yticks([])
     ax.set_ylim(-0.1, 1.1)
-    ax.set_title(f"{study.study_name}: {len(complete)} completed trials (colour: objective)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{study.study_name}: {len(complete)} completed trials, colour = objective, thick = best "
+                 f"(trial {best})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
