@@ -78,12 +78,12 @@ def test_two_workers_share_one_postgres_study_and_its_best_beats_the_champion(tr
     for key, value in {**tracking_stack.env(), "MLFLOW_EXPERIMENT_NAME": name, "FLYWHEEL_MODEL_NAME": name}.items():
         monkeypatch.setenv(key, value)
     settings = tracking_stack.settings(experiment=name, model_name=name, work_dir=tmp_path / "home").apply()
-    weak = _train_champion(settings, lr=1e-5, epochs=1, max_train_samples=200)  # v1: about chance level
+    weak = _train_champion(settings, lr=1e-5, epochs=1, max_train_samples=100)  # v1: about chance level
 
     study = f"{name}-study"
     args = ["--study", study, "--storage", storage, "--n-trials", "4", "--no-finalize", "--pruner", "none",
             "--param", "lr=log:3e-3:1e-2", "--param", "weight_decay=log:1e-5:1e-3", *DIGITS, "--epochs", "2",
-            "--max-train-samples", "500"]
+            "--max-train-samples", "300"]
     workers = []
     for i in range(2):
         env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / f"worker{i}")}
@@ -108,6 +108,7 @@ def test_two_workers_share_one_postgres_study_and_its_best_beats_the_champion(tr
     assert found.user_attrs["mlflow_parent_run_id"] == parent
     assert len(runs) == len(trials)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
+    assert len({r.data.tags["flywheel.tune.worker"] for r in runs}) == 2  # both workers ran trials
     by_number = {int(r.data.tags["flywheel.tune.trial"]): r for r in runs}
     assert sorted(by_number) == sorted(numbers)
     for t in trials:

@@ -57,6 +57,7 @@ STUDY_TAG = "flywheel.tune.study"
 TRIAL_TAG = "flywheel.tune.trial"
 STATE_TAG = "flywheel.tune.state"  # running | complete | pruned | failed (trials); study | worker (roles)
 ROLE_TAG = "flywheel.tune.role"
+WORKER_TAG = "flywheel.tune.worker"  # host:pid of the worker that ran the trial
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's parent MLflow run
 RUN_ATTR = "mlflow_run_id"  # trial user attribute: the trial's MLflow run
 MODEL_ATTR = "model_name"  # trial user attribute: the registered model its component trains
@@ -370,6 +371,13 @@ def make_target(component: Path | None, builtin: TrainConfig, fixed: dict[str, A
 
 
 # ----------------------------------------------------------------------------------------- trials
+def worker_id() -> str:
+    """This worker as host:pid (which node, which process ran a trial)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class _OptunaTrialHook:
     """flywheel.component.trial.TrialHook for one Optuna trial."""
 
@@ -382,12 +390,13 @@ class _OptunaTrialHook:
     def run_tags(self) -> dict[str, str]:
         n = self.trial.number
         return {"mlflow.parentRunId": self.parent, STUDY_TAG: self.study, TRIAL_TAG: str(n),
-                STATE_TAG: "running", "mlflow.runName": f"{self.study}-trial-{n}"}
+                STATE_TAG: "running", WORKER_TAG: worker_id(), "mlflow.runName": f"{self.study}-trial-{n}"}
 
     def on_run(self, run_id: str, model_name: str) -> None:
         self.run_id = run_id
         self.trial.set_user_attr(RUN_ATTR, run_id)
         self.trial.set_user_attr(MODEL_ATTR, model_name)
+        self.trial.set_user_attr("worker", worker_id())
 
     def should_stop(self, epoch: int, metrics: dict[str, float]) -> bool:
         self.seen.update(metrics)
