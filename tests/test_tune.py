@@ -309,3 +309,49 @@ def test_remote_job_environment_carries_the_storage_url_not_the_command_line():
     assert "s3cret" not in command and "-e tune" in command and "study=m-cdcdcdcdcdcd" in command
     env = job_env(Settings.from_env(tracking_uri="http://tracking:5000", model_name="m"), node, cfg)
     assert env["FLYWHEEL_TUNE_STORAGE"] == pg and env["FLYWHEEL_GIT_COMMIT"] == "cd" * 20
+
+
+@pytest.mark.parametrize("project", [".", "examples/fashion-mnist", "template"])
+def test_mlproject_tune_entries_reach_the_tune_command_with_valid_options(project, tmp_path):
+    """Each MLproject's `tune` command, as MLflow renders it, goes through the adapter and parses as
+    `flywheel tune` options (the component's own arguments after --)."""
+    import shlex
+
+    import typer
+    from mlflow.projects import _project_spec
+
+    from flywheel.cli import app
+    from flywheel.cli.project import delegate_tune, translate
+    from tests.conftest import REPO
+
+    if project == "template":
+        from flywheel.training.scaffold import ScaffoldConfig, scaffold
+
+        directory = tmp_path / "comp"
+        scaffold(ScaffoldConfig(name="comp", target=directory))
+    else:
+        directory = REPO / project
+    entry = _project_spec.load_project(str(directory)).get_entry_point("tune")
+    command = entry.compute_command({"n_trials": "3", "space": "lr=log:1e-4:1e-2 batch_size=cat:32,64"},
+                                    storage_dir=None)
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "flywheel.cli.project"] and argv[3] == "tune"
+    args = delegate_tune(translate(argv[3:]))
+    assert "--component" in args and args[args.index("--component") + 1] in ("examples/fashion-mnist", ".")
+    root = typer.main.get_command(app)
+    tune = root.get_command(root.make_context("flywheel", ["tune", "--help"], resilient_parsing=True), "tune")
+    ctx = tune.make_context("tune", args[1:])
+    assert ctx.params["n_trials"] == 3 and ctx.params["space"] == "lr=log:1e-4:1e-2 batch_size=cat:32,64"
+    assert ctx.params["finalize"] and ctx.params["register"]
+    if project != ".":  # a component's own options, after --; the root passes only non-empty ones
+        assert ctx.args[-2:] == ["--data-dir", ""]
+
+
+def test_remote_train_tune_refuses_attach_and_cancel():
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    for extra in (["--attach", "abcdef1"], ["--cancel", "abcdef1"]):
+        result = CliRunner().invoke(app, ["remote-train", "--node", "u@h", "--tune", *extra])
+        assert result.exit_code == 2 and "--tune starts a search" in result.output, result.output
