@@ -195,6 +195,38 @@ def test_embedded_tune_end_to_end_prunes_and_does_not_register_a_loser(tmp_path,
     assert parents[0].data.tags["gate.decision"] == "rejected"
 
 
+@pytest.mark.integration
+def test_tune_drives_a_components_own_train_entry_point(tmp_path, monkeypatch):
+    """examples/shapes-rgb, unchanged: each trial runs its train.py main() with the suggested
+    --lr/--batch-size (its own options after --), as a nested run of the component's network."""
+    from mlflow import MlflowClient
+
+    from flywheel.core.config import Settings
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    settings = Settings.from_env()
+    proc = subprocess.run([str(VENV_BIN / "flywheel"), "tune", "--component", str(REPO / "examples" / "shapes-rgb"),
+                           "--study", "shapes", "--n-trials", "2", "--sampler", "grid", "--pruner", "none",
+                           "--param", "lr=cat:0.003,0.01", "--param", "batch_size=cat:16", "--epochs", "1",
+                           "--max-train-samples", "160", "--no-register", "--json", "--", "--n", "400", "--test-n", "48",
+                           "--data-dir", str(tmp_path / "shapes")],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["trials"] == {"COMPLETE": 2} and summary["gate"] is None
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    parents, runs = _study_runs(client, settings.experiment, "shapes")
+    assert len(parents) == 1 and len(runs) == 2
+    assert {float(r.data.params["lr"]) for r in runs} == {0.003, 0.01}
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.params["batch_size"] == "16" and run.data.params["epochs"] == "1"  # suggested, then fixed
+        assert run.data.tags["dataset"] == "shapes-rgb" and run.info.status == "FINISHED"
+        assert "gate.decision" not in run.data.tags  # --no-register: the search gates nothing
+    assert (tmp_path / "shapes" / "train").is_dir()  # the component generated its own data where told
+
+
 # ----------------------------------------------------------------------------------- plain data
 def test_search_space_syntax(tmp_path):
     from flywheel.training.tune import ParamSpec, TuneConfig, parse_space
