@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 WORKFLOWS = REPO / ".github" / "workflows"
 # The CLI vocabulary (DESIGN.md "One vocabulary"); `data snapshot` is a sub-command.
-VERBS = ("train", "evaluate", "register", "package", "release", "predict", "remote-train", "stack", "doctor",
+VERBS = ("train", "evaluate", "register", "tune", "package", "release", "predict", "remote-train", "stack", "doctor",
          "monitor", "data snapshot", "demo", "serve-keys renew")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)

@@ -6,22 +6,26 @@ can never drift apart. `--nproc-per-node N` (N > 1) re-executes the command unde
 
 The root project delegates to the Fashion-MNIST reference component: `train` with no `arch` on
 `fashion-mnist` (the defaults, so plain `mlflow run .`) runs examples/fashion-mnist/train.py with
-the same parameters; any other dataset or a named `arch` trains a built-in architecture.
+the same parameters; any other dataset or a named `arch` trains a built-in architecture. `tune`
+follows the same rule (`flywheel tune --component examples/fashion-mnist`, see delegate_tune).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-INT_FLAGS = {"--epochs", "--batch-size", "--seed", "--max-train-samples"}
-BOOL_FLAGS = {"--register": ("--register", "--no-register")}
+INT_FLAGS = {"--epochs", "--batch-size", "--seed", "--max-train-samples", "--n-trials"}
+BOOL_FLAGS = {"--register": ("--register", "--no-register"), "--finalize": ("--finalize", "--no-finalize")}
 
 
 def translate(argv: list[str]) -> list[str]:
     out: list[str] = []
     it = iter(argv)
     for token in it:
+        if token == "--":  # what follows goes to a tuned component as it is (flywheel tune --component)
+            return [*out, token, *it]
         if not token.startswith("--"):
             out.append(token)
             continue
@@ -65,9 +69,27 @@ def delegate_to_reference(raw: list[str]) -> list[str] | None:
     return [REFERENCE_COMPONENT, *args]
 
 
-def main() -> None:
-    from pathlib import Path
+def delegate_tune(argv: list[str]) -> list[str]:
+    """A root `tune` (translated arguments) on fashion-mnist with no `arch`: the reference
+    component's trials (`--component examples/fashion-mnist`, its --data-dir after `--`), as `train`
+    delegates to it. Anything else is returned unchanged (the built-in trainer)."""
+    if not argv or argv[0] != "tune" or "--component" in argv:
+        return argv
+    values = dict(zip(argv[1:], argv[2:], strict=False))
+    if values.get("--dataset", "fashion-mnist") != "fashion-mnist" or "--arch" in argv:
+        return argv
+    out, skip = ["tune", "--component", str(Path(REFERENCE_COMPONENT).parent)], False
+    for i, token in enumerate(argv[1:], 1):
+        if skip:
+            skip = False
+        elif token in ("--dataset", "--data-dir"):
+            skip = True
+        else:
+            out.append(argv[i])
+    return out + (["--", "--data-dir", values["--data-dir"]] if "--data-dir" in values else [])
 
+
+def main() -> None:
     os.environ.setdefault("FLYWHEEL_ENTRY_POINT", sys.argv[1] if len(sys.argv) > 1 else "")
     reference = delegate_to_reference(sys.argv[1:])
     if reference is not None:
@@ -78,7 +100,7 @@ def main() -> None:
         python = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"] \
             if nproc > 1 else [sys.executable]
         os.execv(python[0], [*python, *reference])
-    nproc, argv = split_nproc(translate(sys.argv[1:]))
+    nproc, argv = split_nproc(delegate_tune(translate(sys.argv[1:])))
     if nproc > 1:  # one process per GPU (gloo on CPU); rank 0 alone talks to MLflow
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "flywheel", *argv])

@@ -1,4 +1,4 @@
-"""Training node's verbs: train, evaluate, register (the gate), archs, remote-train, report.
+"""Training node's verbs: train, evaluate, register (the gate), archs, tune, remote-train, report.
 
 `--model` is the registered model name (as in every command), `--arch` the architecture `train`
 builds. `train` exits 0 whether or not the gate registers the run (the run is the result; its
@@ -114,6 +114,73 @@ def models() -> None:
     archs()
 
 
+@app.command(rich_help_panel=PANEL, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tune(
+    ctx: typer.Context,
+    study: Annotated[Optional[str], typer.Option(
+        help="Study name; workers with the same name and storage share it (default: MODEL-tune).")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_TUNE_STORAGE", help="Optuna RDB storage URL, e.g. the tracking node's Postgres "
+                                             "postgresql+psycopg2://USER:PW@HOST:PORT/optuna (default: SQLite "
+                                             "$FLYWHEEL_HOME/optuna.db).")] = None,
+    n_trials: Annotated[int, typer.Option(min=0, help="Trials of the whole study (all workers together).")] = 10,
+    space: Annotated[Optional[str], typer.Option(
+        help="Search space: a YAML/JSON file (name: spec) or inline 'name=spec name=spec'.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", help="Searched parameter name=float|log|int:LOW:HIGH or name=cat:A,B (repeatable; wins over "
+                        "--space). Default: lr, weight_decay log-uniform, batch_size 32|64|128.")] = None,
+    metric: Annotated[str, typer.Option(help="Per-epoch metric the pruner and the objective use.")] = "val_accuracy",
+    direction: Annotated[str, typer.Option(help="maximize | minimize the metric.")] = "maximize",
+    sampler: Annotated[str, typer.Option(help="tpe | random | grid (grid: every parameter cat:...).")] = "tpe",
+    sampler_seed: Annotated[Optional[int], typer.Option(help="Seed of the sampler.")] = None,
+    pruner: Annotated[str, typer.Option(
+        help="median[:STARTUP[:WARMUP]] | percentile:P[:STARTUP[:WARMUP]] | threshold:VALUE | none.")] = "median",
+    finalize: Annotated[bool, typer.Option(
+        help="When the study is done: record the best trial and plots on the parent run and gate it.")] = True,
+    register: Annotated[bool, typer.Option(help="Gate the best trial against the champion; register if better.")
+                        ] = True,
+    margin: Annotated[float, typer.Option(help="Accuracy the best trial must beat the champion by.")] = 0.0,
+    wait: Annotated[float, typer.Option(min=0.0, help="Seconds finalize waits for other workers' trials.")] = 3600.0,
+    component: Annotated[Optional[Path], typer.Option(
+        help="A component's directory (its train.py main(argv) runs per trial; arguments after -- go to it). "
+             "Default: the built-in trainer (--dataset, --arch).")] = None,
+    dataset: Annotated[str, typer.Option(help="Built-in trainer: fashion-mnist | digits | imagefolder.")
+                       ] = "fashion-mnist",
+    arch: Annotated[str, typer.Option("--arch", help="Built-in trainer: architecture (`flywheel archs`).")
+                    ] = "small-cnn",
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Fixed training epochs (unless searched).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Fixed batch size (unless searched).")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Fixed peak learning rate (unless searched).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for splits, init and shuffling.")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option(help="Use at most this many training images.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Built-in trainer: cpu | cuda | cuda:N.")] = None,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search hyperparameters with Optuna: each trial a nested MLflow run; the best goes through the gate."""
+    from flywheel.training.train import TrainConfig
+    from flywheel.training.tune import TuneConfig, make_target, parse_space, run_tune
+
+    settings = settings_for(tracking_uri, model, data_dir)
+    cfg = TuneConfig(study=study or f"{settings.model_name}-tune", storage=storage, n_trials=n_trials,
+                     space=parse_space(tuple(param or ()), space), metric=metric, direction=direction,
+                     sampler=sampler, sampler_seed=sampler_seed, pruner=pruner, finalize=finalize,
+                     register=register, margin=margin, wait_s=wait)
+    fixed = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "max_train_samples": max_train_samples}
+    # A component names its registered model itself (--model-name, default FLYWHEEL_MODEL_NAME); --model tells it.
+    passed = ("--model-name", model) if component is not None and model else ()
+    target = make_target(component, TrainConfig(dataset=dataset, model=arch, device=device), fixed,
+                         (*passed, *ctx.args))
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # --json: one document
+        summary = run_tune(cfg, target, settings)
+    emit_json(summary.as_dict()) if as_json else typer.echo(summary.text())
+
+
 @app.command("remote-train", rich_help_panel=PANEL)
 def remote_train(
     node: Annotated[Optional[str], typer.Option(
@@ -157,6 +224,14 @@ def remote_train(
         min=0.0, help="Seconds to keep reconnecting after the SSH connection drops.")] = 300.0,
     plots_dir: Annotated[Optional[Path], typer.Option(
         help="Download the run's plots here for the CI job summary.")] = None,
+    tune: Annotated[bool, typer.Option(
+        "--tune", help="Hyperparameter search: run the `tune` entry on every reachable node of --nodes (one worker "
+                       "each, one study), then record the best trial and gate it here.")] = False,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="--tune: workers (nodes) to use; default all.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="--tune: study name (default MODEL-COMMIT).")] = None,
+    tune_storage: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_TUNE_STORAGE", help="--tune: the study's storage every node reaches, e.g. "
+                                             "postgresql+psycopg2://USER:PW@HOST:5432/optuna.")] = None,
     tracking_uri: TrackingOpt = None,
     model: ModelOpt = None,
     model_name: ModelNameAlias = None,
@@ -168,7 +243,8 @@ def remote_train(
                           nproc_per_node=nproc_per_node, env_manager=env_manager, env_activate=env_activate,
                           workdir=workdir, attach=attach, cancel=cancel, identity=identity,
                           known_hosts=known_hosts, connect_timeout=connect_timeout,
-                          reconnect_timeout=reconnect_timeout, plots_dir=plots_dir)
+                          reconnect_timeout=reconnect_timeout, plots_dir=plots_dir, tune=tune, workers=workers,
+                          study=study, tune_storage=tune_storage)
     code = run_command(opts, settings_for(tracking_uri, model_of(model, model_name)), tracking_given=tracking_uri is not None)
     raise typer.Exit(code)
 

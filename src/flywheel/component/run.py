@@ -7,6 +7,8 @@ evaluates on the test split, logs the test metrics, plots and per-class report, 
 `git_commit`, `git_dirty`, `dataset`, `dataset_digest`, `flywheel.project` (the project as the user
 named it: a path or a git URL, from FLYWHEEL_PROJECT, else the working directory) and
 `flywheel.project_dir` (the MLproject's folder within it, FLYWHEEL_PROJECT_DIR, default ".").
+Under a search's trial (flywheel.component.trial) the run is the trial's own, nested under the
+study's run, and the pruner may end it KILLED after an epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from flywheel.component.loop import Fitted
+from flywheel.component.trial import active_trial
 from flywheel.contracts.component import GateSpec
 from flywheel.core.config import Settings
 from flywheel.core.data import Splits
@@ -83,6 +86,7 @@ class TrackedRun:
         self.settings, self.splits, self.device = settings, splits, device
         self.run = None  # mlflow's ActiveRun, from on_start
         self.logger = None
+        self.trial = None  # the search's TrialHook while `flywheel tune` runs this training
 
     @property
     def run_id(self) -> str:
@@ -95,8 +99,13 @@ class TrackedRun:
 
         self.settings.apply()  # mlflow.start_run and log_model are MLflow's fluent API: the process-global URI
         experiment_id = ensure_experiment(self.settings)
-        run = mlflow.start_run(run_id=active_run_id(), experiment_id=None if active_run_id() else experiment_id,
-                               log_system_metrics=True)
+        trial = self.trial = active_trial()
+        if trial is None:
+            run = mlflow.start_run(run_id=active_run_id(), experiment_id=None if active_run_id() else experiment_id,
+                                   log_system_metrics=True)
+        else:  # a search's trial: its own run, nested under the study's (flywheel.component.trial)
+            run = mlflow.start_run(experiment_id=experiment_id, tags=trial.run_tags(), log_system_metrics=True)
+            trial.on_run(run.info.run_id, self.settings.model_name)
         self.run = run
         self.logger = logger = RunLogger(run.info.run_id)
         # Under `mlflow run` the project's parameters are already logged (as given); MLflow forbids
@@ -114,6 +123,14 @@ class TrackedRun:
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.logger.log_metrics(metrics, step=epoch)
+        trial = self.trial
+        if trial is not None and trial.should_stop(epoch, metrics):  # pruned: the run ends KILLED
+            import mlflow
+
+            self.logger.set_tags(trial.stopped_tags())
+            self.logger.flush()
+            mlflow.end_run("KILLED")
+            raise trial.stopped()
 
     def finish(self, fitted: Fitted, *, embedding: str | None, gate: GateSpec = GateSpec(), name: str | None = None,
                test_set_uri: str | None = None):

@@ -3,7 +3,8 @@
 preflight (a dead tracking server fails now, not after training) → `fit` with a `TrackedRun` on rank
 0 → `log_model` (the contract) → the champion/challenger gate, which registers the run's model as
 the `candidate` of `model_name` only if it beats the champion on the test set. Under `torchrun`
-every rank calls it; ranks > 0 train their shard and return None.
+every rank calls it; ranks > 0 train their shard and return None. Inside a search's trial
+(flywheel.component.trial) the gate is skipped: the search gates its best trial.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from flywheel.component.loop import DistContext, FitConfig, fit, select_device, start_preload
 from flywheel.component.run import TrackedRun, refuse_mlflow_default_store
+from flywheel.component.trial import active_trial
 from flywheel.contracts.component import ComponentSpec, GateSpec
 from flywheel.core.config import Settings
 from flywheel.core.data import Splits
@@ -66,7 +68,7 @@ def train(model: nn.Module, splits: Splits, cfg: FitConfig, *, embedding: str | 
             dist.destroy_process_group()
 
     decision = None
-    if register:
+    if register and active_trial() is None:  # a search gates only its best trial, once (training/tune.py)
         from flywheel.core.registry import Registry
 
         decision = Registry(settings).gate(tracked.run_id, margin=margin, splits=splits,

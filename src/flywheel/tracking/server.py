@@ -198,8 +198,9 @@ class PostgresServer:
 
 
 def start_postgres(data_dir: Path, port: int, password: str | None = None,
-                   databases: tuple[str, ...] = ("mlflow", "mlflow_auth"), log: Path | None = None) -> PostgresServer:
-    """Start (initdb on first use) a Postgres cluster and create `databases`."""
+                   databases: tuple[str, ...] = ("mlflow", "mlflow_auth", "optuna"), log: Path | None = None) -> PostgresServer:
+    """Start (initdb on first use) a Postgres cluster and create `databases` (`optuna`: the studies of
+    `flywheel tune`, apart from MLflow's because both keep an `alembic_version` table)."""
     data_dir = Path(data_dir).resolve()
     password = password or read_or_create_secret(data_dir.parent / "secrets" / "postgres_password")
     server = PostgresServer(data_dir=data_dir, port=port, password=password, log=log).start()

@@ -15,7 +15,7 @@ from flywheel.component.loop import DistContext, fit, seed_everything, select_de
 from flywheel.component.run import TrackedRun, git_info, refuse_mlflow_default_store  # noqa: F401 - re-exported
 from flywheel.component.trainer import TrainResult, train
 from flywheel.core.config import Settings
-from flywheel.core.data import load_splits
+from flywheel.core.data import Splits, load_splits
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,14 @@ class TrainConfig:
     log_every_epoch: bool = True
 
 
-def run_training(cfg: TrainConfig, settings: Settings) -> TrainResult | None:
-    """Train per `cfg`, log to the tracking server in `settings`; returns the result on rank 0."""
+def run_training(cfg: TrainConfig, settings: Settings, splits: Splits | None = None) -> TrainResult | None:
+    """Train per `cfg`, log to the tracking server in `settings`; returns the result on rank 0.
+    `splits`: the data already loaded for `cfg` (a search's trials share one load)."""
     from flywheel.training.archs import build_model
 
     refuse_mlflow_default_store(settings)
-    splits = load_splits(cfg.dataset, settings.data_dir, cfg.seed, cfg.extra_data)
+    if splits is None:
+        splits = load_splits(cfg.dataset, settings.data_dir, cfg.seed, cfg.extra_data)
     seed_everything(cfg.seed)  # the initial weights follow the seed
     model = build_model(cfg.model, len(splits.class_names))
     return train(model, splits, cfg, embedding="features", register=cfg.register, margin=cfg.margin,

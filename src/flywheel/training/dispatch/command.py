@@ -52,6 +52,10 @@ class CommandOptions:
     connect_timeout: float = 10.0
     reconnect_timeout: float = 300.0
     plots_dir: Path | None = None
+    tune: bool = False  # one `tune` worker per node on one study (flywheel.training.dispatch.tune)
+    workers: int | None = None  # --tune: this many nodes (default: every reachable one)
+    study: str | None = None  # --tune: the study name (default MODEL-COMMIT)
+    tune_storage: str | None = None  # --tune: the study's storage URL (FLYWHEEL_TUNE_STORAGE)
 
 
 def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) -> int:
@@ -61,6 +65,8 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
 
     if bool(opts.node) == bool(opts.nodes):
         raise FlywheelError("give exactly one of --node user@host[:port] or --nodes nodes.yaml")
+    if opts.tune and (opts.attach or opts.cancel):
+        raise FlywheelError("--tune starts a search; --attach/--cancel follow or stop one node's job (without --tune)")
     nodes = ([Node.parse(opts.node, env_activate=opts.env_activate, workdir=opts.workdir)] if opts.node else load_nodes(str(opts.nodes)))
     known_hosts = opts.known_hosts or str(Path("~/.ssh/known_hosts").expanduser())
     auth = SSHAuth.load(opts.identity, known_hosts, os.environ.get("FLYWHEEL_SSH_KEY_PASSPHRASE") or None,
@@ -93,7 +99,13 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
             archive = archive_commit(repo, sha)
         if project.is_url or project.project_dir != ".":
             warn(f"project {project.label}, directory {project.project_dir}, commit {sha[:12]}")
-        result = remote_train(cfg, settings, nodes, auth, archive, warn=warn)
+        if opts.tune:
+            from flywheel.training.dispatch.tune import remote_tune
+
+            result, _ = remote_tune(cfg, settings, nodes, auth, archive, storage=opts.tune_storage,
+                                    workers=opts.workers, study=opts.study, warn=warn)
+        else:
+            result = remote_train(cfg, settings, nodes, auth, archive, warn=warn)
     warn(f"commit {result.commit[:12]} on {result.node}: MLflow run {result.run_id or 'unknown'}, "
          f"exit code {result.exit_code}")
     report = None

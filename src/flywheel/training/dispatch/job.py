@@ -68,6 +68,7 @@ class RemoteTrainConfig:
     event_id: str | None = None  # the monitor's retrain event: the run is tagged with it (flywheel.control.dispatches)
     project: str = "."  # the project as the user named it (path or URL, credentials stripped): a run tag
     project_dir: str = "."  # the MLproject's directory inside the shipped tree (source.normalize_project_dir)
+    env: tuple[tuple[str, str], ...] = ()  # more job environment, e.g. remote-train --tune's study storage (a secret)
 
     def __post_init__(self) -> None:
         from flywheel.training.dispatch.source import normalize_project_dir
@@ -178,6 +179,11 @@ def remote_env(settings: Settings, node: Node, sha: str, event_id: str | None = 
     return env
 
 
+def job_env(settings: Settings, node: Node, cfg: RemoteTrainConfig) -> dict[str, str]:
+    """The job's whole environment file: `remote_env` plus the request's own `env` entries."""
+    return {**remote_env(settings, node, cfg.commit, cfg.event_id, cfg.project, cfg.project_dir), **dict(cfg.env)}
+
+
 def mlflow_command(node: Node, cfg: RemoteTrainConfig, env_names: Sequence[str] = ()) -> str:
     """The job's shell command. `env_names` (docker only) are passed into the container by name."""
     params = list(cfg.params)
@@ -257,7 +263,7 @@ class RemoteJob:
             tag = secrets.token_hex(6)
             upload, envfile = f"upload-{tag}.tar.gz", f"job.env.{tag}"
             try:
-                env = remote_env(settings, self.node, self.sha, cfg.event_id, cfg.project, self.project_dir)
+                env = job_env(settings, self.node, cfg)
                 put_file(sftp, f"{jobdir}/{envfile}", _env_file(env), 0o600)
                 put_file(sftp, f"{jobdir}/{upload}", archive, 0o600)
                 entry = cfg.entry if self.project_dir == "." else f"{cfg.entry} of {self.project_dir}"
