@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps torchvision==0.28.0
 	$(PIP) install -q -e ".[all,dev]"
+	# Triton's server binary (the second engine); --no-deps: see the `serve` extra in pyproject.toml.
+	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 venv: $(STAMP)
