@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -178,17 +178,18 @@ def test_nothing_answers_without_the_key_and_triton_is_loopback_only(triton_v1, 
 
 
 def _listening_addresses(ports: tuple[int, ...]) -> dict[int, str]:
-    """{port: local address} of the listening TCP sockets on `ports` (from /proc/net/tcp{,6})."""
+    """{port: local IPv4 address} of the listening TCP sockets on `ports` (from /proc/net/tcp{,6}; an
+    IPv4-mapped IPv6 address such as gRPC's ::ffff:127.0.0.1 is given as its IPv4 address)."""
     found: dict[int, str] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             addr, port = local.split(":")
             if state == "0A" and int(port, 16) in ports:  # 0A: LISTEN
-                if len(addr) == 8:
-                    found[int(port, 16)] = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
-                else:
-                    found[int(port, 16)] = "::" if set(addr) == {"0"} else addr
+                raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))  # host-order words
+                ip = ipaddress.ip_address(raw)
+                ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+                found[int(port, 16)] = str(ip)
     return found
 
 
@@ -272,8 +273,11 @@ def test_bad_input_gets_4xx_json_and_the_model_keeps_serving(triton_v1, serving_
         assert r.json()["error"], kind
     r = client.infer(name, [good], parameters={"top_k": 99})
     assert r.status_code == 400 and "top_k" in r.json()["error"]
-    # Malformed KServe requests are Triton's own 400s; a body over the limit is the proxy's 413.
-    assert client._call("inference", "POST", f"/v2/models/{name}/infer", data=b"{").status_code == 400
+    # Malformed KServe requests (Triton itself answers 500) and bodies over the limit are the proxy's 400 / 413.
+    for body, length in ((b"{", None), (b"[1, 2]", None), (b'{"inputs": 1}', None), (b"{}xyz", "99"), (b"{", "1")):
+        r = client._call("inference", "POST", f"/v2/models/{name}/infer", data=body,
+                         headers={"Inference-Header-Content-Length": length} if length else {})
+        assert r.status_code == 400 and r.json()["code"] == 400, (body, r.status_code, r.text[:200])
     big = client.infer(name, [good + bytes(9 * 1024 * 1024)])
     assert big.status_code == 413 and big.json()["code"] == 413
     assert client.predict(name, good).status_code == 200

@@ -283,16 +283,40 @@ def triton_command(cfg: TritonServeConfig, backends: Path) -> list[str]:
     return cmd + list(cfg.extra_args)
 
 
+STUB_NUMPY = "numpy==1.26.4"  # the Python backend's stub needs numpy 1 (see stub_python)
+
+
+def stub_python() -> Path:
+    """The bin/ folder of the Python backend's own virtualenv, put first on tritonserver's PATH.
+
+    The wheel's stub embeds libpython and takes its sys.path from the `python3` it finds on PATH (its
+    venv, .pth files included; PYTHONPATH is ignored). It hands tensors to Python as numpy arrays
+    laid out for numpy 1: under this venv's numpy 2 it reads them wrong (measured: an FP32 [1.5, 2.5]
+    arrived as [1.5, 1.5]; a BYTES tensor failed to deserialize), which is why nvidia-pytriton pins
+    numpy<2. So the stub gets a venv of its own, `<venv>/triton-python-backend`, with numpy 1.26 and
+    a .pth naming this venv's site-packages (onnxruntime, Pillow; they accept numpy 1): the venv keeps
+    numpy 2, and flywheel itself is not importable in the stub (its editable .pth is not read)."""
+    venv = Path(sys.prefix) / "triton-python-backend"
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    if not (venv / "bin" / "python3").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    if not (site / "numpy").is_dir():
+        raise FlywheelError(f"{site} has no numpy: pip install --no-deps --target {site} {STUB_NUMPY} (Triton's "
+                            "Python backend needs numpy 1; `make venv` does this)")
+    pth = site / "flywheel-serving-packages.pth"
+    lines = "".join(f"{p}\n" for p in dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])))
+    if not pth.is_file() or pth.read_text() != lines:
+        pth.write_text(lines)
+    return venv / "bin"
+
+
 def triton_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """tritonserver's environment: the wheel's libraries, this venv's python and packages for the stub."""
+    """tritonserver's environment: the wheel's libraries, and the stub's python first on PATH."""
     _, libs, _ = wheel_paths()
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    # The stub embeds the system's libpython: point it at this interpreter's packages (numpy, onnxruntime,
-    # Pillow) and nothing else; flywheel is deliberately not importable there (the model uses its copies).
-    paths = dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PATH"] = os.pathsep.join((str(stub_python()), env.get("PATH", "")))
+    env.pop("PYTHONPATH", None)  # the stub ignores it; keep it from meaning anything to anyone else
     env.update(extra or {})
     return env
 

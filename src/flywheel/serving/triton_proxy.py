@@ -113,6 +113,20 @@ def _error(status: int, message: str, **headers):
     return web.json_response({"error": message, "code": status}, status=status, headers=headers or None)
 
 
+def _infer_header_problem(body: bytes, header_length: str | None) -> str | None:
+    """Why a KServe v2 infer body is malformed (its JSON part is not a JSON object), or None."""
+    try:
+        size = len(body) if header_length is None else int(header_length)
+        if not 0 < size <= len(body):
+            return f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes"
+        header = json.loads(body[:size])
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"the inference request is not valid KServe v2 JSON: {exc}"
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        return "the inference request must be a JSON object with an 'inputs' list (KServe v2)"
+    return None
+
+
 async def _drain(request, limit: int) -> None:
     """Read and drop up to `limit` more bytes of an over-limit body (a bigger one gets its connection closed)."""
     seen = 0
@@ -143,6 +157,7 @@ class Proxy:
         os.replace(tmp, self.cfg.routes_file)
 
     async def handle(self, request):
+        import aiohttp
         from aiohttp import web
 
         path = request.path
@@ -167,13 +182,20 @@ class Proxy:
         if unversioned and unversioned["model"] in self.routes:
             path = (f"/v2/models/{unversioned['model']}/versions/{self.routes[unversioned['model']]}"
                     f"{unversioned['rest'] or ''}")
+        if request.method == "POST" and path.endswith("/infer"):
+            problem = _infer_header_problem(body, request.headers.get("Inference-Header-Content-Length"))
+            if problem:  # Triton answers 500 to an unparsable request: a client error is a 400
+                return _error(400, problem)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        async with self.session.request(request.method, base + path, params=request.query, data=body,
-                                        headers=headers, allow_redirects=False) as upstream:
-            data = await upstream.read()
-            out = {k: v for k, v in upstream.headers.items()
-                   if k.lower() not in _HOP and k.lower() != "content-encoding"}
-            return web.Response(status=upstream.status, body=data, headers=out)
+        try:
+            async with self.session.request(request.method, base + path, params=request.query, data=body,
+                                            headers=headers, allow_redirects=False) as upstream:
+                data = await upstream.read()
+                out = {k: v for k, v in upstream.headers.items()
+                       if k.lower() not in _HOP and k.lower() != "content-encoding"}
+                return web.Response(status=upstream.status, body=data, headers=out)
+        except aiohttp.ClientError as exc:  # Triton starting, stopping or gone: the client may retry
+            return _error(503, f"Triton is not reachable behind this proxy ({type(exc).__name__})")
 
     def _token(self, request):
         from aiohttp import web
