@@ -127,6 +127,17 @@ def _infer_header_problem(body: bytes, header_length: str | None) -> str | None:
     return None
 
 
+async def _read_body(request, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it exceeds `limit` bytes (the rest stays unread)."""
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _drain(request, limit: int) -> None:
     """Read and drop up to `limit` more bytes of an over-limit body (a bigger one gets its connection closed)."""
     seen = 0
@@ -172,8 +183,8 @@ class Proxy:
         match = _DEFAULT.match(path)
         if match:
             return self._default(request, match["model"])
-        body = await request.content.read(self.cfg.max_request_bytes + 1)
-        if len(body) > self.cfg.max_request_bytes:
+        body = await _read_body(request, self.cfg.max_request_bytes)
+        if body is None:
             await _drain(request, self.cfg.max_request_bytes * 8)  # the client reads the 413, not a reset
             return _error(413, f"request body exceeds the limit of {self.cfg.max_request_bytes} bytes: send "
                                "smaller images or fewer per request")
