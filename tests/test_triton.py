@@ -12,6 +12,7 @@ import base64
 import io
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -357,3 +358,21 @@ def test_metrics_through_the_proxy(triton_v1, serving_models):
     assert client.predict(serving_models.name, _png(_fashion_test().images[0])).status_code == 200
     text = client.metrics()
     assert "nv_inference_request_success" in text and f'model="{serving_models.name}"' in text
+
+
+def test_package_cli_engine_triton(serving_models, tmp_path):
+    """`flywheel package --engine triton` writes the version folders; an unknown engine is a usage error."""
+    from tests.conftest import VENV_BIN
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": serving_models.tracking_uri}
+    cmd = [str(VENV_BIN / "flywheel"), "package", "--model", serving_models.name, "--version",
+           serving_models.versions[1], "--tracking-uri", serving_models.tracking_uri]
+    proc = subprocess.run([*cmd, "--engine", "triton", "--out", str(tmp_path / "repo")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, version = serving_models.name, serving_models.versions[1]
+    assert (tmp_path / "repo" / name / version / "model.py").is_file()
+    assert (tmp_path / "repo" / f"{name}-onnx" / version / "model.onnx").is_file()
+    assert str(tmp_path / "repo") in proc.stdout
+    bad = subprocess.run([*cmd, "--engine", "nope"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "unknown --engine" in bad.stderr
