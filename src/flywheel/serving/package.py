@@ -8,6 +8,9 @@ the TorchScript one again on a held batch of the version's own labelled test set
 TensorRT FP16 engine from the ONNX file only where `tensorrt` and CUDA exist. The artifact served is
 recorded in the archive's manifest (contracts/manifest.py) together with its sha256, which the
 handler verifies on load.
+
+`package_triton` (`flywheel package --engine triton`) runs the same download and checks
+(`prepare_version`) and writes Triton version folders instead of a .mar (serving/triton.py).
 """
 
 from __future__ import annotations
