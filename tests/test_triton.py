@@ -348,6 +348,21 @@ def test_release_ab_rollback_and_capture(triton_repository, serving_models, tmp_
         kinds = {r.traffic for r in records}
         assert {"acceptance", "warmup", LIVE} <= kinds  # release checks are marked, not live
         assert {r.version for r in records if r.traffic == "acceptance"} >= {v1, v2, v3}
+
+        # Rolling back is a release of the old version, here through the CLI: v1 is still loaded.
+        from tests.conftest import VENV_BIN
+
+        proc = subprocess.run([str(VENV_BIN / "flywheel"), "release", "--engine", "triton", "--model", name,
+                               "--version", v1, "--env", "prod", "--endpoint", server.url, "--key-file",
+                               str(server.key_file), "--model-store", str(server.cfg.repository),
+                               "--tracking-uri", serving_models.tracking_uri, "--min-accuracy", str(threshold),
+                               "--p95-slo-ms", "3000", "--grace", "0.5"],
+                              capture_output=True, text=True, timeout=600, env=os.environ)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "version already loaded" in proc.stdout and f"default switched {v2} → {v1}" in proc.stdout
+        assert endpoint.versions(name) == {v1: True, v2: False}
+        assert endpoint.predict(name, png).json()["version"] == v1
+        assert str(reg.get_model_version_by_alias(name, "prod").version) == v1
     finally:
         server.stop()
 
