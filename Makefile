@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps torchvision==0.28.0
 	$(PIP) install -q -e ".[all,dev]"
+	# Triton's server binary (the second engine); --no-deps: see the `serve` extra in pyproject.toml.
+	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0
+	# ...and numpy 1 in a venv of its own for the Python backend's stub (serving/triton.py: stub_python).
+	$(PY) -m venv --without-pip $(VENV)/triton-python-backend
+	$(PIP) install -q --no-deps --upgrade --target \
+	  "$$($(VENV)/triton-python-backend/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" numpy==1.26.4
 	touch $(STAMP)
 
 venv: $(STAMP)

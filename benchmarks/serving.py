@@ -12,8 +12,16 @@ Both servers get the same image: TorchServe as PNG bytes (the handler decodes an
 MLflow as the normalised float tensor its signature takes (its pyfunc has no image decoding).
 `mlflow models serve --workers 2` is not used: uvicorn adds ~45 ms per reused connection there.
 
+Triton (issue 17) is the third server: the same registry version packaged by `package_triton`, its
+Python-backend model (the configuration that runs on CPU) behind the authenticating proxy, sent the
+same PNG as a KServe v2 BYTES tensor. Each engine also serves a no-op model on the same server
+with the same batching (TorchServe: a handler that answers a constant; Triton: a Python-backend
+model that does the same), the engine's floor; the report gives Flywheel's model as a share of it
+(goal: >=0.8x the floor's req/s at 16 clients on both engines). `--engines` picks the servers.
+
     python benchmarks/serving.py                      # trains a small Fashion-MNIST model first
     python benchmarks/serving.py --tracking-uri URI --model NAME --version V --seconds 10
+    python benchmarks/serving.py --engines torchserve triton   # no MLflow
 """
 
 from __future__ import annotations
@@ -104,6 +112,58 @@ def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subp
     return proc, url
 
 
+NOOP_HANDLER = """
+def handle(data, context):
+    if data is None:  # load-time call
+        return None
+    return ['{"label": "noop"}'] * len(data)
+"""
+
+NOOP_TRITON_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            n = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().shape[0]
+            value = np.array([b'{"label": "noop"}'] * n, dtype=np.object_).reshape(n, 1)
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("prediction", value)]))
+        return out
+"""
+
+
+def noop_mar(store: Path, batch_size: int, delay_ms: int) -> str:
+    """A .mar whose handler answers a constant: TorchServe's floor with the same batching."""
+    import yaml
+
+    from flywheel.serving.package import _archiver
+
+    src = store.parent / "noop-src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "noop.py").write_text(NOOP_HANDLER)
+    (src / "model-config.yaml").write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": batch_size,
+                                                           "maxBatchDelay": delay_ms, "responseTimeout": 30}))
+    subprocess.run([_archiver(), "--model-name", "noop", "--version", "1", "--handler", str(src / "noop.py"),
+                    "--config-file", str(src / "model-config.yaml"), "--export-path", str(store), "--force"],
+                   check=True, env={**os.environ, "TMPDIR": str(src)})
+    return "noop.mar"
+
+
+def noop_triton(repository: Path, max_queue_delay_us: int) -> str:
+    """A Python-backend model answering a constant, same input/batching as Flywheel's: Triton's floor."""
+    from flywheel.serving.triton import TensorSpec, TritonModelConfig, render_config
+
+    (repository / "noop" / "1").mkdir(parents=True, exist_ok=True)
+    (repository / "noop" / "1" / "model.py").write_text(NOOP_TRITON_MODEL)
+    (repository / "noop" / "config.pbtxt").write_text(render_config(
+        "noop", inputs=[TensorSpec("image", "TYPE_STRING", (1,))], outputs=[TensorSpec("prediction", "TYPE_STRING", (1,))],
+        versions=["1"], cfg=TritonModelConfig(max_queue_delay_us=max_queue_delay_us), backend="python"))
+    return "noop"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tracking-uri")
@@ -118,6 +178,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-batch-delay", type=int, default=1)
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--engines", nargs="+", default=["torchserve", "triton", "mlflow"],
+                    choices=["torchserve", "triton", "mlflow"])
+    ap.add_argument("--no-floor", action="store_true", help="skip the engines' no-op models")
     args = ap.parse_args()
 
     from flywheel.contracts.capture import TRAFFIC_HEADER
@@ -127,8 +190,9 @@ def main() -> None:
     from flywheel.core.models import load_model
     from flywheel.core.procs import stop_process_group
     from flywheel.serving.keys import read_keys
-    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.serving.package import PackageConfig, package_triton, package_version
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
+    from flywheel.serving.triton import TritonServeConfig, encode_infer_request, start_triton
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
@@ -143,50 +207,78 @@ def main() -> None:
         result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
                                           register=False), settings)
         version = str(mlflow.register_model(result.model_uri, args.model).version)
-    pkg = package_version(PackageConfig(args.model, version=version, out_dir=work / "store",
-                                        batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay),
-                          settings)
+    engines = args.engines
+    store = work / "store"
+    if "torchserve" in engines:
+        pkg = package_version(PackageConfig(args.model, version=version, out_dir=store, batch_size=args.batch_size,
+                                            max_batch_delay_ms=args.max_batch_delay), settings)
+    if "triton" in engines:
+        package_triton(PackageConfig(args.model, version=version, max_batch_delay_ms=args.max_batch_delay),
+                       settings, work / "triton-repository")
     _, spec = load_model(f"models:/{args.model}/{version}")
     image = load_splits("fashion-mnist", settings.data_dir).test.images[0]
     png = encode_png(image)
     tensor_json = json.dumps({"inputs": to_tensor(image[None], spec.preprocess).numpy().tolist()})
 
-    ts = start_torchserve(ServeConfig.local(work / "ts", work / "store", models=(f"{args.model}={pkg.mar_path.name}",)))
-    ml_proc = None
+    servers: dict[str, tuple] = {}  # name → (url, body, headers)
+    stops = []
     try:
-        ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
-        key = read_keys(ts.key_file)["inference"]  # valid for the run: renewed at half of 1440 min
-        ts_req = (f"{ts.cfg.inference_address}/predictions/{args.model}", png,
-                  {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
-                   TRAFFIC_HEADER: "benchmark"})  # captured (if capture is on) marked, never monitored
-        ml_req = (f"{ml_url}/invocations", tensor_json.encode(), {"Content-Type": "application/json"})
-        assert requests.post(ts_req[0], data=png, headers=ts_req[2], timeout=30).status_code == 200
-        assert requests.post(ml_req[0], data=ml_req[1], headers=ml_req[2], timeout=30).status_code == 200
-        for req in (ts_req, ml_req):  # steady state for both: JIT-compiled frontend, warm caches
+        if "torchserve" in engines:
+            models = [f"{args.model}={pkg.mar_path.name}"]
+            if not args.no_floor:
+                models.append(f"noop={noop_mar(store, args.batch_size, args.max_batch_delay)}")
+            ts = start_torchserve(ServeConfig.local(work / "ts", store, models=tuple(models)))
+            stops.append(ts.stop)
+            key = read_keys(ts.key_file)["inference"]  # valid for the run: renewed at half of 1440 min
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
+                       TRAFFIC_HEADER: "benchmark"}  # captured (if capture is on) marked, never monitored
+            servers["torchserve"] = (f"{ts.cfg.inference_address}/predictions/{args.model}", png, headers)
+            if not args.no_floor:
+                servers["torchserve-floor"] = (f"{ts.cfg.inference_address}/predictions/noop", png, headers)
+        if "triton" in engines:
+            repo = work / "triton-repository"
+            models = [args.model] + ([] if args.no_floor else [noop_triton(repo, args.max_batch_delay * 1000)])
+            tr = start_triton(TritonServeConfig.local(work / "triton", repo, models=tuple(models)))
+            stops.append(tr.stop)
+            body, base = encode_infer_request([png], outputs=("prediction",))
+            headers = {**base, "Authorization": f"Bearer {read_keys(tr.key_file)['inference']}",
+                       TRAFFIC_HEADER: "benchmark"}
+            servers["triton"] = (f"{tr.url}/v2/models/{args.model}/infer", body, headers)
+            if not args.no_floor:
+                servers["triton-floor"] = (f"{tr.url}/v2/models/noop/infer", body, headers)
+        if "mlflow" in engines:
+            ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
+            stops.append(lambda: stop_process_group(ml_proc, timeout=30))
+            servers["mlflow"] = (f"{ml_url}/invocations", tensor_json.encode(), {"Content-Type": "application/json"})
+        for name, req in servers.items():
+            r = requests.post(req[0], data=req[1], headers=req[2], timeout=30)
+            assert r.status_code == 200, (name, r.status_code, r.text[:300])
+        for req in servers.values():  # steady state for all: JIT-compiled frontend, warm caches
             load(*req, max(args.clients), args.warmup)
         results = {}
         for clients in args.clients:
-            runs = {"torchserve": [], "mlflow": []}
+            runs = {name: [] for name in servers}
             for r in range(args.rounds):
-                order = [("torchserve", ts_req), ("mlflow", ml_req)]
+                order = list(servers.items())
                 for name, req in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
                     runs[name].append(load(*req, clients, args.seconds))
             results[clients] = {k: merge(v) for k, v in runs.items()}
     finally:
-        ts.stop()
-        if ml_proc is not None:
-            stop_process_group(ml_proc, timeout=30)
+        for stop in reversed(stops):
+            stop()
 
-    print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, "
-          f"TorchServe batch {args.batch_size} / {args.max_batch_delay} ms, 1 worker each, {os.cpu_count()} CPUs")
-    print(f"{'clients':>7} {'server':>11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, batch "
+          f"{args.batch_size} / {args.max_batch_delay} ms, 1 worker/instance each, {os.cpu_count()} CPUs")
+    print(f"{'clients':>7} {'server':>16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for clients, res in results.items():
-        for name in ("torchserve", "mlflow"):
-            r = res[name]
-            print(f"{clients:>7} {name:>11} {r['rps']:>9.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6}")
-        t, m = res["torchserve"], res["mlflow"]
-        print(f"{clients:>7} {'ratio':>11} {t['rps'] / m['rps']:>8.2f}x {t['p50'] / m['p50']:>7.2f}x "
-              f"{t['p99'] / m['p99']:>7.2f}x   (torchserve / mlflow)")
+        for name, r in res.items():
+            print(f"{clients:>7} {name:>16} {r['rps']:>9.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6}")
+        for a, b in (("torchserve", "mlflow"), ("triton", "mlflow"), ("triton", "torchserve"),
+                     ("torchserve", "torchserve-floor"), ("triton", "triton-floor")):
+            if a in res and b in res:
+                t, m = res[a], res[b]
+                print(f"{clients:>7} {'ratio':>16} {t['rps'] / m['rps']:>8.2f}x {t['p50'] / m['p50']:>7.2f}x "
+                      f"{t['p99'] / m['p99']:>7.2f}x   ({a} / {b})")
     bench_io.emit({str(k): v for k, v in results.items()}, args.json_out)
 
 

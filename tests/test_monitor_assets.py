@@ -36,6 +36,8 @@ def test_prometheus_config_scrapes_torchserve_and_monitor():
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert {"torchserve", "flywheel-monitor"} <= set(jobs)
     assert jobs["torchserve"]["authorization"]["type"] == "Bearer"  # TorchServe token auth stays on
+    assert jobs["triton"]["metrics_path"] == "/metrics"  # Triton through its authenticating proxy
+    assert jobs["triton"]["authorization"]["type"] == "Bearer"
     rules = yaml.safe_load((MONITOR / "alerts.yml").read_text())
     exported = _exported_metric_names()
     for rule in rules["groups"][0]["rules"]:
@@ -52,6 +54,9 @@ def test_grafana_dashboard_and_provisioning():
     used = {name for name in exported if name in exprs}
     assert {"flywheel_drift_p_value", "flywheel_prediction_class_fraction", "flywheel_drift_detected"} <= used
     assert "ts_inference_requests_total" in exprs and "Requests5XX" in exprs
+    for triton_metric in ("nv_inference_request_success", "nv_inference_request_failure",
+                          "nv_inference_request_duration_us"):  # Triton's own names (tests/test_triton.py)
+        assert triton_metric in exprs
     ds = yaml.safe_load((MONITOR / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = ds["datasources"][0]["uid"]
     assert all(p["datasource"]["uid"] == uid for p in dash["panels"])

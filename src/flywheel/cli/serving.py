@@ -39,16 +39,27 @@ def package(
     batch_size: Annotated[int, typer.Option(min=1, help="TorchServe batch size.")] = 16,
     max_batch_delay: Annotated[int, typer.Option(min=0, help="TorchServe max batch delay (ms).")] = 1,
     workers: Annotated[int, typer.Option(min=1, help="Workers per model.")] = 1,
+    engine: Annotated[str, typer.Option(help="torchserve (a .mar) | triton (version folders in a Triton model "
+                                             "repository, --out; default $FLYWHEEL_HOME/triton-repository).")
+                      ] = "torchserve",
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Export a registry version (TorchScript, ONNX, TensorRT if possible), check parity, build the .mar."""
-    from flywheel.serving.package import PackageConfig, package_version
+    from flywheel.serving.package import PackageConfig, package_triton, package_version
 
+    if engine not in ("torchserve", "triton"):
+        fail(f"unknown --engine {engine!r}; choose torchserve or triton")
     settings = settings_for(tracking_uri, model, data_dir)
     cfg = PackageConfig(settings.model_name, version=version, alias=alias, out_dir=out,
                         artifact_format=artifact_format, batch_size=batch_size,
                         max_batch_delay_ms=max_batch_delay, workers=workers)
+    if engine == "triton":
+        packaged = package_triton(cfg, settings, out)
+        for name, folder in packaged.models.items():
+            typer.echo(f"  {name:28s} {folder}")
+        typer.echo(f"{packaged.repository}  ({cfg.model_name} v{packaged.version}, Triton repository)")
+        return
     result = package_version(cfg, settings)
     m = result.manifest
     for e in m.exports:
@@ -80,6 +91,9 @@ def release(
     p95_slo_ms: Annotated[float, typer.Option(help="Acceptance: p95 latency of single requests (ms).")] = 100.0,
     target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION).")
                       ] = "torchserve",
+    engine: Annotated[str, typer.Option(
+        help="torchserve | triton: --endpoint is the Triton proxy, --key-file its key_file.json, --model-store "
+             "its model repository.")] = "torchserve",
     docker_host: Annotated[Optional[str], typer.Option(
         envvar="DOCKER_HOST", help="Docker target: unix:///var/run/docker.sock or ssh://user@host.")] = None,
     image_tar: Annotated[Optional[Path], typer.Option(help="Docker target: `docker save` tarball to load.")] = None,
@@ -100,7 +114,17 @@ def release(
     # Not applied: release reads the registry through Registry(settings) (packaging applies it itself).
     settings = Settings.from_env(tracking_uri=tracking_uri, model_name=model, data_dir=data_dir)
     accept = AcceptanceConfig(min_accuracy=min_accuracy, p95_slo_ms=p95_slo_ms)
-    if target == "docker":
+    if engine == "triton":
+        from flywheel.serving.release import TritonTarget, triton_release
+
+        if key_file is None or model_store is None:
+            fail("release --engine triton needs --key-file (the proxy's key_file.json) and --model-store "
+                 "(the server's model repository)")
+        ts = TritonTarget(inference_url, key_file, model_store, grace_s=grace, keep_previous=keep_previous)
+        result = triton_release(settings, settings.model_name, version, env, ts, accept, retire=False)
+    elif engine != "torchserve":
+        fail(f"unknown --engine {engine!r}; choose torchserve or triton")
+    elif target == "docker":
         result = docker_release(settings, settings.model_name, version, env,
                                 DockerTarget(base_url=docker_host, image_tar=image_tar, grace_s=grace), accept)
     elif target == "torchserve":
@@ -115,7 +139,7 @@ def release(
     for line in result.events:
         typer.echo(f"  {line}")
     typer.echo(f"released {result.model} v{result.version} to {env} ({result.target})")
-    if target == "torchserve":  # served already; old versions go after the grace period
+    if target == "torchserve" or engine == "triton":  # served already; old versions go after the grace period
         sys.stdout.flush()
         shown = len(result.events)
         retire_previous(ts, result)

@@ -8,6 +8,9 @@ the TorchScript one again on a held batch of the version's own labelled test set
 TensorRT FP16 engine from the ONNX file only where `tensorrt` and CUDA exist. The artifact served is
 recorded in the archive's manifest (contracts/manifest.py) together with its sha256, which the
 handler verifies on load.
+
+`package_triton` (`flywheel package --engine triton`) runs the same download and checks
+(`prepare_version`) and writes Triton version folders instead of a .mar (serving/triton.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,8 +213,12 @@ def stage_files(staging: Path, manifest: Manifest | dict, class_names: list[str]
     (staging / "model-config.yaml").write_text(model_config_yaml(cfg))
 
 
-def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
-    """Parity-check and archive one registry version's serving files; returns the .mar and its manifest."""
+def prepare_version(cfg: PackageConfig, settings: Settings, staging: Path,
+                    keep: tuple[str, ...] = ()) -> tuple[Manifest, dict[str, ExportResult]]:
+    """Download one registry version's serving files into `staging`, parity-check them on the held
+    batch, build a TensorRT engine where possible, and describe the chosen artifact in a Manifest.
+    Only the chosen artifact (and the formats in `keep`, when exported) stays in `staging`. Shared
+    by the TorchServe archive (`package_version`) and the Triton repository (`package_triton`)."""
     import torch
 
     from flywheel.contracts.preprocessing import to_tensor
@@ -230,54 +237,99 @@ def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
         reference = tuple(t.numpy() for t in scripted(example))
     ref_probs = torch.softmax(torch.from_numpy(reference[0]), 1).numpy()
 
+    started = time.perf_counter()
+    exports = {}
+    for fmt, target in (("torchscript", "model.pt"), ("onnx", "model.onnx")):
+        found = next(local.rglob(spec.serving[fmt]), None)
+        if found is None:
+            raise FlywheelError(f"{uri} has no {spec.serving[fmt]}: it was not logged by flywheel.component")
+        shutil.copy(found, staging / target)
+    # TorchScript: its log-time diff from eager; ONNX: the worse of that and today's check against TorchScript.
+    exports["torchscript"] = ExportResult("torchscript", "model.pt", sha256_file(staging / "model.pt"),
+                                          spec.parity.get("torchscript", 0.0), exporter="torch.jit.trace")
+    onnx_diff = max(spec.parity.get("onnx", 0.0), max_diff(onnx_outputs(staging / "model.onnx", example), reference))
+    exports["onnx"] = ExportResult("onnx", "model.onnx", sha256_file(staging / "model.onnx"), onnx_diff)
+    for result in exports.values():
+        _check(result, PARITY_TOL)
+    reason = tensorrt_unavailable()
+    if reason is None:
+        exports["tensorrt"] = export_tensorrt(staging / "model.onnx", example, ref_probs, staging)
+        _check(exports["tensorrt"], TRT_PARITY_TOL)
+    else:
+        log.info("TensorRT engine skipped: %s", reason)
+        exports["tensorrt"] = ExportResult("tensorrt", None, None, None, skipped=reason)
+    chosen = choose_artifact(cfg.artifact_format, exports)
+    for other in exports.values():  # only the served artifact (and those kept) goes into the archive
+        if other.file and other.file != chosen.file and other.format not in keep:
+            (staging / other.file).unlink(missing_ok=True)
+    manifest = Manifest(
+        model_name=cfg.model_name, model_version=str(mv.version), run_id=mv.run_id,
+        git_commit=tags["git_commit"], git_dirty=tags["git_dirty"],
+        dataset=tags["dataset"] or spec.dataset, dataset_digest=tags["dataset_digest"] or spec.dataset_digest,
+        architecture=spec.name, class_names=list(spec.class_names),
+        preprocess=spec.preprocess.to_dict(), embedding_dim=spec.embedding_dim,
+        artifact={"file": chosen.file, "format": chosen.format, "sha256": chosen.sha256,
+                  "requested": cfg.artifact_format},
+        exports=[e.to_dict() for e in exports.values()],
+        parity={"held_batch": f"{spec.test_set.uri}[:{len(images)}]", "tolerance": PARITY_TOL,
+                "tensorrt_tolerance": TRT_PARITY_TOL},
+        serving={"batch_size": cfg.batch_size, "max_batch_delay_ms": cfg.max_batch_delay_ms,
+                 "workers": cfg.workers},
+        packaged_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        export_seconds=round(time.perf_counter() - started, 2),
+        embedding=asdict(spec.embedding),
+    )
+    return manifest, exports
+
+
+def package_version(cfg: PackageConfig, settings: Settings) -> PackageResult:
+    """Parity-check and archive one registry version's serving files; returns the .mar and its manifest."""
     staging = Path(tempfile.mkdtemp(prefix="flywheel-package-"))
     try:
-        started = time.perf_counter()
-        exports = {}
-        for fmt, target in (("torchscript", "model.pt"), ("onnx", "model.onnx")):
-            found = next(local.rglob(spec.serving[fmt]), None)
-            if found is None:
-                raise FlywheelError(f"{uri} has no {spec.serving[fmt]}: it was not logged by flywheel.component")
-            shutil.copy(found, staging / target)
-        # TorchScript: its log-time diff from eager; ONNX: the worse of that and today's check against TorchScript.
-        exports["torchscript"] = ExportResult("torchscript", "model.pt", sha256_file(staging / "model.pt"),
-                                              spec.parity.get("torchscript", 0.0), exporter="torch.jit.trace")
-        onnx_diff = max(spec.parity.get("onnx", 0.0), max_diff(onnx_outputs(staging / "model.onnx", example), reference))
-        exports["onnx"] = ExportResult("onnx", "model.onnx", sha256_file(staging / "model.onnx"), onnx_diff)
-        for result in exports.values():
-            _check(result, PARITY_TOL)
-        reason = tensorrt_unavailable()
-        if reason is None:
-            exports["tensorrt"] = export_tensorrt(staging / "model.onnx", example, ref_probs, staging)
-            _check(exports["tensorrt"], TRT_PARITY_TOL)
-        else:
-            log.info("TensorRT engine skipped: %s", reason)
-            exports["tensorrt"] = ExportResult("tensorrt", None, None, None, skipped=reason)
-        chosen = choose_artifact(cfg.artifact_format, exports)
-        for other in exports.values():  # only the served artifact goes into the archive
-            if other.file and other.file != chosen.file:
-                (staging / other.file).unlink(missing_ok=True)
-        manifest = Manifest(
-            model_name=cfg.model_name, model_version=str(mv.version), run_id=mv.run_id,
-            git_commit=tags["git_commit"], git_dirty=tags["git_dirty"],
-            dataset=tags["dataset"] or spec.dataset, dataset_digest=tags["dataset_digest"] or spec.dataset_digest,
-            architecture=spec.name, class_names=list(spec.class_names),
-            preprocess=spec.preprocess.to_dict(), embedding_dim=spec.embedding_dim,
-            artifact={"file": chosen.file, "format": chosen.format, "sha256": chosen.sha256,
-                      "requested": cfg.artifact_format},
-            exports=[e.to_dict() for e in exports.values()],
-            parity={"held_batch": f"{spec.test_set.uri}[:{len(images)}]", "tolerance": PARITY_TOL,
-                    "tensorrt_tolerance": TRT_PARITY_TOL},
-            serving={"batch_size": cfg.batch_size, "max_batch_delay_ms": cfg.max_batch_delay_ms,
-                     "workers": cfg.workers},
-            packaged_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            export_seconds=round(time.perf_counter() - started, 2),
-            embedding=asdict(spec.embedding),
-        )
-        stage_files(staging, manifest, list(spec.class_names), cfg)
+        manifest, _ = prepare_version(cfg, settings, staging)
+        stage_files(staging, manifest, list(manifest.class_names), cfg)
         out_dir = cfg.out_dir or settings.work_dir / "model-store"
-        mar = build_mar(staging, chosen.file, cfg.model_name, str(mv.version), Path(out_dir))
+        mar = build_mar(staging, manifest.artifact["file"], cfg.model_name, manifest.model_version, Path(out_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("packaged %s v%s as %s (%s)", cfg.model_name, mv.version, mar, chosen.format)
+    log.info("packaged %s v%s as %s (%s)", cfg.model_name, manifest.model_version, mar, manifest.artifact["format"])
     return PackageResult(mar, manifest)
+
+
+@dataclass(frozen=True)
+class TritonPackageResult:
+    repository: Path
+    models: dict  # Triton model name → the version folder written
+    manifest: Manifest = field(repr=False)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
+
+def package_triton(cfg: PackageConfig, settings: Settings, repository: Path | None = None,
+                   triton: object | None = None) -> TritonPackageResult:
+    """`flywheel package --engine triton`: the same download and parity checks as the .mar, written
+    as Triton version folders (serving/triton.py: Python backend, onnxruntime_onnx and, with a
+    TensorRT engine, tensorrt_plan) into `repository` (default $FLYWHEEL_HOME/triton-repository).
+    `triton` is a serving.triton.TritonModelConfig (batching, instances; default from `cfg`)."""
+    from flywheel.serving.triton import TritonModelConfig, write_repository
+
+    if cfg.artifact_format not in ("auto", "onnx"):
+        raise FlywheelError(f"the Triton repository serves the ONNX file (and a TensorRT plan where one is built); "
+                            f"--format {cfg.artifact_format} is for TorchServe archives")
+    triton = triton or TritonModelConfig(max_queue_delay_us=cfg.max_batch_delay_ms * 1000, instances=cfg.workers,
+                                         top_k=cfg.top_k, ort_threads=cfg.ort_threads,
+                                         capture_uri=cfg.capture_uri, capture_sample=cfg.capture_sample)
+    repository = Path(repository or settings.work_dir / "triton-repository")
+    staging = Path(tempfile.mkdtemp(prefix="flywheel-package-"))
+    try:
+        manifest, exports = prepare_version(replace(cfg, artifact_format="onnx"), settings, staging, keep=("tensorrt",))
+        engine = exports.get("tensorrt")
+        models = write_repository(staging, manifest, repository, triton,
+                                  engine_file=engine.file if engine is not None and not engine.skipped else None)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("packaged %s v%s into Triton repository %s (%s)", cfg.model_name, manifest.model_version, repository,
+             ", ".join(models))
+    return TritonPackageResult(repository, models, manifest)

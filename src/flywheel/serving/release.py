@@ -10,6 +10,13 @@ period. Any failed step rolls back to the previous default and unregisters what 
 Docker target (docker SDK, local socket or ssh://): load the image M:V, start it beside the old
 container on its own port, health + the same acceptance, then stop the old one (`docker_release`).
 
+Triton target (`triton_release`, serving/triton.py): the version's folder in the server's model
+repository, loaded beside the served versions through Triton's model-control API (version_policy
+names them all: A/B on /v2/models/M/versions/V), the same acceptance, then the authenticating
+proxy's default route moves (Triton alone would send unversioned requests to the highest version
+the moment it loads). Steps 2-6 (accept, switch, alias, retire, roll back) are one function for
+both engines (`_deploy`); only the step that makes a version servable differs.
+
 Only a release that passed moves registry alias `dev`/`prod` and tags `deployed_<env>_at`, together
 with the served archive's sha256 and format (`contracts.manifest.ArchiveStamp`: the .mar in the
 server's model store, or the one in the container's image), so `flywheel trace` and an auditor can
@@ -215,7 +222,6 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
                     acceptance: AcceptanceConfig = AcceptanceConfig(), mar_path: Path | None = None,
                     package_options: dict | None = None, retire: bool = True) -> ReleaseResult:
     """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc."""
-    from flywheel.core.registry import mark_deployed
     from flywheel.serving.package import PackageConfig, package_version
 
     client = target.client()
@@ -252,31 +258,56 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     stamp = ArchiveStamp.of(target.model_store / store_name, manifest)  # the file the server loads
 
     registered_here = version not in versions
+    if registered_here:
+        step = _Step(lambda: client.register(store_name, initial_workers=target.workers), "register failed",
+                     f"registered {store_name} with {target.workers} worker(s)")
+    else:
+        step = _Step(lambda: client.scale(model, version, target.workers), "scale failed",
+                     "version already registered; scaled")
+    return _deploy(settings, target, client, result, step, registered_here, acceptance, retire,
+                   mv=mv, manifest=manifest, source=mar_path, archive=stamp)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The engine's step that makes the new version servable beside the default (TorchServe: register
+    or scale; Triton: load). `call()` returns a response; 200 is success."""
+
+    call: Callable[[], object]
+    failed: str  # the failure's first words
+    done: str  # the event on success
+
+
+def _deploy(settings: Settings, target, client, result: ReleaseResult, step: _Step, registered_here: bool,
+            acceptance: AcceptanceConfig, retire: bool, *, mv=None, manifest: Manifest | None = None,
+            source: Path | None = None, archive: ArchiveStamp | None = None) -> ReleaseResult:
+    """Steps 2-6 of a release, for every engine: make the version servable, accept it on its own
+    versioned route, switch the default, move the alias, retire old versions; roll back on failure.
+    `client` has the TorchServe client's verbs (predict, set_default, unregister, versions, explain);
+    `mv` None: the registry is asked here, while `step` runs, whether `manifest`'s run is this version;
+    `archive`: what the server loads, recorded on the version with the alias move."""
+    from flywheel.core.registry import mark_deployed
+
+    model, version, env = result.model, result.version, result.env
     pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-register")
     try:
         # 2. Register beside the current default (clients keep hitting the old one) and scale. The
         #    server starts the worker in its own process meanwhile (most of a registration), so the
         #    registry check and the acceptance data are done here in parallel.
-        step = (pool.submit(client.register, store_name, initial_workers=target.workers) if registered_here
-                else pool.submit(client.scale, model, version, target.workers))
+        pending = pool.submit(step.call)
         try:
             if mv is None:
                 mv, _ = _begin(settings, model, version, env, target.describe())
                 if mv.run_id != manifest.run_id:
-                    raise ReleaseFailed(f"{mar_path} was packaged from run {manifest.run_id}, but {model} "
+                    raise ReleaseFailed(f"{source} was packaged from run {manifest.run_id}, but {model} "
                                         f"v{version} in this registry is run {mv.run_id}: package it again")
                 result.event(f"registry: v{version} is run {mv.run_id}, as the archive says")
             data = AcceptanceData.for_version(settings, model, version, acceptance)
         finally:
-            r = step.result()  # always waited for: a rollback must see the registration's outcome
-        if registered_here:
-            if r.status_code != 200:
-                raise ReleaseFailed(f"register failed: {client.explain(r, 'management')}")
-            result.event(f"registered {store_name} with {target.workers} worker(s)")
-        else:
-            if r.status_code != 200:
-                raise ReleaseFailed(f"scale failed: {client.explain(r, 'management')}")
-            result.event("version already registered; scaled")
+            r = pending.result()  # always waited for: a rollback must see the registration's outcome
+        if r.status_code != 200:
+            raise ReleaseFailed(f"{step.failed}: {client.explain(r, 'management')}")
+        result.event(step.done)
         # 3. Warm-up and acceptance on /predictions/M/V only.
         report = run_acceptance(marked_predict(client, model, version), data, version, acceptance)
         result.report = report
@@ -309,13 +340,14 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
 
     # 5. Only now does the registry move; if it cannot, the endpoint goes back to match it.
     try:
-        mark_deployed(settings, model, version, env, target.describe(), archive=stamp)
+        mark_deployed(settings, model, version, env, target.describe(), archive=archive)
     except Exception as exc:
         _rollback(client, result, registered_here)
         raise ReleaseFailed(f"could not move alias {env!r} to v{version} ({type(exc).__name__}: {exc}); "
                             "the endpoint was rolled back so it matches the registry", result) from exc
     result.event(f"alias {env} → v{version}")
-    result.event(f"registry: v{version} served as archive sha256 {stamp.sha256[:12]} ({stamp.format})")
+    if archive is not None:
+        result.event(f"registry: v{version} served as archive sha256 {archive.sha256[:12]} ({archive.format})")
     # 6. Retire versions beyond keep_previous after the grace period (in-flight requests finish).
     #    The new version is already served; `retire=False` leaves this to the caller (the CLI
     #    reports success first, then waits out the grace period).
@@ -324,7 +356,67 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     return result
 
 
-def retire_previous(target: ManagementTarget, result: ReleaseResult) -> list[str]:
+@dataclass(frozen=True)
+class TritonTarget:
+    """A running Triton reached through its authenticating proxy (serving/triton.py), with its model
+    repository on this filesystem (the version folder is written there, then loaded)."""
+
+    url: str  # the proxy: clients' address
+    key_file: Path  # the proxy's key_file.json
+    repository: Path
+    grace_s: float = 10.0
+    keep_previous: int = 1
+
+    def describe(self) -> str:
+        return f"triton {self.url}"
+
+    def client(self):
+        from flywheel.serving.triton import TritonClient, TritonEndpoint
+
+        return TritonEndpoint(TritonClient(self.url, key_file=self.key_file), self.repository)
+
+
+def triton_release(settings: Settings, model: str, version: str, env: str, target: TritonTarget,
+                   acceptance: AcceptanceConfig = AcceptanceConfig(), package_options: dict | None = None,
+                   retire: bool = True) -> ReleaseResult:
+    """Release registry version `version` of `model` to `env` on a Triton: the version folder (made
+    by `flywheel package --engine triton`, verified, or packaged now), loaded beside the served
+    versions, the same acceptance on /v2/models/M/versions/V, then the proxy's default route moves,
+    the alias moves, and versions beyond keep_previous are unloaded. Rolls back on failure."""
+    from flywheel.serving.package import PackageConfig, package_triton
+
+    mv, result = _begin(settings, model, version, env, target.describe())
+    version = result.version
+    client = target.client()
+    folder = target.repository / model / version
+    manifest = None
+    if folder.is_dir() and not package_options:
+        try:
+            manifest = verify_archive(folder, model, version, mv.run_id)
+        except FlywheelError as exc:
+            log.warning("packaging again: %s", exc)
+    if manifest is None:
+        package_triton(PackageConfig(model, version=version, **(package_options or {})), settings, target.repository)
+        manifest = verify_archive(folder, model, version, mv.run_id)
+    versions = client.versions(model)
+    result.previous = next((v for v, d in versions.items() if d), None)
+    result.event(f"serving default before release: {result.previous or 'none'}")
+    result.event(f"version folder {folder} ({manifest.artifact['format']}, sha256 "
+                 f"{manifest.artifact['sha256'][:12]} verified)")
+    registered_here = version not in versions
+    if registered_here:
+        step = _Step(lambda: client.register(model, version), "load failed",
+                     f"loaded {model} v{version} beside {', '.join(versions) or 'nothing'}")
+    else:
+        step = _Step(lambda: client.register(model, version), "load failed", "version already loaded")
+    # Triton loads the version folder's model file itself: it is the archive recorded on the version.
+    served = str(manifest.artifact["sha256"])
+    stamp = ArchiveStamp(served, str(manifest.artifact["format"]), served)
+    return _deploy(settings, target, client, result, step, registered_here, acceptance, retire, mv=mv,
+                   archive=stamp)
+
+
+def retire_previous(target: ManagementTarget | TritonTarget, result: ReleaseResult) -> list[str]:
     """Unregister versions beyond `keep_previous` (the old default is kept first) after the grace period."""
     client = target.client()
     model, version = result.model, result.version
