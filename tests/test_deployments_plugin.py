@@ -53,7 +53,9 @@ def node(serving_models, tmp_path_factory):
     server = start_torchserve(ServeConfig.local(root / "ts", store))
     try:
         tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "FLYWHEEL_HOME": str(root / "home"),
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME",
+                                                                 "MLFLOW_TRACKING_PASSWORD", "FLYWHEEL_MODEL_NAME")}
+        env = {**env, "MLFLOW_TRACKING_URI": tracking_uri, "FLYWHEEL_HOME": str(root / "home"),
                "FLYWHEEL_TS_INFERENCE_URL": server.cfg.inference_address,
                "FLYWHEEL_TS_MANAGEMENT_URL": server.cfg.management_address,
                "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(store)}
@@ -80,6 +82,7 @@ def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
     from mlflow import MlflowClient
 
     from flywheel.contracts.preprocessing import encode_png, to_tensor
+    from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
     from flywheel.core.models import load_model
 
@@ -143,6 +146,7 @@ def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
     predicted = deployments(node, "predict", "-t", "flywheel", "--name", name, "-I", str(inputs), "-O", str(out))
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     answer = json.loads(out.read_text())
+    Settings.from_env(tracking_uri=node.tracking_uri).apply()  # models:/ is resolved through the global registry URI
     model, spec = load_model(f"models:/{name}/{v1}", tracking_uri=node.tracking_uri)
     with torch.inference_mode():
         expected = model(to_tensor(images, spec.preprocess))[0].argmax(1).tolist()

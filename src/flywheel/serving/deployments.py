@@ -100,7 +100,8 @@ class DeployConfig:
                 else:
                     values[key] = str(raw)
             except ValueError:
-                raise DeploymentError(f"config {key}={raw!r} is not a {kind.split()[0]}") from None
+                wanted = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+                raise DeploymentError(f"config {key}={raw!r}: expected {wanted}") from None
         return cls(**values)
 
     def acceptance(self):
@@ -261,7 +262,7 @@ class FlywheelDeploymentClient(BaseDeploymentClient):
             raise DeploymentError(f"cannot reach TorchServe at {node.management_url} ({type(exc).__name__}): is "
                                   f"the serving node up (addresses from {node.source})?") from None
         _echo_events(result)
-        return {**self.get_deployment(name), "env": env, "version": result.version, "previous": result.previous,
+        return {**self._describe(name, env), "env": env, "version": result.version, "previous": result.previous,
                 "acceptance": result.report.summary() if result.report else None}
 
     # -- the interface -------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ class FlywheelDeploymentClient(BaseDeploymentClient):
             r = _call(lambda: client.scale(name, default, cfg.workers), node)
             if r.status_code != 200:
                 raise DeploymentError(f"scale of {name} v{default} failed: {client.explain(r, 'management')}")
-            return {**self.get_deployment(name), "env": env}
+            return {**self._describe(name, env), "env": env}
         version = _call(lambda: parse_model_uri(model_uri, name, settings))
         return self._release(name, version, env, cfg, node, settings, flavor)
 
@@ -361,10 +362,14 @@ class FlywheelDeploymentClient(BaseDeploymentClient):
         return [self.get_deployment(n) for n in names]
 
     def get_deployment(self, name, endpoint=None):
-        """TorchServe's view (versions, default, workers, served artifact) and the registry's aliases."""
+        """TorchServe's view (versions, default, workers, served artifact) and the registry's aliases;
+        `warnings` names a mismatch between the target environment's alias and the served default."""
+        self._no_endpoint(endpoint)
+        return self._describe(name, self.env_from_uri or "dev")
+
+    def _describe(self, name: str, env: str) -> dict:
         from flywheel.core.registry import Registry
 
-        self._no_endpoint(endpoint)
         settings, node = self._node()
         client = node.client()
         r = _call(lambda: client.describe(name, "all"), node)
@@ -379,7 +384,6 @@ class FlywheelDeploymentClient(BaseDeploymentClient):
             ready = sum(w.get("status") == "READY" for w in workers)
             versions[str(m["modelVersion"])] = {"default": str(m["modelVersion"]) == default,
                                                 "workers": f"{ready}/{len(workers)} ready", "archive": m.get("modelUrl")}
-        env = self.env_from_uri or "dev"
         try:
             registry = Registry(settings)
             aliases = _aliases(registry, name)
