@@ -4,7 +4,8 @@ The serving fixtures' models (tests/fixtures_serving.py: good v1 = v2, bad v3) a
 this module's own TorchServe and a copy of their registry (the other serving tests move `dev`/`prod`
 on the original), driven through the installed entry point exactly as a user would: create (a
 failing one first: rolled back, one `Error:` line, exit 3), get, list, predict (the served labels are
-the registry model's), update, delete, and the one-line refusals.
+the registry model's), update, delete; the one-line refusals and A/B run in `make test-reliability`
+(every `mlflow` invocation costs seconds of imports).
 """
 
 from __future__ import annotations
@@ -77,35 +78,52 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int, text: str) -> s
     return errors[0]
 
 
-def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
-    import torch
+def acceptance(serving_models) -> list[str]:
+    """-C options: the good versions pass, the bad one cannot; generous latency on a shared CPU box."""
+    acc = serving_models.accuracy
+    v1, v2, v3 = serving_models.versions
+    threshold = (min(acc[v1], acc[v2]) + acc[v3]) / 2
+    return ["-C", f"min_accuracy={threshold:.3f}", "-C", "p95_slo_ms=3000", "-C", "accuracy_samples=96",
+            "-C", "latency_requests=10", "-C", "grace_s=0"]
+
+
+def empty_node(node: Node, name: str) -> None:
+    """Start from a node that serves nothing of `name` (a failed earlier test may have left versions)."""
+    served = node.client.versions(name)
+    for version in sorted(served, key=lambda v: served[v]):  # the default last: TorchServe refuses it earlier
+        assert node.client.unregister(name, version).status_code == 200
+
+
+def registry_of(node: Node):
     from mlflow import MlflowClient
 
-    from flywheel.contracts.preprocessing import encode_png, to_tensor
+    return MlflowClient(tracking_uri=node.tracking_uri, registry_uri=node.tracking_uri)
+
+
+def aliases(node: Node, name: str) -> dict:
+    return {k: str(v) for k, v in registry_of(node).get_registered_model(name).aliases.items()}
+
+
+def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
+    """A failing create rolls back (one line, exit 3); create, get, list, predict, update, delete."""
+    import torch
+
+    from flywheel.contracts.preprocessing import to_tensor
     from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
     from flywheel.core.models import load_model
 
     name = serving_models.name
     v1, v2, v3 = serving_models.versions
-    acc = serving_models.accuracy
-    threshold = (min(acc[v1], acc[v2]) + acc[v3]) / 2  # the good versions pass, the bad one cannot
-    accept = ["-C", f"min_accuracy={threshold:.3f}", "-C", "p95_slo_ms=3000", "-C", "accuracy_samples=96",
-              "-C", "latency_requests=10", "-C", "grace_s=0"]
-    registry = MlflowClient(tracking_uri=node.tracking_uri, registry_uri=node.tracking_uri)
-
-    def aliases() -> dict:
-        return {k: str(v) for k, v in registry.get_registered_model(name).aliases.items()}
-
-    # The target is installed and documents itself.
-    helped = deployments(node, "help", "-t", "flywheel")
-    assert helped.returncode == 0 and "FLYWHEEL_TS_KEY_FILE" in helped.stdout and "min_accuracy" in helped.stdout
+    accept = acceptance(serving_models)
+    registry = registry_of(node)
+    empty_node(node, name)
 
     # A failing create (v3 is below the threshold): rolled back, nothing served, no alias, one line, exit 3.
     failed = deployments(node, "create", "-t", "flywheel", "--name", name, "-m", f"models:/{name}/{v3}", *accept)
     line = one_line_error(failed, 3, f"{name} v{v3} failed acceptance: accuracy")
     assert "rolled back" in line and "alias 'dev' unchanged" in line
-    assert node.client.versions(name) == {} and "dev" not in aliases()
+    assert node.client.versions(name) == {} and aliases(node, name).get("dev") is None
     assert "deployed_dev_at" not in registry.get_model_version(name, v3).tags
 
     # create v1: acceptance passes, the server serves it by default, alias dev moves.
@@ -114,10 +132,7 @@ def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
     assert f"onnx deployment {name} is created" in created.stdout
     assert "acceptance passed" in created.stderr and f"alias dev → v{v1}" in created.stderr
     assert node.client.versions(name) == {v1: True}
-    assert aliases()["dev"] == v1 and "deployed_dev_at" in registry.get_model_version(name, v1).tags
-
-    again = deployments(node, "create", "-t", "flywheel", "--name", name, "-m", f"models:/{name}/{v2}")
-    one_line_error(again, 2, "already exists")
+    assert aliases(node, name)["dev"] == v1 and "deployed_dev_at" in registry.get_model_version(name, v1).tags
 
     got = deployments(node, "get", "-t", "flywheel", "--name", name)
     assert got.returncode == 0, got.stderr[-3000:]
@@ -130,18 +145,8 @@ def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
         in listed.stdout, listed.stdout + listed.stderr[-2000:]
 
     # predict: rows by file path and by base64 PNG; the labels are what the registry's v1 answers.
-    test = load_splits("fashion-mnist").test
-    images = test.images[200:216]
-    rows = []
-    for i, image in enumerate(images):
-        png = encode_png(image)
-        if i % 2:
-            rows.append({"image": base64.b64encode(png).decode()})
-        else:
-            (tmp_path / f"img{i}.png").write_bytes(png)
-            rows.append({"path": str(tmp_path / f"img{i}.png")})
-    inputs = tmp_path / "input.json"
-    inputs.write_text(json.dumps(rows))
+    images = load_splits("fashion-mnist").test.images[200:216]
+    inputs = _predict_input(images, tmp_path)
     out = tmp_path / "out.json"
     predicted = deployments(node, "predict", "-t", "flywheel", "--name", name, "-I", str(inputs), "-O", str(out))
     assert predicted.returncode == 0, predicted.stderr[-3000:]
@@ -154,30 +159,80 @@ def test_mlflow_deployments_lifecycle(node, serving_models, tmp_path):
     assert [p["label"] for p in answer["predictions"]] == [spec.class_names[i] for i in expected]
     assert answer["versions"] == [v1]
 
-    # update to v2 with the prod-style URI form: switch, alias moves, v1 kept for A/B (keep_previous=1).
+    # update to v2: switch, alias moves, v1 kept for A/B (keep_previous=1).
     updated = deployments(node, "update", "-t", "flywheel:/dev", "--name", name, "-m", f"models:/{name}/{v2}", *accept)
     assert updated.returncode == 0, updated.stderr[-3000:]
     assert f"Deployment {name} is updated (with flavor onnx)" in updated.stdout
-    assert node.client.versions(name) == {v1: False, v2: True} and aliases()["dev"] == v2
-    ab = deployments(node, "predict", "-t", "flywheel", "--name", f"{name}/{v1}", "-I", str(inputs))
-    assert ab.returncode == 0 and json.loads(ab.stdout)["versions"] == [v1], ab.stderr[-3000:]
+    assert node.client.versions(name) == {v1: False, v2: True} and aliases(node, name)["dev"] == v2
 
-    # Refusals, one line each: explain, removing the serving default alone, another environment's alias.
-    one_line_error(deployments(node, "explain", "-t", "flywheel", "--name", name, "-I", str(inputs)), 2,
-                   "explain is not supported")
-    one_line_error(deployments(node, "delete", "-t", "flywheel", "--name", name, "-C", f"version={v2}"), 2,
-                   f"v{v2} is the serving default")
-    one_line_error(deployments(node, "update", "-t", "flywheel:/prod", "--name", name, "-C", "env=dev"), 2,
-                   "contradicts target")
-
-    # delete: every version goes; alias dev is kept (and said to serve nothing here); idempotent.
+    # delete: every version goes; alias dev is kept (and said to serve nothing here), the version tagged.
     deleted = deployments(node, "delete", "-t", "flywheel", "--name", name)
     assert deleted.returncode == 0 and f"Deployment {name} is deleted" in deleted.stdout, deleted.stderr[-3000:]
     assert f"alias 'dev' still names {name} v{v2}" in deleted.stderr
-    assert node.client.versions(name) == {} and aliases()["dev"] == v2
+    assert node.client.versions(name) == {} and aliases(node, name)["dev"] == v2
     assert "undeployed_dev_at" in registry.get_model_version(name, v2).tags
+
+
+@pytest.mark.reliability
+def test_mlflow_deployments_refusals_and_ab(node, serving_models, tmp_path):
+    """help; each refusal is one `Error:` line; A/B predict of the kept version; deleting one version,
+    then everything with remove_alias; a second delete is a no-op; get of nothing says so."""
+    from flywheel.core.data import load_splits
+
+    name = serving_models.name
+    v1, v2, _v3 = serving_models.versions
+    accept = acceptance(serving_models)
+    empty_node(node, name)
+
+    helped = deployments(node, "help", "-t", "flywheel")
+    assert helped.returncode == 0 and "FLYWHEEL_TS_KEY_FILE" in helped.stdout and "min_accuracy" in helped.stdout
+    created = deployments(node, "create", "-t", "flywheel:/prod", "--name", name, "-m", f"models:/{name}/{v1}",
+                          *accept)
+    assert created.returncode == 0 and aliases(node, name)["prod"] == v1, created.stderr[-3000:]
+    one_line_error(deployments(node, "create", "-t", "flywheel:/prod", "--name", name, "-m", f"models:/{name}/{v2}"),
+                   2, "already exists")
+    one_line_error(deployments(node, "create", "-t", "flywheel", "--name", "other", "-m", f"models:/{name}/{v2}"),
+                   2, "differs from the model")
+    updated = deployments(node, "update", "-t", "flywheel", "--name", name, "-m", f"models:/{name}/{v2}",
+                          "-C", "env=prod", *accept)
+    assert updated.returncode == 0 and aliases(node, name)["prod"] == v2, updated.stderr[-3000:]
+
+    inputs = _predict_input(load_splits("fashion-mnist").test.images[:4], tmp_path)
+    ab = deployments(node, "predict", "-t", "flywheel", "--name", f"{name}/{v1}", "-I", str(inputs))
+    assert ab.returncode == 0 and json.loads(ab.stdout)["versions"] == [v1], ab.stderr[-3000:]
+    one_line_error(deployments(node, "explain", "-t", "flywheel", "--name", name, "-I", str(inputs)), 2,
+                   "explain is not supported")
+    one_line_error(deployments(node, "delete", "-t", "flywheel:/prod", "--name", name, "-C", f"version={v2}"), 2,
+                   f"v{v2} is the serving default")
+    one_line_error(deployments(node, "update", "-t", "flywheel:/prod", "--name", name, "-C", "env=dev"), 2,
+                   "contradicts target")
+    one_line_error(deployments(node, "update", "-t", "flywheel:/prod", "--name", name, "-C", "workers=x"), 2,
+                   "expected an integer")
+
+    one = deployments(node, "delete", "-t", "flywheel:/prod", "--name", name, "-C", f"version={v1}")
+    assert one.returncode == 0 and node.client.versions(name) == {v2: True}, one.stderr[-3000:]
+    gone = deployments(node, "delete", "-t", "flywheel:/prod", "--name", name, "-C", "remove_alias=true")
+    assert gone.returncode == 0 and "removed alias 'prod'" in gone.stderr, gone.stderr[-3000:]
+    assert node.client.versions(name) == {} and "prod" not in aliases(node, name)
     assert deployments(node, "delete", "-t", "flywheel", "--name", name).returncode == 0
     one_line_error(deployments(node, "get", "-t", "flywheel", "--name", name), 2, f"no deployment {name}")
+
+
+def _predict_input(images, tmp_path: Path) -> Path:
+    """`mlflow deployments predict -I` rows: even images as files (`path`), odd ones as base64 (`image`)."""
+    from flywheel.contracts.preprocessing import encode_png
+
+    rows = []
+    for i, image in enumerate(images):
+        png = encode_png(image)
+        if i % 2:
+            rows.append({"image": base64.b64encode(png).decode()})
+        else:
+            (tmp_path / f"img{i}.png").write_bytes(png)
+            rows.append({"path": str(tmp_path / f"img{i}.png")})
+    inputs = tmp_path / "input.json"
+    inputs.write_text(json.dumps(rows))
+    return inputs
 
 
 def test_target_needs_the_serving_node(tmp_path):
