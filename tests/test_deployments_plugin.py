@@ -240,6 +240,20 @@ def _predict_input(images, tmp_path: Path) -> Path:
     return inputs
 
 
+def test_target_reads_serve_env(node, serving_models, tmp_path):
+    """No FLYWHEEL_TS_* set: the node is the one `flywheel serve` wrote into $FLYWHEEL_HOME/serving/serve.env."""
+    from flywheel.core.config import export_lines
+
+    home = tmp_path / "home"
+    (home / "serving").mkdir(parents=True)
+    (home / "serving" / "serve.env").write_text(export_lines({k: v for k, v in node.env.items()
+                                                              if k.startswith("FLYWHEEL_TS_")}))
+    env = {k: v for k, v in node.env.items() if not k.startswith("FLYWHEEL_TS_")}
+    proc = subprocess.run([str(MLFLOW), "deployments", "list", "-t", "flywheel"], env={**env, "FLYWHEEL_HOME": str(home)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("List of all deployments:"), proc.stderr[-3000:]
+
+
 def test_target_needs_the_serving_node(flywheel_target, tmp_path):
     """Without FLYWHEEL_TS_* and without a serve.env the target says what it needs, in one line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_TS_")}
