@@ -1,7 +1,8 @@
 """The serving node: the TorchServe handler, archives (`package`), releases (`release`), starting and
-calling TorchServe (`torchserve`), its key renewal (`keys`) and batch inference (`predict`); Triton,
-the second engine: model repository, server and client (`triton`), its authenticating proxy
-(`triton_proxy`) and its Python-backend model (`triton_model`).
+calling TorchServe (`torchserve`), its key renewal (`keys`), batch inference (`predict`) and the
+`mlflow deployments -t flywheel` target over releases (`deployments`); Triton, the second engine:
+model repository, server and client (`triton`), its authenticating proxy (`triton_proxy`) and its
+Python-backend model (`triton_model`).
 
 `handler.py` is copied into every .mar as the archive's handler, with the contracts it imports
 (MAR_CONTRACTS, from flywheel/contracts/) beside it. It imports only the standard library, numpy,

@@ -351,8 +351,10 @@ class TorchServeClient:
     def describe(self, model: str, version: str | None = None):
         return self._mgmt("GET", f"/models/{model}" + (f"/{version}" if version else ""))
 
-    def list_models(self):
-        return self._mgmt("GET", "/models")
+    def list_models(self, limit: int | None = None, next_page_token: str | None = None):
+        """GET /models: one page ({"models": [...], "nextPageToken": ...} while more remain)."""
+        params = {k: v for k, v in (("limit", limit), ("next_page_token", next_page_token)) if v is not None}
+        return self._mgmt("GET", "/models", params=params or None)
 
     def versions(self, model: str) -> dict[str, bool]:
         """{version: is_default} for every registered version of `model` ({} when none)."""
