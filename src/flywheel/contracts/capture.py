@@ -207,6 +207,31 @@ def encode_record(record: dict) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
+def answer(model: str, version: str, class_names: list[str], probs: np.ndarray, top_k: int) -> dict:
+    """One image's prediction as every serving engine answers it (the TorchServe handler and Triton's
+    Python-backend model): a fresh `prediction_id`, the version, the best class and the top k."""
+    order = np.argsort(-probs)[:top_k]
+    best = int(order[0])
+    return {
+        "prediction_id": uuid.uuid4().hex,
+        "model": model,
+        "version": version,
+        "label": class_names[best],
+        "label_index": best,
+        "confidence": float(probs[best]),
+        "top_k": [{"label": class_names[i], "index": int(i), "probability": float(probs[i])} for i in order],
+    }
+
+
+def record_of(answered: dict, image_png: bytes, embedding: np.ndarray, probs: np.ndarray, traffic: str) -> dict:
+    """The capture record of an `answer`: what the monitor reads back as a `Capture` (no top k: the
+    probabilities hold it)."""
+    record = dict(answered, ts=time.time(), image_png=image_png, embedding=embedding, probs=probs.tolist(),
+                  traffic=traffic)
+    record.pop("top_k")
+    return record
+
+
 @dataclass(frozen=True)
 class Capture:
     """One captured request, as the monitor and `data snapshot` read it back."""

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -348,23 +347,9 @@ class FlywheelHandler(BaseHandler):
 
     def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int,
                     traffic: str | None = None) -> dict:
-        order = np.argsort(-probs)[:top_k]
-        best = int(order[0])
-        pred = {
-            "prediction_id": uuid.uuid4().hex,
-            "model": self.model_label,
-            "version": self.version,
-            "label": self.class_names[best],
-            "label_index": best,
-            "confidence": float(probs[best]),
-            "top_k": [{"label": self.class_names[i], "index": int(i), "probability": float(probs[i])}
-                      for i in order],
-        }
-        if self.capture is not None:
-            record = dict(pred, ts=time.time(), image_png=_pp.encode_png(image), embedding=emb,
-                          probs=probs.tolist(), traffic=traffic or _capture.LIVE)
-            record.pop("top_k")
-            self.capture.submit(record)  # never blocks or raises
+        pred = _capture.answer(self.model_label, self.version, self.class_names, probs, top_k)
+        if self.capture is not None:  # submit never blocks or raises
+            self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic or _capture.LIVE))
         return pred
 
     def _metric(self, name: str, value: float, unit: str, kind=MetricTypes.HISTOGRAM) -> None:

@@ -31,8 +31,6 @@ import json
 import logging
 import os
 import sys
-import time
-import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -175,23 +173,9 @@ class TritonPythonModel:
 
     def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int, traffic: str) -> dict:
         """The TorchServe handler's answer for one image (handler._prediction), captured the same way."""
-        order = np.argsort(-probs)[:top_k]
-        best = int(order[0])
-        pred = {
-            "prediction_id": uuid.uuid4().hex,
-            "model": self.model_label,
-            "version": self.version,
-            "label": self.class_names[best],
-            "label_index": best,
-            "confidence": float(probs[best]),
-            "top_k": [{"label": self.class_names[i], "index": int(i), "probability": float(probs[i])}
-                      for i in order],
-        }
-        if self.capture is not None:
-            record = dict(pred, ts=time.time(), image_png=_pp.encode_png(image), embedding=emb,
-                          probs=probs.tolist(), traffic=traffic)
-            record.pop("top_k")
-            self.capture.submit(record)  # never blocks or raises
+        pred = _capture.answer(self.model_label, self.version, self.class_names, probs, top_k)
+        if self.capture is not None:  # submit never blocks or raises
+            self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic))
         return pred
 
     def finalize(self):
