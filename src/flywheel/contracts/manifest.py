@@ -110,13 +110,7 @@ class Manifest:
         else:
             with open(path, "rb") as f:
                 text = f.read()
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{MANIFEST_FILE} is not a JSON object")
-        try:
-            return cls.from_dict(data)
-        except TypeError as exc:  # a required field missing
-            raise ValueError(f"{MANIFEST_FILE}: {exc}") from None
+        return cls._parse(text)
 
     @classmethod
     def read_bytes(cls, data: bytes) -> Manifest:
@@ -128,11 +122,16 @@ class Manifest:
                 text = zf.read(MANIFEST_FILE)
             except KeyError:
                 raise ValueError(f"no {MANIFEST_FILE} in this archive") from None
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: bytes) -> Manifest:
+        """MANIFEST_FILE's bytes as a Manifest; ValueError when they are not one."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
             raise ValueError(f"{MANIFEST_FILE} is not a JSON object")
         try:
-            return cls.from_dict(raw)
+            return cls.from_dict(data)
         except TypeError as exc:  # a required field missing
             raise ValueError(f"{MANIFEST_FILE}: {exc}") from None
 
