@@ -259,6 +259,65 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
     assert not env_file.exists()
 
 
+@pytest.mark.integration
+def test_serve_engine_triton_then_release_from_serve_env(serving_models, tmp_path):
+    """`flywheel serve --engine triton`: Triton behind its proxy with its repository, work dir and serve.env
+    under $FLYWHEEL_HOME; `flywheel release --engine triton` with nothing but serve.env's exports packages
+    and serves a version; no key, no answer; traffic captured; Ctrl-C stops both processes."""
+    import requests
+
+    from flywheel.serving.triton import TritonClient
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYWHEEL_"))}
+    env.update(FLYWHEEL_HOME=str(home), PYTHONUNBUFFERED="1")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "flywheel"), "serve", "--engine", "triton"], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    env_file = home / "serving-triton" / "serve.env"
+    name, v1 = serving_models.name, serving_models.versions[0]
+    before = _aliases(serving_models)
+    try:
+        _wait_for(env_file, proc, log)
+        exports = _exports(env_file.read_text())
+        assert exports["FLYWHEEL_TS_KEY_FILE"] == str(home / "serving-triton" / "key_file.json")
+        assert exports["FLYWHEEL_TS_MODEL_STORE"] == str(home / "triton-repository")
+        assert exports["FLYWHEEL_CAPTURE_URI"] == str(home / "captures")
+        url = exports["FLYWHEEL_TS_INFERENCE_URL"]
+        assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 401  # no key, no answer
+
+        release_env = {**env, **exports}
+        proc_release = subprocess.run(
+            [str(VENV_BIN / "flywheel"), "release", "--engine", "triton", "--model", name, "--version", v1,
+             "--env", "dev", "--tracking-uri", serving_models.tracking_uri, "--min-accuracy", "0.3",
+             "--p95-slo-ms", "5000", "--grace", "0"],
+            capture_output=True, text=True, timeout=600, env=release_env, cwd=tmp_path)
+        assert proc_release.returncode == 0, proc_release.stdout[-2000:] + proc_release.stderr[-2000:]
+        assert (home / "triton-repository" / name / v1).is_dir()  # packaged into the served repository
+        client = TritonClient(url, key_file=Path(exports["FLYWHEEL_TS_KEY_FILE"]))
+        r = client.predict(name, _png())
+        assert r.status_code == 200 and r.json()["version"] == v1
+        captures = home / "captures" / name / "captures"
+        deadline = time.monotonic() + 60
+        while not list(captures.glob("*.jsonl")):
+            assert time.monotonic() < deadline, f"nothing captured in {captures}"
+            time.sleep(0.5)
+    finally:
+        _restore_aliases(serving_models, before)  # the registry is shared with other tests of the session
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: serve stops Triton and its proxy
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not env_file.exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/v2/health/ready", timeout=5)
+
+
 def _aliases(serving_models) -> dict[str, str]:
     from mlflow import MlflowClient
 

@@ -196,22 +196,43 @@ def serve(
     load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
     token_expiry_minutes: Annotated[float, typer.Option(
         min=0.1, help="Lifetime of TorchServe's keys (renewed at half of it while this runs).")] = 1440,
+    engine: Annotated[str, typer.Option(
+        help="torchserve | triton: tritonserver (loopback) behind its authenticating proxy; --model-store is "
+             "then its model repository (default $FLYWHEEL_HOME/triton-repository, where `flywheel package "
+             "--engine triton` writes), --work-dir defaults to $FLYWHEEL_HOME/serving-triton, --load names "
+             "Triton models.")] = "torchserve",
 ) -> None:
-    """Run a TorchServe (token auth, loopback, free ports) in the foreground until Ctrl-C."""
+    """Run a TorchServe (token auth, loopback, free ports), or with --engine triton a Triton behind its
+    authenticating proxy, in the foreground until Ctrl-C."""
     stop_on_sigterm()
+    from flywheel.core.config import Settings
+
+    if engine not in ("torchserve", "triton"):
+        fail(f"unknown --engine {engine!r}; choose torchserve or triton")
+    settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
+    capture_to = (capture_uri or settings.capture_uri) if capture else ""
+    if capture_to and "://" not in capture_to:  # the server runs in work_dir: no relative paths
+        capture_to = str(Path(capture_to).resolve())
+    if engine == "triton":
+        work_dir = (work_dir or settings.work_dir / "serving-triton").resolve()
+        _serve_triton(work_dir, (model_store or settings.work_dir / "triton-repository").resolve(),
+                      tuple(load or ()), capture_to, token_expiry_minutes)
+        return
+    _serve_torchserve(settings, work_dir, model_store, tuple(load or ()), capture_to, token_expiry_minutes)
+
+
+def _serve_torchserve(settings, work_dir: Path | None, model_store: Path | None, load: tuple[str, ...],
+                      capture_to: str, token_expiry_minutes: float) -> None:
     import time
 
-    from flywheel.core.config import Settings, export_lines
+    from flywheel.core.config import export_lines
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
-    settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
+
     work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
-    capture_to = (capture_uri or settings.capture_uri) if capture else ""
-    if capture_to and "://" not in capture_to:  # TorchServe runs in work_dir: no relative paths
-        capture_to = str(Path(capture_to).resolve())
     env_file = work_dir.resolve() / "serve.env"
     env_file.unlink(missing_ok=True)  # a stale one would name a dead server
 
-    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=tuple(load or ()),
+    cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=load,
                             token_expiration_min=token_expiry_minutes)
     server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
     env_file.write_text(export_lines({
@@ -221,6 +242,33 @@ def serve(
     typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
                f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
                f"in another shell: source {env_file}")
+    try:
+        while server.alive():
+            time.sleep(1)
+    finally:
+        server.stop()
+        env_file.unlink(missing_ok=True)
+
+
+def _serve_triton(work_dir: Path, repository: Path, load: tuple[str, ...], capture_to: str,
+                  token_expiry_minutes: float) -> None:
+    """`serve --engine triton`: the same contract as TorchServe's (free loopback ports, serve.env with
+    the FLYWHEEL_TS_* exports `release --engine triton` reads, foreground until Ctrl-C)."""
+    import time
+
+    from flywheel.core.config import export_lines
+    from flywheel.serving.triton import TritonServeConfig, start_triton
+
+    env_file = work_dir / "serve.env"
+    env_file.unlink(missing_ok=True)  # a stale one would name a dead server
+    cfg = TritonServeConfig.local(work_dir, repository, models=load, token_expiration_min=token_expiry_minutes)
+    server = start_triton(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
+    env_file.write_text(export_lines({
+        "FLYWHEEL_TS_INFERENCE_URL": cfg.url, "FLYWHEEL_TS_KEY_FILE": str(server.key_file),
+        "FLYWHEEL_TS_MODEL_STORE": str(cfg.repository), **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
+    typer.echo(f"triton (through its proxy) {cfg.url}  metrics {cfg.url}/metrics\nkey file {server.key_file}\n"
+               f"repository {cfg.repository}\ncapture {capture_to or 'off'}\n"
+               f"in another shell: source {env_file}; flywheel release --engine triton ...")
     try:
         while server.alive():
             time.sleep(1)

@@ -60,12 +60,34 @@ class ServingModule(nn.Module):
         return logits, embedding
 
 
+def store_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """`uri` with a leading models:/ part (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/ID`,
+    any path after it) resolved in `tracking_uri`'s registry to where the files are stored.
+
+    MLflow 3.17 resolves models:/ through the process-wide registry and tracking URIs, whatever
+    `registry_uri` a download passes (ModelsArtifactRepository._get_model_uri_infos), so a caller that
+    names its store explicitly would read another one. Other URIs, or no `tracking_uri`: unchanged."""
+    if not (tracking_uri and uri.startswith("models:/")):
+        return uri
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    base, sub = ModelsArtifactRepository.split_models_uri(uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    found = get_model_name_and_version(client, base)
+    base = client.get_model_version_download_uri(*found) if len(found) == 2 else f"models:/{found[0]}"
+    if base.startswith("models:/"):  # a logged model (MLflow 3): its files are at its artifact location
+        base = client.get_logged_model(base[len("models:/"):]).artifact_location
+    return f"{base.rstrip('/')}/{sub}" if sub else base
+
+
 def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     """The logged model's local directory (downloaded once per call)."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
-                                                    registry_uri=tracking_uri))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=store_uri(model_uri, tracking_uri),
+                                                    tracking_uri=tracking_uri))
 
 
 def load_model(model_uri: str, device: str | torch.device = "cpu",
@@ -94,8 +116,8 @@ def load_spec(model_uri: str, tracking_uri: str | None = None) -> ComponentSpec:
     from mlflow.exceptions import MlflowException
 
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{SPEC_PATH}",
-                                                   tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=store_uri(f"{model_uri.rstrip('/')}/{SPEC_PATH}", tracking_uri), tracking_uri=tracking_uri)
     except (MlflowException, OSError) as exc:
         raise FlywheelError(f"{model_uri} has no {SPEC_PATH}: not logged by flywheel.component "
                             f"({type(exc).__name__})") from None
@@ -111,8 +133,8 @@ def read_test_set(spec: ComponentSpec, tracking_uri: str | None = None):
 
     ref = spec.test_set
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, tracking_uri=tracking_uri,
-                                                   registry_uri=tracking_uri)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=store_uri(ref.uri, tracking_uri),
+                                                   tracking_uri=tracking_uri)
         data = Path(path).read_bytes()
     except Exception as exc:  # noqa: BLE001 - any store error: the one message names the URI
         raise FlywheelError(f"test set {ref.uri} of {spec.name} cannot be read: {type(exc).__name__}: {exc}") from None
