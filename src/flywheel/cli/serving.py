@@ -223,9 +223,7 @@ def serve(
 
 def _serve_torchserve(settings, work_dir: Path | None, model_store: Path | None, load: tuple[str, ...],
                       capture_to: str, token_expiry_minutes: float) -> None:
-    import time
 
-    from flywheel.core.config import export_lines
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
@@ -235,14 +233,24 @@ def _serve_torchserve(settings, work_dir: Path | None, model_store: Path | None,
     cfg = ServeConfig.local(work_dir.resolve(), model_store.resolve(), models=load,
                             token_expiration_min=token_expiry_minutes)
     server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
-    env_file.write_text(export_lines({
-        "FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
-        "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store),
-        **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
-    typer.echo(f"inference {cfg.inference_address}  management {cfg.management_address}  "
-               f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
-               f"in another shell: source {env_file}")
+    exports = {"FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
+               "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store)}
+    _serve_until_stopped(server, env_file, exports, capture_to,
+                         f"inference {cfg.inference_address}  management {cfg.management_address}  "
+                         f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
+                         f"in another shell: source {env_file}")
+
+
+def _serve_until_stopped(server, env_file: Path, exports: dict[str, str], capture_to: str, banner: str) -> None:
+    """Write serve.env (the exports release/predict/monitor read), print the banner, wait while the
+    server lives; on any exit (Ctrl-C, SIGTERM, a dead server) stop it and remove serve.env."""
+    import time
+
+    from flywheel.core.config import export_lines
+
     try:
+        env_file.write_text(export_lines({**exports, **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
+        typer.echo(banner)
         while server.alive():
             time.sleep(1)
     finally:
@@ -254,27 +262,19 @@ def _serve_triton(work_dir: Path, repository: Path, load: tuple[str, ...], captu
                   token_expiry_minutes: float) -> None:
     """`serve --engine triton`: the same contract as TorchServe's (free loopback ports, serve.env with
     the FLYWHEEL_TS_* exports `release --engine triton` reads, foreground until Ctrl-C)."""
-    import time
 
-    from flywheel.core.config import export_lines
     from flywheel.serving.triton import TritonServeConfig, start_triton
 
     env_file = work_dir / "serve.env"
     env_file.unlink(missing_ok=True)  # a stale one would name a dead server
     cfg = TritonServeConfig.local(work_dir, repository, models=load, token_expiration_min=token_expiry_minutes)
     server = start_triton(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
-    env_file.write_text(export_lines({
-        "FLYWHEEL_TS_INFERENCE_URL": cfg.url, "FLYWHEEL_TS_KEY_FILE": str(server.key_file),
-        "FLYWHEEL_TS_MODEL_STORE": str(cfg.repository), **({"FLYWHEEL_CAPTURE_URI": capture_to} if capture_to else {})}))
-    typer.echo(f"triton (through its proxy) {cfg.url}  metrics {cfg.url}/metrics\nkey file {server.key_file}\n"
-               f"repository {cfg.repository}\ncapture {capture_to or 'off'}\n"
-               f"in another shell: source {env_file}; flywheel release --engine triton ...")
-    try:
-        while server.alive():
-            time.sleep(1)
-    finally:
-        server.stop()
-        env_file.unlink(missing_ok=True)
+    exports = {"FLYWHEEL_TS_INFERENCE_URL": cfg.url, "FLYWHEEL_TS_KEY_FILE": str(server.key_file),
+               "FLYWHEEL_TS_MODEL_STORE": str(cfg.repository)}
+    _serve_until_stopped(server, env_file, exports, capture_to,
+                         f"triton (through its proxy) {cfg.url}  metrics {cfg.url}/metrics\nkey file {server.key_file}\n"
+                         f"repository {cfg.repository}\ncapture {capture_to or 'off'}\n"
+                         f"in another shell: source {env_file}; flywheel release --engine triton ...")
 
 
 serve_keys_app = typer.Typer(no_args_is_help=True, help="TorchServe's token keys on a serving node: renew them.")
