@@ -243,19 +243,10 @@ def test_serve_defaults_live_in_flywheel_home_capture_on_and_serve_env(serving_m
         r = client.predict(serving_models.name, _png())
         assert r.status_code == 200 and r.json()["version"] == v1
         captures = home / "captures" / serving_models.name / "captures"
-        deadline = time.monotonic() + 60
-        while not list(captures.glob("*.jsonl")):
-            assert time.monotonic() < deadline, f"nothing captured in {captures}"
-            time.sleep(0.5)
+        _wait_captured(captures)
     finally:
         _restore_aliases(serving_models, before)  # the registry is shared with other tests of the session
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: serve stops TorchServe's process group
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _interrupt(proc)  # Ctrl-C: serve stops TorchServe's process group
     assert not env_file.exists()
 
 
@@ -300,22 +291,31 @@ def test_serve_engine_triton_then_release_from_serve_env(serving_models, tmp_pat
         r = client.predict(name, _png())
         assert r.status_code == 200 and r.json()["version"] == v1
         captures = home / "captures" / name / "captures"
-        deadline = time.monotonic() + 60
-        while not list(captures.glob("*.jsonl")):
-            assert time.monotonic() < deadline, f"nothing captured in {captures}"
-            time.sleep(0.5)
+        _wait_captured(captures)
     finally:
         _restore_aliases(serving_models, before)  # the registry is shared with other tests of the session
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: serve stops Triton and its proxy
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _interrupt(proc)  # Ctrl-C: serve stops Triton and its proxy
     assert not env_file.exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/v2/health/ready", timeout=5)
+
+
+def _wait_captured(captures: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not list(captures.glob("*.jsonl")):
+        assert time.monotonic() < deadline, f"nothing captured in {captures}"
+        time.sleep(0.5)
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C a `flywheel serve`; killed only if it has not stopped within 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _aliases(serving_models) -> dict[str, str]:
