@@ -2,7 +2,9 @@
 
 MLflow passes every parameter as a string (floats as "3.0", empty strings for "unset"); this
 normalises them and hands over to the real CLI, so the project's entry points and the CLI
-can never drift apart. `--nproc-per-node N` (N > 1) re-executes the command under `torchrun`.
+can never drift apart. `--nproc-per-node N` (N > 1) re-executes the command under `torchrun`, and so
+does every node of a multi-node job (`remote-train --num-nodes`: FLYWHEEL_NNODES and the rendezvous
+variables of flywheel.component.distributed), whatever N is.
 
 The root project delegates to the Fashion-MNIST reference component: `train` with no `arch` on
 `fashion-mnist` (the defaults, so plain `mlflow run .`) runs examples/fashion-mnist/train.py with
@@ -15,6 +17,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+
+from flywheel.component.distributed import num_nodes
 
 INT_FLAGS = {"--epochs", "--batch-size", "--seed", "--max-train-samples", "--n-trials"}
 BOOL_FLAGS = {"--register": ("--register", "--no-register"), "--finalize": ("--finalize", "--no-finalize")}
@@ -89,6 +93,15 @@ def delegate_tune(argv: list[str]) -> list[str]:
     return out + (["--", "--data-dir", values["--data-dir"]] if "--data-dir" in values else [])
 
 
+def _exec_torchrun(nproc: int, command: list[str]) -> None:
+    """Become `torchrun` running `command` in `nproc` processes here: `--standalone`, or this node's part
+    of a multi-node job when remote-train --num-nodes set the rendezvous (flywheel.component.distributed)."""
+    from flywheel.component.distributed import torchrun_args, torchrun_env
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    os.execve(torchrun, [torchrun, *torchrun_args(nproc), *command], torchrun_env())
+
+
 def main() -> None:
     os.environ.setdefault("FLYWHEEL_ENTRY_POINT", sys.argv[1] if len(sys.argv) > 1 else "")
     reference = delegate_to_reference(sys.argv[1:])
@@ -97,13 +110,12 @@ def main() -> None:
             sys.exit(f"flywheel: {reference[0]} not found under {Path.cwd()}: run the root project from the "
                      "repository (or pass -P arch=small-cnn for the built-in network)")
         nproc, _ = split_nproc(translate(sys.argv[1:]))
-        python = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}"] \
-            if nproc > 1 else [sys.executable]
-        os.execv(python[0], [*python, *reference])
+        if nproc > 1 or num_nodes() > 1:
+            _exec_torchrun(nproc, reference)
+        os.execv(sys.executable, [sys.executable, *reference])
     nproc, argv = split_nproc(delegate_tune(translate(sys.argv[1:])))
-    if nproc > 1:  # one process per GPU (gloo on CPU); rank 0 alone talks to MLflow
-        torchrun = str(Path(sys.executable).with_name("torchrun"))
-        os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "flywheel", *argv])
+    if nproc > 1 or num_nodes() > 1:  # one process per GPU (gloo on CPU); rank 0 alone talks to MLflow
+        _exec_torchrun(nproc, ["-m", "flywheel", *argv])
     from flywheel.cli import main as cli_main
 
     sys.argv = [sys.argv[0], *argv]

@@ -232,6 +232,9 @@ def remote_train(
     tune_storage: Annotated[Optional[str], typer.Option(
         envvar="FLYWHEEL_TUNE_STORAGE", help="--tune: the study's storage every node reaches, e.g. "
                                              "postgresql+psycopg2://USER:PW@HOST:5432/optuna.")] = None,
+    num_nodes: Annotated[int, typer.Option(
+        min=1, help="One torchrun job across this many nodes of --nodes (c10d rendezvous on the first; "
+                    "--nodes names the pool, --workers is --tune's).")] = 1,
     tracking_uri: TrackingOpt = None,
     model: ModelOpt = None,
     model_name: ModelNameAlias = None,
@@ -244,7 +247,7 @@ def remote_train(
                           workdir=workdir, attach=attach, cancel=cancel, identity=identity,
                           known_hosts=known_hosts, connect_timeout=connect_timeout,
                           reconnect_timeout=reconnect_timeout, plots_dir=plots_dir, tune=tune, workers=workers,
-                          study=study, tune_storage=tune_storage)
+                          study=study, tune_storage=tune_storage, num_nodes=num_nodes)
     code = run_command(opts, settings_for(tracking_uri, model_of(model, model_name)), tracking_given=tracking_uri is not None)
     raise typer.Exit(code)
 

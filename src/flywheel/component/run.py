@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flywheel.component.distributed import Cluster
 from flywheel.component.loop import Fitted
 from flywheel.component.trial import active_trial
 from flywheel.contracts.component import GateSpec
@@ -80,10 +81,11 @@ class TrackedRun:
     epoch's metrics through `RunLogger` (spooled, retried); `finish` evaluates on the test split, logs
     the test metrics, plots, reference sample and model, and ends the run (FAILED if that raises)."""
 
-    def __init__(self, settings: Settings, splits: Splits, device: torch.device):
+    def __init__(self, settings: Settings, splits: Splits, device: torch.device, cluster: Cluster | None = None):
+        """`cluster`: a distributed job's ranks and nodes (recorded on the run), None for one process."""
         import mlflow  # noqa: F401 - imported before fit() seeds the RNGs, so its import cannot touch them
 
-        self.settings, self.splits, self.device = settings, splits, device
+        self.settings, self.splits, self.device, self.cluster = settings, splits, device, cluster
         self.run = None  # mlflow's ActiveRun, from on_start
         self.logger = None
         self.trial = None  # the search's TrialHook while `flywheel tune` runs this training
@@ -111,11 +113,15 @@ class TrackedRun:
         # Under `mlflow run` the project's parameters are already logged (as given); MLflow forbids
         # re-logging a key with another spelling of its value ("true" vs "True"), so skip those keys.
         logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+        if self.cluster is not None:
+            params = {**params, **self.cluster.params()}
         logger.log_params({k: v for k, v in params.items() if k not in logged})
         splits = self.splits
         tags = {**git_info(Path.cwd()), **project_tags(Path.cwd()), "dataset": splits.name,
                 "dataset_digest": splits.digest,
                 "entry_point": os.environ.get("FLYWHEEL_ENTRY_POINT", "train"), "flywheel.device": str(self.device)}
+        if self.cluster is not None:
+            tags.update(self.cluster.tags())
         if event_id := os.environ.get("FLYWHEEL_EVENT_ID"):  # a monitor's retrain: dedupe key (flywheel.control.dispatches)
             tags["flywheel.event_id"] = event_id
         logger.set_tags(tags)
@@ -131,6 +137,28 @@ class TrackedRun:
             self.logger.flush()
             mlflow.end_run("KILLED")
             raise trial.stopped()
+
+    def fail(self, tags: dict[str, str]) -> None:
+        """End the run FAILED with `tags` saying why (a distributed job lost a rank): before any model
+        is logged, so nothing of this run can be registered. The run is the one `on_start` opened or,
+        if training failed before that, the one `mlflow run` opened for the job."""
+        import mlflow
+
+        from flywheel.core.runlog import active_run_id
+
+        if self.run is None:
+            run_id = active_run_id()
+            if run_id is None:
+                return  # no run was ever opened: nothing to record
+            self.settings.apply()
+            client = mlflow.MlflowClient()
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, "FAILED")
+            return
+        self.logger.set_tags(tags)
+        self.logger.flush()
+        mlflow.end_run("FAILED")
 
     def finish(self, fitted: Fitted, *, embedding: str | None, gate: GateSpec = GateSpec(), name: str | None = None,
                test_set_uri: str | None = None):

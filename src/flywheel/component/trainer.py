@@ -3,7 +3,10 @@
 preflight (a dead tracking server fails now, not after training) → `fit` with a `TrackedRun` on rank
 0 → `log_model` (the contract) → the champion/challenger gate, which registers the run's model as
 the `candidate` of `model_name` only if it beats the champion on the test set. Under `torchrun`
-every rank calls it; ranks > 0 train their shard and return None. Inside a search's trial
+every rank calls it; ranks > 0 train their shard and return None, and never touch MLflow. A
+distributed job (one node or several, flywheel.component.distributed) has a bounded process-group
+timeout, records its nodes on the run, and when a rank is lost rank 0 ends the run FAILED with the
+reason before any model is logged (so nothing half-trained can be registered). Inside a search's trial
 (flywheel.component.trial) the gate is skipped: the search gates its best trial.
 """
 
@@ -11,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
+from flywheel.component.distributed import Cluster, process_group_timeout
 from flywheel.component.loop import DistContext, FitConfig, fit, select_device, start_preload
 from flywheel.component.run import TrackedRun, refuse_mlflow_default_store
 from flywheel.component.trial import active_trial
@@ -55,11 +60,23 @@ def train(model: nn.Module, splits: Splits, cfg: FitConfig, *, embedding: str | 
 
         preflight(settings)
     device = select_device(cfg.device, ctx.local_rank)
+    cluster = None
     if ctx.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's object collectives (Cluster.join) use the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=process_group_timeout())
     try:
-        tracked = TrackedRun(settings, splits, device) if ctx.is_main else None
-        fitted = fit(cfg, splits, device, ctx, callback=tracked, preload=preload, model=model)
+        if ctx.distributed:
+            cluster = Cluster.join(ctx)  # rank 0 adopts the job's MLflow run wherever torch placed it
+        tracked = TrackedRun(settings, splits, device, cluster=cluster) if ctx.is_main else None
+        try:
+            fitted = fit(cfg, splits, device, ctx, callback=tracked, preload=preload, model=model)
+        except Exception as exc:  # a lost peer, a timeout, any rank's error: record why, then re-raise
+            if cluster is not None:
+                reason = cluster.on_failure(exc)
+                if tracked is not None and reason is not None:
+                    tracked.fail(reason)
+            raise
         if tracked is None:
             return None
         report, logged = tracked.finish(fitted, embedding=embedding, gate=gate, name=name, test_set_uri=test_set_uri)

@@ -56,6 +56,7 @@ class CommandOptions:
     workers: int | None = None  # --tune: this many nodes (default: every reachable one)
     study: str | None = None  # --tune: the study name (default MODEL-COMMIT)
     tune_storage: str | None = None  # --tune: the study's storage URL (FLYWHEEL_TUNE_STORAGE)
+    num_nodes: int = 1  # >1: one torchrun job across this many nodes of --nodes (dispatch.multinode)
 
 
 def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) -> int:
@@ -65,6 +66,9 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
 
     if bool(opts.node) == bool(opts.nodes):
         raise FlywheelError("give exactly one of --node user@host[:port] or --nodes nodes.yaml")
+    if opts.num_nodes > 1 and (opts.tune or opts.attach or opts.cancel or not opts.nodes):
+        raise FlywheelError("--num-nodes starts one job across several nodes of --nodes nodes.yaml; it does not "
+                            "combine with --node, --tune, --attach or --cancel (attach to or cancel its first node)")
     if opts.tune and (opts.attach or opts.cancel):
         raise FlywheelError("--tune starts a search; --attach/--cancel follow or stop one node's job (without --tune)")
     nodes = ([Node.parse(opts.node, env_activate=opts.env_activate, workdir=opts.workdir)] if opts.node else load_nodes(str(opts.nodes)))
@@ -77,6 +81,7 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
         stopped = job.cancel()
         warn(f"{'stopped' if stopped else 'nothing running for'} {job.what} on {node.label}")
         return 0
+    failure = None  # a multi-node job's one-line reason when a node failed
     if opts.attach:
         target = opts.attach
         if re.fullmatch(r"[0-9a-f]{32}", target) and tracking_given:
@@ -89,8 +94,10 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
                                 "or pass --tracking-uri (the embedded SQLite store lives on this machine)")
         project = Project(opts.project, opts.project_dir or ".")
         with project.checkout(opts.commit) as (repo, sha):
+            # A multi-node entry point must start torchrun itself: it takes nproc_per_node (check_entry).
+            nproc = opts.nproc_per_node or (1 if opts.num_nodes > 1 else None)
             cfg = RemoteTrainConfig(commit=sha, entry=opts.entry, params=parse_params(opts.params),
-                                    nproc_per_node=opts.nproc_per_node, env_manager=opts.env_manager,
+                                    nproc_per_node=nproc, env_manager=opts.env_manager,
                                     reconnect_timeout=opts.reconnect_timeout,
                                     # Set by train.yml for a monitor's retrain (like the passphrase, env only).
                                     event_id=os.environ.get("FLYWHEEL_EVENT_ID") or None,
@@ -99,7 +106,11 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
             archive = archive_commit(repo, sha)
         if project.is_url or project.project_dir != ".":
             warn(f"project {project.label}, directory {project.project_dir}, commit {sha[:12]}")
-        if opts.tune:
+        if opts.num_nodes > 1:
+            from flywheel.training.dispatch.multinode import remote_train_multinode
+
+            result, failure = remote_train_multinode(cfg, settings, nodes, auth, archive, opts.num_nodes, warn=warn)
+        elif opts.tune:
             from flywheel.training.dispatch.tune import remote_tune
 
             result, _ = remote_tune(cfg, settings, nodes, auth, archive, storage=opts.tune_storage,
@@ -117,6 +128,8 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
         if report and report.candidate_version:
             warn(f"registered {settings.model_name} version {report.candidate_version} as candidate")
     write_github_outputs(result, report)
+    if failure:
+        raise FlywheelError(failure)
     return result.exit_code
 
 

@@ -252,8 +252,10 @@ class RemoteJob:
         finally:
             client.close()
 
-    def start(self, settings: Settings, cfg: RemoteTrainConfig, archive: bytes) -> None:
-        """Upload the commit and start it detached; FlywheelError if it is already running here."""
+    def start(self, settings: Settings, cfg: RemoteTrainConfig, archive: bytes, command: str | None = None) -> None:
+        """Upload the commit and start it detached; FlywheelError if it is already running here.
+        `command`: the job's shell command, default `mlflow_command` (a multi-node job's other nodes
+        run the entry point without `mlflow run`: flywheel.training.dispatch.multinode)."""
         with self._session() as (client, sftp, jobdir):
             # 0700: the env file inside is 0600 too, but nobody else should even list the job.
             code, _, err = exec_command(client, f"mkdir -p {shlex.quote(jobdir)} && chmod 700 {shlex.quote(jobdir)}")
@@ -268,7 +270,7 @@ class RemoteJob:
                 put_file(sftp, f"{jobdir}/{upload}", archive, 0o600)
                 entry = cfg.entry if self.project_dir == "." else f"{cfg.entry} of {self.project_dir}"
                 runner = RUNNER.format(activate=self.node.env_activate, sha=self.sha, entry=entry,
-                                       command=mlflow_command(self.node, cfg, list(env)))
+                                       command=command or mlflow_command(self.node, cfg, list(env)))
                 put_file(sftp, f"{jobdir}/run.sh", runner, 0o700)
                 code, out, err = exec_command(client, STARTER.format(jobdir=shlex.quote(jobdir), upload=upload,
                                                               envfile=envfile, busy=BUSY_EXIT))

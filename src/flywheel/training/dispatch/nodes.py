@@ -39,6 +39,16 @@ class Node:
     workdir: str = "flywheel-jobs"  # jobs root; relative paths are relative to the login's home
     env: tuple[tuple[str, str], ...] = ()  # non-secret extras, e.g. FLYWHEEL_DATA_DIR
     docker_build_args: str = ""  # --env-manager docker, e.g. `--build-arg BASE_IMAGE=python:3.11-slim`
+    # remote-train --num-nodes: the address the other nodes reach this one at (rendezvous, gloo/NCCL;
+    # default `host`; e.g. the cluster network's address when SSH goes through a public name), and the
+    # port its rendezvous store listens on when it is the job's first node (torch's default 29400).
+    addr: str = ""
+    rdzv_port: int = 29400
+
+    @property
+    def address(self) -> str:
+        """Where the other nodes of a multi-node job reach this one."""
+        return self.addr or self.host
 
     @property
     def label(self) -> str:
@@ -53,7 +63,8 @@ class Node:
         return cls(**{**defaults, "user": m[1], "host": m[2], "port": int(m[3] or 22)})
 
 
-_NODE_KEYS = {"name", "host", "user", "port", "env_activate", "mlflow", "workdir", "env", "docker_build_args"}
+_NODE_KEYS = {"name", "host", "user", "port", "env_activate", "mlflow", "workdir", "env", "docker_build_args",
+              "addr", "rdzv_port"}
 
 
 def load_nodes(source: str) -> list[Node]:
@@ -88,7 +99,7 @@ def load_nodes(source: str) -> list[Node]:
         if not isinstance(env, dict):
             raise FlywheelError(f"{where}: node #{i + 1} `env` must be a mapping")
         try:
-            nodes.append(Node(**{k: (int(v) if k == "port" else str(v)) for k, v in entry.items()},
+            nodes.append(Node(**{k: (int(v) if k in ("port", "rdzv_port") else str(v)) for k, v in entry.items()},
                               env=tuple((str(k), str(v)) for k, v in env.items())))
         except ValueError as exc:
             raise FlywheelError(f"{where}: node #{i + 1}: {exc}") from exc
