@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,18 +139,35 @@ def _wait_for_banner(port: int, proc: subprocess.Popen, log: Path, timeout: floa
 @pytest.fixture(scope="session")
 def ssh_node(tmp_path_factory) -> SSHNode:
     """A real sshd on 127.0.0.1:<random port> that accepts one client key, for the whole session."""
+    with start_sshd(tmp_path_factory.mktemp("sshd")) as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
+def ssh_node_b(tmp_path_factory, request) -> SSHNode:
+    """A second sshd "node" (its own port, host key and jobs directory) that accepts `ssh_node`'s client
+    key: with `ssh_node`, a two-node pool on loopback for remote-train --num-nodes."""
+    ssh_node = request.getfixturevalue("ssh_node")
+    with start_sshd(tmp_path_factory.mktemp("sshd-b"), client_key=ssh_node.key_path) as node:
+        yield node
+
+
+@contextmanager
+def start_sshd(base: Path, client_key: Path | None = None) -> Iterator[SSHNode]:
+    """Run one sshd (its files under `base`) until the block ends; then stop it and its jobs.
+    `client_key`: the client key it accepts (default: a new one)."""
     from tests.conftest import free_port
 
     if not os.path.exists(SSHD):
         pytest.fail("sshd not found: install openssh-server (make system-deps)")
-    base = tmp_path_factory.mktemp("sshd")
     token = secrets.token_hex(4)
     user, home, uid, gid = _login_user()
 
     host_key = base / "ssh_host_ed25519_key"
     _keygen(host_key, "flywheel-test-host")
-    client_key = base / "id_ed25519"
-    _keygen(client_key, "flywheel-test-client")
+    if client_key is None:
+        client_key = base / "id_ed25519"
+        _keygen(client_key, "flywheel-test-client")
 
     # Keys live in the user's own ~/.ssh (sshd's StrictModes wants root/user-owned, non-writable
     # parents); a per-session file name keeps concurrent sessions from overwriting each other.
@@ -214,13 +233,20 @@ def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def _stop_jobs(workdir: Path) -> None:
-    """Training jobs a test left running on the node: kill their process groups (pid = pgid)."""
+    """Training jobs a test left running on the node: kill their process groups (pid = pgid) and every
+    descendant (torchrun starts each worker in a session of its own, outside the job's group)."""
     for pid_file in workdir.glob("*/job.pid"):
         try:
             pgid = int(pid_file.read_text().strip())
+        except ValueError:
+            continue
+        descendants = _session_children(pgid)
+        try:
             os.killpg(pgid, signal.SIGKILL)
-        except (ValueError, ProcessLookupError, PermissionError):
+        except (ProcessLookupError, PermissionError):
             pass
+        for pid in descendants:
+            _kill(pid)
 
 
 
