@@ -34,7 +34,6 @@ import yaml
 from tests.conftest import REPO, VENV_BIN, free_port
 from tests.fixtures_ssh import commit_on
 
-pytestmark = pytest.mark.integration
 # Small and quick on two shared CPU cores: 400 digits, batches of 32 per rank, 2 epochs.
 TRAIN = ["-P", "dataset=digits", "-P", "arch=small-cnn", "-P", "epochs=2", "-P", "batch_size=32",
          "-P", "max_train_samples=400"]
@@ -42,6 +41,104 @@ LOCAL_TRAIN = ["train", "--dataset", "digits", "--arch", "small-cnn", "--epochs"
                "--max-train-samples", "400", "--no-register"]
 
 
+# ---------------------------------------------------------------- the plain parts, on plain data (make test)
+def test_torchrun_args_are_standalone_or_the_multinode_rendezvous():
+    from flywheel.component.distributed import torchrun_args, torchrun_env
+
+    assert torchrun_args(2, {}) == ["--standalone", "--nproc_per_node=2"]
+    env = {"FLYWHEEL_NNODES": "2", "FLYWHEEL_RDZV_ENDPOINT": "10.0.0.1:29400", "FLYWHEEL_RDZV_ID": "abc",
+           "FLYWHEEL_RDZV_IS_HOST": "1", "FLYWHEEL_LOCAL_ADDR": "10.0.0.1"}
+    assert torchrun_args(4, env) == ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
+                                     "--rdzv_endpoint=10.0.0.1:29400", "--rdzv_id=abc", "--max_restarts=0",
+                                     "--rdzv_conf=is_host=true", "--local_addr=10.0.0.1"]
+    assert "--rdzv_conf=is_host=false" in torchrun_args(1, {**env, "FLYWHEEL_RDZV_IS_HOST": "0"})
+    assert torchrun_env(env)["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+    assert torchrun_env({**env, "TORCH_NCCL_BLOCKING_WAIT": "0"})["TORCH_NCCL_BLOCKING_WAIT"] == "0"  # the node's wins
+    assert "TORCH_NCCL_BLOCKING_WAIT" not in torchrun_env({})
+    from flywheel.core.errors import FlywheelError
+
+    with pytest.raises(FlywheelError, match="FLYWHEEL_RDZV_ENDPOINT"):
+        torchrun_args(1, {"FLYWHEEL_NNODES": "2"})
+
+
+def test_process_group_timeout_is_bounded_and_configurable():
+    from datetime import timedelta
+
+    from flywheel.component.distributed import process_group_timeout
+    from flywheel.core.errors import FlywheelError
+
+    assert process_group_timeout({}) == timedelta(seconds=300)
+    assert process_group_timeout({"FLYWHEEL_DIST_TIMEOUT": "45"}) == timedelta(seconds=45)
+    with pytest.raises(FlywheelError, match="positive"):
+        process_group_timeout({"FLYWHEEL_DIST_TIMEOUT": "0"})
+
+
+def test_failure_tags_name_the_lost_ranks_and_their_nodes():
+    from flywheel.component.distributed import Cluster, Member, failure_tags
+
+    cluster = Cluster(0, (Member(0, "node-a", "host-a", "r" * 32), Member(1, "node-a", "host-a", "r" * 32),
+                          Member(2, "node-b", "host-b", None), Member(3, "node-b", "host-b", None)))
+    assert cluster.params() == {"num_nodes": "2"}
+    assert cluster.tags() == {"flywheel.node.0": "node-a host=host-a ranks=0,1",
+                              "flywheel.node.1": "node-b host=host-b ranks=2,3"}
+    gloo = RuntimeError("[/src/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:41000.")
+    tags = failure_tags(cluster, gloo, [2, 3])
+    assert tags["flywheel.lost_ranks"] == "2,3" and tags["flywheel.lost_nodes"] == "node-b"
+    assert tags["flywheel.failure"] == ("lost rank(s) 2,3 on node(s) node-b (host host-b); rank 0 saw "
+                                        "RuntimeError: Connection closed by peer [10.0.0.2]:41000.")
+    assert "every rank alive" in failure_tags(cluster, gloo, [])["flywheel.failure"]
+    assert "could not tell" in failure_tags(cluster, gloo, None)["flywheel.failure"]
+    # A rank whose own code failed (it checked in saying so) is named as the cause, not as lost.
+    own = failure_tags(cluster, gloo, [], {0: "comm|x", 1: "comm|x", 2: "own|ValueError: bad batch", 3: "comm|x"})
+    assert own == {"flywheel.failure": "rank 2 on node-b failed: ValueError: bad batch; rank 0 saw RuntimeError: "
+                                       "Connection closed by peer [10.0.0.2]:41000."}
+
+
+def test_communication_errors_are_told_from_a_ranks_own():
+    import torch.distributed as dist
+
+    from flywheel.component.distributed import Terminated, is_communication_error
+
+    assert is_communication_error(RuntimeError("[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert is_communication_error(dist.DistBackendError("NCCL communicator was aborted"))
+    assert is_communication_error(Terminated("SIGTERM"))
+    assert not is_communication_error(ValueError("bad batch"))
+    assert not is_communication_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_every_node_gets_its_part_of_the_rendezvous_and_the_same_entry_command(tmp_path):
+    from flywheel.training.dispatch.job import RemoteTrainConfig
+    from flywheel.training.dispatch.multinode import entry_command, node_env, worker_command
+    from flywheel.training.dispatch.nodes import Node, load_nodes
+
+    path = tmp_path / "nodes.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [
+        {"name": "gpu-1", "host": "gpu1.example.com", "user": "ci", "addr": "10.0.0.1", "rdzv_port": 29500},
+        {"name": "gpu-2", "host": "gpu2.example.com", "user": "ci"}]}))
+    first, second = load_nodes(str(path))
+    assert (first.address, first.rdzv_port, second.address, second.rdzv_port) == ("10.0.0.1", 29500,
+                                                                                  "gpu2.example.com", 29400)
+    assert Node(host="h", user="u").address == "h"
+    env = [dict(node_env([first, second], i, "KEY")) for i in (0, 1)]
+    assert env[0] == {"FLYWHEEL_NNODES": "2", "FLYWHEEL_RDZV_ENDPOINT": "10.0.0.1:29500", "FLYWHEEL_RDZV_ID": "KEY",
+                      "FLYWHEEL_RDZV_IS_HOST": "1", "FLYWHEEL_LOCAL_ADDR": "10.0.0.1", "FLYWHEEL_NODE_NAME": "gpu-1"}
+    assert env[1]["FLYWHEEL_RDZV_ENDPOINT"] == "10.0.0.1:29500" and env[1]["FLYWHEEL_RDZV_IS_HOST"] == "0"
+    assert env[1]["FLYWHEEL_LOCAL_ADDR"] == "gpu2.example.com" and env[1]["FLYWHEEL_NODE_NAME"] == "gpu-2"
+    cfg = RemoteTrainConfig(commit="a" * 40, params=(("dataset", "digits"), ("note", "it's")), nproc_per_node=2,
+                            project_dir="examples/x")
+    assert worker_command(cfg) == ('python -m flywheel.training.dispatch.multinode "$PWD/src/examples/x" --entry train '
+                                   "-P dataset=digits -P 'note=it'\"'\"'s' -P nproc_per_node=2")
+    # The worker's command is the one `mlflow run` computes from the same MLproject and parameters.
+    command = entry_command(str(REPO), "train", {"dataset": "digits", "epochs": "2", "nproc_per_node": "1"})
+    assert command.startswith("python -m flywheel.cli.project train --nproc-per-node 1 --dataset digits ")
+    assert "--epochs 2" in command
+    from flywheel.core.errors import FlywheelError
+
+    with pytest.raises(FlywheelError, match="no-such-entry"):
+        entry_command(str(REPO), "no-such-entry", {})
+
+
+# ---------------------------------------------------------------- two loopback nodes, end to end
 def _pool(tmp_path: Path, a, b) -> Path:
     """nodes.yaml for the two loopback nodes; node-a (the lower address) is the first node."""
     env = {"OMP_NUM_THREADS": "1", "FLYWHEEL_DIST_TIMEOUT": "120"}
@@ -112,6 +209,7 @@ def _standalone_losses(tmp_path: Path) -> dict[str, list[float]]:
     return _losses(client, run.info.run_id)
 
 
+@pytest.mark.integration
 @pytest.mark.reliability  # ~4 min on 2 shared cores (two nodes + the standalone reference): over make test's budget
 def test_two_nodes_make_one_run_with_the_single_node_loss(ssh_node, ssh_node_b, tracking_stack, project_repo,
                                                           tmp_path, monkeypatch):
@@ -165,7 +263,8 @@ def _kill_tree(pid: int) -> int:
     return len(procs)
 
 
-@pytest.mark.reliability
+@pytest.mark.integration
+@pytest.mark.reliability  # ~3.5 min on 2 shared cores
 def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, tracking_stack, project_repo,
                                                      tmp_path, monkeypatch):
     model = f"multinode-loss-{secrets.token_hex(4)}"

@@ -58,8 +58,10 @@ def fail(message: str) -> None:
 
 def print_error(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, any width
+    # escape: a message quoting `[...]` (a path, gloo's "[pair.cc:553]") is text, not rich markup.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line
 
 
 def _plain(obj: Any) -> Any:

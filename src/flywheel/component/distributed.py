@@ -19,16 +19,18 @@ Loss. The process group's timeout is bounded (`FLYWHEEL_DIST_TIMEOUT`, default 3
 10 to 30 min) so a rank whose peer vanished raises instead of hanging; a killed peer's TCP reset
 makes gloo raise at once. NCCL gets `TORCH_NCCL_BLOCKING_WAIT=1` (see `torchrun_env`) so its errors
 and timeouts raise in the training thread rather than aborting the process before rank 0 can record
-them. On a failure every rank that is still alive checks in to the rendezvous store (`on_failure`);
-rank 0 waits `LOST_GRACE_S` for the others, and the ranks that never check in are the lost ones:
-`failure_tags` names them with their nodes, and the trainer ends the run FAILED with those tags
-before any model is logged. While rank 0 records this it ignores the SIGTERM torchrun sends when
+them. On a failure every rank that is still alive checks in to the rendezvous store (`on_failure`),
+saying whether a collective failed or its own code did; rank 0 waits `LOST_GRACE_S` for the others,
+and the ranks that never check in are the lost ones: `failure_tags` names them with their nodes (or
+the rank whose own code failed), and the trainer ends the run FAILED with those tags before any
+model is logged. While rank 0 records this it ignores the SIGTERM torchrun sends when
 another local rank has already exited (torchrun waits 30 s before SIGKILL).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -126,6 +128,7 @@ class Cluster:
     members: tuple[Member, ...]
     store: dist.Store | None = field(default=None, repr=False)
     recording: bool = False  # rank 0 is recording a failure: a SIGTERM must not interrupt it
+    _previous_sigterm: object = field(default=None, repr=False)
 
     @classmethod
     def join(cls, ctx: DistContext) -> Cluster:
@@ -154,9 +157,15 @@ class Cluster:
             raise Terminated("stopped by torchrun (SIGTERM): another rank on this node exited")
 
         try:
-            signal.signal(signal.SIGTERM, on_term)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, on_term)
         except ValueError:  # not the main thread (a notebook's worker thread): keep the default
             pass
+
+    def close(self) -> None:
+        """The distributed part is over: SIGTERM gets its previous handler back."""
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     # ------------------------------------------------------------------ what the run records
     def nodes(self) -> list[tuple[str, str, list[int]]]:
@@ -177,51 +186,83 @@ class Cluster:
 
     # ------------------------------------------------------------------ a failure
     def on_failure(self, exc: BaseException, grace: float = LOST_GRACE_S) -> dict[str, str] | None:
-        """Every rank: check in as still alive. Rank 0: wait up to `grace` seconds for the others and
-        return the run's failure tags (`failure_tags`); other ranks return None."""
+        """Every rank: check in as still alive, saying whether its own code failed or a collective did.
+        Rank 0: wait up to `grace` seconds for the others (not at all when its own code failed: then the
+        others only learn of it when its process exits) and return the run's failure tags
+        (`failure_tags`); other ranks return None."""
+        own = not is_communication_error(exc)
         if self.rank == 0:
             self.recording = True
-        alive: set[int] = set()
+        checked_in: dict[int, str] = {}
         if self.store is not None:
             try:
-                self.store.set(f"alive/{self.rank}", type(exc).__name__)
-                if self.rank == 0:
-                    alive = self._wait_for_checkins(grace)
+                self.store.set(f"alive/{self.rank}", f"{'own' if own else 'comm'}|{_describe(exc)}")
+                if self.rank == 0 and not own:
+                    checked_in = self._wait_for_checkins(grace)
             except Exception:  # noqa: BLE001 - the store lives on the first node; if it is gone we can't tell who else is
-                alive = set()
                 self.store = None
         if self.rank != 0:
             return None
-        lost = None if self.store is None else sorted(m.rank for m in self.members if m.rank not in alive)
-        return failure_tags(self, exc, lost)
+        if own:
+            return failure_tags(self, exc, [], {0: f"own|{_describe(exc)}"})
+        lost = None if self.store is None else sorted(m.rank for m in self.members if m.rank not in checked_in)
+        return failure_tags(self, exc, lost, checked_in)
 
-    def _wait_for_checkins(self, grace: float) -> set[int]:
+    def _wait_for_checkins(self, grace: float) -> dict[int, str]:
+        """rank → what it checked in with, for the ranks that did within `grace` seconds."""
         keys = {m.rank: f"alive/{m.rank}" for m in self.members}
-        alive: set[int] = set()
+        found: dict[int, str] = {}
         deadline = time.monotonic() + grace
         while True:
-            alive |= {rank for rank, key in keys.items() if rank not in alive and self.store.check([key])}
-            if len(alive) == len(keys) or time.monotonic() >= deadline:
-                return alive
+            for rank, key in keys.items():
+                if rank not in found and self.store.check([key]):
+                    found[rank] = self.store.get(key).decode(errors="replace")
+            if len(found) == len(keys) or time.monotonic() >= deadline:
+                return found
             time.sleep(0.2)
 
 
-def failure_tags(cluster: Cluster, exc: BaseException, lost: list[int] | None) -> dict[str, str]:
-    """The run's record of why the job failed: `flywheel.failure` (one line), and the lost ranks and
-    their nodes (`flywheel.lost_ranks`, `flywheel.lost_nodes`) when some never checked in."""
-    error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+def is_communication_error(exc: BaseException) -> bool:
+    """Whether `exc` is the process group failing (a peer gone, a timeout, torchrun stopping this
+    rank) rather than this rank's own code: torch's DistError family, gloo's RuntimeErrors (they name
+    their gloo source file), NCCL's."""
+    import torch.distributed as dist
+
+    if isinstance(exc, (Terminated, dist.DistError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text)
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` on one line, without gloo's C++ source location prefix, at most 300 characters."""
+    text = re.sub(r"^\[[^\]]+\.(?:cc|cpp|h|hpp):\d+\]\s*", "", str(exc).strip())
+    return " ".join(f"{type(exc).__name__}: {text}".split())[:300]
+
+
+def failure_tags(cluster: Cluster, exc: BaseException, lost: list[int] | None,
+                 checked_in: dict[int, str] | None = None) -> dict[str, str]:
+    """The run's record of why the job failed: `flywheel.failure` (one line: the lost ranks and their
+    nodes, else the ranks whose own code failed, and what rank 0 saw) and, when ranks never checked in,
+    `flywheel.lost_ranks` and `flywheel.lost_nodes`. `checked_in`: rank → "own|error" or "comm|error"."""
     by_rank = {m.rank: m for m in cluster.members}
+    failed = {r: v.split("|", 1)[1] for r, v in (checked_in or {}).items() if v.startswith("own|")}
+    parts, tags = [], {}
     if lost:
         nodes = sorted({by_rank[r].node for r in lost})
         hosts = sorted({by_rank[r].host for r in lost})
         ranks = ",".join(map(str, lost))
-        line = (f"lost rank(s) {ranks} on node(s) {', '.join(nodes)} (host {', '.join(hosts)}); "
-                f"rank 0 saw {error}")
-        return {"flywheel.failure": line, "flywheel.lost_ranks": ranks, "flywheel.lost_nodes": ",".join(nodes)}
+        parts.append(f"lost rank(s) {ranks} on node(s) {', '.join(nodes)} (host {', '.join(hosts)})")
+        tags = {"flywheel.lost_ranks": ranks, "flywheel.lost_nodes": ",".join(nodes)}
+    for rank, error in sorted(failed.items()):
+        parts.append(f"rank {rank} on {by_rank[rank].node} failed: {error}")
     if lost is None:
-        return {"flywheel.failure": f"distributed training failed; could not tell which rank was lost "
-                                    f"(the rendezvous store is unreachable); rank 0 saw {error}"}
-    return {"flywheel.failure": f"distributed training failed with every rank alive; rank 0 saw {error}"}
+        parts.append("could not tell which rank was lost (the rendezvous store is unreachable)")
+    elif not parts:
+        parts.append("distributed training failed with every rank alive")
+    if 0 not in failed:
+        parts.append(f"rank 0 saw {_describe(exc)}")
+    return {"flywheel.failure": "; ".join(parts)[:1000], **tags}
 
 
 def _store() -> dist.Store | None:

@@ -81,6 +81,8 @@ def train(model: nn.Module, splits: Splits, cfg: FitConfig, *, embedding: str | 
             return None
         report, logged = tracked.finish(fitted, embedding=embedding, gate=gate, name=name, test_set_uri=test_set_uri)
     finally:
+        if cluster is not None:
+            cluster.close()
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
