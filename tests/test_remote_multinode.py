@@ -132,6 +132,10 @@ def test_every_node_gets_its_part_of_the_rendezvous_and_the_same_entry_command(t
     command = entry_command(str(REPO), "train", {"dataset": "digits", "epochs": "2", "nproc_per_node": "1"})
     assert command.startswith("python -m flywheel.cli.project train --nproc-per-node 1 --dataset digits ")
     assert "--epochs 2" in command
+    from flywheel.training.dispatch.multinode import failure_grace
+
+    assert failure_grace([first, second]) == 360.0  # the default 300 s + a minute to record
+    assert failure_grace([Node(host="h", user="u", env=(("FLYWHEEL_DIST_TIMEOUT", "120"),)), second]) == 180.0
     from flywheel.core.errors import FlywheelError
 
     with pytest.raises(FlywheelError, match="no-such-entry"):
@@ -241,6 +245,14 @@ def test_two_nodes_make_one_run_with_the_single_node_loss(ssh_node, ssh_node_b, 
     logged = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(logged) == 1
     assert [v.version for v in client.search_model_versions(f"name = '{model}'")] == ["1"]
+
+    # --attach on the pool finds the job on both nodes and follows its first node (rank 0's log).
+    attach = [a for a in _cli(tmp_path, ssh_node, ssh_node_b, project_repo, sha) if a not in ("--num-nodes", "2")]
+    attach = [a for a in attach if a not in ("--commit", sha)]
+    again = subprocess.run([*attach, "--attach", sha], env=_env(tracking_stack, model), capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"commit {sha[:12]} on node-a: MLflow run {run.info.run_id}, exit code 0" in again.stderr
 
     multinode = _losses(client, run.info.run_id)
     standalone = _standalone_losses(tmp_path)

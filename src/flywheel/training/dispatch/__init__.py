@@ -14,7 +14,10 @@ One job per module, imported by its own path (this package re-exports nothing):
 * `source`: the project (a checkout's path or a git URL, fetched here, and the MLproject's directory
   in it) and the commit (resolve it, `git archive` it, check its MLproject entry point);
 * `job`: the request (`RemoteTrainConfig`), the job's env and scripts, its lifecycle (`RemoteJob`,
-  `remote_train`, `find_job`, `attach`);
+  `remote_train`, `find_job`/`find_jobs`, `attach`);
+* `multinode`: `--num-nodes N`, one torchrun job across N nodes (choose and order them, each one's
+  part of the rendezvous, the other nodes' entry command, follow all; node side:
+  flywheel.component.distributed);
 * `report`: the run against the champion as Markdown/JSON and GitHub outputs (`flywheel report`);
 * `command`: the `remote-train` verb's plumbing (`CommandOptions`, `run_command`).
 """

@@ -17,8 +17,9 @@ from flywheel.training.dispatch.job import (
     RemoteJob,
     RemoteTrainConfig,
     attach,
-    find_job,
+    find_jobs,
     parse_params,
+    pick_job,
     remote_train,
 )
 from flywheel.training.dispatch.nodes import Node, load_nodes
@@ -68,7 +69,7 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
         raise FlywheelError("give exactly one of --node user@host[:port] or --nodes nodes.yaml")
     if opts.num_nodes > 1 and (opts.tune or opts.attach or opts.cancel or not opts.nodes):
         raise FlywheelError("--num-nodes starts one job across several nodes of --nodes nodes.yaml; it does not "
-                            "combine with --node, --tune, --attach or --cancel (attach to or cancel its first node)")
+                            "combine with --node, --tune, --attach or --cancel (those find a multi-node job by itself)")
     if opts.tune and (opts.attach or opts.cancel):
         raise FlywheelError("--tune starts a search; --attach/--cancel follow or stop one node's job (without --tune)")
     nodes = ([Node.parse(opts.node, env_activate=opts.env_activate, workdir=opts.workdir)] if opts.node else load_nodes(str(opts.nodes)))
@@ -76,10 +77,13 @@ def run_command(opts: CommandOptions, settings: Settings, tracking_given: bool) 
     auth = SSHAuth.load(opts.identity, known_hosts, os.environ.get("FLYWHEEL_SSH_KEY_PASSPHRASE") or None,
                         opts.connect_timeout)
     if opts.cancel:
-        node, key = find_job(nodes, auth, opts.cancel, warn, _dir_filter(opts.project_dir))
-        job = RemoteJob(node, auth, key, warn=warn)
-        stopped = job.cancel()
-        warn(f"{'stopped' if stopped else 'nothing running for'} {job.what} on {node.label}")
+        # A multi-node job (--num-nodes) is one job key on several nodes: stop it on every one of them.
+        matches = find_jobs(nodes, auth, opts.cancel, warn, _dir_filter(opts.project_dir))
+        pick_job(matches, opts.cancel)  # refuses a prefix matching jobs of several keys
+        for node, key in matches:
+            job = RemoteJob(node, auth, key, warn=warn)
+            stopped = job.cancel()
+            warn(f"{'stopped' if stopped else 'nothing running for'} {job.what} on {node.label}")
         return 0
     failure = None  # a multi-node job's one-line reason when a node failed
     if opts.attach:

@@ -422,7 +422,23 @@ def remote_train(cfg: RemoteTrainConfig, settings: Settings, nodes: Sequence[Nod
 def find_job(nodes: Sequence[Node], auth: SSHAuth, commit: str,
              warn: Callable[[str], None] | None = None, project_dir: str | None = None) -> tuple[Node, str]:
     """The node and job_key of the job directory matching `commit` (a full SHA or a prefix, or a
-    whole job_key), of the project directory `project_dir` when one is given."""
+    whole job_key), of the project directory `project_dir` when one is given. A multi-node job
+    (remote-train --num-nodes: one key on several nodes) is found on its first node (lowest address)."""
+    return pick_job(find_jobs(nodes, auth, commit, warn, project_dir), commit)
+
+
+def pick_job(matches: Sequence[tuple[Node, str]], commit: str) -> tuple[Node, str]:
+    """The one job among find_jobs' `matches` (its first node, for a multi-node job); FlywheelError
+    if they are jobs of several keys."""
+    if len({key for _, key in matches}) > 1:
+        raise FlywheelError(f"commit prefix {commit} is ambiguous (give the whole job name, or --project-dir): " +
+                            ", ".join(f"{key} on {n.label}" for n, key in matches))
+    return min(matches, key=lambda m: m[0].address)
+
+
+def find_jobs(nodes: Sequence[Node], auth: SSHAuth, commit: str,
+              warn: Callable[[str], None] | None = None, project_dir: str | None = None) -> list[tuple[Node, str]]:
+    """Every (node, job_key) whose job directory matches (see find_job); FlywheelError if none does."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if JOB_RE.match(commit) and not SHA_RE.match(commit):  # a whole job key, as remote-train prints it
         commit, project_dir = split_key(commit)
@@ -451,10 +467,7 @@ def find_job(nodes: Sequence[Node], auth: SSHAuth, commit: str,
             client.close()
     if not matches:
         raise FlywheelError(f"no remote-train job for commit {commit} on {', '.join(n.label for n in nodes)}")
-    if len(matches) > 1:
-        raise FlywheelError(f"commit prefix {commit} is ambiguous (give the whole job name, or --project-dir): " +
-                            ", ".join(f"{key} on {n.label}" for n, key in matches))
-    return matches[0]
+    return matches
 
 
 def attach(nodes: Sequence[Node], auth: SSHAuth, commit: str, reconnect_timeout: float = 300.0,

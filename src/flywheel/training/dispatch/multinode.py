@@ -28,6 +28,7 @@ from __future__ import annotations
 import shlex
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -143,9 +144,9 @@ def remote_train_multinode(cfg: RemoteTrainConfig, settings: Settings, nodes: Se
             with suppress(FlywheelError, OSError):
                 job.cancel()
         raise
-    warn(f"started {jobs[0].what} on {num_nodes} nodes; reattach to the first with "
-         f"`flywheel remote-train --attach {key}`")
-    outcomes = _follow_all(jobs)
+    warn(f"started {jobs[0].what} on {num_nodes} nodes; if this client goes away, follow the first node with "
+         f"`flywheel remote-train --attach {key}` (--cancel {key} stops every node)")
+    outcomes = _follow_all(jobs, failure_grace(chosen), warn)
     result = JobResult(node=chosen[0].label, commit=cfg.commit, exit_code=outcomes[0].exit_code or 0,
                        run_id=jobs[0].run_id)
     failed = [o for o in outcomes if o.exit_code != 0]
@@ -159,8 +160,11 @@ def remote_train_multinode(cfg: RemoteTrainConfig, settings: Settings, nodes: Se
                     + (f"; MLflow run {result.run_id}: {reason}" if reason else ""))
 
 
-def _follow_all(jobs: Sequence[RemoteJob]) -> list[NodeOutcome]:
-    """Follow every node's job at once (one thread each) until all have ended."""
+def _follow_all(jobs: Sequence[RemoteJob], grace: float, warn: Callable[[str], None]) -> list[NodeOutcome]:
+    """Follow every node's job at once (one thread each) until all have ended. Once one node has
+    failed the others get `grace` seconds to fail by themselves (rank 0 records why; a vanished peer
+    takes the process-group timeout), then the ones still running are cancelled: a node that never
+    reached the rendezvous would otherwise wait for torch's join timeout (10 min)."""
     outcomes: list[NodeOutcome | None] = [None] * len(jobs)
 
     def follow(i: int) -> None:
@@ -176,9 +180,31 @@ def _follow_all(jobs: Sequence[RemoteJob]) -> list[NodeOutcome]:
                for i, j in enumerate(jobs)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    deadline = None
+    while any(t.is_alive() for t in threads):
+        if deadline is None and any(o is not None and o.exit_code != 0 for o in outcomes):
+            deadline = time.monotonic() + grace
+        if deadline is not None and time.monotonic() > deadline:
+            for job, t in zip(jobs, threads, strict=True):
+                if t.is_alive():
+                    warn(f"another node failed {grace:.0f}s ago and {job.node.label} is still running: cancelling it")
+                    with suppress(FlywheelError, OSError):
+                        job.cancel()
+            deadline = float("inf")  # cancel once; the follow threads see the jobs end
+        time.sleep(0.5)
     return [o or NodeOutcome(j.node.label, None, "not followed") for o, j in zip(outcomes, jobs, strict=True)]
+
+
+def failure_grace(chosen: Sequence[Node]) -> float:
+    """How long the other nodes of a failed job may take to end by themselves: the longest process-group
+    timeout among the nodes' env (FLYWHEEL_DIST_TIMEOUT, default 300 s) plus a minute for rank 0 to
+    record the failure."""
+    timeouts = []
+    for node in chosen:
+        value = dict(node.env).get("FLYWHEEL_DIST_TIMEOUT")
+        with suppress(TypeError, ValueError):
+            timeouts.append(float(value))
+    return max(timeouts or [300.0]) + 60.0
 
 
 def _run_failure(settings: Settings, run_id: str | None) -> str | None:
