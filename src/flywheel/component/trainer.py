@@ -12,6 +12,7 @@ reason before any model is logged (so nothing half-trained can be registered). I
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from flywheel.component.trial import active_trial
 from flywheel.contracts.component import ComponentSpec, GateSpec
 from flywheel.core.config import Settings
 from flywheel.core.data import Splits
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ def train(model: nn.Module, splits: Splits, cfg: FitConfig, *, embedding: str | 
             if cluster is not None:
                 reason = cluster.on_failure(exc)
                 if tracked is not None and reason is not None:
-                    tracked.fail(reason)
+                    try:
+                        tracked.fail(reason)
+                    except Exception:  # noqa: BLE001 - the tracking server is down too: the training error is the one to raise
+                        _log.exception("could not record the failure on the MLflow run: %s", reason)
             raise
         if tracked is None:
             return None
