@@ -529,23 +529,52 @@ def test_published_archive_is_fetched_from_a_real_tracking_server(tracking_stack
 
 # ----------------------------------------------------------------------- the serving pod under podman
 POD_CLIENT = r"""
-import json, sys, urllib.error, urllib.request
-url, token, model = sys.argv[1:4]
+import http.client, json, sys, urllib.error, urllib.parse, urllib.request
+gate, token, model = sys.argv[1:4]
 body = sys.stdin.buffer.read()
-def call(path, auth=None, data=None):
+def call(url, auth=None, data=None):
     headers = {"Authorization": auth} if auth else {}
-    req = urllib.request.Request(url + path, data=data, headers=headers, method="POST" if data else "GET")
+    if data:  # urllib would label it a form, and TorchServe would form-decode it
+        headers["Content-Type"] = "image/png"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-out = {"predict": call("/predictions/" + model, "Bearer " + token, body),
-       "no_token": call("/predictions/" + model, None, body),
-       "wrong_token": call("/predictions/" + model, "Bearer not-the-pool-token", body),
-       "ping": call("/ping"),
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)
+def too_big(url):  # announce a body over the limit; the gate answers from the headers alone
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.putrequest("POST", u.path)
+    conn.putheader("Authorization", "Bearer " + token)
+    conn.putheader("Content-Type", "image/png")
+    conn.putheader("Content-Length", str(8388608 + 1))
+    conn.endheaders()
+    r = conn.getresponse()
+    return r.status, r.read().decode()
+predict = gate + "/predictions/" + model
+out = {"predict": call(predict, "Bearer " + token, body),
+       "no_token": call(predict, None, body),
+       "wrong_token": call(predict, "Bearer not-the-pool-token", body),
+       "ping": call(gate + "/ping"),
+       "too_big": too_big(predict),
        "direct_ts": call("http://127.0.0.1:8080/predictions/" + model, "Bearer " + token, body)}
+out["body_bytes"] = len(body)
 print(json.dumps(out))
+"""
+
+
+RENEW_KEY = r"""
+import json, urllib.request
+path = "/opt/flywheel/run/key_file.json"
+before = json.load(open(path))
+req = urllib.request.Request("http://127.0.0.1:8081/token?type=inference", method="POST",
+                             headers={"Authorization": "Bearer " + before["API"]["key"]})
+urllib.request.urlopen(req, timeout=30).read()
+after = json.load(open(path))
+print(json.dumps([before["inference"]["key"], after["inference"]["key"]]))
 """
 
 
@@ -562,6 +591,16 @@ def _podman_play_yaml(rendered_objs: list[dict], archive_dir: Path, mar_name: st
     spec = copy.deepcopy(template["spec"])
     differences = [f"FLYWHEEL_ARCHIVE_URI is {uri} (a hostPath volume archive-src), not mlflow-artifacts:/...",
                    "serving-settings capture_uri is '' (no GCS here): capture off"]
+    # podman 4.3 publishes every containerPort on the host (no --publish-all switch before 4.5), which
+    # `--network none` refuses and which would otherwise expose the pod beyond loopback: the ports are
+    # dropped and the probes' named port becomes its number (the pod's own ports do not change).
+    differences.append("containerPort declarations dropped, probes' port `http` written as 8000 "
+                       "(podman 4.3 would publish them on the host)")
+    for c in spec["containers"]:
+        named = {p["name"]: p["containerPort"] for p in c.pop("ports", [])}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in c and "httpGet" in c[probe]:
+                c[probe]["httpGet"]["port"] = named.get(c[probe]["httpGet"]["port"], c[probe]["httpGet"]["port"])
     spec["volumes"].append({"name": "archive-src", "hostPath": {"path": str(archive_dir), "type": "Directory"}})
     fetch = _container(spec, "fetch-archive", init=True)
     fetch["volumeMounts"].append({"name": "archive-src", "mountPath": "/archive-src", "readOnly": True})
@@ -588,6 +627,7 @@ def test_serving_pod_spec_answers_a_prediction_under_podman(rendered, podman, po
 
     from flywheel.contracts.preprocessing import encode_png
     from flywheel.core.data import load_splits
+    from tests.fixtures_podman import PAUSE_IMAGE
 
     model, version = serving_models.name, serving_models.versions[0]
     mar = serving_models.mars[version]
@@ -608,7 +648,21 @@ def test_serving_pod_spec_answers_a_prediction_under_podman(rendered, podman, po
                        ("tracking-reader", {"username": "reader", "password": "unused-by-file-uris"})):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in data.items()}))
-        podman.run("secret", "create", "--replace", name, str(path))
+        podman.run("secret", "rm", name, check=False)  # podman 4.3 has no `create --replace`
+        podman.run("secret", "create", name, str(path))
+    # Kubernetes makes an emptyDir world-writable; podman 4.3 makes it a named volume owned like the
+    # image's mount point (root for the model store) and ignores fsGroup: create them as Kubernetes does.
+    for volume in pod_spec["volumes"]:
+        if "emptyDir" in volume:
+            podman.run("volume", "rm", "--force", volume["name"], check=False)
+            podman.run("volume", "create", volume["name"])
+            # First mounted where the image has nothing, so podman's one-time copy-up of the image's
+            # directory (root, 0755) is spent before the pod mounts it; then Kubernetes' mode.
+            podman.run("run", "--rm", "--network", "none", "-v", f"{volume['name']}:/volume", "--entrypoint",
+                       "/bin/sleep", PAUSE_IMAGE, "0")
+            mountpoint = podman.run("volume", "inspect", "--format", "{{.Mountpoint}}", volume["name"])
+            Path(mountpoint.stdout.decode().strip()).chmod(0o777)
+    differences.append("emptyDir volumes pre-created with mode 0777 (Kubernetes' emptyDir mode)")
     play = tmp_path / "pod.yaml"
     play.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     print("differences from a cluster:", *differences, sep="\n  ")
@@ -623,9 +677,17 @@ def test_serving_pod_spec_answers_a_prediction_under_podman(rendered, podman, po
         assert str(answer["version"]) == version
         assert out["no_token"][0] == 401 and json.loads(out["no_token"][1])["code"] == 401
         assert out["wrong_token"][0] == 401
-        assert out["ping"][0] == 200 and json.loads(out["ping"][1])["status"] == "Healthy"
+        assert out["ping"][0] == 200 and json.loads(out["ping"][1])["status"] == "Healthy"  # kubelet's probe
+        assert out["too_big"][0] == 413 and json.loads(out["too_big"][1])["code"] == 413
         # TorchServe's own port rejects the pool credential: its key never left the pod's gate.
         assert out["direct_ts"][0] in (400, 401), out["direct_ts"]
+        # TorchServe's inference key renewed (what the image's entrypoint does at half its lifetime):
+        # the gate reads the new one, clients keep the same pool credential.
+        renew = podman.run("exec", "flywheel-serving-torchserve", "python", "-c", RENEW_KEY)
+        old_key, new_key = json.loads(renew.stdout)
+        assert old_key != new_key
+        again = _wait_for_prediction(podman, token, model, png, timeout_s=30)
+        assert json.loads(again["predict"][1])["version"] == version
         # The init container's work: the archive in the pod's model store is the released one.
         ls = podman.run("exec", "flywheel-serving-torchserve", "python", "-c",
                         "import hashlib,sys;p='/opt/flywheel/model-store/'+sys.argv[1];"
