@@ -96,7 +96,7 @@ def podman(tmp_path_factory):
         _rootfs_of([shutil.which("sleep")], pause)
         (pause / "bin").mkdir(exist_ok=True)
         shutil.copy2(shutil.which("sleep"), pause / "bin" / "sleep")
-        _import(pm, pause, PAUSE_IMAGE, 'ENTRYPOINT ["/bin/sleep", "infinity"]')
+        _import(pm, pause, PAUSE_IMAGE, 'ENTRYPOINT ["/bin/sleep", "infinity"]', "STOPSIGNAL SIGKILL")
         yield pm
     finally:
         pm.run("pod", "rm", "--force", "--all", check=False, timeout=120)
