@@ -471,6 +471,22 @@ def test_target_from_options_needs_namespace_url_and_token(monkeypatch):
         KubernetesTarget.from_options("ns", "http://x", None, "50,10")
 
 
+def test_cli_release_kubernetes_says_what_is_missing(tmp_path):
+    """Usage errors exit 2 with one line, before anything is published; a kubeconfig that does not
+    exist is one of them (the client's loader is the first cluster call)."""
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "no-kubeconfig")}
+    env.pop("FLYWHEEL_POOL_TOKEN", None)
+    cmd = [sys.executable, "-m", "flywheel", "release", "--target", "kubernetes", "--version", "1", "--env", "prod"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "FLYWHEEL_POOL_TOKEN" in proc.stderr, proc.stderr
+    proc = subprocess.run([*cmd, "--namespace", "ns", "--canary-url", "http://127.0.0.1:9"],
+                          env={**env, "FLYWHEEL_POOL_TOKEN": "t"}, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 2 and "no Kubernetes credentials for kubernetes current-context/ns" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "model-store").exists()
+
+
 # ------------------------------------------------------------------------- the init container's fetch
 def _fetch(store: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(FETCH), str(store)], env={"PATH": os.environ["PATH"], **env},

@@ -345,13 +345,13 @@ def kubernetes_release(settings: Settings, model: str, version: str, env: str, t
     from flywheel.serving.torchserve import TorchServeClient
 
     plan = canary_plan(target.canary_steps)
+    cluster = cluster or Cluster(target)  # credentials first: nothing is published for a cluster we can't reach
     mv, result = _begin(settings, model, version, env, target.describe())
     version = result.version
     mar_path, manifest = _archive_for(settings, model, version, mv.run_id, mar_path)
     stamp = ArchiveStamp.of(mar_path, manifest)
     uri = publish_archive(settings, mv, mar_path)
     result.event(f"archive {Path(mar_path).name} (sha256 {stamp.sha256[:12]}) published at {uri}")
-    cluster = cluster or Cluster(target)
     previous = released_archive(cluster.read(STABLE))
     result.previous = previous["FLYWHEEL_ARCHIVE_VERSION"] if previous else None
     result.event(f"{STABLE} serves {result.previous or 'nothing yet'}")
