@@ -99,9 +99,11 @@ def podman(tmp_path_factory):
         _import(pm, pause, PAUSE_IMAGE, 'ENTRYPOINT ["/bin/sleep", "infinity"]', "STOPSIGNAL SIGKILL")
         yield pm
     finally:
+        # Not `podman system reset`: networks live in the host-wide /etc/cni/net.d, not in this store.
         pm.run("pod", "rm", "--force", "--all", check=False, timeout=120)
         pm.run("rm", "--force", "--all", check=False, timeout=120)
-        pm.run("system", "reset", "--force", check=False, timeout=300)
+        pm.run("volume", "rm", "--force", "--all", check=False, timeout=120)
+        pm.run("rmi", "--force", "--all", check=False, timeout=300)
         subprocess.run(["umount", "-R", str(root / "storage" / "overlay")], check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
