@@ -620,13 +620,8 @@ def _podman_play_yaml(rendered_objs: list[dict], archive_dir: Path, mar_name: st
     spec["volumes"].append({"name": "archive-src", "hostPath": {"path": str(archive_dir), "type": "Directory"}})
     fetch = _container(spec, "fetch-archive", init=True)
     fetch["volumeMounts"].append({"name": "archive-src", "mountPath": "/archive-src", "readOnly": True})
-    # podman 4.3 removes a finished init container, racing its own state update under load ("cannot
-    # remove container ... as it is running"); kept, its log also shows what it fetched.
-    differences.append("podman annotation io.podman.annotations.init.container.type=always (init container kept)")
     pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "flywheel-serving", "labels": template["metadata"]["labels"],
-                        "annotations": {"io.podman.annotations.init.container.type": "always"}},
-           "spec": spec}
+           "metadata": {"name": "flywheel-serving", "labels": template["metadata"]["labels"]}, "spec": spec}
     config_maps = []
     for name in ("serving-gate", "serving-fetch", "serving-settings"):
         cm = copy.deepcopy(_get(rendered_objs, "ConfigMap", name))
@@ -686,7 +681,7 @@ def test_serving_pod_spec_answers_a_prediction_under_podman(rendered, podman, po
     play = tmp_path / "pod.yaml"
     play.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     print("differences from a cluster:", *differences, sep="\n  ")
-    podman.run("kube", "play", "--network", "none", str(play), timeout=300)
+    _play(podman, play)
     try:
         png = encode_png(load_splits("fashion-mnist").test.images[0])
         out = _wait_for_prediction(podman, token, model, png)
@@ -709,9 +704,6 @@ def test_serving_pod_spec_answers_a_prediction_under_podman(rendered, podman, po
         again = _wait_for_prediction(podman, token, model, png, timeout_s=30)
         assert json.loads(again["predict"][1])["version"] == version
         # The init container's work: the archive in the pod's model store is the released one.
-        fetched = podman.run("logs", "flywheel-serving-fetch-archive").stdout.decode()
-        assert f"fetch-archive: /opt/flywheel/model-store/{model}-{version}.mar" in fetched
-        assert f"sha256 {sha[:12]}) from file:///archive-src/{mar.name}" in fetched
         ls = podman.run("exec", "flywheel-serving-torchserve", "python", "-c",
                         "import hashlib,sys;p='/opt/flywheel/model-store/'+sys.argv[1];"
                         "print(hashlib.sha256(open(p,'rb').read()).hexdigest())", f"{model}-{version}.mar")
@@ -719,6 +711,21 @@ def test_serving_pod_spec_answers_a_prediction_under_podman(rendered, podman, po
     finally:
         logs = podman.run("pod", "logs", "flywheel-serving", check=False).stdout.decode(errors="replace")
         print(logs[-4000:])
+        podman.run("pod", "rm", "--force", "flywheel-serving", check=False, timeout=120)
+
+
+def _play(podman, play: Path, attempts: int = 3) -> None:
+    """`podman kube play`, again after podman 4.3's race when it removes the finished init container
+    under load ("cannot remove container ... as it is running"): the pod is removed and played anew,
+    as a kubelet would restart it. Any other failure fails the test at once."""
+    for attempt in range(1, attempts + 1):
+        proc = podman.run("kube", "play", "--network", "none", str(play), timeout=300, check=False)
+        if proc.returncode == 0:
+            return
+        err = proc.stderr.decode(errors="replace")
+        if "failed to remove once init container" not in err or attempt == attempts:
+            pytest.fail(f"podman kube play failed ({proc.returncode}, attempt {attempt}): {err[-3000:]}")
+        print(f"podman kube play: init container removal race (attempt {attempt}), playing the pod again")
         podman.run("pod", "rm", "--force", "flywheel-serving", check=False, timeout=120)
 
 
