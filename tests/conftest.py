@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures_ssh",
     "tests.fixtures_serving",
     "tests.fixtures_monitor",
+    "tests.fixtures_podman",
 ]
 
 REPO = Path(__file__).resolve().parents[1]

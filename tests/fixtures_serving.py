@@ -171,22 +171,14 @@ _BASE_HOST_PATHS = (
 )
 
 
-@pytest.fixture(scope="session")
-def serving_base_image(dockerd, tmp_path_factory) -> str:
-    """A local base image (no registry here): this host's Java 17, Python 3.11 and serving packages.
-
-    `docker import` of a rootfs tarball cut from this machine; the serving Dockerfile builds on it
-    with PREINSTALLED=true. ~3 GB, a few minutes: only the reliability container test uses it.
-    """
+def base_rootfs_tar(work: Path) -> Path:
+    """A rootfs tarball of this host's Java 17, Python 3.11 and serving packages (the serving image's
+    base when no registry is reachable): `docker import` or `podman import` it with
+    ENV PYTHONPATH=/opt/site-packages and ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin."""
     import subprocess
     import sys
     import sysconfig
 
-    import docker
-
-    tag = "flywheel-serving-base:local"
-    client = docker.DockerClient(base_url=dockerd.base_url)
-    work = tmp_path_factory.mktemp("base-image")
     stage = work / "stage"
     for d in ("etc", "usr/local/bin", "root"):
         (stage / d).mkdir(parents=True)
@@ -221,6 +213,23 @@ def serving_base_image(dockerd, tmp_path_factory) -> str:
         proc = subprocess.run(step, check=False, capture_output=True, text=True)
         if proc.returncode not in (0, 1):  # 1: "file changed as we read it" on a live system
             pytest.fail(f"building the base rootfs failed: {proc.stderr[-2000:]}")
+    return tar
+
+
+@pytest.fixture(scope="session")
+def serving_base_image(dockerd, tmp_path_factory) -> str:
+    """A local base image (no registry here): this host's Java 17, Python 3.11 and serving packages.
+
+    `docker import` of a rootfs tarball cut from this machine; the serving Dockerfile builds on it
+    with PREINSTALLED=true. ~3 GB, a few minutes: only the reliability container test uses it.
+    """
+    import subprocess
+
+    import docker
+
+    tag = "flywheel-serving-base:local"
+    client = docker.DockerClient(base_url=dockerd.base_url)
+    tar = base_rootfs_tar(tmp_path_factory.mktemp("base-image"))
     # The docker CLI, not the SDK: the SDK's streamed import fails with "header line too long" here.
     proc = subprocess.run(["docker", "-H", dockerd.base_url, "import",
                            "--change", "ENV PYTHONPATH=/opt/site-packages",

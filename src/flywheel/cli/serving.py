@@ -89,7 +89,9 @@ def release(
     keep_previous: Annotated[int, typer.Option(min=0, help="Earlier versions kept reachable for A/B.")] = 1,
     min_accuracy: Annotated[float, typer.Option(help="Acceptance: accuracy on a labelled sample.")] = 0.8,
     p95_slo_ms: Annotated[float, typer.Option(help="Acceptance: p95 latency of single requests (ms).")] = 100.0,
-    target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION).")
+    target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION) | "
+                                             "kubernetes (deploy/kubernetes's pool; pool token in "
+                                             "FLYWHEEL_POOL_TOKEN).")
                       ] = "torchserve",
     engine: Annotated[str, typer.Option(
         help="torchserve | triton: --endpoint is the Triton proxy, --key-file its key_file.json, --model-store "
@@ -97,6 +99,16 @@ def release(
     docker_host: Annotated[Optional[str], typer.Option(
         envvar="DOCKER_HOST", help="Docker target: unix:///var/run/docker.sock or ssh://user@host.")] = None,
     image_tar: Annotated[Optional[Path], typer.Option(help="Docker target: `docker save` tarball to load.")] = None,
+    namespace: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_K8S_NAMESPACE", help="Kubernetes target: the namespace of deploy/kubernetes's pool.")] = None,
+    kube_context: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_K8S_CONTEXT", help="Kubernetes target: kubeconfig context (default: current).")] = None,
+    canary_url: Annotated[Optional[str], typer.Option(
+        envvar="FLYWHEEL_K8S_CANARY_URL", help="Kubernetes target: where this machine reaches Service "
+                                               "serving-canary (e.g. a kubectl port-forward).")] = None,
+    canary_steps: Annotated[str, typer.Option(
+        help="Kubernetes target: the canary's traffic shares in percent.")] = "10,50,100",
+    step_pause: Annotated[float, typer.Option(min=0, help="Kubernetes target: seconds observed per step.")] = 60.0,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
@@ -127,6 +139,11 @@ def release(
     elif target == "docker":
         result = docker_release(settings, settings.model_name, version, env,
                                 DockerTarget(base_url=docker_host, image_tar=image_tar, grace_s=grace), accept)
+    elif target == "kubernetes":
+        from flywheel.serving.kubernetes import KubernetesTarget, kubernetes_release
+
+        k8s = KubernetesTarget.from_options(namespace, canary_url, kube_context, canary_steps, step_pause)
+        result = kubernetes_release(settings, settings.model_name, version, env, k8s, accept, mar_path=mar)
     elif target == "torchserve":
         if key_file is None or model_store is None:
             fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
@@ -135,7 +152,7 @@ def release(
         result = release_version(settings, settings.model_name, version, env, ts, accept, mar_path=mar,
                                  retire=False)
     else:
-        fail(f"unknown --target {target!r}; choose torchserve or docker")
+        fail(f"unknown --target {target!r}; choose torchserve, docker or kubernetes")
     for line in result.events:
         typer.echo(f"  {line}")
     typer.echo(f"released {result.model} v{result.version} to {env} ({result.target})")

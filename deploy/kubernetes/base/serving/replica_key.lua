@@ -1,0 +1,27 @@
+-- The gate's `lua.replica_key` action: replace the client's Authorization (the pool credential)
+-- with this replica's TorchServe inference key, read from key_file.json on every request.
+-- TorchServe rewrites that file in place (truncate, then write), so a read that finds no key keeps
+-- the last key read; the file is a few hundred bytes in the pod's own emptyDir.
+local key_file = os.getenv("FLYWHEEL_TS_KEY_FILE") or "/opt/flywheel/run/key_file.json"
+local last_key = nil
+
+local function read_key()
+    local f = io.open(key_file, "r")
+    if f == nil then
+        return nil
+    end
+    local text = f:read("*a")
+    f:close()
+    return string.match(text or "", '"inference"%s*:%s*{[^}]-"key"%s*:%s*"([^"]+)"')
+end
+
+core.register_action("replica_key", {"http-req"}, function(txn)
+    local key = read_key() or last_key
+    if key ~= nil then
+        last_key = key
+        txn.http:req_set_header("Authorization", "Bearer " .. key)
+    else
+        -- TorchServe has not written its keys yet: it is not serving either, so it answers 4xx/503.
+        txn.http:req_del_header("Authorization")
+    end
+end, 0)
