@@ -521,7 +521,7 @@ def start_haproxy(cfg: HAProxyConfig, keys: Mapping[str, str], credential_hashes
                     break
             except (FlywheelError, OSError):
                 if time.monotonic() > deadline:
-                    raise FlywheelError(f"haproxy not answering after {wait_s:.0f}s; log:\n{server.log_tail()}")
+                    raise FlywheelError(f"haproxy not answering after {wait_s:.0f}s; log:\n{server.log_tail()}") from None
                 time.sleep(0.05)
     except BaseException:
         server.stop()
