@@ -208,6 +208,16 @@ def live_pool(serving_models, tmp_path_factory):
         pool.stop()
 
 
+def _alias(settings, alias):
+    from flywheel.core.errors import FlywheelError
+    from flywheel.core.registry import Registry
+
+    try:
+        return str(Registry(settings).version(alias, MODEL).version)
+    except FlywheelError:
+        return None
+
+
 def _policy(**kw) -> CanaryPolicy:
     return CanaryPolicy(**{"min_requests": 100, "min_labelled": 100, "max_wait_s": 240.0, **kw})
 
@@ -281,7 +291,7 @@ def test_bad_canary_rolled_back_with_no_failed_request(live_pool):
     bad = live_pool.models.versions[2]
     spec = live_pool.pool.spec
     before = {r.name: r.client().versions(MODEL) for r in spec.replicas}
-    dev_before = str(Registry(settings).version("dev", MODEL).version)
+    dev_before = _alias(settings, "dev")
     with Load(live_pool.pool.url, spec.token(), live_pool.pngs) as load:
         load.wait_for(50)
         with pytest.raises(ReleaseFailed, match="failed its live checks at 10%") as info:
@@ -297,9 +307,9 @@ def test_bad_canary_rolled_back_with_no_failed_request(live_pool):
     assert {r.name: r.client().versions(MODEL) for r in spec.replicas} == before
     assert live_pool.pool.runtime.show_map(spec.canary_map) == {}
     reg = Registry(settings)
-    assert str(reg.version("dev", MODEL).version) == dev_before  # the alias never moved
+    assert _alias(settings, "dev") == dev_before  # the alias never moved
     tags = reg.version(bad, MODEL).tags
-    assert "rolled back" in tags["canary_dev"] and tags["canary_dev_10pct"].split()[1] == "fail"
+    assert "rolled back" in tags["canary_dev"] and tags["canary_dev_10pct"].split()[1].rstrip(":") == "fail"
     assert "deployed_dev_at" not in tags
 
 
@@ -319,6 +329,26 @@ def test_key_renewal_through_the_pool_fails_no_request(live_pool):
     new = {r.name: read_keys(r.key_file)["inference"] for r in spec.replicas}
     assert all(new[n] != old[n] for n in old)
     assert live_pool.pool.runtime.show_map(spec.keys_map) == new
+
+
+@pytest.mark.reliability
+def test_rolling_release_with_no_failed_request(live_pool):
+    """`canary=None`: replica by replica drained, switched (v1, kept registered for A/B), put back."""
+    from flywheel.serving.pool import PoolTarget, pool_release
+
+    settings = live_pool.models.settings()
+    v1 = live_pool.models.versions[0]
+    spec = live_pool.pool.spec
+    with Load(live_pool.pool.url, spec.token(), live_pool.pngs) as load:
+        load.wait_for(50)
+        result = pool_release(settings, MODEL, v1, "prod", PoolTarget(spec, grace_s=1.0), _lenient(), None,
+                              mar_path=live_pool.models.mars[v1])
+        load.wait_for(100)
+    outcomes = load.snapshot()
+    assert _failed(outcomes) == [], _failed(outcomes)[:5]
+    assert result.mode == "rolling" and not result.rolled_back and result.steps == []
+    assert outcomes[-1].version == v1 and all(r.client().default_version(MODEL) == v1 for r in spec.replicas)
+    assert _alias(settings, "prod") == v1
 
 
 @pytest.mark.reliability
