@@ -165,6 +165,10 @@ class Pool:
     def runtime(self) -> RuntimeAPI:
         return self.haproxy.runtime
 
+    def alive(self) -> bool:
+        """HAProxy runs (a dead replica is HAProxy's to route around, not a reason to stop the pool)."""
+        return self.haproxy.alive()
+
     def server(self, name: str):
         return self.servers[[r.name for r in self.spec.replicas].index(name)]
 
@@ -389,6 +393,17 @@ class CanaryPolicy:
         if not self.steps or list(self.steps) != sorted(set(self.steps)) or not 0 < self.steps[0] \
                 or self.steps[-1] != 100:
             raise FlywheelError(f"canary steps must rise strictly from above 0 to 100 %: {self.steps}")
+
+
+def canary_policy(steps: str, **overrides) -> CanaryPolicy | None:
+    """A CanaryPolicy from the CLI's `--canary-steps 10,50,100`; None for 'none' (a rolling release)."""
+    if steps.strip().lower() in ("none", "rolling", ""):
+        return None
+    try:
+        shares = tuple(int(x) for x in steps.replace("%", "").split(","))
+    except ValueError:
+        raise FlywheelError(f"--canary-steps takes percentages like 10,50,100 (or none), not {steps!r}") from None
+    return CanaryPolicy(steps=shares, **overrides)
 
 
 @dataclass(frozen=True)
@@ -682,5 +697,8 @@ def retire_pool(target: PoolTarget, result: PoolReleaseResult) -> list[str]:
     for replica in target.spec.replicas:
         r = result.replicas.get(replica.name) or ReleaseResult(result.model, result.version, result.env, "")
         r.previous = r.previous or result.previous
-        retired += retire_previous(replica.target(target.workers, target.grace_s, target.keep_previous), r)
+        gone = retire_previous(replica.target(target.workers, target.grace_s, target.keep_previous), r)
+        if gone:
+            result.event(f"replica {replica.name}: unregistered old version(s) {', '.join(r.unregistered) or 'none'}")
+        retired += gone
     return retired
