@@ -523,6 +523,7 @@ class PoolReleaseResult:
     mode: str = "rolling"
     replicas: dict = field(default_factory=dict)  # name → ReleaseResult
     steps: list = field(default_factory=list)  # (share, Verdict, stable ArmStats, canary ArmStats)
+    step_times: list = field(default_factory=list)  # (share, seconds the step's window lasted)
     promoted: bool = False
     rolled_back: bool = False
     events: list[str] = field(default_factory=list)
@@ -661,6 +662,7 @@ def _run_canary(spec: PoolSpec, model: str, version: str, env: str, policy: Cana
                 break
         baseline = reference
         result.steps.append((share, verdict, reference, canary))
+        result.step_times.append((share, time.monotonic() - started))
         text = f"{verdict.text()} (canary {canary.summary()}; stable {reference.summary()})"
         result.event(f"canary at {share}%: {text}")
         tag(f"canary_{env}_{share}pct", text)
