@@ -117,8 +117,9 @@ def main() -> None:
         if not args.no_canary:
             import threading
 
-            mv2 = mlflow.register_model(f"models:/{args.model}/{version}", args.model)
-            v2 = str(mv2.version)
+            client = mlflow.MlflowClient(settings.tracking_uri)
+            mv1 = client.get_model_version(args.model, version)  # the same run again: the next version
+            v2 = str(client.create_model_version(args.model, mv1.source, run_id=mv1.run_id).version)
             pkg2 = package_version(PackageConfig(args.model, version=v2, out_dir=store), settings)
             stop = threading.Event()
             bg = threading.Thread(target=lambda: [load(configs[f"pool-{args.replicas}"][0], png,
