@@ -559,6 +559,8 @@ def read_log(path: Path, offset: int = 0) -> tuple[list[LogLine], int]:
     """Request lines of haproxy.log from byte `offset`; returns them and the offset to continue from
     (a line still being written stays for the next read)."""
     with open(path, "rb") as f:
+        if offset > os.fstat(f.fileno()).st_size:  # rotated (copytruncate): start over
+            offset = 0
         f.seek(offset)
         data = f.read()
     end = data.rfind(b"\n") + 1
