@@ -105,6 +105,27 @@ def test_haproxy_answers_json_401_413_503(tmp_path):
         assert hp.runtime.servers()["r1"].status.startswith("DRAIN") or hp.runtime.servers()["r1"].status == "DOWN"
 
 
+def test_request_log_lines_by_arm(tmp_path):
+    from flywheel.serving.haproxy import read_log
+    from flywheel.serving.pool import arm_stats
+
+    log = tmp_path / "haproxy.log"
+    log.write_text("[WARNING] (1) : Server replicas/r1 is DOWN\n"
+                   "fwpool 200 12 stable m - r1 0\nfwpool 503 3 canary m 7 r2 +1\nfwpool 200 30 canary m 7 r1 0\n"
+                   "fwpool 401 0 - - - <NOSRV> 0\nfwpool 200 5 stab")  # the last line is still being written
+    lines, offset = read_log(log)
+    assert [(x.status, x.arm, x.version, x.retries) for x in lines] == [
+        (200, "stable", "-", 0), (503, "canary", "7", 1), (200, "canary", "7", 0), (401, "-", "-", 0)]
+    canary = arm_stats(lines, "m", "canary")
+    assert (canary.requests, canary.errors, canary.latencies_ms) == (2, 1, (3.0, 30.0))
+    with open(log, "a") as f:
+        f.write("le m - r3 0\n")
+    more, offset = read_log(log, offset)
+    assert [(x.status, x.total_ms, x.server) for x in more] == [(200, 5, "r3")]
+    log.write_text("fwpool 200 1 stable m - r1 0\n")  # rotated (copytruncate): read from the start
+    assert len(read_log(log, offset)[0]) == 1
+
+
 def test_kill_failure_bound():
     cfg = HAProxyConfig.local("/tmp", [Upstream("r1", "127.0.0.1:1")])
     assert kill_failure_bound(cfg, clients=8, replicas=3) == 8
