@@ -95,6 +95,8 @@ BENCHES = (
           quick=("--minutes", "3")),
     Bench("reference_component", "Fashion-MNIST reference component: test accuracy and training time vs small-cnn",
           quick=("--quick",)),
+    Bench("pool", "1-3 TorchServe replicas behind HAProxy vs a direct connection; canary promotion time",
+          quick=("--seconds", "4", "--rounds", "1", "--warmup", "5")),
 )
 
 
@@ -228,6 +230,21 @@ def _rows(rec: dict) -> list[tuple[str, str, str, str, str]]:
                      f"small-cnn {p['train_seconds']:.1f} s → {f['train_seconds_ratio']:.2f}x "
                      f"(load avg {f['load_avg_min']:.1f}-{f['load_avg_max']:.1f})",
                      f"≤{f['goal']['train_seconds']:.0f} s"))
+    elif name == "pool":
+        r, d = f["results"], f["results"]["direct"]
+        for n in range(1, int(f["replicas"]) + 1):
+            p = r[f"pool-{n}"]
+            rows.append((name, f"{f['clients']} clients, {n} replica(s) behind HAProxy: req/s, p99 ms",
+                         f"{p['rps']:.0f}, {p['p99']:.1f}", f"efficiency {f['efficiency'][str(n)]:.2f}" if
+                         str(n) in f["efficiency"] else "", ""))
+        rows.append((name, "HAProxy overhead: pool-1 / direct", f"req/s **{f['haproxy_overhead_rps_ratio']:.2f}x**, "
+                     f"p99 **{f['haproxy_overhead_p99_ratio']:.2f}x**", f"direct {d['rps']:.0f} req/s, p99 "
+                     f"{d['p99']:.1f} ms", ""))
+        if f.get("canary"):
+            c = f["canary"]
+            rows.append((name, "canary release 10 → 50 → 100 % under load", f"{c['release_s']:.1f} s",
+                         f"staging {c['staging_s']:.1f} s, live steps {c['canary_steps_s']:.1f} s"
+                         + ("" if c["promoted"] else " (NOT promoted)"), ""))
     else:  # a script whose figures we do not know in detail: show its flat numbers
         for k, v in _flat(f):
             rows.append((name, k, f"{v:.4g}" if isinstance(v, float) else str(v), "", ""))

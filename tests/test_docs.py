@@ -16,7 +16,7 @@ DOCS = REPO / "docs"
 WORKFLOWS = REPO / ".github" / "workflows"
 # The CLI vocabulary (DESIGN.md "One vocabulary"); `data snapshot` is a sub-command.
 VERBS = ("train", "evaluate", "register", "tune", "package", "release", "predict", "remote-train", "stack", "doctor",
-         "monitor", "data snapshot", "demo", "serve-keys renew")
+         "monitor", "data snapshot", "demo", "serve-keys renew", "serve-pool")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 

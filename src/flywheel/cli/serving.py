@@ -1,5 +1,6 @@
 """Serving node's verbs: package (.mar), release (register, accept, switch, retire; exit 3 when it
-fails and rolls back), predict (batch inference), serve (a local TorchServe), serve-keys renew."""
+fails and rolls back), predict (batch inference), serve (a local TorchServe), serve-pool (replicas
+behind HAProxy), serve-keys renew."""
 
 from __future__ import annotations
 
@@ -89,10 +90,11 @@ def release(
     keep_previous: Annotated[int, typer.Option(min=0, help="Earlier versions kept reachable for A/B.")] = 1,
     min_accuracy: Annotated[float, typer.Option(help="Acceptance: accuracy on a labelled sample.")] = 0.8,
     p95_slo_ms: Annotated[float, typer.Option(help="Acceptance: p95 latency of single requests (ms).")] = 100.0,
-    target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION) | "
-                                             "kubernetes (deploy/kubernetes's pool; pool token in "
-                                             "FLYWHEEL_POOL_TOKEN).")
-                      ] = "torchserve",
+    target: Annotated[str, typer.Option(help="torchserve (management API) | docker (image MODEL:VERSION) | pool "
+                                             "(replicas behind HAProxy, --pool) | kubernetes (deploy/kubernetes's "
+                                             "pool; pool token in FLYWHEEL_POOL_TOKEN).")] = "torchserve",
+    pool: Annotated[Optional[Path], typer.Option(
+        envvar="FLYWHEEL_POOL", help="Pool target: pool.json, as `flywheel serve-pool` writes it.")] = None,
     engine: Annotated[str, typer.Option(
         help="torchserve | triton: --endpoint is the Triton proxy, --key-file its key_file.json, --model-store "
              "its model repository.")] = "torchserve",
@@ -107,7 +109,8 @@ def release(
         envvar="FLYWHEEL_K8S_CANARY_URL", help="Kubernetes target: where this machine reaches Service "
                                                "serving-canary (e.g. a kubectl port-forward).")] = None,
     canary_steps: Annotated[str, typer.Option(
-        help="Kubernetes target: the canary's traffic shares in percent.")] = "10,50,100",
+        help="Pool and Kubernetes targets: the canary's traffic shares in % (e.g. 10,50,100); pool: 'none' "
+             "for a rolling release.")] = "10,50,100",
     step_pause: Annotated[float, typer.Option(min=0, help="Kubernetes target: seconds observed per step.")] = 60.0,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -136,6 +139,14 @@ def release(
         result = triton_release(settings, settings.model_name, version, env, ts, accept, retire=False)
     elif engine != "torchserve":
         fail(f"unknown --engine {engine!r}; choose torchserve or triton")
+    elif target == "pool":
+        from flywheel.serving.pool import PoolSpec, PoolTarget, canary_policy, pool_release
+
+        if pool is None:
+            fail("release --target pool needs --pool (the pool.json `flywheel serve-pool` writes)")
+        ts = PoolTarget(PoolSpec.read(pool), workers=workers, grace_s=grace, keep_previous=keep_previous)
+        result = pool_release(settings, settings.model_name, version, env, ts, accept, canary_policy(canary_steps),
+                              mar_path=mar)
     elif target == "docker":
         result = docker_release(settings, settings.model_name, version, env,
                                 DockerTarget(base_url=docker_host, image_tar=image_tar, grace_s=grace), accept)
@@ -152,14 +163,19 @@ def release(
         result = release_version(settings, settings.model_name, version, env, ts, accept, mar_path=mar,
                                  retire=False)
     else:
-        fail(f"unknown --target {target!r}; choose torchserve, docker or kubernetes")
+        fail(f"unknown --target {target!r}; choose torchserve, docker, pool or kubernetes")
     for line in result.events:
         typer.echo(f"  {line}")
     typer.echo(f"released {result.model} v{result.version} to {env} ({result.target})")
-    if target == "torchserve" or engine == "triton":  # served already; old versions go after the grace period
+    if target in ("torchserve", "pool") or engine == "triton":  # served already; old versions go after the grace
         sys.stdout.flush()
         shown = len(result.events)
-        retire_previous(ts, result)
+        if target == "pool":
+            from flywheel.serving.pool import retire_pool
+
+            retire_pool(ts, result)
+        else:
+            retire_previous(ts, result)
         for line in result.events[shown:]:
             typer.echo(f"  {line}")
 
@@ -236,6 +252,52 @@ def serve(
                       tuple(load or ()), capture_to, token_expiry_minutes)
         return
     _serve_torchserve(settings, work_dir, model_store, tuple(load or ()), capture_to, token_expiry_minutes)
+
+
+@app.command("serve-pool", rich_help_panel=PANEL)
+def serve_pool(
+    replicas: Annotated[int, typer.Option(min=1, help="TorchServe replicas behind HAProxy.")] = 3,
+    model_store: Annotated[Optional[Path], typer.Option(
+        help="Model store shared by the replicas (default $FLYWHEEL_HOME/model-store).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        help="Pool directory: one folder per replica, haproxy/ (config, maps, runtime socket, request log), "
+             "pool.json (what `release --target pool` reads), pool-token (the clients' credential, 0600) and "
+             "serve.env (default $FLYWHEEL_HOME/pool).")] = None,
+    capture_uri: Annotated[Optional[str], typer.Option(
+        "--capture-uri", help="Where the replicas capture traffic (default FLYWHEEL_CAPTURE_URI, else "
+                              "$FLYWHEEL_HOME/captures); a canary's prediction mix is read from it.")] = None,
+    capture: Annotated[bool, typer.Option("--capture/--no-capture", help="Capture served traffic.")] = True,
+    load: Annotated[Optional[list[str]], typer.Option("--load", help="Archive to load at start (repeatable).")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(
+        help="A file holding the pool credential to use (default: a new random one, written to WORK_DIR/pool-token).")
+                          ] = None,
+    token_expiry_minutes: Annotated[float, typer.Option(
+        min=0.1, help="Lifetime of each TorchServe's keys (the pool renews them, draining each replica first).")
+                                    ] = 1440,
+) -> None:
+    """Run N TorchServe replicas behind HAProxy (one pool credential, health checks, canary route) until Ctrl-C."""
+    stop_on_sigterm()
+    from flywheel.core.config import Settings
+    from flywheel.serving.pool import start_pool
+
+    settings = Settings.from_env()
+    capture_to = (capture_uri or settings.capture_uri) if capture else ""
+    if capture_to and "://" not in capture_to:
+        capture_to = str(Path(capture_to).resolve())
+    work_dir = (work_dir or settings.work_dir / "pool").resolve()
+    env_file = work_dir / "serve.env"
+    env_file.unlink(missing_ok=True)  # a stale one would name a dead pool
+    token = token_file.read_text().strip() if token_file else None
+    pool = start_pool(work_dir, replicas, (model_store or settings.work_dir / "model-store").resolve(),
+                      models=tuple(load or ()), capture_uri=capture_to or None, token=token,
+                      token_expiration_min=token_expiry_minutes)
+    lines = "\n".join(f"  {r.name}: inference {r.inference_url}  management {r.management_url}"
+                      for r in pool.spec.replicas)
+    _serve_until_stopped(pool, env_file, {"FLYWHEEL_POOL": str(pool.spec_path), "FLYWHEEL_TS_INFERENCE_URL": pool.url},
+                         capture_to,
+                         f"pool {pool.url} (HAProxy pid {pool.haproxy.pid})\n{lines}\npool credential in "
+                         f"{pool.spec.token_file}\ncapture {capture_to or 'off'}\nin another shell: source {env_file}; "
+                         "flywheel release --target pool --version V --env dev")
 
 
 def _serve_torchserve(settings, work_dir: Path | None, model_store: Path | None, load: tuple[str, ...],

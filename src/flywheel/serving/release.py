@@ -220,8 +220,13 @@ class ManagementTarget:
 
 def release_version(settings: Settings, model: str, version: str, env: str, target: ManagementTarget,
                     acceptance: AcceptanceConfig = AcceptanceConfig(), mar_path: Path | None = None,
-                    package_options: dict | None = None, retire: bool = True) -> ReleaseResult:
-    """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc."""
+                    package_options: dict | None = None, retire: bool = True, *, switch: bool = True,
+                    record: bool = True) -> ReleaseResult:
+    """Release registry version `version` of `model` to `env` on a TorchServe; see the module doc.
+
+    A serving pool (serving/pool.py) runs this per replica: `switch=False` stops after acceptance (the
+    version stays registered beside the default, for a canary), `record=False` leaves the registry
+    alone (the pool moves the alias once, after every replica passed)."""
     from flywheel.serving.package import PackageConfig, package_version
 
     client = target.client()
@@ -265,7 +270,7 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
         step = _Step(lambda: client.scale(model, version, target.workers), "scale failed",
                      "version already registered; scaled")
     return _deploy(settings, target, client, result, step, registered_here, acceptance, retire,
-                   mv=mv, manifest=manifest, source=mar_path, archive=stamp)
+                   mv=mv, manifest=manifest, source=mar_path, archive=stamp, switch=switch, record=record)
 
 
 @dataclass(frozen=True)
@@ -280,12 +285,14 @@ class _Step:
 
 def _deploy(settings: Settings, target, client, result: ReleaseResult, step: _Step, registered_here: bool,
             acceptance: AcceptanceConfig, retire: bool, *, mv=None, manifest: Manifest | None = None,
-            source: Path | None = None, archive: ArchiveStamp | None = None) -> ReleaseResult:
+            source: Path | None = None, archive: ArchiveStamp | None = None, switch: bool = True,
+            record: bool = True) -> ReleaseResult:
     """Steps 2-6 of a release, for every engine: make the version servable, accept it on its own
     versioned route, switch the default, move the alias, retire old versions; roll back on failure.
     `client` has the TorchServe client's verbs (predict, set_default, unregister, versions, explain);
     `mv` None: the registry is asked here, while `step` runs, whether `manifest`'s run is this version;
-    `archive`: what the server loads, recorded on the version with the alias move."""
+    `archive`: what the server loads, recorded on the version with the alias move. `switch` False:
+    stop once accepted (registered beside the default); `record` False: no alias move, no retiring."""
     from flywheel.core.registry import mark_deployed
 
     model, version, env = result.model, result.version, result.env
@@ -314,6 +321,8 @@ def _deploy(settings: Settings, target, client, result: ReleaseResult, step: _St
         result.event(report.summary())
         if not report.passed:
             raise ReleaseFailed(f"{model} v{version} failed acceptance: {'; '.join(report.failures)}")
+        if not switch:
+            return result
         # 4. Switch: set-default is atomic for /predictions/M.
         r = client.set_default(model, version)
         if r.status_code != 200:
@@ -338,6 +347,8 @@ def _deploy(settings: Settings, target, client, result: ReleaseResult, step: _St
     finally:
         pool.shutdown(wait=False)
 
+    if not record:
+        return result
     # 5. Only now does the registry move; if it cannot, the endpoint goes back to match it.
     try:
         mark_deployed(settings, model, version, env, target.describe(), archive=archive)

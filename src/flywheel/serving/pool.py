@@ -1,0 +1,706 @@
+"""A serving pool: N TorchServe replicas behind HAProxy, released rolling or as a canary.
+
+What a pool is (`PoolSpec`, written as `pool.json` by `start_pool` / `flywheel serve-pool`, read by
+`flywheel release --target pool`): HAProxy's client URL, its runtime API socket and map files
+(serving/haproxy.py has the config's design), and per replica its TorchServe inference/management
+URLs, key file and model store. Replicas may be on other hosts: everything here goes through URLs,
+except the key files and model stores, which must be readable where the release runs (one host here).
+
+Release (`pool_release`), with the single-server machinery of serving/release.py per replica
+(`release_version` = register, warm-up, acceptance on /predictions/M/V, the same archive checks):
+* rolling (`canary=None`): replica by replica, drain it in HAProxy (no new requests; those in flight
+  finish), release it (accept, `set-default`), put it back (`ready`). A replica that fails rolls
+  back itself, and the replicas already switched are switched back.
+* canary (default steps 10 → 50 → 100 %): every replica registers and accepts the new version beside
+  the default (drained while it loads), then HAProxy sends SHARE % of unversioned requests to
+  /predictions/M/NEW (`canary.map`, `set map`: no reload). Each step watches live traffic: HAProxy's
+  log (status and time of every request, by arm) and, when the pool captures, the capture records
+  (prediction labels, by version). `judge` (a pure function on `ArmStats`) compares the canary's
+  error rate, p95 latency and prediction mix with the stable arm's and answers pass, fail or wait.
+  Passing 100 %: each replica's default becomes the new version (atomic per replica), the map entry
+  goes. Failing any step: the map entry goes at once (all traffic back on the default), in-flight
+  canary requests get `grace_s` to finish, then the new version is unregistered everywhere.
+Every step is a tag on the registry version (`pool_<env>_*`, `canary_<env>_*`); alias `env` moves
+(`mark_deployed`, with the archive's stamp) only after the whole release passed. Earlier versions
+stay registered up to `keep_previous` and are reachable through the pool at /predictions/M/V (A/B).
+
+Keys: TorchServe 0.12 rejects an old key at once, so the pool (not each server) renews a replica's
+inference key: drain, renew, `set map` the key HAProxy injects, ready (`renew_inference_key`);
+`PoolKeyRenewer` does it for every replica at half its keys' lifetime (keys.plan_renewal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from flywheel.core.config import Settings
+from flywheel.core.errors import FlywheelError
+from flywheel.serving.haproxy import (
+    HAProxy,
+    HAProxyConfig,
+    LogLine,
+    RuntimeAPI,
+    Upstream,
+    credential_hash,
+    map_text,
+    read_log,
+    start_haproxy,
+    write_private,
+)
+from flywheel.serving.release import (
+    AcceptanceConfig,
+    ManagementTarget,
+    ReleaseFailed,
+    ReleaseResult,
+    _begin,
+    _packaged_archive,
+    _rollback,
+    release_version,
+    retire_previous,
+    verify_archive,
+)
+
+log = logging.getLogger(__name__)
+SPEC_FILE = "pool.json"
+TOKEN_FILE = "pool-token"  # the pool credential for clients, 0600 (HAProxy holds only its hash)
+
+
+# ------------------------------------------------------------------------------------ description
+@dataclass(frozen=True)
+class Replica:
+    """One TorchServe of the pool, as a release reaches it."""
+
+    name: str  # HAProxy's server name (r1, r2, ...)
+    inference_url: str
+    management_url: str
+    key_file: Path
+    model_store: Path
+
+    def target(self, workers: int = 1, grace_s: float = 5.0, keep_previous: int = 1) -> ManagementTarget:
+        return ManagementTarget(self.inference_url, self.management_url, self.key_file, self.model_store,
+                                workers=workers, grace_s=grace_s, keep_previous=keep_previous)
+
+    def client(self, timeout: float = 30.0):
+        from flywheel.serving.torchserve import TorchServeClient
+
+        return TorchServeClient(self.inference_url, self.management_url, key_file=self.key_file, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool's description (`pool.json`): HAProxy's address and runtime API, and its replicas."""
+
+    url: str
+    runtime_socket: Path
+    keys_map: Path
+    canary_map: Path
+    log_path: Path
+    replicas: tuple[Replica, ...]
+    capture_uri: str | None = None  # where replicas capture traffic (the canary's prediction mix)
+    token_file: Path | None = None  # the pool credential, for clients on this host
+
+    def write(self, path: Path) -> Path:
+        data = asdict(self)
+        data = json.loads(json.dumps(data, default=str))
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: Path) -> PoolSpec:
+        try:
+            data = json.loads(Path(path).read_text())
+            replicas = tuple(Replica(r["name"], r["inference_url"], r["management_url"], Path(r["key_file"]),
+                                     Path(r["model_store"])) for r in data["replicas"])
+            return cls(data["url"], Path(data["runtime_socket"]), Path(data["keys_map"]), Path(data["canary_map"]),
+                       Path(data["log_path"]), replicas, data.get("capture_uri"),
+                       Path(data["token_file"]) if data.get("token_file") else None)
+        except FileNotFoundError:
+            raise FlywheelError(f"pool description {path} not found: `flywheel serve-pool` writes it") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FlywheelError(f"{path} is not a pool description ({type(exc).__name__}: {exc})") from None
+
+    def runtime(self) -> RuntimeAPI:
+        return RuntimeAPI(self.runtime_socket)
+
+    def replica(self, name: str) -> Replica:
+        for r in self.replicas:
+            if r.name == name:
+                return r
+        raise FlywheelError(f"no replica {name!r} in the pool (replicas: {', '.join(r.name for r in self.replicas)})")
+
+    def token(self) -> str:
+        if self.token_file is None:
+            raise FlywheelError("this pool description names no token file: pass the pool credential yourself")
+        return self.token_file.read_text().strip()
+
+
+# ------------------------------------------------------------------------------------ a local pool
+class Pool:
+    """A started pool on this host: its TorchServes, its HAProxy, its key renewer; `stop()` ends all."""
+
+    def __init__(self, spec: PoolSpec, spec_path: Path, servers: list, haproxy: HAProxy):
+        self.spec = spec
+        self.spec_path = spec_path
+        self.servers = servers  # flywheel.serving.torchserve.TorchServe, in replica order
+        self.haproxy = haproxy
+        self.renewer: PoolKeyRenewer | None = None
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def runtime(self) -> RuntimeAPI:
+        return self.haproxy.runtime
+
+    def alive(self) -> bool:
+        """HAProxy runs (a dead replica is HAProxy's to route around, not a reason to stop the pool)."""
+        return self.haproxy.alive()
+
+    def server(self, name: str):
+        return self.servers[[r.name for r in self.spec.replicas].index(name)]
+
+    def stop(self) -> None:
+        """Stop the renewer, HAProxy, then every replica (each by its process group)."""
+        if self.renewer is not None:
+            self.renewer.stop()
+        errors = []
+        for stop in [self.haproxy.stop, *(s.stop for s in self.servers)]:
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 - stop the others whatever one does; re-raised below
+                errors.append(exc)
+        self.spec_path.unlink(missing_ok=True)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_pool(work_dir: Path, replicas: int, model_store: Path, *, models: tuple[str, ...] = (),
+               capture_uri: str | None = None, token: str | None = None, token_expiration_min: float = 1440,
+               workers: int = 1, renew_keys: bool = True, haproxy: Mapping | None = None) -> Pool:
+    """Start `replicas` TorchServes (loopback, free ports, `models` loaded) and HAProxy in front;
+    write `pool.json` and the pool credential (`token`, or a new random one) into `work_dir`.
+
+    Each replica's own key renewer is stopped: the pool renews keys (drain first, PoolKeyRenewer).
+    `haproxy`: overrides of HAProxyConfig (check timing, retries, ...).
+    """
+    from flywheel.serving.keys import read_keys
+    from flywheel.serving.torchserve import ServeConfig, start_torchserve
+
+    if replicas < 1:
+        raise FlywheelError("a pool needs at least one replica")
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    env = {"FLYWHEEL_CAPTURE_URI": capture_uri or ""}
+    cfgs = [ServeConfig.local(work_dir / f"r{i + 1}", Path(model_store).resolve(), models=models,
+                              token_expiration_min=token_expiration_min,
+                              extra={"default_workers_per_model": workers}) for i in range(replicas)]
+    servers: list = []
+    started = []
+    try:
+        with ThreadPoolExecutor(replicas, thread_name_prefix="pool-start") as ex:
+            futures = [ex.submit(start_torchserve, c, 180.0, env) for c in cfgs]
+            for f in futures:
+                try:
+                    started.append(f.result())
+                except Exception as exc:  # noqa: BLE001 - the others are stopped below, then this re-raised
+                    started.append(exc)
+        servers = [s for s in started if not isinstance(s, Exception)]
+        failed = [s for s in started if isinstance(s, Exception)]
+        if failed:
+            raise failed[0]
+        for s in servers:
+            s.renewer.stop()  # the pool renews keys itself: drain first, then renew, then `set map`
+            for m in models:
+                s.client().wait_ready(m.partition("=")[0] if "=" in m else m.removesuffix(".mar").rsplit("-", 1)[0])
+        names = [f"r{i + 1}" for i in range(replicas)]
+        ups = [Upstream(n, s.cfg.inference_address.removeprefix("http://")) for n, s in zip(names, servers,
+                                                                                             strict=True)]
+        hcfg = HAProxyConfig.local(work_dir / "haproxy", ups, **dict(haproxy or {}))
+        token = token or secrets.token_urlsafe(32)
+        token_file = work_dir / TOKEN_FILE
+        write_private(token_file, token + "\n")
+        keys = {n: read_keys(s.key_file)["inference"] for n, s in zip(names, servers, strict=True)}
+        proxy = start_haproxy(hcfg, keys, [credential_hash(token)])
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    spec = PoolSpec(hcfg.url, hcfg.socket_path, hcfg.keys_map, hcfg.canary_map, hcfg.log_path,
+                    tuple(Replica(n, s.cfg.inference_address, s.cfg.management_address, s.key_file,
+                                  s.cfg.model_store) for n, s in zip(names, servers, strict=True)),
+                    capture_uri or None, token_file)
+    pool = Pool(spec, spec.write(work_dir / SPEC_FILE), servers, proxy)
+    try:
+        for n in names:
+            proxy.runtime.wait_status(n, "UP", timeout=30)
+        if renew_keys:
+            pool.renewer = PoolKeyRenewer(spec).start()
+    except BaseException:
+        pool.stop()
+        raise
+    return pool
+
+
+# ------------------------------------------------------------------------------------ keys
+def set_replica_key(spec: PoolSpec, name: str, key: str) -> None:
+    """HAProxy's key for replica `name`, live (`set map`) and on disk (keys.map, 0600, for a restart)."""
+    spec.runtime().set_map(spec.keys_map, name, key)
+    entries = {}
+    for line in spec.keys_map.read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k:
+            entries[k] = v
+    entries[name] = key
+    write_private(spec.keys_map, map_text(entries))
+
+
+def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0) -> None:
+    """Renew replica `name`'s inference key with no failed request: drain it, wait until nothing is in
+    flight, renew through TorchServe's token API, give HAProxy the new key, put it back."""
+    from flywheel.serving.keys import KeyRenewer
+
+    replica, rt = spec.replica(name), spec.runtime()
+    rt.set_state(name, "drain")
+    try:
+        rt.wait_idle(name, drain_timeout_s)
+        keys = KeyRenewer(replica.management_url, replica.key_file).renew("inference")
+        set_replica_key(spec, name, keys.inference)
+    finally:
+        rt.set_state(name, "ready")
+
+
+class PoolKeyRenewer:
+    """Renews every replica's keys at half their lifetime: inference keys through `renew_inference_key`
+    (drained), management keys directly (only releases use them; their client re-reads the file)."""
+
+    def __init__(self, spec: PoolSpec, min_interval_s: float = 1.0, max_interval_s: float = 300.0):
+        self.spec = spec
+        self.min_interval_s = min_interval_s
+        self.max_interval_s = max_interval_s
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def renew_due(self, now: float | None = None) -> float:
+        """One pass over the replicas; returns seconds until the next key comes due."""
+        from flywheel.serving.keys import KeyRenewer, plan_renewal, read_key_file
+
+        waits = [self.max_interval_s]
+        for replica in self.spec.replicas:
+            keys = read_key_file(replica.key_file)
+            t = time.time() if now is None else now
+            lifetime = max(keys.lifetime_s(), max(keys.expires.values()) - t)
+            due, wait = plan_renewal(t, keys.expires, lifetime, min_interval_s=self.min_interval_s,
+                                     max_interval_s=self.max_interval_s)
+            for kind in due:
+                if kind == "inference":
+                    renew_inference_key(self.spec, replica.name)
+                else:
+                    KeyRenewer(replica.management_url, replica.key_file).renew(kind)
+                self.renewals += 1
+                log.info("pool replica %s: renewed its %s key", replica.name, kind)
+            waits.append(wait)
+        return min(waits)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.renew_due()
+            except FlywheelError as exc:  # a replica restarting or unreachable: look again soon
+                log.warning("pool key renewal: %s", exc)
+                wait = 5 * self.min_interval_s
+            self._stop.wait(wait)
+
+    def start(self) -> PoolKeyRenewer:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="pool-key-renewer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+
+# ------------------------------------------------------------------------------------ canary decisions
+@dataclass(frozen=True)
+class ArmStats:
+    """Live traffic of one arm (stable or canary) over a window, as plain numbers."""
+
+    requests: int = 0
+    errors: int = 0  # 5xx, no answer, or the version missing (404)
+    latencies_ms: tuple[float, ...] = ()
+    labels: Mapping[str, int] = field(default_factory=dict)  # predicted label → count (captures)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def p95_ms(self) -> float | None:
+        return float(np.percentile(self.latencies_ms, 95)) if self.latencies_ms else None
+
+    @property
+    def labelled(self) -> int:
+        return sum(self.labels.values())
+
+    def merge(self, other: ArmStats) -> ArmStats:
+        return ArmStats(self.requests + other.requests, self.errors + other.errors,
+                        self.latencies_ms + other.latencies_ms, dict(Counter(self.labels) + Counter(other.labels)))
+
+    def summary(self) -> str:
+        p95 = "n/a" if self.p95_ms is None else f"{self.p95_ms:.0f} ms"
+        return f"{self.requests} req, {self.error_rate:.1%} errors, p95 {p95}, {self.labelled} labelled"
+
+
+@dataclass(frozen=True)
+class CanaryPolicy:
+    """Steps and bounds of a canary: the canary's live numbers against the stable arm's."""
+
+    steps: tuple[int, ...] = (10, 50, 100)  # % of unversioned requests sent to the new version
+    min_requests: int = 100  # canary requests a step needs before a verdict
+    min_labelled: int = 100  # canary predictions with a captured label (prediction mix), when captured
+    max_wait_s: float = 600.0  # a step that never gets enough traffic fails (nothing proven)
+    max_error_rate_delta: float = 0.01  # canary error rate <= stable's + this
+    max_errors_early: int = 5  # this many canary errors fail a step at once, before min_requests
+    max_p95_ratio: float = 1.5  # canary p95 <= stable p95 * ratio + slack
+    p95_slack_ms: float = 25.0
+    max_label_distance: float = 0.3  # total variation distance between predicted-label distributions
+    poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.steps or list(self.steps) != sorted(set(self.steps)) or not 0 < self.steps[0] \
+                or self.steps[-1] != 100:
+            raise FlywheelError(f"canary steps must rise strictly from above 0 to 100 %: {self.steps}")
+
+
+def canary_policy(steps: str, **overrides) -> CanaryPolicy | None:
+    """A CanaryPolicy from the CLI's `--canary-steps 10,50,100`; None for 'none' (a rolling release)."""
+    if steps.strip().lower() in ("none", "rolling", ""):
+        return None
+    try:
+        shares = tuple(int(x) for x in steps.replace("%", "").split(","))
+    except ValueError:
+        raise FlywheelError(f"--canary-steps takes percentages like 10,50,100 (or none), not {steps!r}") from None
+    return CanaryPolicy(steps=shares, **overrides)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # "pass" | "fail" | "wait"
+    reasons: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        return self.action + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def label_distance(a: Mapping[str, int], b: Mapping[str, int]) -> float:
+    """Total variation distance between two label histograms (0 same mix, 1 disjoint)."""
+    na, nb = sum(a.values()), sum(b.values())
+    if not na or not nb:
+        return 0.0
+    return 0.5 * sum(abs(a.get(k, 0) / na - b.get(k, 0) / nb) for k in set(a) | set(b))
+
+
+def judge(stable: ArmStats, canary: ArmStats, policy: CanaryPolicy, *, mix_measured: bool = True,
+          waited_s: float = 0.0) -> Verdict:
+    """Pass, fail or wait on one canary step, from plain numbers only.
+
+    Fail at once on `max_errors_early` canary errors. Wait until the canary has `min_requests`
+    requests (and `min_labelled` captured labels when the mix is measured), failing after `max_wait_s`.
+    Then pass only if every bound holds: error rate, p95 latency, prediction mix vs the stable arm.
+    """
+    if canary.errors >= policy.max_errors_early and canary.error_rate > stable.error_rate + policy.max_error_rate_delta:
+        return Verdict("fail", (f"{canary.errors} errors on the canary ({canary.error_rate:.1%}) vs "
+                                f"{stable.error_rate:.1%} on the stable arm",))
+    enough = canary.requests >= policy.min_requests and (not mix_measured or canary.labelled >= policy.min_labelled)
+    if not enough or not stable.requests:
+        if waited_s >= policy.max_wait_s:
+            return Verdict("fail", (f"not enough live traffic after {waited_s:.0f} s (canary {canary.summary()}, "
+                                    f"stable {stable.summary()})",))
+        return Verdict("wait")
+    reasons = []
+    if canary.error_rate > stable.error_rate + policy.max_error_rate_delta:
+        reasons.append(f"error rate {canary.error_rate:.2%} > stable {stable.error_rate:.2%} + "
+                       f"{policy.max_error_rate_delta:.2%}")
+    if canary.p95_ms is not None and stable.p95_ms is not None:
+        bound = stable.p95_ms * policy.max_p95_ratio + policy.p95_slack_ms
+        if canary.p95_ms > bound:
+            reasons.append(f"p95 {canary.p95_ms:.0f} ms > bound {bound:.0f} ms (stable {stable.p95_ms:.0f} ms)")
+    if mix_measured:
+        distance = label_distance(stable.labels, canary.labels)
+        if distance > policy.max_label_distance:
+            reasons.append(f"prediction mix differs: distance {distance:.2f} > {policy.max_label_distance}")
+    return Verdict("fail", tuple(reasons)) if reasons else Verdict("pass")
+
+
+# ------------------------------------------------------------------------------------ live measurements
+def arm_stats(lines: Iterable[LogLine], model: str, arm: str) -> ArmStats:
+    """An arm's requests, errors and latencies from HAProxy's log lines."""
+    picked = [x for x in lines if x.model == model and x.arm == arm]
+    errors = sum(1 for x in picked if x.status < 0 or x.status >= 500 or x.status == 404)
+    return ArmStats(len(picked), errors, tuple(float(x.total_ms) for x in picked))
+
+
+class LiveWindow:
+    """Live traffic since it was opened: HAProxy's request log by arm, captured labels by version."""
+
+    def __init__(self, spec: PoolSpec, model: str, stable: str, canary: str):
+        from flywheel.contracts.capture import CaptureCursor, CaptureReader
+
+        self.spec, self.model, self.stable_version, self.canary_version = spec, model, stable, canary
+        self.opened = time.time()
+        self.offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
+        self.lines: list[LogLine] = []
+        self.labels = {stable: Counter(), canary: Counter()}
+        self.reader = CaptureReader(spec.capture_uri, model) if spec.capture_uri else None
+        self.cursor = CaptureCursor.at(self.opened - 5.0)  # batches are named before the window's records
+
+    @property
+    def mix_measured(self) -> bool:
+        return self.reader is not None
+
+    def update(self) -> None:
+        lines, self.offset = read_log(self.spec.log_path, self.offset)
+        self.lines += lines
+        if self.reader is None:
+            return
+        poll = self.reader.poll(self.cursor)
+        for name in poll.names:
+            for rec in self.reader.read(name):
+                if rec.live and rec.ts >= self.opened and rec.version in self.labels and rec.label:
+                    self.labels[rec.version][rec.label] += 1
+        self.cursor = self.reader.advance(self.cursor, poll)
+
+    def stats(self) -> tuple[ArmStats, ArmStats]:
+        """(stable, canary) so far."""
+        stable = replace(arm_stats(self.lines, self.model, "stable"), labels=dict(self.labels[self.stable_version]))
+        canary = replace(arm_stats(self.lines, self.model, "canary"), labels=dict(self.labels[self.canary_version]))
+        return stable, canary
+
+
+# ------------------------------------------------------------------------------------ release
+@dataclass(frozen=True)
+class PoolTarget:
+    spec: PoolSpec
+    workers: int = 1
+    grace_s: float = 5.0  # in-flight requests finish before a version is unregistered
+    keep_previous: int = 1
+    drain_timeout_s: float = 60.0
+
+    def describe(self) -> str:
+        return f"pool {self.spec.url} ({len(self.spec.replicas)} replicas)"
+
+
+@dataclass
+class PoolReleaseResult:
+    model: str
+    version: str
+    env: str
+    target: str
+    previous: str | None = None
+    mode: str = "rolling"
+    replicas: dict = field(default_factory=dict)  # name → ReleaseResult
+    steps: list = field(default_factory=list)  # (share, Verdict, stable ArmStats, canary ArmStats)
+    step_times: list = field(default_factory=list)  # (share, seconds the step's window lasted)
+    promoted: bool = False
+    rolled_back: bool = False
+    events: list[str] = field(default_factory=list)
+
+    def event(self, text: str) -> None:
+        log.info("pool release %s v%s → %s: %s", self.model, self.version, self.env, text)
+        self.events.append(text)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _Tags:
+    """Registry tags on the version for each step (`pool_<env>_...`, `canary_<env>_...`)."""
+
+    def __init__(self, settings: Settings, model: str, version: str):
+        from flywheel.core.registry import Registry
+
+        self.client, self.model, self.version = Registry(settings).client, model, version
+
+    def __call__(self, key: str, text: str) -> None:
+        self.client.set_model_version_tag(self.model, self.version, key, f"{_now()} {text}"[:5000])
+
+
+def pool_release(settings: Settings, model: str, version: str, env: str, target: PoolTarget,
+                 acceptance: AcceptanceConfig = AcceptanceConfig(), canary: CanaryPolicy | None = CanaryPolicy(),
+                 mar_path: Path | None = None,
+                 on_step: Callable[[int, Verdict, ArmStats, ArmStats], None] | None = None) -> PoolReleaseResult:
+    """Release registry version `version` of `model` to `env` across a pool (see the module doc):
+    rolling with `canary=None`, else canary by `canary.steps`. ReleaseFailed after a rollback."""
+    from flywheel.contracts.manifest import ArchiveStamp
+    from flywheel.core.registry import mark_deployed
+    from flywheel.serving.package import PackageConfig, package_version
+
+    spec, rt = target.spec, target.spec.runtime()
+    mv, first = _begin(settings, model, version, env, target.describe())
+    version = first.version
+    result = PoolReleaseResult(model, version, env, target.describe(), mode="canary" if canary else "rolling")
+    tag = _Tags(settings, model, version)
+    # The archive, once for every replica: verified, or packaged now.
+    replica0 = spec.replicas[0]
+    if mar_path is not None:
+        manifest = verify_archive(mar_path, model, version, mv.run_id)
+    else:
+        mar_path, manifest = _packaged_archive(settings, replica0.target(), model, version, mv.run_id)
+        if mar_path is None:
+            mar_path = package_version(PackageConfig(model, version=version), settings).mar_path
+            manifest = verify_archive(mar_path, model, version, mv.run_id)
+    defaults = {r.name: r.client().default_version(model) for r in spec.replicas}
+    result.previous = next((d for d in defaults.values() if d), None)
+    if canary is not None and (result.previous is None or result.previous == version):
+        result.event(f"no other version serving by default ({result.previous or 'none'}): rolling release, no canary")
+        canary, result.mode = None, "rolling"
+    result.event(f"{result.mode} release of v{version} over {', '.join(defaults)} (default now "
+                 f"{result.previous or 'none'})")
+    tag(f"pool_{env}_release", f"{result.mode} started on {target.describe()}")
+
+    registered: dict[str, bool] = {}  # replica → this release registered the version there
+    try:
+        # 1. Replica by replica: drained, released (rolling) or registered + accepted (canary), back.
+        for replica in spec.replicas:
+            client = replica.client()
+            registered[replica.name] = version not in client.versions(model)
+            rt.set_state(replica.name, "drain")
+            try:
+                rt.wait_idle(replica.name, target.drain_timeout_s)
+                r = release_version(settings, model, version, env,
+                                    replica.target(target.workers, target.grace_s, target.keep_previous),
+                                    acceptance, mar_path=Path(mar_path), retire=False, switch=canary is None,
+                                    record=False)
+            except ReleaseFailed as exc:
+                if exc.result is not None:
+                    result.replicas[replica.name] = exc.result
+                    registered[replica.name] = False  # its own rollback unregistered it
+                raise ReleaseFailed(f"replica {replica.name}: {exc}") from exc
+            finally:
+                rt.set_state(replica.name, "ready")
+            result.replicas[replica.name] = r
+            summary = r.report.summary() if r.report else "accepted"
+            what = "switched" if canary is None else "registered beside the default"
+            result.event(f"replica {replica.name}: {what}; {summary}")
+            tag(f"pool_{env}_{replica.name}", f"{what} ({summary})")
+        # 2. Canary steps on live traffic.
+        if canary is not None:
+            _run_canary(spec, model, version, env, canary, result, tag, on_step)
+            for replica in spec.replicas:
+                r = replica.client().set_default(model, version)
+                if r.status_code != 200:
+                    raise ReleaseFailed(f"replica {replica.name}: set-default failed: HTTP {r.status_code} {r.text[:200]}")
+                result.replicas[replica.name].switched = True
+                result.replicas[replica.name].previous = defaults[replica.name]
+            rt.del_map(spec.canary_map, model)
+            result.promoted = True
+            result.event(f"promoted: v{version} is every replica's default; canary route removed")
+            tag(f"canary_{env}", f"promoted through {', '.join(f'{s}%' for s in canary.steps)}")
+    except BaseException as exc:
+        _rollback_pool(spec, model, version, result, registered, defaults, target.grace_s)
+        tag(f"pool_{env}_release", f"rolled back: {exc}")
+        if canary is not None and not result.promoted:
+            tag(f"canary_{env}", f"rolled back: {exc}")
+        if isinstance(exc, ReleaseFailed):
+            exc.result = result
+            raise
+        if isinstance(exc, Exception):
+            raise ReleaseFailed(f"pool release of {model} v{version} failed ({type(exc).__name__}: {exc}); "
+                                "rolled back", result) from exc
+        raise
+    # 3. The registry moves once, after every replica serves the version.
+    store_file = replica0.model_store / f"{model}-{version}.mar"
+    stamp = ArchiveStamp.of(store_file if store_file.is_file() else Path(mar_path), manifest)
+    mark_deployed(settings, model, version, env, target.describe(), archive=stamp)
+    tag(f"pool_{env}_release", f"{result.mode} release done on {target.describe()}")
+    result.event(f"alias {env} → v{version}")
+    return result
+
+
+def _run_canary(spec: PoolSpec, model: str, version: str, env: str, policy: CanaryPolicy,
+                result: PoolReleaseResult, tag: _Tags, on_step) -> None:
+    """Each step: route SHARE % to the new version, watch a live window until `judge` passes or fails."""
+    rt = spec.runtime()
+    baseline = ArmStats()  # the stable arm over all windows: the 100 % step has no stable traffic of its own
+    for share in policy.steps:
+        window = LiveWindow(spec, model, result.previous, version)
+        rt.set_map(spec.canary_map, model, f"{version}:{share}")
+        result.event(f"canary at {share}%")
+        started = time.monotonic()
+        while True:
+            time.sleep(policy.poll_s)
+            window.update()
+            stable, canary = window.stats()
+            reference = baseline.merge(stable)
+            verdict = judge(reference, canary, policy, mix_measured=window.mix_measured,
+                            waited_s=time.monotonic() - started)
+            if verdict.action != "wait":
+                break
+        baseline = reference
+        result.steps.append((share, verdict, reference, canary))
+        result.step_times.append((share, time.monotonic() - started))
+        text = f"{verdict.text()} (canary {canary.summary()}; stable {reference.summary()})"
+        result.event(f"canary at {share}%: {text}")
+        tag(f"canary_{env}_{share}pct", text)
+        if on_step is not None:
+            on_step(share, verdict, reference, canary)
+        if verdict.action != "pass":
+            raise ReleaseFailed(f"canary v{version} failed its live checks at {share}%: {'; '.join(verdict.reasons)}")
+
+
+def _rollback_pool(spec: PoolSpec, model: str, version: str, result: PoolReleaseResult,
+                   registered: Mapping[str, bool], defaults: Mapping[str, str | None], grace_s: float) -> None:
+    """Canary route off at once; after `grace_s` (in-flight requests finish), each replica back to its
+    previous default and the version unregistered where this release registered it."""
+    rt = spec.runtime()
+    try:
+        rt.del_map(spec.canary_map, model)
+        result.event("canary route removed: all unversioned traffic on the default")
+    except FlywheelError as exc:
+        result.event(f"could not remove the canary route: {exc}")
+    time.sleep(grace_s)
+    for replica in spec.replicas:
+        r = result.replicas.get(replica.name)
+        if r is None or r.rolled_back:
+            continue  # not reached, or rolled back by its own release
+        r.previous = defaults.get(replica.name)
+        _rollback(replica.client(), r, registered.get(replica.name, False))
+        result.event(f"replica {replica.name}: rolled back ({'; '.join(r.events[-2:])})")
+    result.rolled_back = True
+
+
+def retire_pool(target: PoolTarget, result: PoolReleaseResult) -> list[str]:
+    """Unregister, on each replica, versions beyond `keep_previous` (after the grace period)."""
+    retired = []
+    for replica in target.spec.replicas:
+        r = result.replicas.get(replica.name) or ReleaseResult(result.model, result.version, result.env, "")
+        r.previous = r.previous or result.previous
+        gone = retire_previous(replica.target(target.workers, target.grace_s, target.keep_previous), r)
+        if gone:
+            result.event(f"replica {replica.name}: unregistered old version(s) {', '.join(r.unregistered) or 'none'}")
+        retired += gone
+    return retired
