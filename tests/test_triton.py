@@ -418,7 +418,7 @@ def test_predict_cli_engine_triton(triton_v1, serving_models, tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(r["file"]).name for r in lines] == ["img0.png", "img1.png", "img2.png", "img3.png"]
     client = server.client()
-    for r, image in zip(lines[:3], images):
+    for r, image in zip(lines[:3], images, strict=True):
         assert r["status"] == 200 and r["version"] == v1 and r["model"] == name
         assert {"prediction_id", "label", "label_index", "confidence", "top_k"} <= set(r)
         direct = client.predict(name, _png(image)).json()
