@@ -59,7 +59,7 @@ LATENCY_METRIC = "FlywheelInferenceLatency"
 CONFIDENCE_METRIC = "FlywheelPredictionConfidence"
 # Each backend metric value is a log line (a write to the worker's stdout, carrying the batch's
 # request ids) that the Java frontend parses: one per prediction cost the worker more than the model
-# at 16 clients, and <=4 per batch still cost a fifth of a request's CPU (benchmarks/serving.py). The
+# at 16 clients, and <=4 per batch still cost ~a tenth of the worker's CPU per request (benchmarks/README.md). The
 # histogram gets every CONFIDENCE_SAMPLE_EVERY-th prediction the worker answers, the first one
 # included (systematic sampling: uniform over predictions whatever the batch sizes, so its shape is
 # unbiased); counts come from TorchServe's request metrics.
