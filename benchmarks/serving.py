@@ -19,6 +19,11 @@ with the same batching (TorchServe: a handler that answers a constant; Triton: a
 model that does the same), the engine's floor; the report gives Flywheel's model as a share of it
 (goal: >=0.8x the floor's req/s at 16 clients on both engines). `--engines` picks the servers.
 
+Each point also reports CPU per answered request: the server's whole process tree (TorchServe's Java
+frontend and Python workers; tritonserver, its Python-backend stubs and the proxy; MLflow's uvicorn)
+and this load generator, from /proc while that point ran. On a box shared with other jobs req/s
+measures the share of the cores the servers got; CPU per request is what each answer cost.
+
     python benchmarks/serving.py                      # trains a small Fashion-MNIST model first
     python benchmarks/serving.py --tracking-uri URI --model NAME --version V --seconds 10
     python benchmarks/serving.py --engines torchserve triton   # no MLflow
@@ -43,8 +48,29 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def load(url: str, body: bytes, headers: dict, clients: int, seconds: float) -> dict:
-    """`clients` threads POST `body` back to back for `seconds` on keep-alive connections.
+def tree_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by `pids` and all their descendants alive now."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:  # exited between listing and reading: its CPU is no longer counted
+                pass
+    return total
+
+
+def load(url: str, body: bytes, headers: dict, clients: int, seconds: float, pids: list[int] = ()) -> dict:
+    """`clients` threads POST `body` back to back for `seconds` on keep-alive connections; with
+    `pids`, also the CPU ms per answered request of their process trees and of this process.
 
     http.client, not requests: on 2 cores the client's own CPU per request must stay far below the
     servers', or both servers measure the load generator (requests costs ~1 ms of GIL per call).
@@ -82,20 +108,24 @@ def load(url: str, body: bytes, headers: dict, clients: int, seconds: float) -> 
             errors[0] += bad
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
+    server0, client0 = tree_cpu(list(pids)), time.process_time()
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    server_s, client_s = tree_cpu(list(pids)) - server0, time.process_time() - client0
     arr = np.asarray(lat) * 1000.0
+    n = max(len(lat), 1)
     return {"rps": len(lat) / elapsed, "p50": float(np.percentile(arr, 50)) if len(arr) else float("nan"),
-            "p99": float(np.percentile(arr, 99)) if len(arr) else float("nan"), "n": len(lat), "errors": errors[0]}
+            "p99": float(np.percentile(arr, 99)) if len(arr) else float("nan"), "n": len(lat), "errors": errors[0],
+            "server_cpu_ms": server_s / n * 1000.0, "client_cpu_ms": client_s / n * 1000.0}
 
 
 def merge(runs: list[dict]) -> dict:
-    return {k: float(np.median([r[k] for r in runs])) for k in ("rps", "p50", "p99")} | {
-        "n": sum(r["n"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+    return {k: float(np.median([r[k] for r in runs])) for k in ("rps", "p50", "p99", "server_cpu_ms", "client_cpu_ms")
+            } | {"n": sum(r["n"] for r in runs), "errors": sum(r["errors"] for r in runs)}
 
 
 def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -220,7 +250,7 @@ def main() -> None:
     png = encode_png(image)
     tensor_json = json.dumps({"inputs": to_tensor(image[None], spec.preprocess).numpy().tolist()})
 
-    servers: dict[str, tuple] = {}  # name → (url, body, headers)
+    servers: dict[str, tuple] = {}  # name → (url, body, headers, server pids)
     stops = []
     try:
         if "torchserve" in engines:
@@ -232,9 +262,10 @@ def main() -> None:
             key = read_keys(ts.key_file)["inference"]  # valid for the run: renewed at half of 1440 min
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
                        TRAFFIC_HEADER: "benchmark"}  # captured (if capture is on) marked, never monitored
-            servers["torchserve"] = (f"{ts.cfg.inference_address}/predictions/{args.model}", png, headers)
+            pids = [ts.proc.pid]
+            servers["torchserve"] = (f"{ts.cfg.inference_address}/predictions/{args.model}", png, headers, pids)
             if not args.no_floor:
-                servers["torchserve-floor"] = (f"{ts.cfg.inference_address}/predictions/noop", png, headers)
+                servers["torchserve-floor"] = (f"{ts.cfg.inference_address}/predictions/noop", png, headers, pids)
         if "triton" in engines:
             repo = work / "triton-repository"
             models = [args.model] + ([] if args.no_floor else [noop_triton(repo, args.max_batch_delay * 1000)])
@@ -243,25 +274,27 @@ def main() -> None:
             body, base = encode_infer_request([png], outputs=("prediction",))
             headers = {**base, "Authorization": f"Bearer {read_keys(tr.key_file)['inference']}",
                        TRAFFIC_HEADER: "benchmark"}
-            servers["triton"] = (f"{tr.url}/v2/models/{args.model}/infer", body, headers)
+            pids = [tr.triton.pid, tr.proxy.pid]
+            servers["triton"] = (f"{tr.url}/v2/models/{args.model}/infer", body, headers, pids)
             if not args.no_floor:
-                servers["triton-floor"] = (f"{tr.url}/v2/models/noop/infer", body, headers)
+                servers["triton-floor"] = (f"{tr.url}/v2/models/noop/infer", body, headers, pids)
         if "mlflow" in engines:
             ml_proc, ml_url = start_mlflow(f"models:/{args.model}/{version}", settings.tracking_uri, work)
             stops.append(lambda: stop_process_group(ml_proc, timeout=30))
-            servers["mlflow"] = (f"{ml_url}/invocations", tensor_json.encode(), {"Content-Type": "application/json"})
+            servers["mlflow"] = (f"{ml_url}/invocations", tensor_json.encode(), {"Content-Type": "application/json"},
+                                 [ml_proc.pid])
         for name, req in servers.items():
             r = requests.post(req[0], data=req[1], headers=req[2], timeout=30)
             assert r.status_code == 200, (name, r.status_code, r.text[:300])
         for req in servers.values():  # steady state for all: JIT-compiled frontend, warm caches
-            load(*req, max(args.clients), args.warmup)
+            load(*req[:3], max(args.clients), args.warmup)
         results = {}
         for clients in args.clients:
             runs = {name: [] for name in servers}
             for r in range(args.rounds):
                 order = list(servers.items())
                 for name, req in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
-                    runs[name].append(load(*req, clients, args.seconds))
+                    runs[name].append(load(*req[:3], clients, args.seconds, req[3]))
             results[clients] = {k: merge(v) for k, v in runs.items()}
     finally:
         for stop in reversed(stops):
@@ -269,16 +302,20 @@ def main() -> None:
 
     print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, batch "
           f"{args.batch_size} / {args.max_batch_delay} ms, 1 worker/instance each, {os.cpu_count()} CPUs")
-    print(f"{'clients':>7} {'server':>16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print("cpu ms/req: CPU of the server's process tree (client: this load generator) per answered request; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"{'clients':>7} {'server':>16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'cpu ms/req':>10} "
+          f"{'client':>7}")
     for clients, res in results.items():
         for name, r in res.items():
-            print(f"{clients:>7} {name:>16} {r['rps']:>9.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6}")
+            print(f"{clients:>7} {name:>16} {r['rps']:>9.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['errors']:>6} "
+                  f"{r['server_cpu_ms']:>10.3f} {r['client_cpu_ms']:>7.3f}")
         for a, b in (("torchserve", "mlflow"), ("triton", "mlflow"), ("triton", "torchserve"),
                      ("torchserve", "torchserve-floor"), ("triton", "triton-floor")):
             if a in res and b in res:
                 t, m = res[a], res[b]
                 print(f"{clients:>7} {'ratio':>16} {t['rps'] / m['rps']:>8.2f}x {t['p50'] / m['p50']:>7.2f}x "
-                      f"{t['p99'] / m['p99']:>7.2f}x   ({a} / {b})")
+                      f"{t['p99'] / m['p99']:>7.2f}x {'':>6} {t['server_cpu_ms'] / m['server_cpu_ms']:>9.2f}x   ({a} / {b})")
     bench_io.emit({str(k): v for k, v in results.items()}, args.json_out)
 
 

@@ -47,7 +47,7 @@ def test_requests_add_access_lines_but_no_server_chatter(torchserve_server):
     assert _lines(logs / "access_log.log") - before["access_log.log"] >= n  # every request, once
     # The built-in configuration wrote ~10 ts_log lines per request; lifecycle lines only here.
     assert _lines(logs / "ts_log.log") - before["ts_log.log"] < 10
-    # Confidence is observed for a bounded random sample of each batch, at least one per batch.
+    # Confidence is observed for every 8th prediction of the worker (handler.CONFIDENCE_SAMPLE_EVERY).
     added = _metric_total(srv.client.metrics(), "FlywheelPredictionConfidence_count") - conf_before
     assert 0 < added <= n
 

@@ -391,3 +391,38 @@ def test_package_cli_engine_triton(serving_models, tmp_path):
     assert str(tmp_path / "repo") in proc.stdout
     bad = subprocess.run([*cmd, "--engine", "nope"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "unknown --engine" in bad.stderr
+
+
+def test_predict_cli_engine_triton(triton_v1, serving_models, tmp_path):
+    """`flywheel predict` against Triton's proxy with the exports `serve --engine triton` writes
+    (FLYWHEEL_SERVE_ENGINE=triton): one JSON line per file, in order, the TorchServe handler's answer
+    fields; a broken file fails alone (exit 1); an unknown engine is a usage error."""
+    from tests.conftest import VENV_BIN
+
+    server, _ = triton_v1
+    name, v1 = serving_models.name, serving_models.versions[0]
+    images = _fashion_test().images[300:303]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        (folder / f"img{i}.png").write_bytes(_png(image))
+    (folder / "img3.png").write_bytes(b"not an image")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYWHEEL_"))}
+    env.update(FLYWHEEL_SERVE_ENGINE="triton", FLYWHEEL_TS_INFERENCE_URL=server.url,
+               FLYWHEEL_TS_KEY_FILE=str(server.key_file))
+    out = tmp_path / "predictions.jsonl"
+    cmd = [str(VENV_BIN / "flywheel"), "predict", "--model", name, "--dir", str(folder), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # one file failed
+    assert "3/4 predicted, 1 failed" in proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["file"]).name for r in lines] == ["img0.png", "img1.png", "img2.png", "img3.png"]
+    client = server.client()
+    for r, image in zip(lines[:3], images, strict=True):
+        assert r["status"] == 200 and r["version"] == v1 and r["model"] == name
+        assert {"prediction_id", "label", "label_index", "confidence", "top_k"} <= set(r)
+        direct = client.predict(name, _png(image)).json()
+        assert (r["label"], r["label_index"], r["top_k"]) == (direct["label"], direct["label_index"], direct["top_k"])
+    assert lines[3]["status"] == 400 and "img3.png" in lines[3]["file"] and lines[3]["error"]
+    bad = subprocess.run([*cmd, "--engine", "nope"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "unknown --engine" in bad.stderr

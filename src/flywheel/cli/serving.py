@@ -194,15 +194,20 @@ def predict(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the summary as one JSON document on stdout (needs --out for the predictions).")
                        ] = False,
+    engine: Annotated[str, typer.Option(
+        envvar="FLYWHEEL_SERVE_ENGINE", help="torchserve | triton (the endpoint is Triton's authenticating "
+                                             "proxy); `flywheel serve` writes it into serve.env.")] = "torchserve",
 ) -> None:
-    """Batch inference over image files against a TorchServe endpoint, with progress. Exits 1 if any failed."""
+    """Batch inference over image files against a TorchServe (or Triton) endpoint, with progress. Exits 1 if any failed."""
     from flywheel.core.config import DEFAULT_MODEL_NAME
     from flywheel.serving.predict import run_predict
 
     if as_json and out is None:  # the predictions' JSON lines would share stdout with the summary
         fail("--json prints the summary on stdout: give --out FILE for the predictions")
+    if engine not in ("torchserve", "triton"):
+        fail(f"unknown --engine {engine!r}; choose torchserve or triton")
     summary = run_predict(endpoint, model or DEFAULT_MODEL_NAME, list(images or []), directory, out, key_file,
-                          token, version, concurrency, progress=not as_json)  # its bar draws on stdout
+                          token, version, concurrency, progress=not as_json, engine=engine)  # bar draws on stdout
     if as_json:
         emit_json({"model": model or DEFAULT_MODEL_NAME, "total": summary.total, "ok": summary.ok,
                    "failed": summary.failed, "out": summary.out})
@@ -313,7 +318,8 @@ def _serve_torchserve(settings, work_dir: Path | None, model_store: Path | None,
                             token_expiration_min=token_expiry_minutes)
     server = start_torchserve(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
     exports = {"FLYWHEEL_TS_INFERENCE_URL": cfg.inference_address, "FLYWHEEL_TS_MANAGEMENT_URL": cfg.management_address,
-               "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store)}
+               "FLYWHEEL_TS_KEY_FILE": str(server.key_file), "FLYWHEEL_TS_MODEL_STORE": str(cfg.model_store),
+               "FLYWHEEL_SERVE_ENGINE": "torchserve"}
     _serve_until_stopped(server, env_file, exports, capture_to,
                          f"inference {cfg.inference_address}  management {cfg.management_address}  "
                          f"metrics {cfg.metrics_address}\nkey file {server.key_file}\ncapture {capture_to or 'off'}\n"
@@ -349,7 +355,7 @@ def _serve_triton(work_dir: Path, repository: Path, load: tuple[str, ...], captu
     cfg = TritonServeConfig.local(work_dir, repository, models=load, token_expiration_min=token_expiry_minutes)
     server = start_triton(cfg, env={"FLYWHEEL_CAPTURE_URI": capture_to})  # "": an inherited one is off
     exports = {"FLYWHEEL_TS_INFERENCE_URL": cfg.url, "FLYWHEEL_TS_KEY_FILE": str(server.key_file),
-               "FLYWHEEL_TS_MODEL_STORE": str(cfg.repository)}
+               "FLYWHEEL_TS_MODEL_STORE": str(cfg.repository), "FLYWHEEL_SERVE_ENGINE": "triton"}
     _serve_until_stopped(server, env_file, exports, capture_to,
                          f"triton (through its proxy) {cfg.url}  metrics {cfg.url}/metrics\nkey file {server.key_file}\n"
                          f"repository {cfg.repository}\ncapture {capture_to or 'off'}\n"

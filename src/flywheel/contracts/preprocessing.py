@@ -262,7 +262,9 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
                 raise InvalidImage(f"image too large: {width}x{height} pixels > limit {spec.max_pixels}",
                                    status=413)
             img.load()  # forces a full decode so truncated files fail here, not later
-            converted = _flatten_alpha(img, spec.invert).convert(spec.mode)
+            converted = _flatten_alpha(img, spec.invert)
+            if converted.mode != spec.mode:  # same mode: Pillow's convert would only copy
+                converted = converted.convert(spec.mode)
     except InvalidImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -271,7 +273,16 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
         raise InvalidImage(f"not a decodable image: {_pillow_reason(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's truncated/corrupt-stream errors
         raise InvalidImage(f"corrupt or truncated image: {_pillow_reason(exc)}") from None
-    return np.asarray(_resize_one(converted, spec.height, spec.width, spec.resize), dtype=np.uint8)
+    return _pixels(_resize_one(converted, spec.height, spec.width, spec.resize))
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """An "L" or "RGB" image's uint8 pixels, (H, W) or (H, W, 3): what `np.asarray(img)` returns
+    (read-only, the same bytes), without Pillow's `__array_interface__` detour (~2x the cost for a
+    28x28 image, a tenth of a serving request's decode)."""
+    width, height = img.size
+    shape = (height, width, 3) if img.mode == "RGB" else (height, width)
+    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(shape)
 
 
 def encode_png(image: np.ndarray) -> bytes:

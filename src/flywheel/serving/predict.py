@@ -1,7 +1,12 @@
-"""`flywheel predict`: send image files to a TorchServe endpoint, one JSON line per file.
+"""`flywheel predict`: send image files to a serving endpoint, one JSON line per file.
 
-A few requests run concurrently (TorchServe batches them server-side); results are written in the
-input order so a results file lines up with a sorted folder listing.
+Either engine: TorchServe (`/predictions/<model>`) or Triton through its authenticating proxy
+(KServe v2 `/v2/models/<model>/infer`, `TritonClient.predict`, which answers with the TorchServe
+handler's JSON), so the output lines are the same whichever engine served them. `flywheel serve`
+writes the engine into serve.env (FLYWHEEL_SERVE_ENGINE) with the endpoint and key file.
+
+A few requests run concurrently (the server batches them); results are written in the input order
+so a results file lines up with a sorted folder listing.
 """
 
 from __future__ import annotations
@@ -71,17 +76,33 @@ def predict_files(client, model: str, files: list[Path], version: str | None = N
         yield from pool.map(one, files)
 
 
-def run_predict(endpoint: str, model: str, images: list[Path], directory: Path | None = None,
-                out: Path | None = None, key_file: Path | None = None, token: str | None = None,
-                version: str | None = None, concurrency: int = 4, progress: bool = True) -> PredictSummary:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+ENGINES = ("torchserve", "triton")
 
+
+def inference_client(engine: str, endpoint: str, key_file: Path | None, token: str | None):
+    """The engine's inference client: `predict(model, bytes, version=)` and `explain(r, kind)` alike."""
+    if engine not in ENGINES:
+        raise FlywheelError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
+    name = "TorchServe" if engine == "torchserve" else "Triton's proxy"
+    if key_file is None and token is None:
+        raise FlywheelError(f"{name} needs a token: pass --key-file (the server's key_file.json) or --token")
+    if engine == "triton":
+        from flywheel.serving.triton import TritonClient
+
+        return TritonClient(endpoint, key_file=key_file, inference_key=token)
     from flywheel.serving.torchserve import TorchServeClient
 
-    if key_file is None and token is None:
-        raise FlywheelError("TorchServe needs a token: pass --key-file (the server's key_file.json) or --token")
+    return TorchServeClient(endpoint, key_file=key_file, inference_key=token)
+
+
+def run_predict(endpoint: str, model: str, images: list[Path], directory: Path | None = None,
+                out: Path | None = None, key_file: Path | None = None, token: str | None = None,
+                version: str | None = None, concurrency: int = 4, progress: bool = True,
+                engine: str = "torchserve") -> PredictSummary:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    client = inference_client(engine, endpoint, key_file, token)
     files = collect_images(images, directory)
-    client = TorchServeClient(endpoint, key_file=key_file, inference_key=token)
     ok = failed = 0
     bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress or out is None, transient=True)

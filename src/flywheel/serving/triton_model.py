@@ -43,6 +43,7 @@ import preprocessing as _pp  # noqa: E402
 logger = logging.getLogger("flywheel.triton")
 IMAGE_INPUT = "image"
 TRAFFIC_PARAMETER = _capture.TRAFFIC_HEADER.lower()
+OUTPUTS = ("label", "label_index", "confidence", "probabilities", "prediction_id", "version", "prediction")
 
 
 class RequestError(Exception):
@@ -58,6 +59,15 @@ def _invalid(message: str):
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
     error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def _requested(request) -> frozenset[str] | tuple[str, ...]:
+    """The outputs a request names (KServe v2 `outputs`), or all of them when it names none."""
+    try:
+        names = request.requested_output_names()
+    except AttributeError:  # a stub without the call: answer every output, as before
+        return OUTPUTS
+    return frozenset(names) if names else OUTPUTS
 
 
 def _strings(values: list[str], n: int) -> np.ndarray:
@@ -154,21 +164,25 @@ class TritonPythonModel:
             logits, emb = self.session.run(None, {self.input_name: inputs})[:2]
             probs = _softmax(logits.astype(np.float32, copy=False))
             for idx, (start, stop, top_k, traffic) in slices.items():
-                responses[idx] = self._response(images, probs, emb, start, stop, top_k, traffic)
+                responses[idx] = self._response(images, probs, emb, start, stop, top_k, traffic,
+                                                _requested(requests[idx]))
         return responses
 
-    def _response(self, images, probs, emb, start, stop, top_k, traffic):
+    def _response(self, images, probs, emb, start, stop, top_k, traffic, requested=OUTPUTS):
+        """One request's response with the outputs it asked for (all when it named none, as Triton
+        does): Triton drops the rest anyway, and building all seven cost more than the model."""
         preds = [self._prediction(images[i], probs[i], emb[i], top_k, traffic) for i in range(start, stop)]
         n = len(preds)
-        outputs = [
-            pb_utils.Tensor("label", _strings([p["label"] for p in preds], n)),
-            pb_utils.Tensor("label_index", np.array([p["label_index"] for p in preds], np.int64).reshape(n, 1)),
-            pb_utils.Tensor("confidence", np.array([p["confidence"] for p in preds], np.float32).reshape(n, 1)),
-            pb_utils.Tensor("probabilities", np.ascontiguousarray(probs[start:stop], dtype=np.float32)),
-            pb_utils.Tensor("prediction_id", _strings([p["prediction_id"] for p in preds], n)),
-            pb_utils.Tensor("version", _strings([self.version] * n, n)),
-            pb_utils.Tensor("prediction", _strings([json.dumps(p) for p in preds], n)),
-        ]
+        build = {
+            "label": lambda: _strings([p["label"] for p in preds], n),
+            "label_index": lambda: np.array([p["label_index"] for p in preds], np.int64).reshape(n, 1),
+            "confidence": lambda: np.array([p["confidence"] for p in preds], np.float32).reshape(n, 1),
+            "probabilities": lambda: np.ascontiguousarray(probs[start:stop], dtype=np.float32),
+            "prediction_id": lambda: _strings([p["prediction_id"] for p in preds], n),
+            "version": lambda: _strings([self.version] * n, n),
+            "prediction": lambda: _strings([json.dumps(p) for p in preds], n),
+        }
+        outputs = [pb_utils.Tensor(name, build[name]()) for name in OUTPUTS if name in requested]
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int, traffic: str) -> dict:
