@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import bench_io  # benchmarks/ is the script's own directory
 import numpy as np
-from serving import load  # the same keep-alive http.client load generator as benchmarks/serving.py
+from serving import (  # the same keep-alive http.client load generator as benchmarks/serving.py
+    load,
+    model_to_serve,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -50,24 +52,13 @@ def main() -> None:
     import mlflow
 
     from flywheel.contracts.preprocessing import encode_png
-    from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
     from flywheel.serving.keys import read_keys
     from flywheel.serving.package import PackageConfig, package_version
     from flywheel.serving.pool import CanaryPolicy, PoolTarget, pool_release, start_pool
     from flywheel.serving.release import AcceptanceConfig
 
-    work = Path(tempfile.mkdtemp(prefix="flywheel-bench-pool-"))
-    settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
-                                 work_dir=work, model_name=args.model).apply()
-    version = args.version
-    if version is None:
-        from flywheel.training.train import TrainConfig, run_training
-
-        print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
-        result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
-                                          register=False), settings)
-        version = str(mlflow.register_model(result.model_uri, args.model).version)
+    work, settings, version = model_to_serve(args.tracking_uri, args.model, args.version, "flywheel-bench-pool-")
     store = work / "store"
     pkg = package_version(PackageConfig(args.model, version=version, out_dir=store), settings)
     png = encode_png(load_splits("fashion-mnist", settings.data_dir).test.images[0])

@@ -194,6 +194,27 @@ def noop_triton(repository: Path, max_queue_delay_us: int) -> str:
     return "noop"
 
 
+def model_to_serve(tracking_uri: str | None, model: str, version: str | None, prefix: str):
+    """(work dir, applied Settings, version) for a benchmark: `version` of `model` in `tracking_uri`,
+    or, without a version, a small Fashion-MNIST model (1 epoch, 5000 images) trained and registered
+    in a fresh SQLite store in the work dir."""
+    from flywheel.core.config import Settings
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    settings = Settings.from_env(tracking_uri=tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
+                                 work_dir=work, model_name=model).apply()
+    if version is None:
+        import mlflow
+
+        from flywheel.training.train import TrainConfig, run_training
+
+        print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
+        result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
+                                          register=False), settings)
+        version = str(mlflow.register_model(result.model_uri, model).version)
+    return work, settings, version
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tracking-uri")
@@ -215,7 +236,6 @@ def main() -> None:
 
     from flywheel.contracts.capture import TRAFFIC_HEADER
     from flywheel.contracts.preprocessing import encode_png, to_tensor
-    from flywheel.core.config import Settings
     from flywheel.core.data import load_splits
     from flywheel.core.models import load_model
     from flywheel.core.procs import stop_process_group
@@ -224,19 +244,7 @@ def main() -> None:
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
     from flywheel.serving.triton import TritonServeConfig, encode_infer_request, start_triton
 
-    work = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    settings = Settings.from_env(tracking_uri=args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}",
-                                 work_dir=work, model_name=args.model).apply()
-    version = args.version
-    if version is None:
-        import mlflow
-
-        from flywheel.training.train import TrainConfig, run_training
-
-        print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
-        result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
-                                          register=False), settings)
-        version = str(mlflow.register_model(result.model_uri, args.model).version)
+    work, settings, version = model_to_serve(args.tracking_uri, args.model, args.version, "flywheel-bench-")
     engines = args.engines
     store = work / "store"
     if "torchserve" in engines:

@@ -4,7 +4,7 @@ The same commit is shipped to every node with the single-node machinery (`job.Re
 detached runner, per-commit lock, secrets in a 0600 env file); what differs is each node's job
 environment and the first node's role:
 
-* the nodes are the N reachable ones with the most free GPU memory (`nodes.probe_node`/`rank_nodes`),
+* the nodes are the N reachable ones with the most free GPU memory (`nodes.probe_pool`),
   then ordered by their `address` (the order torch numbers nodes in, see
   flywheel.component.distributed), so the first one holds rank 0;
 * the first node runs `mlflow run` as a single-node job does (that creates the job's one MLflow run)
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from flywheel.core.errors import FlywheelError
 from flywheel.training.dispatch.job import JobResult, RemoteJob, RemoteTrainConfig, job_key
-from flywheel.training.dispatch.nodes import probe_node, rank_nodes
+from flywheel.training.dispatch.nodes import probe_pool
 
 if TYPE_CHECKING:
     from flywheel.core.config import Settings
@@ -54,14 +54,7 @@ def choose_nodes(nodes: Sequence[Node], auth: SSHAuth, key: str, count: int, npr
     first: ordered by `Node.address` as torch orders them."""
     if count > len(nodes):
         raise FlywheelError(f"--num-nodes {count} but the pool has {len(nodes)} node(s)")
-    probes = [probe_node(node, auth, key) for node in nodes]
-    for p in probes:
-        if p.error:
-            warn(f"skipping {p.node.label}: {p.error}")
-        if p.busy:
-            raise FlywheelError(f"job {key} is already training on {p.node.label}; follow it with "
-                                f"`flywheel remote-train --attach {key}` instead of starting it twice")
-    ranked = rank_nodes(probes, nproc)
+    _, ranked = probe_pool(nodes, auth, key, f"job {key}", nproc, warn)
     if len(ranked) < count:
         raise FlywheelError(f"--num-nodes {count} but only {len(ranked)} of the {len(nodes)} nodes are reachable")
     chosen = sorted((p.node for p in ranked[:count]), key=lambda n: n.address)

@@ -166,17 +166,24 @@ def rank_nodes(probes: Sequence[NodeProbe], nproc: int = 1) -> list[NodeProbe]:
     return sorted((p for p in probes if p.error is None), key=lambda p: -p.score(nproc))
 
 
-def pick_node(nodes: Sequence[Node], auth: SSHAuth, sha: str, nproc: int = 1,
-              warn: Callable[[str], None] = print) -> Node:
-    """The reachable node with the most free GPU memory; unreachable ones are skipped with a warning."""
-    probes = [probe_node(node, auth, sha) for node in nodes]
+def probe_pool(nodes: Sequence[Node], auth: SSHAuth, key: str, what: str, nproc: int = 1,
+               warn: Callable[[str], None] = print) -> tuple[list[NodeProbe], list[NodeProbe]]:
+    """(every node's probe, the reachable ones ranked by `rank_nodes`) for job `key`. Unreachable nodes
+    are skipped with a warning; a node already running the job (`what`, e.g. "commit abc123") is an error."""
+    probes = [probe_node(node, auth, key) for node in nodes]
     for p in probes:
         if p.error:
             warn(f"skipping {p.node.label}: {p.error}")
         if p.busy:
-            raise FlywheelError(f"commit {sha[:12]} is already training on {p.node.label}; follow it with "
-                                f"`flywheel remote-train --attach {sha}` instead of starting it twice")
-    ranked = rank_nodes(probes, nproc)
+            raise FlywheelError(f"{what} is already training on {p.node.label}; follow it with "
+                                f"`flywheel remote-train --attach {key}` instead of starting it twice")
+    return probes, rank_nodes(probes, nproc)
+
+
+def pick_node(nodes: Sequence[Node], auth: SSHAuth, sha: str, nproc: int = 1,
+              warn: Callable[[str], None] = print) -> Node:
+    """The reachable node with the most free GPU memory; unreachable ones are skipped with a warning."""
+    probes, ranked = probe_pool(nodes, auth, sha, f"commit {sha[:12]}", nproc, warn)
     if not ranked:
         raise FlywheelError(f"none of the {len(nodes)} training nodes is reachable: " +
                             "; ".join(p.error or "" for p in probes))
