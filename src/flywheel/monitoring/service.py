@@ -853,7 +853,9 @@ class Monitor:
             metrics += [Metric(k, float(v), now, r.index) for k, v in values.items()]
         for i in range(0, len(metrics), 900):  # log_batch caps at 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[i:i + 900])
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _status_tags(results).items()])
+        primary = [r for r in results if r.primary]
+        if primary:  # `flywheel status` shows an env's latest window: the alias's version's, not a canary's
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _status_tags(primary).items()])
         history = client.get_metric_history(run_id, "p_value")
         drift = {m.step: m.value for m in client.get_metric_history(run_id, "drift_detected")}
         import tempfile
