@@ -43,6 +43,40 @@ def test_window_record_accuracy_fields_verify_and_older_records_read():
         _record(reference_accuracy=1.5).verify()
 
 
+
+def test_state_of_an_older_flywheel_becomes_the_alias_versions_track(tmp_path):
+    """An older state (one version's windows, run and partial window in pending.npz) loads as that
+    version's track; written back, every version's partial window is kept under its own name."""
+    import numpy as np
+
+    from flywheel.core.config import Settings
+    from flywheel.monitoring.service import Monitor, MonitorConfig
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.json").write_text(json.dumps({"version": "3", "cursor": "0001700000000000000", "windows": 7,
+                                                  "run_id": "r3", "labelled_total": 5, "last_capture_ts": 1.0,
+                                                  "pending_file": None, "journal": [], "instance": "ab" * 16}))
+    old = {"emb": np.ones((4, 8), np.float32), "pred": np.arange(4), "ts": np.arange(4.0),
+           "ids": np.asarray(["a", "b", "c", "d"], dtype="<U64")}
+    np.savez(state / "pending.npz", **old)
+    mon = Monitor(MonitorConfig(model="m", capture_uri=str(tmp_path / "caps"), state_dir=state), Settings.from_env())
+    assert mon.state.tracks == {"3": {"windows": 7, "run_id": "r3"}}
+    pending = mon._load_pending()
+    assert list(pending) == ["3"] and (pending["3"]["ids"] == old["ids"]).all()
+    canary = {"emb": np.zeros((2, 16), np.float32), "pred": np.zeros(2, np.int64), "ts": np.zeros(2),
+              "ids": np.asarray(["x", "y"], dtype="<U64")}  # another version, another embedding dimension
+    mon._track_state("4")["windows"] = 2
+    mon._commit({**pending, "4": canary})
+    again = Monitor(MonitorConfig(model="m", capture_uri=str(tmp_path / "caps"), state_dir=state), Settings.from_env())
+    back = again._load_pending()
+    assert back["3"]["emb"].shape == (4, 8) and back["4"]["emb"].shape == (2, 16)
+    assert list(back["4"]["ids"]) == ["x", "y"]
+    written = json.loads((state / "state.json").read_text())
+    assert (written["windows"], written["run_id"]) == (7, "r3")  # the alias's version's, where older readers look
+    assert written["tracks"]["4"] == {"windows": 2, "run_id": None}
+    assert sorted(f.name for f in state.glob("pending*")) == [written["pending_file"]]
+
 # ------------------------------------------------------------------------ replicas, A/B, accuracy
 REPLICAS = 3
 WINDOW = 50
