@@ -4,15 +4,21 @@ One tick (`Monitor.tick`, which `--once` runs a single time for cron):
 1. resolve the alias (`prod`, `dev`) to a model version; a new version starts a new reference and run;
 2. load that version's own reference (the `reference/` artifacts its training run logged);
 3. read the capture batches not read before (`flywheel.contracts.capture.CaptureReader`: exactly once, from any
-   number of writers, within its horizon); records of other versions and traffic marked as release
-   acceptance, warm-up or benchmark (not live) are skipped;
-4. for every full window: embedding drift (`flywheel.monitoring.drift`), prediction drift (chi-square on class
-   counts), accuracy where feedback labels came back; log it to the MLflow `monitoring` experiment and
-   to Prometheus;
-5. feed the decision to the trigger policy (K windows in a row → one retrain per episode) and deliver
-   the outbox (retried with backoff until the action succeeds).
+   number of writers, so from every serving replica, within its horizon); traffic marked as release
+   acceptance, warm-up or benchmark (not live) is skipped;
+4. separate live records by the version that answered them: every registered version with live traffic
+   has a track of its own (`Track`: its reference, detector, class names, reference accuracy; its
+   partial window, window index and MLflow run), so a canary's windows are never mixed with the
+   current version's; a version with no registry entry or no reference is skipped and counted;
+5. for every full window of a version: embedding drift (`flywheel.monitoring.drift`), prediction drift
+   (chi-square on class counts), accuracy where feedback labels came back and its alarm
+   (`flywheel.monitoring.accuracy`: exact one-sided binomial test against the version's test accuracy);
+   log it to the version's run in the MLflow `monitoring` experiment and to Prometheus;
+6. feed the alias's version's windows to the trigger policy (K drifting, or K accuracy-alarming, windows
+   in a row → one retrain per episode; other versions' windows are reported, never trigger) and
+   deliver the outbox (retried with backoff until the action succeeds).
 
-All state (cursor, partial window, policy, outbox, MLflow run id) lives under `state_dir`, so a crash
+All state (cursor, partial windows, policy, outbox, MLflow run ids) lives under `state_dir`, so a crash
 or a cron schedule loses nothing and re-reads nothing: the records read, the partial window, the
 windows tested and the advanced cursor are committed in one atomic write of `state.json` (the partial
 window goes to a fresh `pending-<id>.npz` that the commit names). Windows are tested before that
