@@ -27,6 +27,10 @@ def _exported_metric_names() -> set[str]:
     m.class_fraction.labels(model="m", env="prod", class_index="0").set(0.1)
     m.windows.labels(model="m", env="prod").inc()
     m.triggers.labels(model="m", env="prod", reason="drift").inc()
+    for g in (m.accuracy_alarm, m.accuracy_p, m.reference_accuracy):
+        g.labels(model="m", env="prod").set(1)
+    for g in (m.v_accuracy_alarm, m.v_detected, m.v_accuracy, m.v_accuracy_p, m.v_pending):
+        g.labels(model="m", env="prod", version="1").set(1)
     text = generate_latest(m.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 

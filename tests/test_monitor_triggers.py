@@ -112,6 +112,70 @@ def test_policy_schedule_and_labelled_data(tmp_path):
     assert d.fire and d.reason == "schedule"
 
 
+def test_policy_accuracy_alarm_has_its_own_episodes(tmp_path):
+    """K alarming labelled windows in a row fire one `accuracy` retrain; unlabelled windows (None) neither
+    extend nor break the run; the cooldown is shared with drift; 0/None disables firing on it."""
+    policy = TriggerPolicy(PolicyConfig(consecutive=3, accuracy_consecutive=2, clear_windows=2, cooldown_s=1000),
+                           tmp_path / "p.json")
+    t = 0.0
+
+    def feed(alarms, drifts=None):
+        nonlocal t
+        out = []
+        for a, d in zip(alarms, drifts or [False] * len(alarms), strict=True):
+            t += 1
+            out.append(policy.observe(d, now=t, accuracy_alarm=a))
+        return out
+
+    first = feed([True, None, None, True, True, True])
+    assert [d.fire for d in first] == [False, False, False, True, False, False]
+    assert first[3].reason == "accuracy" and "2 consecutive labelled windows" in first[3].note
+    assert policy.state.accuracy_episode is not None and policy.state.episode is None
+    feed([False, False])  # two clean labelled windows close the episode
+    assert policy.state.accuracy_episode is None
+    suppressed = feed([True, True])  # a new episode inside the cooldown: recorded, not fired
+    assert not any(d.fire for d in suppressed) and "accuracy episode" in suppressed[-1].note \
+        and "cooldown" in suppressed[-1].note
+    t += 2000
+    both = feed([False, False, None, True, True], [False, False, True, True, True])  # open together: one retrain
+    assert [d.fire for d in both] == [False, False, False, False, True]
+    assert both[4].reason == "drift" and "accuracy below the reference" in both[4].note
+    assert TriggerPolicy(policy.config, tmp_path / "p.json").state.accuracy_episode == policy.state.accuracy_episode
+
+    never = TriggerPolicy(PolicyConfig(accuracy_consecutive=None), tmp_path / "never.json")
+    assert not any(never.observe(False, now=i, accuracy_alarm=True).fire for i in range(10))
+
+
+def test_policy_state_of_an_older_flywheel_loads(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"consecutive": 2, "clean": 0, "episode": None, "episode_fired": False,
+                                                 "last_fire": None, "last_schedule": 5.0, "labelled_at_last_fire": 0,
+                                                 "episodes": 1, "suppressed": 0}))
+    policy = TriggerPolicy(PolicyConfig(consecutive=3), tmp_path / "p.json")
+    assert policy.observe(True, now=10).fire  # its drift run goes on where it was
+    assert policy.state.accuracy_consecutive == 0
+
+
+def test_accuracy_test_is_the_exact_one_sided_binomial():
+    from scipy.stats import binom
+
+    from flywheel.monitoring.accuracy import accuracy_test, reference_accuracy
+
+    t = accuracy_test(42, 100, 0.6, 0.01)
+    assert t.p_value == pytest.approx(binom.cdf(42, 100, 0.6)) and t.alarm and t.accuracy == 0.42
+    assert not accuracy_test(58, 100, 0.6, 0.01).alarm  # within chance of the reference
+    assert not accuracy_test(100, 100, 0.6, 0.01).alarm and accuracy_test(100, 100, 0.6, 0.01).p_value == 1.0
+    assert accuracy_test(0, 0, 0.6, 0.01) is None and accuracy_test(5, 10, None, 0.01) is None
+    # the level holds: under H0 (accuracy = reference) the alarm rate is at most alpha, for any n
+    for n in (8, 30, 100):
+        alarm_mass = sum(binom.pmf(k, n, 0.7) for k in range(n + 1) if accuracy_test(k, n, 0.7, 0.05).alarm)
+        assert alarm_mass <= 0.05
+    import numpy as np
+
+    assert reference_accuracy({"test_accuracy": 0.81}, np.zeros(3), None) == (0.81, "run metric test_accuracy")
+    assert reference_accuracy({}, np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]))[0] == 0.75
+    assert reference_accuracy({}, np.array([1, 2]), None) == (None, "none")
+
+
 def test_local_command_gets_payload(tmp_path):
     out = tmp_path / "payload.json"
     action = LocalCommand(f"sh -c 'printf %s \"$FLYWHEEL_RETRAIN_PAYLOAD\" > {out}; echo {{model}}'")

@@ -46,6 +46,9 @@ def monitor(
     alpha: Annotated[float, typer.Option(help="False-alarm budget per window.")] = 0.01,
     interval: Annotated[float, typer.Option(help="Seconds between ticks of the service.")] = 30.0,
     consecutive: Annotated[int, typer.Option(min=1, help="Drifting windows in a row that open an episode.")] = 3,
+    accuracy_consecutive: Annotated[int, typer.Option(
+        min=0, help="Labelled windows in a row whose accuracy is below the version's reference (exact binomial "
+                    "test at --alpha) that open an accuracy episode; 0: report the alarm, never retrain on it.")] = 3,
     cooldown: Annotated[float, typer.Option(help="Seconds after a retrain before drift may trigger again.")] = 3600.0,
     schedule: Annotated[Optional[float], typer.Option(help="Also retrain every this many seconds.")] = None,
     min_labelled: Annotated[Optional[int], typer.Option(help="Also retrain after this many new labels.")] = None,
@@ -95,7 +98,7 @@ def monitor(
     settings = settings_for(tracking_uri, named[0] if named and config is None else None)
     base = MonitorEntry(model=settings.model_name, env=env, window=window, alpha=alpha, interval=interval,
                         consecutive=consecutive, cooldown=cooldown, schedule=schedule, min_labelled=min_labelled,
-                        from_now=from_now)
+                        accuracy_consecutive=accuracy_consecutive or None, from_now=from_now)
     entries = (read_monitors_file(config, base) if config is not None
                else [base] if not named else [replace(base, model=m) for m in named])
     actions = build_actions(github_repo, os.environ.get("GITHUB_TOKEN"), github_api, ssh_node, ssh_command,
@@ -108,7 +111,8 @@ def monitor(
                              snapshot_dir=snapshot_dir or settings.work_dir / "snapshots", from_now=e.from_now,
                              horizon_s=capture_horizon) for e in entries]
     policies = [PolicyConfig(consecutive=e.consecutive, cooldown_s=e.cooldown, schedule_s=e.schedule,
-                             min_labelled=e.min_labelled) for e in entries]
+                             min_labelled=e.min_labelled, accuracy_consecutive=e.accuracy_consecutive or None)
+                for e in entries]
     group = MonitorGroup.build(configs, settings, actions, policies, metrics_port, metrics_addr)
     if not once:
         return group.serve_forever()
@@ -139,6 +143,8 @@ def monitor(
                 typer.echo(f"{prefix}window {r.index} v{r.version}: p={r.p_value:.3g} (embedding "
                            f"{r.p_embedding:.3g}, prediction {r.p_prediction:.3g}) drift={r.drift}"
                            + (f" accuracy={r.accuracy:.3f}" if r.accuracy is not None else "")
+                           + (f" (reference {r.reference_accuracy:.3f}, p={r.p_accuracy:.3g}) "
+                              f"accuracy_alarm={r.accuracy_alarm}" if r.p_accuracy is not None else "")
                            + (f" -> retrain ({r.trigger})" if r.trigger else ""))
             if o.error is None:
                 typer.echo(prefix + report["summary"])

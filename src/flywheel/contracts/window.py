@@ -14,15 +14,20 @@ holds it (`find_windows`); `monitor` is the monitor state's instance id (8 hex d
 started over (its state dir wiped, indices from 1 again) never overwrites another's windows.
 
 Reading checks the record (`WindowRecord.verify`): every field has its type, the ids are as many as
-the window's size and distinct, first_ts <= last_ts, and the verdict agrees with p_value and alpha.
-A record that fails is reported, not trusted.
+the window's size and distinct, first_ts <= last_ts, and the verdicts agree with their p-values and
+alpha (drift with p_value; the accuracy alarm with p_accuracy, which is None when no feedback label
+came back for the window or the version has no reference accuracy). The accuracy fields came later:
+a record written without them reads back with their defaults (no accuracy test).
+
+Every version the monitor sees in live traffic has windows of its own (`version`; `index` counts
+per version), so a canary's records sit beside the current version's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from flywheel.contracts.capture import open_store, safe_name
 
@@ -58,6 +63,11 @@ class WindowRecord:
     accuracy: float | None  # on the window's predictions that feedback labels came back for
     labelled: int
     prediction_ids: tuple[str, ...]
+    # The accuracy alarm (exact one-sided binomial test of the labelled predictions against the
+    # version's reference accuracy); defaults: not tested.
+    reference_accuracy: float | None = None
+    p_accuracy: float | None = None
+    accuracy_alarm: bool = False
 
     @property
     def name(self) -> str:
@@ -85,6 +95,13 @@ class WindowRecord:
         if bool(self.drift) != (self.p_value < self.alpha):
             raise ValueError(f"window record {self.index}: drift={self.drift} but p-value {self.p_value} "
                              f"vs alpha {self.alpha}")
+        for name in ("reference_accuracy", "p_accuracy", "accuracy"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"window record {self.index}: {name} {value!r} is not a fraction")
+        if bool(self.accuracy_alarm) != (self.p_accuracy is not None and self.p_accuracy < self.alpha):
+            raise ValueError(f"window record {self.index}: accuracy_alarm={self.accuracy_alarm} but accuracy "
+                             f"p-value {self.p_accuracy} vs alpha {self.alpha}")
         return self
 
     def to_json(self) -> bytes:
@@ -97,10 +114,11 @@ class WindowRecord:
         if not isinstance(raw, dict):
             raise ValueError("window record is not a JSON object")
         known = {f.name for f in fields(cls)}
-        missing = known - raw.keys()
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}  # added later: older records lack them
+        missing = known - optional - raw.keys()
         if missing:
             raise ValueError(f"window record lacks {', '.join(sorted(missing))}")
-        values = {k: raw[k] for k in known}
+        values = {k: raw[k] for k in known if k in raw}
         if not isinstance(values["prediction_ids"], list):
             raise ValueError("window record: prediction_ids is not a list")
         values["prediction_ids"] = tuple(str(x) for x in values["prediction_ids"])

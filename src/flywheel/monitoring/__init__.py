@@ -1,6 +1,6 @@
-"""The monitor node: the monitor service (`service`: windows of captured traffic → drift, accuracy,
-MLflow, Prometheus), drift detectors (`drift`), retrain triggers (`triggers`) and labelled-data
-snapshots (`snapshot`).
+"""The monitor node: the monitor service (`service`: windows of captured traffic, per served version →
+drift, accuracy, MLflow, Prometheus), drift detectors (`drift`), the accuracy alarm on feedback labels
+(`accuracy`), retrain triggers (`triggers`) and labelled-data snapshots (`snapshot`).
 
 Imports only `flywheel.core`, `flywheel.contracts` and itself (tests/test_layout.py checks it).
 """

@@ -7,6 +7,7 @@ keys below (the CLI options of the same name, `-` or `_`), and `defaults:` sets 
 defaults:            # optional: for every model below
   window: 100
   consecutive: 3
+  accuracy_consecutive: 2   # labelled windows in a row below the reference accuracy (null: never retrain on it)
 monitors:
   - model: fashion-classifier           # required: the registered model
     env: prod
@@ -45,12 +46,13 @@ class MonitorEntry:
     cooldown: float = 3600.0
     schedule: float | None = None
     min_labelled: int | None = None
+    accuracy_consecutive: int | None = 3
     dataset: str | None = None
     from_now: bool = False
 
 
 KEYS = tuple(f.name for f in fields(MonitorEntry))
-_TYPES = {"window": int, "consecutive": int, "min_labelled": int, "alpha": float, "interval": float,
+_TYPES = {"window": int, "consecutive": int, "min_labelled": int, "accuracy_consecutive": int, "alpha": float, "interval": float,
           "cooldown": float, "schedule": float, "from_now": bool, "state_dir": Path}
 
 

@@ -4,15 +4,21 @@ One tick (`Monitor.tick`, which `--once` runs a single time for cron):
 1. resolve the alias (`prod`, `dev`) to a model version; a new version starts a new reference and run;
 2. load that version's own reference (the `reference/` artifacts its training run logged);
 3. read the capture batches not read before (`flywheel.contracts.capture.CaptureReader`: exactly once, from any
-   number of writers, within its horizon); records of other versions and traffic marked as release
-   acceptance, warm-up or benchmark (not live) are skipped;
-4. for every full window: embedding drift (`flywheel.monitoring.drift`), prediction drift (chi-square on class
-   counts), accuracy where feedback labels came back; log it to the MLflow `monitoring` experiment and
-   to Prometheus;
-5. feed the decision to the trigger policy (K windows in a row → one retrain per episode) and deliver
-   the outbox (retried with backoff until the action succeeds).
+   number of writers, so from every serving replica, within its horizon); traffic marked as release
+   acceptance, warm-up or benchmark (not live) is skipped;
+4. separate live records by the version that answered them: every registered version with live traffic
+   has a track of its own (`Track`: its reference, detector, class names, reference accuracy; its
+   partial window, window index and MLflow run), so a canary's windows are never mixed with the
+   current version's; a version with no registry entry or no reference is skipped and counted;
+5. for every full window of a version: embedding drift (`flywheel.monitoring.drift`), prediction drift
+   (chi-square on class counts), accuracy where feedback labels came back and its alarm
+   (`flywheel.monitoring.accuracy`: exact one-sided binomial test against the version's test accuracy);
+   log it to the version's run in the MLflow `monitoring` experiment and to Prometheus;
+6. feed the alias's version's windows to the trigger policy (K drifting, or K accuracy-alarming, windows
+   in a row → one retrain per episode; other versions' windows are reported, never trigger) and
+   deliver the outbox (retried with backoff until the action succeeds).
 
-All state (cursor, partial window, policy, outbox, MLflow run id) lives under `state_dir`, so a crash
+All state (cursor, partial windows, policy, outbox, MLflow run ids) lives under `state_dir`, so a crash
 or a cron schedule loses nothing and re-reads nothing: the records read, the partial window, the
 windows tested and the advanced cursor are committed in one atomic write of `state.json` (the partial
 window goes to a fresh `pending-<id>.npz` that the commit names). Windows are tested before that
@@ -83,7 +89,7 @@ class MonitorConfig:
 
 @dataclass
 class WindowResult:
-    index: int
+    index: int  # 1, 2, ... per version
     version: str
     size: int
     p_embedding: float
@@ -98,35 +104,44 @@ class WindowResult:
     trigger: str | None = None
     labelled_total: int = 0  # labelled captures seen up to and including this window (for the policy)
     tested_at: float = 0.0
+    # The accuracy alarm (flywheel.monitoring.accuracy); None/False where nothing was tested.
+    reference_accuracy: float | None = None
+    p_accuracy: float | None = None
+    accuracy_alarm: bool = False
+    primary: bool = True  # of the version the alias named when tested (it feeds the trigger policy)
 
 
 @dataclass(frozen=True)
 class TickSummary:
-    """What one tick read and kept: for `--once`'s report and the logs."""
+    """What one tick read and kept: for `--once`'s report and the logs. `monitored`, `pending` and
+    `windows` are the alias's version's; `versions` has the same three for every other version
+    whose traffic the monitor windows on its own (a canary, a version still draining)."""
 
     version: str
     window: int
     read: int  # records in the batches read this tick
-    monitored: int  # of them, added to windows
+    monitored: int  # of them, added to the alias's version's windows
     marked: dict  # traffic mark → records skipped as not live (acceptance, warmup, benchmark)
-    other_version: int
+    other_version: int  # records of versions that cannot be monitored (not registered, no reference)
     malformed: int
     pending: int  # monitored records waiting for a full window
     windows: int  # windows tested this tick
     store_has_captures: bool | None = None  # None: not checked (something was read or is pending)
+    versions: dict = field(default_factory=dict)  # other version → {"monitored", "pending", "windows"}
 
 
 @dataclass
 class MonitorState:
-    version: str | None = None
+    version: str | None = None  # the alias's version at the last tick
     cursor: dict | str | None = None  # CaptureCursor.to_json(); a str is an older flywheel's batch name
-    windows: int = 0
-    run_id: str | None = None
+    windows: int = 0  # the alias's version's (a copy of tracks[version]["windows"], as older flywheels kept it)
+    run_id: str | None = None  # the alias's version's MLflow run (likewise a copy)
     labelled_total: int = 0
     last_capture_ts: float | None = None
-    pending_file: str | None = None  # the partial window committed with this state (None: pending.npz, older)
+    pending_file: str | None = None  # the partial windows committed with this state (None: pending.npz, older)
     journal: list = field(default_factory=list)  # tested windows not yet applied to the trigger policy
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this state's retrain events
+    tracks: dict = field(default_factory=dict)  # version → {"windows": n, "run_id": id}: every version windowed
 
 
 class Reference:
@@ -152,10 +167,37 @@ class Reference:
         return cls(ReferenceSample.load(ref), run_id)
 
 
+@dataclass
+class Track:
+    """One monitored version in memory: its reference and fitted detector, and what its component spec
+    and training run say (class names, embedding source, reference accuracy). Every version has its
+    own: a canary's embedding dimension, classes and accuracy need not be the current version's."""
+
+    version: str
+    reference: Reference
+    detector: object
+    embedding_source: str  # "layer", "softmax" or "unknown" (the spec was unreadable)
+    class_names: list[str] | None  # None: the spec was unreadable, so no accuracy
+    reference_accuracy: float | None
+    accuracy_source: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.reference.embeddings.shape[1])
+
+
+def _empty_pending() -> dict[str, np.ndarray]:
+    return {"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64), "ts": np.zeros(0),
+            "ids": np.zeros(0, dtype="<U64")}
+
+
 class Metrics:
     """Prometheus metrics in the monitor's own registry (no global state). Every series carries the
     `model` and `env` labels; `bound(model, env)` gives another monitor the same registry under its
-    own labels (one /metrics endpoint for several models)."""
+    own labels (one /metrics endpoint for several models). The `flywheel_drift_*`, `flywheel_live_*`
+    and `flywheel_accuracy_*` families are the alias's version's (what alerts watch); the
+    `flywheel_version_*` families repeat them for every version windowed, with a `version` label
+    (the canary's next to the current one's)."""
 
     def __init__(self, model: str, env: str):
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -183,6 +225,14 @@ class Metrics:
                             registry=r)
         self.accuracy = Gauge("flywheel_live_accuracy", "accuracy on windows with feedback labels", labels,
                               registry=r)
+        self.accuracy_p = Gauge("flywheel_accuracy_p_value", "p-value of the latest labelled window's accuracy test "
+                                "(exact one-sided binomial against the reference accuracy)", labels, registry=r)
+        self.accuracy_alarm = Gauge("flywheel_accuracy_alarm", "1 when the latest labelled window's accuracy is "
+                                    "significantly below the version's reference accuracy", labels, registry=r)
+        self.reference_accuracy = Gauge("flywheel_reference_accuracy", "the version's reference accuracy (its "
+                                        "training run's test_accuracy)", labels, registry=r)
+        self.accuracy_alarms = Counter("flywheel_accuracy_windows_alarmed", "labelled windows whose accuracy alarmed",
+                                       labels, registry=r)
         self.class_fraction = Gauge("flywheel_prediction_class_fraction", "share of the latest window per class",
                                     labels + ["class_index"], registry=r)
         self.version = Gauge("flywheel_monitored_version", "model version behind the alias", labels, registry=r)
@@ -191,6 +241,24 @@ class Metrics:
                             + ["kind"], registry=r)
         self.pending = Gauge("flywheel_captures_pending", "monitored records waiting for a full window", labels,
                              registry=r)
+        by_version = labels + ["version"]
+        self.v_p_value = Gauge("flywheel_version_drift_p_value", "p-value of the version's latest window's drift test",
+                               by_version + ["test"], registry=r)
+        self.v_detected = Gauge("flywheel_version_drift_detected", "1 when the version's latest window drifted",
+                                by_version, registry=r)
+        self.v_windows = Counter("flywheel_version_windows", "windows tested, per version", by_version, registry=r)
+        self.v_drifted = Counter("flywheel_version_windows_drifted", "windows that drifted, per version", by_version,
+                                 registry=r)
+        self.v_accuracy = Gauge("flywheel_version_live_accuracy", "the version's accuracy on its latest labelled "
+                                "window", by_version, registry=r)
+        self.v_accuracy_p = Gauge("flywheel_version_accuracy_p_value", "p-value of the version's latest labelled "
+                                  "window's accuracy test", by_version, registry=r)
+        self.v_accuracy_alarm = Gauge("flywheel_version_accuracy_alarm", "1 when the version's latest labelled "
+                                      "window's accuracy is significantly below its reference", by_version, registry=r)
+        self.v_accuracy_alarms = Counter("flywheel_version_accuracy_windows_alarmed", "labelled windows whose "
+                                         "accuracy alarmed, per version", by_version, registry=r)
+        self.v_pending = Gauge("flywheel_version_captures_pending", "records waiting for a full window, per version",
+                               by_version, registry=r)
 
     def bound(self, model: str, env: str) -> Metrics:
         """These metric families (same registry) under another model's labels."""
@@ -236,11 +304,9 @@ class Monitor:
         self.state = self._load_state()
         self.last_tick: TickSummary | None = None
         self._lock = FileLock(self.dir / LOCK_FILE, timeout=0)
-        self._run_open = False  # this process set the MLflow run RUNNING and must end it
-        self._detector = None
-        self._reference: Reference | None = None
-        self._class_names: list[str] | None = None
-        self._embedding_source = "unknown"  # the served version's: "layer" or "softmax" (its component spec)
+        self._open_runs: set[str] = set()  # MLflow runs this process set RUNNING and must end
+        self._tracks: dict[str, Track] = {}  # version → its reference etc. (loaded once per process)
+        self._untracked: dict[str, str] = {}  # version → why it cannot be monitored (this tick)
         self._registry = None
         self._sources: dict[str, dict[str, str]] = {}  # version → where it came from (for retrain requests)
 
@@ -291,9 +357,11 @@ class Monitor:
         try:
             state = MonitorState(**json.loads(path.read_text()))
             CaptureCursor.from_json(state.cursor)  # validate (an older flywheel saved one batch name)
-            return state
         except (ValueError, TypeError) as exc:
             raise FlywheelError(f"monitor state {path} is corrupt ({exc}); move it aside to start over") from None
+        if state.version is not None and state.version not in state.tracks:  # an older flywheel's state
+            state.tracks[state.version] = {"windows": state.windows, "run_id": state.run_id}
+        return state
 
     @property
     def cursor(self):
@@ -301,72 +369,131 @@ class Monitor:
 
         return CaptureCursor.from_json(self.state.cursor)
 
-    def _commit(self, pending: dict[str, np.ndarray] | None = None) -> None:
-        """One atomic write of state.json; a new partial window is written first, under a fresh name
-        that the new state names, so the state on disk always goes with its own partial window."""
+    def _track_state(self, version: str) -> dict:
+        """The persisted part of a version's track: its window count and MLflow run."""
+        return self.state.tracks.setdefault(version, {"windows": 0, "run_id": None})
+
+    def _commit(self, pending: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """One atomic write of state.json; new partial windows (one per version) are written first,
+        under a fresh name that the new state names, so the state on disk always goes with its own
+        partial windows."""
         from flywheel.core.files import atomic_write_json
 
         if pending is not None:
             name = f"pending-{uuid.uuid4().hex[:12]}.npz"
             tmp = self.dir / f".{name}.tmp.npz"
-            np.savez(tmp, **pending)
+            versions = sorted(v for v, p in pending.items() if len(p["ids"]))
+            arrays = {f"{key}.{i}": pending[v][key] for i, v in enumerate(versions) for key in ("emb", "pred", "ts",
+                                                                                                 "ids")}
+            np.savez(tmp, versions=np.asarray(versions, dtype="<U64"), **arrays)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             tmp.replace(self.dir / name)
             self.state.pending_file = name
+        if self.state.version is not None:  # the alias's version's, where older flywheels kept them
+            primary = self._track_state(self.state.version)
+            self.state.windows, self.state.run_id = primary["windows"], primary["run_id"]
         atomic_write_json(self.dir / "state.json", asdict(self.state))
         if pending is not None:
             for old in self.dir.glob("pending*.npz"):  # superseded partial windows (and the old pending.npz)
                 if old.name != self.state.pending_file:
                     old.unlink(missing_ok=True)
 
-    def _load_pending(self) -> dict[str, np.ndarray]:
+    def _load_pending(self) -> dict[str, dict[str, np.ndarray]]:
+        """version → its partial window (emb, pred, ts, ids)."""
         name = self.state.pending_file or "pending.npz"  # pending.npz: state saved by an older flywheel
         path = self.dir / name
         if not path.is_file() or self.state.version is None:
-            return {"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64),
-                    "ts": np.zeros(0), "ids": np.zeros(0, dtype="<U64")}
+            return {}
         with np.load(path) as z:
-            return {k: z[k] for k in ("emb", "pred", "ts", "ids")}
+            if "versions" not in z:  # an older flywheel's: one partial window, of the alias's version
+                return {self.state.version: {k: z[k] for k in ("emb", "pred", "ts", "ids")}}
+            return {str(v): {k: z[f"{k}.{i}"] for k in ("emb", "pred", "ts", "ids")}
+                    for i, v in enumerate(z["versions"])}
 
-    # -- reference -------------------------------------------------------------------------------
+    # -- references ------------------------------------------------------------------------------
     def _resolve(self) -> tuple[str, str]:
         mv = self.registry.version(self.cfg.env, self.cfg.model)
         return str(mv.version), mv.run_id
 
     def _prepare(self, version: str, run_id: str) -> None:
+        """Load the alias's version's track (its failure fails the tick); a new version becomes the
+        one whose windows feed the trigger policy. Its windows and run go on where they were when it
+        was windowed before (as a canary, say): one run and one index sequence per version."""
+        track = self._tracks.get(version)
+        if track is None or track.reference.run_id != run_id:
+            self._tracks[version] = self._load_track(version, run_id)
+        if self.state.version != version:
+            log.info("monitoring %s@%s = version %s (reference from run %s)", self.cfg.model, self.cfg.env, version,
+                     run_id)
+            pending = self._load_pending()  # read while the state still says whose an older file's window is
+            self.state = replace(self.state, version=version)
+            self._track_state(version)
+            self._commit(pending)
+
+    def _load_track(self, version: str, run_id: str) -> Track:
         from flywheel.monitoring.drift import NoveltyDriftDetector
 
-        if self._detector is not None and self._reference is not None and self._reference.run_id == run_id \
-                and self.state.version == version:
-            return
-        self._reference = Reference.load(run_id, self.dir / "references", self.settings.tracking_uri)
-        self._detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(self._reference.embeddings)
-        self._embedding_source = self._embedding_source_of(version)
-        if self.state.version != version:
-            log.info("monitoring %s@%s = version %s (new reference from run %s)", self.cfg.model, self.cfg.env,
-                     version, run_id)
-            self._end_run()
-            self.state = replace(self.state, version=version, windows=0, run_id=None, pending_file=None)
-            self._class_names = None
-            self._commit({"emb": np.zeros((0, 0), np.float32), "pred": np.zeros(0, np.int64),
-                          "ts": np.zeros(0), "ids": np.zeros(0, dtype="<U64")})
+        reference = Reference.load(run_id, self.dir / "references", self.settings.tracking_uri)
+        detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(reference.embeddings)
+        source, names = self._spec_of(version)
+        accuracy, where = self._reference_accuracy(run_id, reference)
+        if accuracy is None:
+            log.warning("%s v%s: no reference accuracy (no test_accuracy on run %s, no labels in its reference); "
+                        "no accuracy alarm for it", self.cfg.model, version, run_id)
+        return Track(version, reference, detector, source, names, accuracy, where)
 
-    def _embedding_source_of(self, version: str) -> str:
-        """Where the version's embedding comes from (its component spec): "layer", or "softmax" when
-        the component named no embedding, which the monitor says, since softmax outputs see less
-        of a shift in the inputs than a penultimate layer does."""
+    def _spec_of(self, version: str) -> tuple[str, list[str] | None]:
+        """(embedding source, class names) of the version's component spec. The embedding source is a
+        label ("layer", or "softmax" when the component named no embedding, which the monitor says,
+        since softmax outputs see less of a shift in the inputs than a penultimate layer does); the
+        class names turn feedback labels into accuracy. Drift works from the reference alone."""
         from flywheel.core.models import load_spec
 
         try:
-            embedding = load_spec(f"models:/{self.cfg.model}/{version}", self.settings.tracking_uri).embedding
-        except FlywheelError as exc:  # drift works from the reference alone; the source is a label
-            log.warning("%s v%s: component spec unavailable (%s); embedding source unknown", self.cfg.model, version, exc)
-            return "unknown"
-        if embedding.source == "softmax":
+            spec = load_spec(f"models:/{self.cfg.model}/{version}", self.settings.tracking_uri)
+        except FlywheelError as exc:
+            log.warning("%s v%s: component spec unavailable (%s); embedding source unknown, accuracy not computed",
+                        self.cfg.model, version, exc)
+            return "unknown", None
+        if spec.embedding.source == "softmax":
             log.warning("%s v%s names no embedding layer: drift is tested on its softmax outputs (a weaker signal "
                         "than a penultimate layer; name one in log_model(embedding=...))", self.cfg.model, version)
-        return embedding.source
+        return spec.embedding.source, list(spec.class_names)
+
+    def _reference_accuracy(self, run_id: str, reference: Reference) -> tuple[float | None, str]:
+        from mlflow.exceptions import MlflowException
+
+        from flywheel.monitoring.accuracy import reference_accuracy
+
+        try:
+            metrics = self.registry.client.get_run(run_id).data.metrics
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise FlywheelError(f"tracking server unreadable for run {run_id}'s test_accuracy: {exc.message}") \
+                    from None
+            metrics = {}  # the run is gone: the reference sample's own accuracy
+        return reference_accuracy(metrics, reference.predictions, reference.labels)
+
+    def _track(self, version: str) -> Track | None:
+        """The track of a version seen in live traffic, loaded on first sight; None (counted as not
+        monitorable, retried next tick) when it is no registered version or has no reference."""
+        if version in self._tracks:
+            return self._tracks[version]
+        if version in self._untracked:
+            return None
+        try:
+            if not version.isdigit():
+                raise FlywheelError(f"version {version!r} is not a registry version number")
+            mv = self.registry.version(version, self.cfg.model)
+            self._tracks[version] = self._load_track(version, mv.run_id)
+        except FlywheelError as exc:
+            self._untracked[version] = str(exc)
+            log.warning("%s v%s has live traffic but is not monitored: %s", self.cfg.model, version, exc)
+            return None
+        log.info("monitoring %s v%s's traffic on its own (reference from run %s)", self.cfg.model, version,
+                 self._tracks[version].reference.run_id)
+        return self._tracks[version]
 
     # -- one tick --------------------------------------------------------------------------------
     def tick(self) -> list[WindowResult]:
@@ -380,6 +507,7 @@ class Monitor:
         results = self._apply_journal()  # a crash after the last commit left windows to apply
         version, run_id = self._resolve()
         self._prepare(version, run_id)
+        self._untracked = {}
         self.metrics.version.labels(**self.metrics.labels).set(float(version) if version.isdigit() else 0)
         cursor = self.cursor
         try:
@@ -392,110 +520,150 @@ class Monitor:
         except OSError as exc:
             raise FlywheelError(f"capture store {self.cfg.capture_uri} unreadable: {exc}") from None
         pending = self._load_pending()
-        embs, preds, tss, ids = [pending["emb"]], [pending["pred"]], [pending["ts"]], [pending["ids"]]
-        dim = self._reference.embeddings.shape[1]
-        read = monitored = other_version = malformed = 0
+        rows: dict[str, dict[str, list]] = {}  # version → its partial window's arrays, then this tick's records
+        for v, p in pending.items():
+            if self._track(v) is not None:  # a version pending before and unmonitorable now waits for it
+                rows[v] = {k: [p[k]] for k in ("emb", "pred", "ts", "ids")}
+        kept = {v: p for v, p in pending.items() if v not in rows}
+        read = other_version = malformed = 0
+        monitored: dict[str, int] = {}
         marked: dict[str, int] = {}
         for batch in batches:
             for cap in batch:
                 read += 1
                 if not cap.live:  # a release's acceptance/warm-up or a benchmark: not what users send
                     marked[cap.traffic] = marked.get(cap.traffic, 0) + 1
-                elif cap.version != version:  # another version's traffic (a canary, the old one draining)
+                    continue
+                track = self._track(cap.version)
+                if track is None:  # no registered version or no reference: nothing to test it against
                     other_version += 1
-                elif cap.embedding is None or cap.embedding.shape != (dim,):
+                elif cap.embedding is None or cap.embedding.shape != (track.dim,):
                     malformed += 1
                 else:
-                    monitored += 1
-                    embs.append(cap.embedding[None])
-                    preds.append(np.asarray([-1 if cap.label_index is None else cap.label_index]))
-                    tss.append(np.asarray([cap.ts]))
-                    ids.append(np.asarray([cap.prediction_id], dtype="<U64"))
-        emb = np.concatenate([e.reshape(-1, dim) for e in embs]).astype(np.float32)
-        pred, ts = np.concatenate(preds).astype(np.int64), np.concatenate(tss).astype(np.float64)
-        pid = np.concatenate(ids).astype("<U64")
-        feedback = read_feedback(self.cfg.capture_uri, self.cfg.model) if len(emb) >= self.cfg.window else {}
-        tested = []
+                    monitored[cap.version] = monitored.get(cap.version, 0) + 1
+                    r = rows.setdefault(cap.version, {k: [] for k in ("emb", "pred", "ts", "ids")})
+                    r["emb"].append(cap.embedding[None])
+                    r["pred"].append(np.asarray([-1 if cap.label_index is None else cap.label_index]))
+                    r["ts"].append(np.asarray([cap.ts]))
+                    r["ids"].append(np.asarray([cap.prediction_id], dtype="<U64"))
         w = self.cfg.window
-        while len(emb) >= w:
-            tested.append((self._test_window(emb[:w], pred[:w], ts[:w], pid[:w], version, feedback),
-                           [str(x) for x in pid[:w]]))
-            emb, pred, ts, pid = emb[w:], pred[w:], ts[w:], pid[w:]
-        if len(ts):
-            self.state.last_capture_ts = float(max(ts.max(), self.state.last_capture_ts or 0))
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        for v, r in rows.items():
+            dim = self._tracks[v].dim
+            arrays[v] = {"emb": np.concatenate([e.reshape(-1, dim) for e in r["emb"]]).astype(np.float32),
+                         "pred": np.concatenate(r["pred"]).astype(np.int64),
+                         "ts": np.concatenate(r["ts"]).astype(np.float64),
+                         "ids": np.concatenate(r["ids"]).astype("<U64")}
+        full = any(len(a["ids"]) >= w for a in arrays.values())
+        feedback = read_feedback(self.cfg.capture_uri, self.cfg.model) if full else {}
+        tested = []  # the alias's version's windows first (their order is the policy's), then the others'
+        for v in sorted(arrays, key=lambda x: (x != version, int(x) if x.isdigit() else 0, x)):
+            a = arrays[v]
+            while len(a["ids"]) >= w:
+                res = self._test_window(a["emb"][:w], a["pred"][:w], a["ts"][:w], a["ids"][:w], v, feedback,
+                                        primary=v == version)
+                tested.append((res, [str(x) for x in a["ids"][:w]]))
+                a = {k: x[w:] for k, x in a.items()}
+            arrays[v] = a
+            if len(a["ts"]):
+                self.state.last_capture_ts = float(max(a["ts"].max(), self.state.last_capture_ts or 0))
         self.state.cursor = self.reader.advance(cursor, poll).to_json()
-        self.state.journal = [{"window": asdict(r), "policy_before": None, "prediction_ids": ids} for r, ids in tested]
-        self._commit({"emb": emb, "pred": pred, "ts": ts, "ids": pid})  # records, windows, cursor: one write
+        self.state.journal = [{"window": asdict(r), "policy_before": None, "prediction_ids": ids, "policy": r.primary}
+                              for r, ids in tested]
+        self._commit({**kept, **arrays})  # records, windows, cursor: one write
         results += self._apply_journal()
+        pending_of = {v: len(a["ids"]) for v, a in arrays.items()}
         has_any = None
-        if not read and not len(pid) and not results:
+        if not read and not sum(pending_of.values()) and not results:
             try:
                 has_any = self.reader.any()
             except OSError:
                 has_any = None
-        self.last_tick = TickSummary(version, w, read, monitored, marked, other_version, malformed, len(pid),
-                                     len(results), has_any)
+        others = {}
+        for v in sorted(set(monitored) | set(pending_of) | {r.version for r in results}):
+            if v != version and (monitored.get(v) or pending_of.get(v) or any(r.version == v for r in results)):
+                others[v] = {"monitored": monitored.get(v, 0), "pending": pending_of.get(v, 0),
+                             "windows": sum(1 for r in results if r.version == v)}
+        self.last_tick = TickSummary(version, w, read, monitored.get(version, 0), marked, other_version, malformed,
+                                     pending_of.get(version, 0), sum(1 for r in results if r.version == version),
+                                     has_any, others)
         if marked:
             log.info("skipped %d captures not marked live: %s", sum(marked.values()), marked)
-        self._count_read(self.last_tick)
+        self._count_read(self.last_tick, pending_of)
         self._deliver()
-        self._log_mlflow([r for r in results if r.version == version])  # a replayed window may predate a switch
+        self._log_mlflow(results)
         self._export(results)
         return results
 
-    def _count_read(self, summary: TickSummary) -> None:
+    def _count_read(self, summary: TickSummary, pending_of: dict[str, int]) -> None:
         m, lab = self.metrics, self.metrics.labels
         kinds = {"monitored": summary.monitored, "other_version": summary.other_version,
+                 "monitored_other_version": sum(v["monitored"] for v in summary.versions.values()),
                  "malformed": summary.malformed, **{f"marked_{k}": n for k, n in summary.marked.items()}}
         for kind, n in kinds.items():
             if n:
                 m.read.labels(**lab, kind=kind).inc(n)
         m.pending.labels(**lab).set(summary.pending)
+        for v, n in pending_of.items():
+            m.v_pending.labels(**lab, version=v).set(n)
 
-    def _test_window(self, emb, pred, ts, pid, version, feedback) -> WindowResult:
+    def _test_window(self, emb, pred, ts, pid, version, feedback, primary: bool = True) -> WindowResult:
+        from flywheel.monitoring.accuracy import accuracy_test
         from flywheel.monitoring.drift import combine_p_values, prediction_drift
 
-        p_emb = self._detector.test(emb).p_value
-        n_classes = len(self._reference.class_priors)
-        ref_counts = np.bincount(self._reference.predictions, minlength=n_classes)
+        track = self._tracks[version]
+        p_emb = track.detector.test(emb).p_value
+        n_classes = len(track.reference.class_priors)
+        ref_counts = np.bincount(track.reference.predictions, minlength=n_classes)
         counts = np.bincount(pred[pred >= 0], minlength=n_classes)[:n_classes]
         p_pred = prediction_drift(counts, ref_counts).p_value
         p = combine_p_values([p_emb, p_pred])
         labelled = [(i, feedback[str(x)]) for i, x in enumerate(pid) if str(x) in feedback]
-        accuracy = None
-        if labelled:
-            names = self._class_names_for(version)
-            if names is not None:
-                hits = [names[pred[i]] == lab if 0 <= pred[i] < len(names) else False for i, lab in labelled]
-                accuracy = float(np.mean(hits))
+        accuracy, tested = None, None
+        names = track.class_names
+        if labelled and names is not None:
+            hits = [names[pred[i]] == lab if 0 <= pred[i] < len(names) else False for i, lab in labelled]
+            accuracy = float(np.mean(hits))
+            tested = accuracy_test(int(sum(hits)), len(hits), track.reference_accuracy, self.cfg.alpha)
         self.state.labelled_total += len(labelled)
-        self.state.windows += 1
-        return WindowResult(self.state.windows, version, len(emb), p_emb, p_pred, p, bool(p < self.cfg.alpha),
+        kept = self._track_state(version)
+        kept["windows"] += 1
+        return WindowResult(kept["windows"], version, len(emb), p_emb, p_pred, p, bool(p < self.cfg.alpha),
                             accuracy, len(labelled), float(ts.min()), float(ts.max()),
                             (counts / max(1, counts.sum())).tolist(), labelled_total=self.state.labelled_total,
-                            tested_at=time.time())
+                            tested_at=time.time(), reference_accuracy=track.reference_accuracy,
+                            p_accuracy=None if tested is None else tested.p_value,
+                            accuracy_alarm=tested is not None and tested.alarm, primary=primary)
 
     def _apply_journal(self) -> list[WindowResult]:
         """Feed tested windows to the trigger policy, in order, each exactly once: the policy state a
-        window starts from is committed first, so a replay after a crash decides the same way."""
+        window starts from is committed first, so a replay after a crash decides the same way. Windows
+        of another version than the alias's are recorded and reported, and never fire a retrain."""
         from flywheel.monitoring.triggers import PolicyState
 
         applied = []
         while self.state.journal:
             entry = self.state.journal[0]
-            if entry.get("policy_before") is None:
-                entry["policy_before"] = asdict(self.policy.state)
-                self._commit()
-            self.policy.state = PolicyState(**entry["policy_before"])
             res = WindowResult(**entry["window"])
-            decision = self.policy.observe(res.drift, labelled_total=res.labelled_total, now=res.tested_at)
-            if decision.fire:
-                res.trigger = decision.reason
+            decision = None
+            if entry.get("policy", True):  # journals of older flywheels: every window fed the policy
+                if entry.get("policy_before") is None:
+                    entry["policy_before"] = asdict(self.policy.state)
+                    self._commit()
+                self.policy.state = PolicyState(**entry["policy_before"])
+                labelled = res.p_accuracy is not None
+                decision = self.policy.observe(res.drift, labelled_total=res.labelled_total, now=res.tested_at,
+                                               accuracy_alarm=res.accuracy_alarm if labelled else None)
+                if decision.fire:
+                    res.trigger = decision.reason
             self._record_window(res, entry.get("prediction_ids"))
-            if decision.fire:
+            if decision is not None and decision.fire:
                 self._queue_retrain(decision, res)
-            log.info("window %d v%s: p_emb=%.3g p_pred=%.3g drift=%s %s", res.index, res.version, res.p_embedding,
-                     res.p_prediction, res.drift, decision.note)
+            log.info("window %d v%s: p_emb=%.3g p_pred=%.3g drift=%s%s %s", res.index, res.version, res.p_embedding,
+                     res.p_prediction, res.drift,
+                     "" if res.p_accuracy is None else f" accuracy={res.accuracy:.3f} (reference "
+                     f"{res.reference_accuracy:.3f}, p={res.p_accuracy:.3g}) alarm={res.accuracy_alarm}",
+                     decision.note if decision is not None else "(not the alias's version: no trigger)")
             self.state.journal = self.state.journal[1:]
             self._commit()
             applied.append(res)
@@ -515,24 +683,14 @@ class Monitor:
                               last_ts=res.last_ts, tested_at=res.tested_at, size=res.size, p_value=res.p_value,
                               p_embedding=res.p_embedding, p_prediction=res.p_prediction, alpha=self.cfg.alpha,
                               drift=res.drift, trigger=res.trigger, accuracy=res.accuracy, labelled=res.labelled,
-                              prediction_ids=tuple(str(x) for x in prediction_ids))
+                              prediction_ids=tuple(str(x) for x in prediction_ids),
+                              reference_accuracy=res.reference_accuracy, p_accuracy=res.p_accuracy,
+                              accuracy_alarm=res.accuracy_alarm)
         try:
             record.write(self.cfg.capture_uri)
         except Exception as exc:  # noqa: BLE001 - any store error (OSError, google.api_core): retried next tick
             raise FlywheelError(f"could not record window {res.index} in capture store {self.cfg.capture_uri} "
                                 f"({type(exc).__name__}: {exc}); the next tick retries it") from None
-
-    def _class_names_for(self, version: str) -> list[str] | None:
-        if self._class_names is None:
-            try:
-                from flywheel.core.models import load_spec
-
-                spec = load_spec(f"models:/{self.cfg.model}/{version}", self.settings.tracking_uri)
-                self._class_names = list(spec.class_names)
-            except Exception:  # noqa: BLE001 - accuracy is optional; drift does not need names
-                log.warning("class names of %s v%s unavailable; accuracy not computed", self.cfg.model, version)
-                return None
-        return self._class_names
 
     # -- triggers ----------------------------------------------------------------------------------
     def _queue_retrain(self, decision, res: WindowResult) -> None:
@@ -542,14 +700,15 @@ class Monitor:
         # The same window replayed after a crash asks with the same id, which the outbox keeps once.
         event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-monitor/{self.state.instance}/{res.version}/"
                               f"{res.index}").hex
+        details = {"episode": decision.episode, "window": res.index, "p_embedding": res.p_embedding,
+                   "p_prediction": res.p_prediction, "note": decision.note}
+        if res.p_accuracy is not None:
+            details.update(accuracy=res.accuracy, reference_accuracy=res.reference_accuracy,
+                           p_accuracy=res.p_accuracy, labelled=res.labelled)
         event = RetrainEvent(model=self.cfg.model, reason=decision.reason, event_id=event_id, env=self.cfg.env,
                              version=res.version,
                              dataset=self.cfg.dataset or self._dataset_tag(res.version), snapshot=snapshot,
-                             snapshot_digest=digest,
-                             details={"episode": decision.episode, "window": res.index,
-                                      "p_embedding": res.p_embedding, "p_prediction": res.p_prediction,
-                                      "note": decision.note},
-                             **self._source_of(res.version))
+                             snapshot_digest=digest, details=details, **self._source_of(res.version))
         self.outbox.enqueue(event, self.actions)
         self.metrics.triggers.labels(**self.metrics.labels, reason=decision.reason).inc()
         log.warning("retrain requested for %s: %s", self.cfg.model, decision.note)
@@ -603,45 +762,90 @@ class Monitor:
                                             read_writer_stats(self.cfg.capture_uri, self.cfg.model)))
         except Exception:  # noqa: BLE001 - stats are advisory
             log.debug("capture writer stats unreadable", exc_info=True)
+        if self.state.version in self._tracks:
+            ref = self._tracks[self.state.version].reference_accuracy
+            if ref is not None:
+                m.reference_accuracy.labels(**lab).set(ref)
         for r in results:
+            vlab = {**lab, "version": r.version}
+            m.v_windows.labels(**vlab).inc()
+            m.v_p_value.labels(**vlab, test="embedding").set(r.p_embedding)
+            m.v_p_value.labels(**vlab, test="prediction").set(r.p_prediction)
+            m.v_p_value.labels(**vlab, test="combined").set(r.p_value)
+            m.v_detected.labels(**vlab).set(1.0 if r.drift else 0.0)
+            if r.drift:
+                m.v_drifted.labels(**vlab).inc()
+            if r.accuracy is not None:
+                m.v_accuracy.labels(**vlab).set(r.accuracy)
+            if r.p_accuracy is not None:
+                m.v_accuracy_p.labels(**vlab).set(r.p_accuracy)
+                m.v_accuracy_alarm.labels(**vlab).set(1.0 if r.accuracy_alarm else 0.0)
+                if r.accuracy_alarm:
+                    m.v_accuracy_alarms.labels(**vlab).inc()
+        primary = [r for r in results if r.primary]
+        for r in primary:
             m.windows.labels(**lab).inc()
             if r.drift:
                 m.drifted.labels(**lab).inc()
-        if results:
-            last = results[-1]
+            if r.accuracy_alarm:
+                m.accuracy_alarms.labels(**lab).inc()
+        if primary:
+            last = primary[-1]
             m.p_value.labels(**lab, test="embedding").set(last.p_embedding)
             m.p_value.labels(**lab, test="prediction").set(last.p_prediction)
             m.p_value.labels(**lab, test="combined").set(last.p_value)
             m.detected.labels(**lab).set(1.0 if last.drift else 0.0)
             for i, frac in enumerate(last.class_fractions):
                 m.class_fraction.labels(**lab, class_index=str(i)).set(frac)
-            if last.accuracy is not None:
-                m.accuracy.labels(**lab).set(last.accuracy)
+        labelled = [r for r in primary if r.accuracy is not None]
+        if labelled:
+            m.accuracy.labels(**lab).set(labelled[-1].accuracy)
+        tested = [r for r in primary if r.p_accuracy is not None]
+        if tested:
+            m.accuracy_p.labels(**lab).set(tested[-1].p_accuracy)
+            m.accuracy_alarm.labels(**lab).set(1.0 if tested[-1].accuracy_alarm else 0.0)
 
-    def _log_mlflow(self, results: list[WindowResult]) -> None:
-        if not self.cfg.log_mlflow or not results:
-            return
-        from mlflow.entities import Metric, Param, RunTag
+    def _run_of(self, version: str) -> str:
+        """The version's MLflow run in the `monitoring` experiment: created on its first window, reopened
+        (RUNNING) when an earlier --once finished it. One run per model, env and version."""
+        from mlflow.entities import Param
 
         from flywheel.core.runlog import ensure_experiment
 
         client = self.registry.client
-        if self.state.run_id is None:
+        kept = self._track_state(version)
+        if kept["run_id"] is None:
+            track = self._tracks.get(version)
             exp = ensure_experiment(replace(self.settings, experiment=EXPERIMENT), client)
-            run = client.create_run(exp, run_name=f"monitor-{self.cfg.model}-{self.cfg.env}-v{results[0].version}",
-                                    tags={"model": self.cfg.model, "env": self.cfg.env,
-                                          "version": results[0].version, "reference_run_id": self._reference.run_id,
-                                          "embedding_source": self._embedding_source,
-                                          "capture_uri": self.cfg.capture_uri})
-            client.log_batch(run.info.run_id, params=[Param("window", str(self.cfg.window)),
-                                                      Param("alpha", str(self.cfg.alpha))])
-            self.state.run_id = run.info.run_id
-            self._run_open = True
+            tags = {"model": self.cfg.model, "env": self.cfg.env, "version": version,
+                    "capture_uri": self.cfg.capture_uri}
+            if track is not None:
+                tags.update(reference_run_id=track.reference.run_id, embedding_source=track.embedding_source,
+                            accuracy_reference=track.accuracy_source)
+            run = client.create_run(exp, run_name=f"monitor-{self.cfg.model}-{self.cfg.env}-v{version}", tags=tags)
+            params = [Param("window", str(self.cfg.window)), Param("alpha", str(self.cfg.alpha))]
+            if track is not None and track.reference_accuracy is not None:
+                params.append(Param("reference_accuracy", f"{track.reference_accuracy:.6g}"))
+            client.log_batch(run.info.run_id, params=params)
+            kept["run_id"] = run.info.run_id
+            self._open_runs.add(run.info.run_id)
             self._commit()
-        elif not self._run_open:  # one run per version: reopen the run an earlier --once finished
-            client.update_run(self.state.run_id, status="RUNNING")
-            self._run_open = True
-        run_id = self.state.run_id
+        elif kept["run_id"] not in self._open_runs:
+            client.update_run(kept["run_id"], status="RUNNING")
+            self._open_runs.add(kept["run_id"])
+        return kept["run_id"]
+
+    def _log_mlflow(self, results: list[WindowResult]) -> None:
+        if not self.cfg.log_mlflow or not results:
+            return
+        for version in dict.fromkeys(r.version for r in results):
+            self._log_version(version, [r for r in results if r.version == version])
+
+    def _log_version(self, version: str, results: list[WindowResult]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        client = self.registry.client
+        run_id = self._run_of(version)
         now = int(time.time() * 1000)
         metrics = []
         for r in results:
@@ -650,32 +854,34 @@ class Monitor:
                       "retrain_triggered": float(r.trigger is not None)}
             if r.accuracy is not None:
                 values["accuracy"] = r.accuracy
+            if r.p_accuracy is not None:
+                values.update(p_accuracy=r.p_accuracy, accuracy_alarm=float(r.accuracy_alarm))
             metrics += [Metric(k, float(v), now, r.index) for k, v in values.items()]
         for i in range(0, len(metrics), 900):  # log_batch caps at 1000 metrics per call
             client.log_batch(run_id, metrics=metrics[i:i + 900])
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _status_tags(results).items()])
+        primary = [r for r in results if r.primary]
+        if primary:  # `flywheel status` shows an env's latest window: the alias's version's, not a canary's
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _status_tags(primary).items()])
         history = client.get_metric_history(run_id, "p_value")
         drift = {m.step: m.value for m in client.get_metric_history(run_id, "drift_detected")}
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             path = drift_plot(history, drift, self.cfg.alpha, Path(tmp) / "drift_over_time.png",
-                              f"{self.cfg.model}@{self.cfg.env} v{results[0].version}")
+                              f"{self.cfg.model}@{self.cfg.env} v{version}")
             client.log_artifact(run_id, str(path), "plots")
 
     def _end_run(self) -> None:
-        """Mark the MLflow run FINISHED if this process opened it (the next writer reopens it)."""
-        if not self._run_open or not self.state.run_id:
-            self._run_open = False
-            return
-        self._run_open = False
-        try:
-            self.registry.client.set_terminated(self.state.run_id, "FINISHED")
-        except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail stopping; the run reopens later
-            log.warning("could not mark monitoring run %s finished: %s", self.state.run_id, exc)
+        """Mark the MLflow runs this process opened FINISHED (the next writer reopens them)."""
+        opened, self._open_runs = self._open_runs, set()
+        for run_id in sorted(opened):
+            try:
+                self.registry.client.set_terminated(run_id, "FINISHED")
+            except Exception as exc:  # noqa: BLE001 - a tracking outage must not fail stopping; the run reopens later
+                log.warning("could not mark monitoring run %s finished: %s", run_id, exc)
 
     def close(self) -> None:
-        """End what this monitor opened: its MLflow run goes FINISHED (`--once` returning, a service stopping)."""
+        """End what this monitor opened: its MLflow runs go FINISHED (`--once` returning, a service stopping)."""
         self._end_run()
 
     # -- service ---------------------------------------------------------------------------------
@@ -879,14 +1085,16 @@ def describe_tick(summary: TickSummary | None, capture_uri: str, model: str) -> 
     for kind, n in sorted(summary.marked.items()):
         skipped.append(f"{n} {kind}")
     if summary.other_version:
-        skipped.append(f"{summary.other_version} of other versions")
+        skipped.append(f"{summary.other_version} of versions without a reference")
     if summary.malformed:
         skipped.append(f"{summary.malformed} malformed")
     read = f"read {summary.read} new captures" + (f" (skipped {', '.join(skipped)})" if skipped else "")
     tested = (f"{summary.windows} window{'s' if summary.windows != 1 else ''} tested" if summary.windows
               else "no window tested")
+    others = "".join(f"; v{v}: {c['monitored']} read, {c['pending']} pending, {c['windows']} window"
+                     f"{'s' if c['windows'] != 1 else ''} tested" for v, c in sorted(summary.versions.items()))
     return (f"{read}; {summary.pending} captured predictions pending of a {summary.window} window "
-            f"(v{summary.version}); {tested}")
+            f"(v{summary.version}); {tested}{others}")
 
 
 def _lock_owner(state_dir: Path) -> str:

@@ -3,7 +3,12 @@
 - `TriggerPolicy` turns per-window drift decisions into at most one retrain per drift episode:
   K consecutive drifting windows open an episode and fire once; the episode closes only after
   `clear_windows` clean windows in a row, and a new episode inside `cooldown_s` of the last fire is
-  suppressed (recorded, not fired). A schedule and "enough new labelled data" are the other reasons.
+  suppressed (recorded, not fired). The accuracy alarm (live accuracy on feedback labels below the
+  version's reference accuracy, see flywheel.monitoring.service) has episodes of its own under the
+  same rule (`accuracy_consecutive` alarming windows in a row open one, `clear_windows` windows
+  without an alarm close it); a window whose predictions got no label has no accuracy verdict and
+  neither extends nor breaks a run. Both kinds share the cooldown: one retrain answers both. A
+  schedule and "enough new labelled data" are the other reasons.
 - Actions: GitHub `repository_dispatch` (event `retrain`), SSH (a command on a training node, e.g.
   `flywheel remote-train` or `flywheel train`, run through paramiko with a pinned host key), or a local
   command.
@@ -47,7 +52,7 @@ class RetrainEvent:
     so the receiver trains THAT model from THAT project and commit."""
 
     model: str
-    reason: str  # drift | schedule | labelled-data | manual
+    reason: str  # drift | accuracy | schedule | labelled-data | manual
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     env: str = "prod"
     version: str | None = None  # the served version whose traffic drifted
@@ -305,6 +310,7 @@ class PolicyConfig:
     cooldown_s: float = 3600.0  # no second drift retrain within this time of the last one
     schedule_s: float | None = None  # retrain at least this often (None: never on schedule)
     min_labelled: int | None = None  # retrain once this many new labelled captures arrived
+    accuracy_consecutive: int | None = 3  # K accuracy-alarm windows in a row open an episode (None: never fire)
 
 
 @dataclass
@@ -318,6 +324,11 @@ class PolicyState:
     labelled_at_last_fire: int = 0
     episodes: int = 0
     suppressed: int = 0
+    # the accuracy alarm's run and episode (the drift fields' counterparts; absent in older state files)
+    accuracy_consecutive: int = 0
+    accuracy_clean: int = 0
+    accuracy_episode: str | None = None
+    accuracy_episode_fired: bool = False
 
 
 @dataclass(frozen=True)
@@ -347,8 +358,10 @@ class TriggerPolicy:
     def save(self) -> None:
         atomic_write_json(self.path, asdict(self.state))
 
-    def observe(self, drift: bool, labelled_total: int = 0, now: float | None = None) -> Decision:
-        """Feed one window's drift decision; returns whether to fire and why."""
+    def observe(self, drift: bool, labelled_total: int = 0, now: float | None = None,
+                accuracy_alarm: bool | None = None) -> Decision:
+        """Feed one window's drift decision and its accuracy verdict (True: alarm, False: labels came
+        back and accuracy held, None: no label, no verdict); returns whether to fire and why."""
         now = time.time() if now is None else now
         s, c = self.state, self.config
         if s.last_schedule is None:
@@ -361,20 +374,40 @@ class TriggerPolicy:
             s.clean += 1
             if s.episode is not None and s.clean >= c.clear_windows:
                 s.episode, s.episode_fired = None, False
+        if accuracy_alarm is True:
+            s.accuracy_consecutive += 1
+            s.accuracy_clean = 0
+        elif accuracy_alarm is False:
+            s.accuracy_consecutive = 0
+            s.accuracy_clean += 1
+            if s.accuracy_episode is not None and s.accuracy_clean >= c.clear_windows:
+                s.accuracy_episode, s.accuracy_episode_fired = None, False
         decision = Decision(False, None, "no trigger", s.episode)
         if drift and s.episode is None and s.consecutive >= c.consecutive:
             s.episode, s.episode_fired = uuid.uuid4().hex[:12], False
             s.episodes += 1
+        if (accuracy_alarm and c.accuracy_consecutive is not None and s.accuracy_episode is None
+                and s.accuracy_consecutive >= c.accuracy_consecutive):
+            s.accuracy_episode, s.accuracy_episode_fired = uuid.uuid4().hex[:12], False
+            s.episodes += 1
+        opened = []  # episodes that reach their one decision in this window: (reason, episode, note)
         if s.episode is not None and not s.episode_fired:
             s.episode_fired = True  # one episode → one decision, fired or suppressed
+            opened.append(("drift", s.episode, f"drift in {s.consecutive} consecutive windows (episode {s.episode})"))
+        if s.accuracy_episode is not None and not s.accuracy_episode_fired:
+            s.accuracy_episode_fired = True
+            opened.append(("accuracy", s.accuracy_episode, f"accuracy below the reference in "
+                           f"{s.accuracy_consecutive} consecutive labelled windows (episode {s.accuracy_episode})"))
+        if opened:
+            reason, episode, note = opened[0] if len(opened) == 1 else \
+                ("drift", opened[0][1], f"{opened[0][2]}; {opened[1][2]}")  # both at once: one retrain
             if s.last_fire is not None and now - s.last_fire < c.cooldown_s:
                 s.suppressed += 1
-                decision = Decision(False, None, f"drift episode {s.episode} suppressed: cooldown "
+                decision = Decision(False, None, f"{reason} episode {episode} suppressed: cooldown "
                                     f"({now - s.last_fire:.0f}s < {c.cooldown_s:.0f}s since last retrain)",
-                                    s.episode)
+                                    episode)
             else:
-                decision = Decision(True, "drift", f"drift in {s.consecutive} consecutive windows "
-                                    f"(episode {s.episode})", s.episode)
+                decision = Decision(True, reason, note, episode)
         elif c.min_labelled is not None and labelled_total - s.labelled_at_last_fire >= c.min_labelled:
             decision = Decision(True, "labelled-data", f"{labelled_total - s.labelled_at_last_fire} new "
                                 f"labelled captures >= {c.min_labelled}", s.episode)
