@@ -186,18 +186,28 @@ class NoveltyDriftDetector:
 
     def test(self, window: np.ndarray) -> TestResult:
         window = _check_window(window, self.reference.shape[1])
-        n, w = len(self.calibration["direction"]), len(window)
+        u = self.p_values(window)
+        p, per_channel = self.window_p_values({name: v[None] for name, v in u.items()})
+        details = {}
+        for name in self.CHANNELS:
+            details[f"p_{name}"] = float(per_channel[name][0])
+            details[f"tail_counts_{name}"] = dict(zip(TAIL_LEVELS, _tail_counts(u[name][None])[0].tolist(), strict=True))
+        return TestResult(float(p[0]), -float(np.log10(min(per_channel[n][0] for n in self.CHANNELS))), details)
+
+    def window_p_values(self, u: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Window p-values of B windows at once from their samples' conformal p-values, (B, W) per
+        channel: what `test` computes for one window (it calls this), vectorised for benchmarks that
+        score a pool of samples once and test many windows drawn from it. Returns (combined, per channel)."""
+        n = len(self.calibration[self.CHANNELS[0]])
+        w = next(iter(u.values())).shape[1]
         null_counts, null_min_p = _rank_null(n, w, self.simulations, self.seed)
-        details, ps = {}, []
-        for name, u in self.p_values(window).items():
-            counts = _tail_counts(u[None])
-            min_p = float(_level_p_values(null_counts, counts).min())
+        per_channel = {}
+        for name in self.CHANNELS:
+            min_p = _level_p_values(null_counts, _tail_counts(u[name])).min(1)
             # calibrate the min over levels by its own null (levels are strongly dependent)
-            p = float((1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1))
-            ps.append(p)
-            details[f"p_{name}"] = p
-            details[f"tail_counts_{name}"] = dict(zip(TAIL_LEVELS, counts[0].tolist(), strict=True))
-        return TestResult(combine_p_values(ps), -float(np.log10(min(ps))), details)
+            per_channel[name] = (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
+        combined = np.minimum(1.0, len(self.CHANNELS) * np.min(np.stack(list(per_channel.values())), axis=0))
+        return combined, per_channel
 
 
 class KSBonferroni:
@@ -215,21 +225,110 @@ class KSBonferroni:
         ps = ks_2samp_columns(self.ref, self.pca.transform(window))
         return TestResult(combine_p_values(list(ps)), float(ps.min()), {"min_p": float(ps.min())})
 
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """The representation the test compares: whitened PCA components."""
+        return self.pca.transform(x)
+
+    def window_p_values(self, windows: np.ndarray) -> np.ndarray:
+        """`test(w).p_value` of B windows at once, given already `transform`ed (B, W, dims) windows."""
+        ps = ks_2samp_columns_batch(self.ref, windows)
+        return np.minimum(1.0, ps.shape[1] * ps.min(1))
+
 
 def ks_2samp_columns(ref_sorted: np.ndarray, window: np.ndarray) -> np.ndarray:
     """Two-sided two-sample KS p-value per column (Kolmogorov's asymptotic distribution).
 
     Faster than one `scipy.stats.ks_2samp` call per column: the reference is sorted once and the
     statistic is a max over searchsorted ECDFs; the p-values agree with scipy's to ~1e-2 absolute."""
-    n, m = len(ref_sorted), len(window)
-    win = np.sort(window, axis=0)
-    d = np.empty(win.shape[1])
-    for j in range(win.shape[1]):
-        points = np.concatenate([ref_sorted[:, j], win[:, j]])
-        gap = (np.searchsorted(ref_sorted[:, j], points, side="right") / n
-               - np.searchsorted(win[:, j], points, side="right") / m)
-        d[j] = np.abs(gap).max()
+    return ks_2samp_columns_batch(ref_sorted, np.asarray(window)[None])[0]
+
+
+def ks_2samp_columns_batch(ref_sorted: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """`ks_2samp_columns` of B windows at once: (B, W, D) windows -> (B, D) p-values.
+
+    Both empirical CDFs are steps, so the largest gap sits at a window point: just at the i-th
+    smallest window value x_i (window CDF i/W, reference CDF #ref <= x_i over n) or just below it
+    ((i - 1)/W against #ref < x_i over n)."""
+    n = len(ref_sorted)
+    win = np.sort(np.asarray(windows, dtype=np.float64), axis=1)
+    b, m, dims = win.shape
+    i = np.arange(1, m + 1, dtype=np.float64)[None, :] / m
+    d = np.empty((b, dims))
+    for j in range(dims):
+        col = win[:, :, j]
+        right = np.searchsorted(ref_sorted[:, j], col, side="right") / n
+        left = np.searchsorted(ref_sorted[:, j], col, side="left") / n
+        d[:, j] = np.maximum(np.abs(i - right), np.abs(i - 1.0 / m - left)).max(1)
     return stats.kstwobign.sf(d * np.sqrt(n * m / (n + m)))  # Kolmogorov limit: fast, and close at these sizes
+
+
+class BBSD:
+    """Black-box shift detection (Lipton et al. 2018; the best detector of Rabanser et al., "Failing
+    Loudly", NeurIPS 2019): two-sample KS on each of the classifier's softmax outputs, Bonferroni over
+    the outputs. Takes (N, classes) probabilities, not embeddings."""
+
+    def fit(self, reference_probs: np.ndarray, classes: np.ndarray | None = None) -> BBSD:
+        ref = np.asarray(reference_probs, dtype=np.float64)
+        if ref.ndim != 2 or len(ref) < 2:
+            raise ValueError(f"reference must be (N>=2, classes) softmax outputs, got shape {ref.shape}")
+        self.ref = np.sort(ref, axis=0)
+        return self
+
+    def test(self, window_probs: np.ndarray) -> TestResult:
+        ps = ks_2samp_columns(self.ref, _check_window(window_probs, self.ref.shape[1]))
+        return TestResult(combine_p_values(list(ps)), float(ps.min()), {"min_p": float(ps.min())})
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    def window_p_values(self, windows: np.ndarray) -> np.ndarray:
+        """`test(w).p_value` of B (B, W, classes) windows at once."""
+        ps = ks_2samp_columns_batch(self.ref, windows)
+        return np.minimum(1.0, ps.shape[1] * ps.min(1))
+
+
+class MMDPermutation:
+    """Kernel two-sample test (Gretton et al. 2012) as alibi-detect's and torchdrift's MMD drift
+    detectors run it: Gaussian kernel exp(-d^2 / median(d^2)) (the median heuristic, the median taken
+    over reference-window pairs), biased MMD^2 statistic, p-value from `permutations` random
+    relabellings of the pooled sample, (1 + #permuted >= observed) / (permutations + 1).
+
+    Vectorised: the reference's own squared distances are computed once in `fit`; per window the
+    statistic of every permutation is one matrix product, sum((A K) * A) with A the (P, N) matrix of
+    permuted weights (+1/n reference, -1/m window). The permutations are drawn once per window size."""
+
+    def __init__(self, permutations: int = 100, seed: int = 0):
+        self.permutations, self.seed = permutations, seed
+
+    def fit(self, reference: np.ndarray, classes: np.ndarray | None = None) -> MMDPermutation:
+        ref = np.asarray(reference, dtype=np.float32)
+        if ref.ndim != 2 or len(ref) < 2:
+            raise ValueError(f"reference must be (N>=2, D) embeddings, got shape {ref.shape}")
+        self.ref, self.ref_sq = ref, (ref * ref).sum(1)
+        self.ref_d2 = np.maximum(self.ref_sq[:, None] + self.ref_sq[None, :] - 2 * ref @ ref.T, 0)
+        self._weights: dict[int, np.ndarray] = {}
+        return self
+
+    def _permuted_weights(self, m: int) -> np.ndarray:
+        if m not in self._weights:
+            n = len(self.ref)
+            a = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)]).astype(np.float32)
+            rng = np.random.default_rng(self.seed)
+            self._weights[m] = np.stack([a, *(a[rng.permutation(n + m)] for _ in range(self.permutations))])
+        return self._weights[m]
+
+    def test(self, window: np.ndarray) -> TestResult:
+        x = _check_window(window, self.ref.shape[1]).astype(np.float32)
+        x_sq = (x * x).sum(1)
+        cross = np.maximum(self.ref_sq[:, None] + x_sq[None, :] - 2 * self.ref @ x.T, 0)
+        within = np.maximum(x_sq[:, None] + x_sq[None, :] - 2 * x @ x.T, 0)
+        d2 = np.block([[self.ref_d2, cross], [cross.T, within]])
+        sigma2 = max(float(np.median(cross)), 1e-12)
+        kernel = np.exp(-d2 / sigma2)
+        a = self._permuted_weights(len(x))
+        stat = ((a @ kernel) * a).sum(1)  # row 0: the observed split; rows 1..: permutations
+        p = float((1 + np.sum(stat[1:] >= stat[0])) / (self.permutations + 1))
+        return TestResult(p, float(stat[0]), {"sigma2": sigma2})
 
 
 # ---------------------------------------------------------------------------------------- predictions
