@@ -41,7 +41,7 @@ Detectors (same windows, alpha 0.01 each):
              which the monitor does not store per capture)
   mmd        Gaussian-kernel MMD permutation test on the embedding, median heuristic, 100 permutations
   evidently  Evidently 0.7's EmbeddingsDrift default (the classifier method), in a separate venv (it needs
-             pandas<3); W=100 only, fewer windows (~20 ms per window); skipped with a note if not installed
+             pandas<3); W=100 only, fewer windows (tens of ms per window); skipped with a note if not installed
 
     python benchmarks/drift.py                  # full counts, the default model (trains once if not cached)
     python benchmarks/drift.py --quick          # small counts and a quick model: for tests and CI
@@ -99,7 +99,7 @@ class Counts:
     source: int | None  # shifted-source images used (None: all)
 
 
-FULL = Counts(refs=10, shifted=100, clean=10000, slow_shifted=20, slow_clean=500, streams=20, source=None)
+FULL = Counts(refs=10, shifted=100, clean=10000, slow_shifted=10, slow_clean=300, streams=20, source=None)
 QUICK = Counts(refs=2, shifted=8, clean=100, slow_shifted=2, slow_clean=10, streams=2, source=300)
 
 
@@ -172,6 +172,21 @@ def _images(model_uri: str | None, tracking_uri: str | None, spec):
             f"{spec.name}'s test set ({len(images)} images): 40% reference pool, 30% clean, 30% shifted")
 
 
+def corrupted(source: np.ndarray, family: str, severity: int, cache: Path | None) -> np.ndarray:
+    """`corrupt_images(source, family, severity, seed=0)`, kept in `cache` (keyed by the images and the
+    shift code): the images do not depend on the model, so a retrained model reuses them."""
+    from flywheel.core.shifts import corrupt_images
+
+    path = cache / f"{family}-{severity}.npy" if cache is not None else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    out = corrupt_images(source, family, severity, seed=0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, out)
+    return out
+
+
 def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts,
                 fashion: bool = False) -> Pools:
     """Embed every pool through the model (the version's own preprocessing), cached in `cache`."""
@@ -185,8 +200,6 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
     else:
         from flywheel.core.evaluate import predict
         from flywheel.core.models import load_model
-        from flywheel.core.shifts import corrupt_images
-
         model, spec = load_model(model_uri, tracking_uri=tracking_uri)
         ref, clean, source, labels, where = _images(None if fashion else model_uri, tracking_uri, spec)
         if counts.source is not None:
@@ -201,9 +214,11 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
         meta = {"source_accuracy": float(np.mean(src["pred"] == labels)), "where": where,
                 "embedding_dim": int(z["ref"]["emb"].shape[1]), "model_uri": model_uri}
         t0 = time.perf_counter()
+        images_cache = cache.parent / f"images-{_digest((SRC / 'core/shifts.py').read_bytes(), source.tobytes())}" \
+            if cache is not None else None
         for f in FAMILIES:
             for s in SEVERITIES:
-                out = run(corrupt_images(source, f, s, seed=0))
+                out = run(corrupted(source, f, s, images_cache))
                 meta[f"accuracy_cost {f}-{s}"] = meta["source_accuracy"] - float(np.mean(out["pred"] == labels))
                 z[f"{f}-{s}"] = out
         print(f"corrupted and embedded {len(FAMILIES) * len(SEVERITIES)} x {len(source)} images in "
@@ -586,8 +601,22 @@ def write_readme(section: str) -> None:
 
 
 def load_result(path: Path) -> dict:
+    """The figures of a results file (a run_all record: {"name", "status", ..., "figures": {"rows": ...}})."""
     data = json.loads(path.read_text())
-    return data.get("figures", data) if "rows" not in data else data  # run_all wraps it in a record
+    return data["figures"] if "figures" in data else data
+
+
+def merge(records: list[dict]) -> dict:
+    """One record from runs of different detectors on the same plan (seed and counts must agree)."""
+    figs = [r["figures"] for r in records]
+    keys = {(f["meta"]["seed"], json.dumps(f["meta"]["counts"]), f["meta"]["model_uri"]) for f in figs}
+    if len(keys) != 1:
+        raise SystemExit(f"runs differ in seed, counts or model; cannot merge: {keys}")
+    out = {k: [x for f in figs for x in f[k]] for k in ("rows", "delays", "timing", "notes")}
+    out["goal"] = goal_check(out["rows"])
+    out["meta"] = {**figs[0]["meta"], "seconds": round(sum(f["meta"]["seconds"] for f in figs), 1)}
+    return {**records[0], "command": " + ".join(r["command"] for r in records),
+            "seconds": sum(r["seconds"] for r in records), "figures": out}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -605,7 +634,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json-out", type=Path, default=RESULTS_JSON)
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     ap.add_argument("--render-only", action="store_true", help="README section from --json-out, nothing run")
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine runs of other detectors on the same windows "
+                    "(same seed and counts, e.g. evidently run alone) into --json-out; nothing run")
     args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge([json.loads(p.read_text()) for p in args.merge])
+        args.json_out.write_text(json.dumps(merged, indent=1))
+        if not args.no_readme:
+            write_readme(render(merged["figures"]))
+        print(f"merged {len(args.merge)} runs into {args.json_out}")
+        return merged
     if args.render_only:
         write_readme(render(load_result(args.json_out)))
         print(f"wrote the drift section of {README}")
@@ -639,9 +677,14 @@ def main(argv: list[str] | None = None) -> dict:
     for half, g in result["goal"].items():
         print(f"goal {half}: {g['met']} of {g['pairs']} pairs >= 0.95 at W=100 20%; missed {g['missed']}; "
               f"max false alarms {g['max_false_alarms']:.4f}")
-    if args.json_out:
+    if args.json_out:  # the record layout run_all.py keeps for every benchmark, figures inside
+        record = {"name": "drift", "what": "drift detection on a corruption suite (held-out families) vs BBSD, "
+                  "MMD, KS, Evidently", "quick": args.quick, "status": "ok",
+                  "command": " ".join(["python", "benchmarks/drift.py", *(argv if argv is not None else sys.argv[1:])]),
+                  "measured_at": result["meta"]["measured_at"], "seconds": result["meta"]["seconds"],
+                  "load_avg_5min": round(os.getloadavg()[1], 1), "figures": result}
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=1))
+        args.json_out.write_text(json.dumps(record, indent=1))
     if not args.no_readme:
         write_readme(render(result))
     return result
