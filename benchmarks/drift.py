@@ -453,11 +453,11 @@ def run(pools: Pools, counts: Counts, seed: int, windows: tuple[int, ...], detec
                 notes.append(res)
                 continue
             results, found, ms = {100: res[:2]}, {}, {100: res[2]}
-        else:
+        else:  # timed first, one window at a time, before the batch work fills memory and caches
+            ms = {w: time_per_window(name, seed, pools, draws[0], p, pool_emb, pool_prob, 20 if slow else 200)
+                  for w, p in plans.items()}
             results, found = run_detector(name, seed, pools, draws, plans, {} if slow else streams,
                                           pool_emb, pool_prob, n_clean_w, n_shift_w)
-            ms = {w: time_per_window(name, seed, pools, draws[0], p, pool_emb, pool_prob, 10 if slow else 200)
-                  for w, p in plans.items()}
         for w, (clean_flags, flags) in results.items():
             timing.append({"detector": name, "window": w, "false_alarms": float(clean_flags.mean()),
                            "clean_windows": len(clean_flags), "ms_per_window": round(ms[w], 3)})
