@@ -557,7 +557,9 @@ def render(result: dict) -> str:
                 cells.append(" / ".join(vals))
             if any(c_ != "- / -" for c_ in cells):
                 lines.append(f"| {w} | {int(c * 100)}% | " + " | ".join(cells) + " |")
-    lines += ["", "False alarms (alpha 0.01) and compute per window:", "",
+    load = f", 5-min load average {meta['load_avg_5min']} at the end" if "load_avg_5min" in meta else ""
+    lines += ["", "False alarms (alpha 0.01) and compute per window (median of one-window `test` calls, the "
+              f"monitor's path, on 2 shared CPU cores{load}):", "",
               "| detector | W | false alarms | clean windows | ms/window |", "|---|---|---|---|---|"]
     for t in result["timing"]:
         lines.append(f"| {t['detector']} | {t['window']} | {t['false_alarms']:.4f} | {t['clean_windows']} | "
@@ -672,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["meta"] = {"quick": args.quick, "seed": args.seed, "alpha": ALPHA, "counts": asdict(counts),
                       "where": pools.where, "source_accuracy": pools.source_accuracy, "model_uri": model_uri,
                       "embedding_dim": int(pools.ref_emb.shape[1]), "tuning": TUNING, "held_out": HELD_OUT,
-                      "seconds": round(time.perf_counter() - t0, 1),
+                      "seconds": round(time.perf_counter() - t0, 1), "load_avg_5min": round(os.getloadavg()[1], 1),
                       "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for half, g in result["goal"].items():
         print(f"goal {half}: {g['met']} of {g['pairs']} pairs >= 0.95 at W=100 20%; missed {g['missed']}; "
