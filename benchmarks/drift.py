@@ -12,6 +12,17 @@ Any design or setting of the flywheel detector is chosen looking only at TUNING 
 another seed (--seed 1); the reported run (--seed 0) shows both halves, and every later design change
 is re-run and reported on both.
 
+Design log (append, never rewrite):
+  2026-12-02  The detector as it stood (direction + magnitude channels, k=3, tail levels 0.8-0.995,
+              Bonferroni) against variants, tuning half only, seed-1 reference draws and windows, W=100,
+              20% shifted: k in {1, 10, 30}, kNN after PCA whitening or without the square root, one
+              combined per-sample channel (Fisher / min of the two p-values), tail levels from 0.5, and on
+              a 1-epoch model a Mahalanobis and a linear-probe confidence channel. None detected more
+              tuning pairs (the design: mean 0.85, 16 of 25 pairs costing >= 3 points at >= 0.95), so
+              the design is unchanged. Held-out figures seen before that decision: only a --quick smoke
+              run on a 1-epoch model. The full run was repeated once to re-measure compute at a lower
+              machine load (identical detections: the windows are a function of the seed).
+
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
 window. alpha = 0.01 per window: the level the detectors' p-values are built to hold; it is checked on
