@@ -1,28 +1,64 @@
-"""Drift detector benchmark: false alarms, detection under partial contamination, delay, compute time.
+"""Drift detector benchmark: a corruption suite with held-out families, the published peers on the same windows.
 
-Compares, on the same embeddings and the very same windows:
-  flywheel  - flywheel.monitoring.drift.NoveltyDriftDetector, what the monitor runs: per-sample conformal p-values of
-              two novelty channels (cosine kNN direction, low feature magnitude), a multi-level tail-count
-              statistic per channel with an exact rank null, Bonferroni over the channels
-  ks-bonf   - plain KS per whitened PCA component (16) + Bonferroni (the baseline the issue names)
-  evidently - Evidently's EmbeddingsDrift default (classifier method), run in a separate venv because it
-              needs pandas<3 (benchmark-only; skipped with a note when it cannot be installed)
+PROTOCOL (fixed in this docstring before any result of this benchmark was looked at)
 
-Embeddings come from a real model. By default that is the model the monitor sees in practice: the
-pipeline's default (`flywheel train` defaults: small-cnn, 3 epochs on full Fashion-MNIST, ~91% test
-accuracy), trained once here through the real pipeline and cached under ~/.cache/flywheel/drift-bench
-(keyed by a digest of the training code, so a change to it retrains). --train-samples N uses a quick
-model instead (1 epoch on N images, ~0.8 test accuracy at 6000); --model-uri any registered model;
---cache DIR reads or writes the embeddings there.
-Reference = 1000 validation embeddings per trial (what training logs); clean traffic = Fashion-MNIST
-test images 3000-9999; shifted traffic = test images 0-2999 through flywheel.core.shifts (the demo's shifts).
-False alarms: --clean-per-ref clean windows per reference draw (3000 at the defaults); detection: one
-contaminated window per reference draw. Evidently sees one clean and one contaminated window per draw
-(it is ~20x slower per window). The detector has no tuned constant fitted to these windows: its choices were
-made on windows drawn with another seed (12345) from the same embedding pools.
+Shift families: the 18 of `flywheel.core.shifts.FAMILIES` (MNIST-C's 15 corruptions after Mu & Gilmer
+2019, Failing Loudly's Gaussian noise of std 1/10/100 grey levels, plus Gaussian blur and contrast),
+each at severities 1, 2, 3. They are split once, by numpy.random.default_rng(2019).permutation over the
+alphabetical list, the first nine being the tuning half:
+  TUNING   = brightness, contrast, gaussian-noise, glass-blur, motion-blur, rotate, shear, stripe, translate
+  HELD_OUT = canny-edges, dotted-line, fog, gaussian-blur, impulse-noise, scale, shot-noise, spatter, zigzag
+Any design or setting of the flywheel detector is chosen looking only at TUNING families, on windows of
+another seed (--seed 1); the reported run (--seed 0) shows both halves, and every later design change
+is re-run and reported on both.
 
-    python benchmarks/drift.py                       # the default model (trains once, ~1-5 min of CPU)
-    python benchmarks/drift.py --train-samples 6000  # the quick model
+Design log (append, never rewrite):
+  2026-12-02  The detector as it stood (direction + magnitude channels, k=3, tail levels 0.8-0.995,
+              Bonferroni) against variants, tuning half only, seed-1 reference draws and windows, W=100,
+              20% shifted: k in {1, 10, 30}, kNN after PCA whitening or without the square root, one
+              combined per-sample channel (Fisher / min of the two p-values), tail levels from 0.5, and on
+              a 1-epoch model a Mahalanobis and a linear-probe confidence channel. None detected more
+              tuning pairs (the design: mean 0.85, 16 of 25 pairs costing >= 3 points at >= 0.95), so
+              the design is unchanged. Held-out figures seen before that decision: only a --quick smoke
+              run on a 1-epoch model. The full run was repeated once to re-measure compute at a lower
+              machine load (identical detections: the windows are a function of the seed).
+
+Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
+(family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
+window. alpha = 0.01 per window: the level the detectors' p-values are built to hold; it is checked on
+clean windows and never tuned on them.
+
+Data. The reference model is the pipeline's default (`flywheel train` defaults: small-cnn, 3 epochs on
+Fashion-MNIST), trained once through the real pipeline and cached with its embeddings under
+~/.cache/flywheel/drift-bench (keyed by a digest of the training code and of core/shifts.py).
+Reference pool = the validation split (what training logs for the monitor); clean traffic = test
+images 3000-9999; shifted traffic = test images 0-2999 through each corruption. Accuracy cost of a
+(family, severity) = the model's accuracy on those 3000 images minus its accuracy on their corrupted
+copies. --model-uri takes any component's model version instead: its preprocessing and embedding come
+from the version's component spec, the images from its logged labelled test set (shuffled, then 40%
+reference pool, 30% clean traffic, 30% shifted traffic).
+
+Windows. Per window size W: `refs` reference draws of min(1000, pool/2) samples; every detector is fit
+once per draw and sees the very same windows. A shifted window holds round(contamination * W)
+corrupted samples and clean ones for the rest, W in {50, 100, 300}, contamination in {10, 20, 50,
+100%}. False alarms: clean windows per W (10,000 for the cheap detectors; fewer for the slow ones; the
+count is in every row). Detection delay: streams that turn 20%-contaminated at a random point inside
+a window (W=100); samples from the shift's start to the end of the first flagged window.
+
+Detectors (same windows, alpha 0.01 each):
+  flywheel   NoveltyDriftDetector, what the monitor runs on the embedding (see flywheel.monitoring.drift)
+  ks-bonf    KS per whitened PCA component (16) of the embedding, Bonferroni
+  bbsd       KS per softmax output, Bonferroni (Failing Loudly's best; the softmax comes from the model,
+             which the monitor does not store per capture)
+  mmd        Gaussian-kernel MMD permutation test on the embedding, median heuristic, 100 permutations
+  evidently  Evidently 0.7's EmbeddingsDrift default (the classifier method), in a separate venv (it needs
+             pandas<3); W=100 only, fewer windows (tens of ms per window); skipped with a note if not installed
+
+    python benchmarks/drift.py                  # full counts, the default model (trains once if not cached)
+    python benchmarks/drift.py --quick          # small counts and a quick model: for tests and CI
+    python benchmarks/drift.py --render-only    # README section from benchmarks/results/drift.json
+Results: benchmarks/results/drift.json (one row per detector, family, severity, window, contamination)
+and the drift section of benchmarks/README.md, rendered from that JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: threading only adds contention
@@ -42,18 +79,203 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import numpy as np  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src" / "flywheel"
+RESULTS_JSON = HERE / "results" / "drift.json"
+README = HERE / "README.md"
+BEGIN, END = "<!-- drift:begin (generated by benchmarks/drift.py) -->", "<!-- drift:end -->"
+CACHE_ROOT = Path.home() / ".cache" / "flywheel" / "drift-bench"
 EVIDENTLY_VENV = Path.home() / ".cache" / "flywheel" / "evidently-venv"
+
+TUNING = ("brightness", "contrast", "gaussian-noise", "glass-blur", "motion-blur", "rotate", "shear", "stripe",
+          "translate")
+HELD_OUT = ("canny-edges", "dotted-line", "fog", "gaussian-blur", "impulse-noise", "scale", "shot-noise", "spatter",
+            "zigzag")
+WINDOWS = (50, 100, 300)
+CONTAMINATION = (0.1, 0.2, 0.5, 1.0)
+ALPHA = 0.01
+GOAL = {"window": 100, "contamination": 0.2, "detection": 0.95, "accuracy_cost": 0.03, "false_alarms": 0.01}
+DETECTORS = ("flywheel", "ks-bonf", "bbsd", "mmd", "evidently")
+SLOW = ("mmd", "evidently")
+
+
+@dataclass(frozen=True)
+class Counts:
+    refs: int  # reference draws per window size
+    shifted: int  # shifted windows per (family, severity, W, contamination), cheap detectors
+    clean: int  # clean windows per W, cheap detectors
+    slow_shifted: int  # the same for mmd and evidently (their first windows of each setting)
+    slow_clean: int
+    streams: int  # delay streams per (family, severity)
+    source: int | None  # shifted-source images used (None: all)
+
+
+FULL = Counts(refs=10, shifted=100, clean=10000, slow_shifted=10, slow_clean=300, streams=20, source=None)
+QUICK = Counts(refs=2, shifted=8, clean=100, slow_shifted=2, slow_clean=10, streams=2, source=300)
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass
+class Pools:
+    """Embeddings and softmax outputs: reference pool, clean traffic, and each corruption's traffic."""
+
+    ref_emb: np.ndarray
+    ref_prob: np.ndarray
+    clean_emb: np.ndarray
+    clean_prob: np.ndarray
+    shifted: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]
+    accuracy_cost: dict[tuple[str, int], float]
+    source_accuracy: float
+    where: str
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:12]
+
+
+def cached_fashion_model(samples: int | None) -> tuple[str, str, str]:
+    """(model URI, tracking URI, cache key) of the pipeline's default model (samples None) or a quick one
+    (1 epoch on `samples` images), trained once through the real pipeline into CACHE_ROOT."""
+    import torch
+
+    key = _digest(f"{torch.__version__} {samples}".encode(), *((SRC / n).read_bytes() for n in (
+        "core/models.py", "training/train.py", "core/data.py", "contracts/preprocessing.py")))
+    home = CACHE_ROOT / f"model-{'default' if samples is None else samples}-{key}"
+    tracking = f"sqlite:///{home / 'mlflow.db'}"
+    if (home / "model_uri").is_file():
+        return (home / "model_uri").read_text().strip(), tracking, home.name
+    from flywheel.core.config import Settings
+    from flywheel.training.train import TrainConfig, run_training
+
+    settings = Settings.from_env(work_dir=home, tracking_uri=tracking).apply()
+    cfg = (TrainConfig(dataset="fashion-mnist", register=False) if samples is None else
+           TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=samples, register=False))
+    result = run_training(cfg, settings)
+    print(f"trained {'the default model' if samples is None else f'a {samples}-image model'} ({cfg.model}, "
+          f"{cfg.epochs} epoch(s)): test accuracy {result.metrics.get('test_accuracy', float('nan')):.3f}")
+    (home / "model_uri").write_text(result.model_uri)
+    return result.model_uri, tracking, home.name
+
+
+def _images(model_uri: str | None, tracking_uri: str | None, spec):
+    """(reference pool, clean, shift source, source labels) images and a description."""
+    if model_uri is None:
+        from flywheel.core.data import load_splits
+
+        s = load_splits("fashion-mnist", seed=0)
+        return (s.val.images, s.test.images[3000:], s.test.images[:3000], s.test.labels[:3000],
+                "Fashion-MNIST: reference pool = validation split, clean = test 3000-9999, shifted = test 0-2999")
+    from flywheel.core.models import read_test_set
+
+    images, labels = read_test_set(spec, tracking_uri)
+    order = np.random.default_rng(0).permutation(len(images))
+    a, b = int(0.4 * len(images)), int(0.7 * len(images))
+    return (images[order[:a]], images[order[a:b]], images[order[b:]], labels[order[b:]],
+            f"{spec.name}'s test set ({len(images)} images): 40% reference pool, 30% clean, 30% shifted")
+
+
+def corrupted(source: np.ndarray, family: str, severity: int, cache: Path | None) -> np.ndarray:
+    """`corrupt_images(source, family, severity, seed=0)`, kept in `cache` (keyed by the images and the
+    shift code): the images do not depend on the model, so a retrained model reuses them."""
+    from flywheel.core.shifts import corrupt_images
+
+    path = cache / f"{family}-{severity}.npy" if cache is not None else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    out = corrupt_images(source, family, severity, seed=0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, out)
+    return out
+
+
+def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts,
+                fashion: bool = False) -> Pools:
+    """Embed every pool through the model (the version's own preprocessing), cached in `cache`."""
+    from flywheel.core.shifts import FAMILIES, SEVERITIES
+
+    names = ["ref", "clean"] + [f"{f}-{s}" for f in FAMILIES for s in SEVERITIES]
+    if cache is not None and all((cache / f"{n}.npz").is_file() for n in names) and (cache / "meta.json").is_file():
+        z = {n: np.load(cache / f"{n}.npz") for n in names}
+        meta = json.loads((cache / "meta.json").read_text())
+        print(f"embeddings from {cache}")
+    else:
+        from flywheel.core.evaluate import predict
+        from flywheel.core.models import load_model
+        model, spec = load_model(model_uri, tracking_uri=tracking_uri)
+        ref, clean, source, labels, where = _images(None if fashion else model_uri, tracking_uri, spec)
+        if counts.source is not None:
+            source, labels = source[:counts.source], labels[:counts.source]
+
+        def run(images):
+            logits, emb = predict(model, images, spec, with_embeddings=True)
+            return {"emb": emb.astype(np.float32), "prob": _softmax(logits), "pred": logits.argmax(1)}
+
+        z = {"ref": run(ref), "clean": run(clean)}
+        src = run(source)
+        meta = {"source_accuracy": float(np.mean(src["pred"] == labels)), "where": where,
+                "embedding_dim": int(z["ref"]["emb"].shape[1]), "model_uri": model_uri}
+        t0 = time.perf_counter()
+        images_cache = cache.parent / f"images-{_digest((SRC / 'core/shifts.py').read_bytes(), source.tobytes())}" \
+            if cache is not None else None
+        for f in FAMILIES:
+            for s in SEVERITIES:
+                out = run(corrupted(source, f, s, images_cache))
+                meta[f"accuracy_cost {f}-{s}"] = meta["source_accuracy"] - float(np.mean(out["pred"] == labels))
+                z[f"{f}-{s}"] = out
+        print(f"corrupted and embedded {len(FAMILIES) * len(SEVERITIES)} x {len(source)} images in "
+              f"{time.perf_counter() - t0:.0f} s")
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            for n in names:
+                np.savez(cache / f"{n}.npz", emb=z[n]["emb"], prob=z[n]["prob"])
+            (cache / "meta.json").write_text(json.dumps(meta, indent=2))
+    return Pools(z["ref"]["emb"], z["ref"]["prob"], z["clean"]["emb"], z["clean"]["prob"],
+                 {(f, s): (z[f"{f}-{s}"]["emb"], z[f"{f}-{s}"]["prob"]) for f in FAMILIES for s in SEVERITIES},
+                 {(f, s): meta[f"accuracy_cost {f}-{s}"] for f in FAMILIES for s in SEVERITIES},
+                 meta["source_accuracy"], meta["where"])
+
+
+# ------------------------------------------------------------------------------------ detectors
+class Adapter:
+    """One detector behind one interface: fit on the reference draw, p-value of a window. Each sees what
+    it is defined on: the embedding, or (bbsd) the softmax outputs."""
+
+    def __init__(self, name: str, seed: int):
+        from flywheel.monitoring.drift import BBSD, KSBonferroni, MMDPermutation, NoveltyDriftDetector
+
+        self.name = name
+        self.make = {"flywheel": lambda: NoveltyDriftDetector(seed=seed), "ks-bonf": lambda: KSBonferroni(16),
+                     "bbsd": BBSD, "mmd": lambda: MMDPermutation(100, seed=seed)}[name]
+        self.on_prob = name == "bbsd"
+
+    def fit(self, emb: np.ndarray, prob: np.ndarray) -> None:
+        self.det = self.make().fit(prob if self.on_prob else emb, classes=prob.argmax(1))
+
+    def p(self, emb: np.ndarray, prob: np.ndarray) -> float:
+        return self.det.test(prob if self.on_prob else emb).p_value
+
+
 EVIDENTLY_WORKER = r"""
 import json, sys, time, os
 os.environ.setdefault("DO_NOT_TRACK", "1")
 import numpy as np, pandas as pd
 from evidently.legacy.metrics.data_drift.embedding_drift_methods import model
 z = np.load(sys.argv[1])
-ref, pool, refsets, windows = z["reference_pool"], z["pool"], z["refsets"], z["windows"]
+ref, pool, draws, draw_of, windows = z["reference_pool"], z["pool"], z["draws"], z["draw_of"], z["windows"]
 cols = [f"e{i}" for i in range(ref.shape[1])]
 out, times = [], []
-for r, w in zip(refsets, windows):
-    reference = pd.DataFrame(ref[r], columns=cols)
+for d, w in zip(draw_of, windows):
+    reference = pd.DataFrame(ref[draws[d]], columns=cols)
     current = pd.DataFrame(pool[w], columns=cols)
     method = model(bootstrap=len(reference) < 1000)  # what EmbeddingsDrift uses when none is given
     t = time.perf_counter()
@@ -62,113 +284,6 @@ for r, w in zip(refsets, windows):
     out.append(bool(drift))
 json.dump({"detected": out, "seconds": times}, open(sys.argv[2], "w"))
 """
-
-
-CACHE_ROOT = Path.home() / ".cache" / "flywheel" / "drift-bench"
-SHIFTS = ("blur-jpeg", "catalogue", "rotate", "invert")
-SETTINGS = ((100, 0.2, "blur-jpeg"), (300, 0.1, "blur-jpeg"), (100, 1.0, "blur-jpeg"),
-            (100, 0.2, "catalogue"), (100, 0.2, "rotate"))
-
-
-def embeddings_from_model(model_uri: str, shifts, seed: int = 0) -> dict[str, np.ndarray]:
-    import torch
-
-    from flywheel.contracts.preprocessing import to_tensor
-    from flywheel.core.data import load_splits
-    from flywheel.core.models import load_model
-    from flywheel.core.shifts import shift_images
-
-    model, spec = load_model(model_uri)
-    splits = load_splits("fashion-mnist", seed=seed)
-
-    def embed(images):
-        with torch.no_grad():
-            return torch.cat([model(to_tensor(images[i:i + 500], spec.preprocess))[1]
-                              for i in range(0, len(images), 500)]).numpy()
-
-    test = splits.test.images
-    out = {"val": embed(splits.val.images), "test": embed(test[3000:])}
-    for kind in shifts:
-        out[kind] = embed(shift_images(test[:3000], kind))
-    return out
-
-
-def train_model(samples: int | None) -> str:
-    """The pipeline's default model (samples None) or a quick one (1 epoch on `samples` images)."""
-    from flywheel.core.config import Settings
-    from flywheel.training.train import TrainConfig, run_training
-
-    home = Path(tempfile.mkdtemp(prefix="drift-bench-"))
-    settings = Settings.from_env(work_dir=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}").apply()
-    cfg = (TrainConfig(dataset="fashion-mnist", register=False) if samples is None else
-           TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=samples, register=False))
-    result = run_training(cfg, settings)
-    what = "the default model" if samples is None else f"a {samples}-image model"
-    print(f"trained {what} ({cfg.model}, {cfg.epochs} epoch(s)): "
-          f"test accuracy {result.metrics.get('test_accuracy', float('nan')):.3f}")
-    return result.model_uri
-
-
-def default_cache(samples: int | None) -> Path:
-    """Cache directory keyed by the code that determines the embeddings (training, model, data, shifts)."""
-    import torch
-
-    src = Path(__file__).resolve().parents[1] / "src" / "flywheel"
-    h = hashlib.sha256(f"{torch.__version__} {samples} {SHIFTS}".encode())
-    for name in ("core/models.py", "training/train.py", "core/data.py", "contracts/preprocessing.py", "core/shifts.py"):
-        h.update((src / name).read_bytes())
-    return CACHE_ROOT / f"{'default' if samples is None else f'quick{samples}'}-{h.hexdigest()[:12]}"
-
-
-def make_windows(rng, emb, shift: str, trials: int, window: int, frac: float, ref_size: int, clean_per_ref: int):
-    """Index plans shared by every detector: reference sets, clean windows (clean_per_ref per reference
-    set), one contaminated window per reference set. Pool indices: test first, then the shifted set."""
-    n_val, n_test, n_shift = len(emb["val"]), len(emb["test"]), len(emb[shift])
-    refsets = np.stack([rng.choice(n_val, ref_size, replace=False) for _ in range(trials)])
-    clean = np.stack([[rng.choice(n_test, window, replace=False) for _ in range(clean_per_ref)]
-                      for _ in range(trials)])
-    k = int(round(frac * window))
-    mixed = np.stack([np.concatenate([rng.choice(n_test, window - k, replace=False),
-                                      n_test + rng.choice(n_shift, k, replace=False)]) for _ in range(trials)])
-    return refsets, clean, mixed
-
-
-def run_native(detector_cls, emb, shift, plan, alpha) -> dict:
-    refsets, clean, mixed = plan
-    pool = np.concatenate([emb["test"], emb[shift]])
-    fa, det, seconds = [], [], []
-    for r, cs, m in zip(refsets, clean, mixed, strict=True):
-        d = detector_cls().fit(emb["val"][r])
-        d.test(pool[m[:len(cs[0])]])  # warm-up: one-off per window size (NoveltyDriftDetector's rank null)
-        for c in cs:
-            t = time.perf_counter()
-            fa.append(d.test(pool[c]).p_value < alpha)
-            seconds.append(time.perf_counter() - t)
-        det.append(d.test(pool[m]).p_value < alpha)
-    return {"false_alarm": float(np.mean(fa)), "detection": float(np.mean(det)),
-            "ms_per_window": 1000 * float(np.median(seconds)), "clean_windows": len(fa),
-            "shifted_windows": len(det)}
-
-
-def run_evidently(python: Path, emb, shift, plan) -> dict | str:
-    refsets, clean, mixed = plan
-    pool = np.concatenate([emb["test"], emb[shift]])
-    with tempfile.TemporaryDirectory() as tmp:
-        data, out = Path(tmp) / "plan.npz", Path(tmp) / "out.json"
-        windows = np.concatenate([clean[:, 0], mixed])
-        np.savez(data, reference_pool=emb["val"], pool=pool, refsets=np.concatenate([refsets, refsets]),
-                 windows=windows)
-        script = Path(tmp) / "worker.py"
-        script.write_text(EVIDENTLY_WORKER)
-        proc = subprocess.run([str(python), str(script), str(data), str(out)], capture_output=True, text=True,
-                              env={**os.environ, "DO_NOT_TRACK": "1"})
-        if proc.returncode != 0:
-            return f"evidently failed: {proc.stderr.strip()[-300:]}"
-        res = json.loads(out.read_text())
-    n = len(clean)
-    return {"false_alarm": float(np.mean(res["detected"][:n])), "detection": float(np.mean(res["detected"][n:])),
-            "ms_per_window": 1000 * float(np.median(res["seconds"][:n])), "clean_windows": n,
-            "shifted_windows": len(mixed)}
 
 
 def evidently_python(create: bool) -> Path | str:
@@ -184,114 +299,408 @@ def evidently_python(create: bool) -> Path | str:
     return py
 
 
-def detection_delay(detector_cls, emb, shift, rng, window, frac, alpha, runs=50, max_windows=20) -> str:
-    """Median samples served after the shift starts until a window is flagged, and how often it ever is."""
-    delays = []
-    for _ in range(runs):
-        d = detector_cls().fit(emb["val"][rng.choice(len(emb["val"]), 1000, replace=False)])
-        k = int(round(frac * window))
-        for i in range(max_windows):
-            w = np.concatenate([emb["test"][rng.choice(len(emb["test"]), window - k, replace=False)],
-                                emb[shift][rng.choice(len(emb[shift]), k, replace=False)]])
-            if d.test(w).p_value < alpha:
-                delays.append((i + 1) * window)
-                break
-        else:
-            delays.append(np.inf)
-    found = np.isfinite(delays)
-    median = f"{np.median(np.asarray(delays)[found]):6.0f}" if found.any() else "     -"
-    return f"median {median} samples; flagged within {max_windows * window} in {found.mean():.0%} of {runs} streams"
+def run_evidently(python: Path, ref_pool: np.ndarray, pool: np.ndarray, draws: np.ndarray,
+                  draw_of: np.ndarray, windows: np.ndarray) -> dict | str:
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out, script = Path(tmp) / "plan.npz", Path(tmp) / "out.json", Path(tmp) / "worker.py"
+        np.savez(data, reference_pool=ref_pool, pool=pool, draws=draws, draw_of=draw_of, windows=windows)
+        script.write_text(EVIDENTLY_WORKER)
+        proc = subprocess.run([str(python), str(script), str(data), str(out)], capture_output=True, text=True,
+                              env={**os.environ, "DO_NOT_TRACK": "1"})
+        if proc.returncode != 0:
+            return f"evidently failed: {proc.stderr.strip()[-300:]}"
+        return json.loads(out.read_text())
 
 
-def per_sample_auc(emb, rng) -> str:
-    """AUC of each channel's per-sample score, shifted vs clean test embeddings, for one reference draw."""
-    from scipy import stats
+# ------------------------------------------------------------------------------------ windows
+@dataclass
+class Plan:
+    """Every window of one size W, shared by all detectors. Pool indices: clean traffic first, then
+    each (family, severity)'s shifted traffic at its offset. Window i is tested against reference draw
+    i % refs."""
 
-    from flywheel.monitoring.drift import NoveltyDriftDetector
-
-    d = NoveltyDriftDetector().fit(emb["val"][rng.choice(len(emb["val"]), 1000, replace=False)])
-    clean = d.scores(emb["test"])
-    out = []
-    for shift in SHIFTS:
-        shifted = d.scores(emb[shift])
-        aucs = {name: stats.mannwhitneyu(shifted[name], clean[name]).statistic / (len(shifted[name]) * len(clean[name]))
-                for name in d.CHANNELS}
-        out.append(f"{shift} " + " ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
-    return "; ".join(out)
+    window: int
+    clean: np.ndarray  # (clean, W)
+    shifted: dict[tuple[str, int, float], np.ndarray]  # (family, severity, contamination) -> (shifted, W)
 
 
-def main() -> None:
-    from flywheel.monitoring.drift import KSBonferroni, NoveltyDriftDetector
+def _subsets(rng: np.random.Generator, n: int, k: int, count: int) -> np.ndarray:
+    """`count` random k-subsets of range(n), each without replacement."""
+    if k == 0:
+        return np.zeros((count, 0), dtype=np.int64)
+    return np.argpartition(rng.random((count, n)), k - 1, axis=1)[:, :k]
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-uri")
-    ap.add_argument("--train-samples", type=int, help="quick model: 1 epoch on this many images "
-                    "(default: the pipeline's default model, trained once and cached)")
-    ap.add_argument("--cache", type=Path, help="directory with val.npy, test.npy, <shift>.npy (read or written)")
-    ap.add_argument("--trials", type=int, default=300, help="reference draws (one contaminated window each)")
-    ap.add_argument("--clean-per-ref", type=int, default=10, help="clean windows per reference draw")
-    ap.add_argument("--alpha", type=float, default=0.01)
-    ap.add_argument("--install-evidently", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
 
-    cache = args.cache or (None if args.model_uri else default_cache(args.train_samples))
-    if cache and all((cache / f"{k}.npy").is_file() for k in ("val", "test", *SHIFTS)):
-        emb = {k: np.load(cache / f"{k}.npy") for k in ("val", "test", *SHIFTS)}
-        print(f"embeddings from {cache}")
-    else:
-        emb = embeddings_from_model(args.model_uri or train_model(args.train_samples), SHIFTS)
-        if cache:
-            cache.mkdir(parents=True, exist_ok=True)
-            for k, v in emb.items():
-                np.save(cache / f"{k}.npy", v)
-    ev_py = evidently_python(args.install_evidently)
-    detectors = {"flywheel": NoveltyDriftDetector, "ks-bonf": lambda: KSBonferroni(16)}
-    print(f"embeddings: reference pool {emb['val'].shape}, clean {emb['test'].shape}, shifted "
-          f"{', '.join(f'{k} {emb[k].shape}' for k in SHIFTS)}; alpha={args.alpha}; per row {args.trials} "
-          f"reference draws, {args.trials * args.clean_per_ref} clean and {args.trials} contaminated windows "
-          f"(evidently: {args.trials} clean)")
-    if isinstance(ev_py, str):
-        print(f"evidently column skipped: {ev_py}")
-    print(f"{'setting':26s} {'detector':10s} {'false alarm':>11s} {'detection':>10s} {'ms/window':>10s}")
-    rows = {}
-    for i, (window, frac, shift) in enumerate(SETTINGS):
-        rng = np.random.default_rng([args.seed, i])  # each setting its own windows, shared by all detectors
-        plan = make_windows(rng, emb, shift, args.trials, window, frac, 1000, args.clean_per_ref)
-        for name, cls in detectors.items():
-            rows[(window, frac, shift, name)] = run_native(cls, emb, shift, plan, args.alpha)
-        if not isinstance(ev_py, str):
-            rows[(window, frac, shift, "evidently")] = run_evidently(ev_py, emb, shift, plan)
-        for (w, f, sh, name), r in rows.items():
-            if (w, f, sh) != (window, frac, shift):
+def make_plan(rng: np.random.Generator, n_clean: int, offsets: dict, window: int, counts: Counts) -> Plan:
+    clean = np.concatenate([_subsets(rng, n_clean, window, min(1000, counts.clean - i))
+                            for i in range(0, counts.clean, 1000)])
+    shifted = {}
+    for (f, s), (off, n_shift) in offsets.items():
+        for c in CONTAMINATION:
+            k = int(round(c * window))
+            shifted[(f, s, c)] = np.concatenate([_subsets(rng, n_clean, window - k, counts.shifted),
+                                                 off + _subsets(rng, n_shift, k, counts.shifted)], axis=1)
+    return Plan(window, clean, shifted)
+
+
+def make_streams(rng: np.random.Generator, n_clean: int, offsets: dict, streams: int, window: int = 100,
+                 contamination: float = 0.2, horizon: int = 2000) -> dict:
+    """Delay streams per (family, severity): clean traffic that turns `contamination`-shifted at a random
+    sample inside a window (each sample shifted with that probability from then on), `horizon` samples
+    past the start. Returns {(family, severity): [(start, (windows, W) pool indices), ...]}."""
+    out = {}
+    for key, (off, n_shift) in offsets.items():
+        out[key] = []
+        for _ in range(streams):
+            start = int(rng.integers(3 * window + 1, 5 * window))
+            total = (start + horizon) // window * window
+            idx = rng.integers(0, n_clean, total)
+            shifted = (np.arange(total) >= start) & (rng.random(total) < contamination)
+            idx[shifted] = off + rng.integers(0, n_shift, int(shifted.sum()))
+            out[key].append((start, idx.reshape(-1, window)))
+    return out
+
+
+class Batch:
+    """A fitted detector testing many windows of one pool: the per-sample work (kNN scores and conformal
+    p-values; the PCA projection) is done once per pool and reference draw, then each window's test is
+    the same arithmetic `test` does on it (tests/test_drift.py checks the two agree). MMD and anything
+    else without a batch form loop over `test`."""
+
+    def __init__(self, adapter: Adapter, pool_emb: np.ndarray, pool_prob: np.ndarray):
+        self.a, self.emb, self.prob = adapter, pool_emb, pool_prob
+        det, name = adapter.det, adapter.name
+        if name == "flywheel":
+            chunks = [det.p_values(pool_emb[i:i + 4000]) for i in range(0, len(pool_emb), 4000)]
+            self.u = {c: np.concatenate([ch[c] for ch in chunks]) for c in det.CHANNELS}
+        elif name in ("ks-bonf", "bbsd"):
+            self.x = det.transform(pool_prob if name == "bbsd" else pool_emb)
+
+    def p(self, idx: np.ndarray) -> np.ndarray:
+        name, det = self.a.name, self.a.det
+        if name == "flywheel":
+            return det.window_p_values({c: v[idx] for c, v in self.u.items()})[0]
+        if name in ("ks-bonf", "bbsd"):
+            return np.concatenate([det.window_p_values(self.x[idx[i:i + 500]]) for i in range(0, len(idx), 500)])
+        return np.array([self.a.p(self.emb[w], self.prob[w]) for w in idx])
+
+
+def run_detector(name: str, seed: int, pools: Pools, draws: np.ndarray, plans: dict[int, Plan], streams: dict,
+                 pool_emb: np.ndarray, pool_prob: np.ndarray, n_clean: int, n_shifted: int):
+    """Fit once per reference draw, test every window assigned to it. Returns per W (clean alarm flags,
+    {setting: detection flags}) and per (family, severity) the stream delays."""
+    refs = len(draws)
+    out = {w: (np.zeros(min(n_clean, len(p.clean)), dtype=bool),
+               {k: np.zeros(min(n_shifted, len(v)), dtype=bool) for k, v in p.shifted.items()})
+           for w, p in plans.items()}
+    found = {k: [] for k in streams}
+    adapter = Adapter(name, seed)
+    for r in range(refs):
+        adapter.fit(pools.ref_emb[draws[r]], pools.ref_prob[draws[r]])
+        batch = Batch(adapter, pool_emb, pool_prob)
+        for w, plan in plans.items():
+            clean_flags, flags = out[w]
+            sel = np.arange(r, len(clean_flags), refs)
+            clean_flags[sel] = batch.p(plan.clean[sel]) < ALPHA
+            for key, fl in flags.items():
+                sel = np.arange(r, len(fl), refs)
+                fl[sel] = batch.p(plan.shifted[key][sel]) < ALPHA
+        for key, items in streams.items():
+            for start, windows in items[r::refs]:
+                flagged = np.flatnonzero(batch.p(windows) < ALPHA)
+                ends = (flagged + 1) * windows.shape[1]
+                after = ends[ends > start]
+                found[key].append((float(after[0] - start) if len(after) else np.inf, int((ends <= start).sum())))
+    return out, found
+
+
+def time_per_window(name: str, seed: int, pools: Pools, draw: np.ndarray, plan: Plan, pool_emb, pool_prob,
+                    n: int) -> float:
+    """Median ms of one `test` call on a clean window (the monitor's path: one window at a time)."""
+    adapter = Adapter(name, seed)
+    adapter.fit(pools.ref_emb[draw], pools.ref_prob[draw])
+    adapter.p(pool_emb[plan.clean[0]], pool_prob[plan.clean[0]])  # warm-up: one-off work per window size
+    seconds = []
+    for w in plan.clean[:n]:
+        t = time.perf_counter()
+        adapter.p(pool_emb[w], pool_prob[w])
+        seconds.append(time.perf_counter() - t)
+    return 1000 * float(np.median(seconds))
+
+
+# ------------------------------------------------------------------------------------ run
+def run(pools: Pools, counts: Counts, seed: int, windows: tuple[int, ...], detectors: tuple[str, ...],
+        ev_py: Path | str) -> dict:
+    from flywheel.core.shifts import FAMILIES, SEVERITIES
+
+    keys = [(f, s) for f in FAMILIES for s in SEVERITIES]
+    parts, probs, offsets, off = [pools.clean_emb], [pools.clean_prob], {}, len(pools.clean_emb)
+    for k in keys:
+        emb, prob = pools.shifted[k]
+        offsets[k] = (off, len(emb))
+        parts.append(emb)
+        probs.append(prob)
+        off += len(emb)
+    pool_emb, pool_prob = np.concatenate(parts), np.concatenate(probs)
+    n_clean = len(pools.clean_emb)
+    rng = np.random.default_rng([seed, 1])
+    ref_size = min(1000, len(pools.ref_emb) // 2)
+    draws = np.stack([rng.choice(len(pools.ref_emb), ref_size, replace=False) for _ in range(counts.refs)])
+    notes = [f"W={w} skipped: {n_clean} clean samples" for w in windows if w > n_clean // 2]
+    plans = {w: make_plan(np.random.default_rng([seed, w]), n_clean, offsets, w, counts)
+             for w in windows if w <= n_clean // 2}
+    streams = make_streams(np.random.default_rng([seed, 7]), n_clean, offsets, counts.streams) \
+        if 100 in plans else {}
+    rows, delay_rows, timing = [], [], []
+    for name in detectors:
+        t0 = time.perf_counter()
+        slow = name in SLOW
+        n_clean_w, n_shift_w = (counts.slow_clean, counts.slow_shifted) if slow else (counts.clean, counts.shifted)
+        if name == "evidently":
+            if isinstance(ev_py, str) or 100 not in plans:
                 continue
-            label = f"W={w} {int(f * 100)}% {sh}"
-            if isinstance(r, str):
-                print(f"{label:26s} {name:10s} {r}")
-            else:
-                print(f"{label:26s} {name:10s} {r['false_alarm']:11.4f} {r['detection']:10.3f} "
-                      f"{r['ms_per_window']:10.2f}", flush=True)
-    print(f"\nper-sample AUC, shifted vs clean: {per_sample_auc(emb, np.random.default_rng(args.seed + 2))}")
-    rng = np.random.default_rng(args.seed + 1)
-    print("\ndetection delay (samples after the shift starts; windows of 100, alpha per window):")
-    for frac in (1.0, 0.2):
-        for name, cls in detectors.items():
-            print(f"  {int(frac * 100):3d}% shifted  {name:10s} "
-                  f"{detection_delay(cls, emb, 'blur-jpeg', rng, 100, frac, args.alpha)}")
-    ours, ks = rows[(100, 0.2, "blur-jpeg", "flywheel")], rows[(100, 0.2, "blur-jpeg", "ks-bonf")]
-    print(f"\nratios at W=100, 20% blur-jpeg: detection flywheel/ks-bonf = "
-          f"{ours['detection'] / max(ks['detection'], 1e-9):.2f}x")
-    ev = rows.get((100, 0.2, "blur-jpeg", "evidently"))
-    if isinstance(ev, dict):
-        print(f"  detection flywheel/evidently = {ours['detection'] / max(ev['detection'], 1e-9):.2f}x; "
-              f"compute per window flywheel/evidently = {ours['ms_per_window'] / ev['ms_per_window']:.2f} "
-              f"(goal <= 0.33); false alarms {ours['false_alarm']:.4f} ({ours['clean_windows']} windows) "
-              f"vs {ev['false_alarm']:.4f} ({ev['clean_windows']})")
-    fa = [(r["false_alarm"] * r["clean_windows"], r["clean_windows"])
-          for (_, _, _, name), r in rows.items() if name == "flywheel"]
-    alarms, windows = (sum(x) for x in zip(*fa, strict=True))
-    print(f"  flywheel false alarms over the {len(fa)} settings' clean windows: {alarms / windows:.4f} "
-          f"({alarms:.0f} of {windows}; goal <= 0.01)")
+            res = _evidently_plan(ev_py, pools, pool_emb, draws, plans[100], counts)
+            if isinstance(res, str):
+                notes.append(res)
+                continue
+            results, found, ms = {100: res[:2]}, {}, {100: res[2]}
+        else:  # timed first, one window at a time, before the batch work fills memory and caches
+            ms = {w: time_per_window(name, seed, pools, draws[0], p, pool_emb, pool_prob, 20 if slow else 200)
+                  for w, p in plans.items()}
+            results, found = run_detector(name, seed, pools, draws, plans, {} if slow else streams,
+                                          pool_emb, pool_prob, n_clean_w, n_shift_w)
+        for w, (clean_flags, flags) in results.items():
+            timing.append({"detector": name, "window": w, "false_alarms": float(clean_flags.mean()),
+                           "clean_windows": len(clean_flags), "ms_per_window": round(ms[w], 3)})
+            print(f"W={w:3d} {name:10s} false alarms {clean_flags.mean():.4f} of {len(clean_flags)} clean windows, "
+                  f"{ms[w]:.2f} ms/window", flush=True)
+            for (f, s, c), fl in flags.items():
+                rows.append({"detector": name, "family": f, "severity": s, "window": w, "contamination": c,
+                             "held_out": f in HELD_OUT, "detection": round(float(fl.mean()), 4),
+                             "false_alarms": round(float(clean_flags.mean()), 5),
+                             "accuracy_cost": round(pools.accuracy_cost[(f, s)], 4),
+                             "shifted_windows": len(fl), "clean_windows": len(clean_flags),
+                             "ms_per_window": round(ms[w], 3)})
+        for (f, s), items in found.items():
+            d = np.array([x[0] for x in items])
+            ok = np.isfinite(d)
+            delay_rows.append({"detector": name, "family": f, "severity": s, "held_out": f in HELD_OUT,
+                               "window": 100, "contamination": 0.2, "streams": len(d),
+                               "median_delay": float(np.median(d[ok])) if ok.any() else None,
+                               "flagged_within_2000": round(float(ok.mean()), 4),
+                               "alarms_before_shift": int(sum(x[1] for x in items))})
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"rows": rows, "delays": delay_rows, "notes": notes, "timing": timing}
+
+
+def _evidently_plan(ev_py: Path, pools: Pools, pool_emb, draws: np.ndarray, plan: Plan, counts: Counts):
+    n_clean, n_shift = counts.slow_clean, counts.slow_shifted
+    settings = list(plan.shifted)
+    windows = np.concatenate([plan.clean[:n_clean], *(plan.shifted[k][:n_shift] for k in settings)])
+    draw_of = np.concatenate([np.arange(n_clean) % len(draws), *(np.arange(n_shift) % len(draws) for _ in settings)])
+    res = run_evidently(ev_py, pools.ref_emb, pool_emb, draws, draw_of, windows)
+    if isinstance(res, str):
+        return res
+    det = np.asarray(res["detected"])
+    flags = {k: det[n_clean + i * n_shift:n_clean + (i + 1) * n_shift] for i, k in enumerate(settings)}
+    return det[:n_clean], flags, 1000 * float(np.median(res["seconds"][:n_clean]))
+
+
+# ------------------------------------------------------------------------------------ report
+def goal_check(rows: list[dict], detector: str = "flywheel") -> dict:
+    """The issue's goal on each half: (family, severity) pairs costing >= 3 points, detection at W=100 20%."""
+    out = {}
+    for half, fams in (("held_out", HELD_OUT), ("tuning", TUNING)):
+        sel = [r for r in rows if r["detector"] == detector and r["family"] in fams and r["window"] == GOAL["window"]
+               and r["contamination"] == GOAL["contamination"] and r["accuracy_cost"] >= GOAL["accuracy_cost"]]
+        missed = [f"{r['family']}-{r['severity']} {r['detection']:.2f}" for r in sel if r["detection"] < GOAL["detection"]]
+        fa = max((r["false_alarms"] for r in rows if r["detector"] == detector), default=float("nan"))
+        out[half] = {"pairs": len(sel), "met": len(sel) - len(missed), "missed": missed,
+                     "min_detection": min((r["detection"] for r in sel), default=None), "max_false_alarms": fa}
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render(result: dict) -> str:
+    """The README section: the protocol in brief, the goal check, per-family tables at W=100 20%, the
+    summary over W and contamination, false alarms and compute per detector, delays."""
+    from flywheel.core.shifts import SEVERITIES
+
+    rows, meta = result["rows"], result["meta"]
+    dets = [d for d in DETECTORS if any(r["detector"] == d for r in rows)]
+    by = {(r["detector"], r["family"], r["severity"], r["window"], r["contamination"]): r for r in rows}
+    lines = [f"Measured {meta['measured_at']} ({'quick counts' if meta['quick'] else 'full counts'}, seed "
+             f"{meta['seed']}) on {meta['where']}; model accuracy on the unshifted source images "
+             f"{meta['source_accuracy']:.3f}. Protocol, family split and counts: the docstring of "
+             "`benchmarks/drift.py`; every row: `benchmarks/results/drift.json`.", ""]
+    for half, g in result["goal"].items():
+        lines.append(f"* **goal, {half.replace('_', '-')} half** (W=100, 20% shifted, families costing >= 3 points): "
+                     f"flywheel detects >= 0.95 on {g['met']} of {g['pairs']} (family, severity) pairs"
+                     + (f"; missed: {', '.join(g['missed'])}" if g["missed"] else "")
+                     + f"; largest false-alarm rate {g['max_false_alarms']:.4f} (alpha {ALPHA})")
+    lines.append("")
+    for half, fams in (("held-out", HELD_OUT), ("tuning", TUNING)):
+        lines += [f"Detection at W=100, 20% of the window shifted, {half} families (severity 1 / 2 / 3; "
+                  "accuracy cost in points):", "",
+                  "| family | accuracy cost | " + " | ".join(dets) + " |", "|---" * (2 + len(dets)) + "|"]
+        for f in fams:
+            cost = " / ".join(f"{100 * by[('flywheel', f, s, 100, 0.2)]['accuracy_cost']:.1f}"
+                              if ("flywheel", f, s, 100, 0.2) in by else "-" for s in SEVERITIES)
+            cells = [" / ".join(_fmt(by[(d, f, s, 100, 0.2)]["detection"]) if (d, f, s, 100, 0.2) in by else "-"
+                                for s in SEVERITIES) for d in dets]
+            lines.append(f"| {f} | {cost} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Mean detection over the (family, severity) pairs costing >= 3 points, per window size and "
+              "contamination (held-out half / tuning half):", "",
+              "| W | shifted | " + " | ".join(dets) + " |", "|---" * (2 + len(dets)) + "|"]
+    for w in WINDOWS:
+        for c in CONTAMINATION:
+            cells = []
+            for d in dets:
+                vals = []
+                for fams in (HELD_OUT, TUNING):
+                    sel = [r["detection"] for r in rows if r["detector"] == d and r["window"] == w
+                           and r["contamination"] == c and r["family"] in fams and r["accuracy_cost"] >= 0.03]
+                    vals.append(_fmt(float(np.mean(sel))) if sel else "-")
+                cells.append(" / ".join(vals))
+            if any(c_ != "- / -" for c_ in cells):
+                lines.append(f"| {w} | {int(c * 100)}% | " + " | ".join(cells) + " |")
+    load = f", 5-min load average {meta['load_avg_5min']} at the end" if "load_avg_5min" in meta else ""
+    lines += ["", "False alarms (alpha 0.01) and compute per window (median of one-window `test` calls, the "
+              f"monitor's path, on 2 shared CPU cores{load}):", "",
+              "| detector | W | false alarms | clean windows | ms/window |", "|---|---|---|---|---|"]
+    for t in result["timing"]:
+        lines.append(f"| {t['detector']} | {t['window']} | {t['false_alarms']:.4f} | {t['clean_windows']} | "
+                     f"{t['ms_per_window']:.2f} |")
+    if result["delays"]:
+        lines += ["", "Detection delay, W=100, the stream turning 20% shifted inside a window: median samples "
+                  "from the shift's start to the end of the first flagged window, over the pairs costing >= 3 "
+                  "points (and the share of streams flagged within 2000 samples):", "",
+                  "| detector | held-out | tuning |", "|---|---|---|"]
+        for d in dets:
+            cells = []
+            for fams in (HELD_OUT, TUNING):
+                sel = [r for r in result["delays"] if r["detector"] == d and r["family"] in fams
+                       and pools_cost(rows, r) >= 0.03]
+                if not sel:
+                    cells.append("-")
+                    continue
+                med = [r["median_delay"] for r in sel if r["median_delay"] is not None]
+                cells.append(f"{np.median(med):.0f} samples ({np.mean([r['flagged_within_2000'] for r in sel]):.0%})"
+                             if med else "never")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    for n in result.get("notes", []):
+        lines.append(f"\nNote: {n}")
+    return "\n".join(lines)
+
+
+def pools_cost(rows: list[dict], r: dict) -> float:
+    return next((x["accuracy_cost"] for x in rows if x["family"] == r["family"] and x["severity"] == r["severity"]),
+                0.0)
+
+
+def write_readme(section: str) -> None:
+    text = README.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + section + "\n" + END + rest.split(END, 1)[1]
+    else:
+        text += f"\n## Drift detection on the corruption suite\n\n{BEGIN}\n{section}\n{END}\n"
+    README.write_text(text)
+
+
+def load_result(path: Path) -> dict:
+    """The figures of a results file (a run_all record: {"name", "status", ..., "figures": {"rows": ...}})."""
+    data = json.loads(path.read_text())
+    return data["figures"] if "figures" in data else data
+
+
+def merge(records: list[dict]) -> dict:
+    """One record from runs of different detectors on the same plan (seed and counts must agree)."""
+    figs = [r["figures"] for r in records]
+    keys = {(f["meta"]["seed"], json.dumps(f["meta"]["counts"]), f["meta"]["model_uri"]) for f in figs}
+    if len(keys) != 1:
+        raise SystemExit(f"runs differ in seed, counts or model; cannot merge: {keys}")
+    out = {k: [x for f in figs for x in f[k]] for k in ("rows", "delays", "timing", "notes")}
+    out["goal"] = goal_check(out["rows"])
+    out["meta"] = {**figs[0]["meta"], "seconds": round(sum(f["meta"]["seconds"] for f in figs), 1)}
+    return {**records[0], "command": " + ".join(r["command"] for r in records),
+            "seconds": sum(r["seconds"] for r in records), "figures": out}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts and a quick model (3000 images, 1 epoch)")
+    ap.add_argument("--model-uri", help="any component's model version (default: the pipeline's default model)")
+    ap.add_argument("--tracking-uri", help="the store --model-uri lives in")
+    ap.add_argument("--train-samples", type=int, help="quick Fashion-MNIST model: 1 epoch on this many images")
+    ap.add_argument("--cache", type=Path, help="embeddings cache directory (default: keyed under "
+                    f"{CACHE_ROOT} for the built-in model; none for --model-uri)")
+    ap.add_argument("--seed", type=int, default=0, help="windows' seed: 0 reports, 1 is for tuning")
+    ap.add_argument("--windows", type=int, nargs="+", default=list(WINDOWS))
+    ap.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    ap.add_argument("--install-evidently", action="store_true")
+    ap.add_argument("--json-out", type=Path, default=RESULTS_JSON)
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
+    ap.add_argument("--render-only", action="store_true", help="README section from --json-out, nothing run")
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine runs of other detectors on the same windows "
+                    "(same seed and counts, e.g. evidently run alone) into --json-out; nothing run")
+    args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge([json.loads(p.read_text()) for p in args.merge])
+        args.json_out.write_text(json.dumps(merged, indent=1))
+        if not args.no_readme:
+            write_readme(render(merged["figures"]))
+        print(f"merged {len(args.merge)} runs into {args.json_out}")
+        return merged
+    if args.render_only:
+        write_readme(render(load_result(args.json_out)))
+        print(f"wrote the drift section of {README}")
+        return {}
+    counts = QUICK if args.quick else FULL
+    model_uri, tracking_uri, cache = args.model_uri, args.tracking_uri, args.cache
+    if model_uri is None:
+        samples = args.train_samples or (3000 if args.quick else None)
+        model_uri, tracking_uri, key = cached_fashion_model(samples)
+        shifts_key = _digest((SRC / "core/shifts.py").read_bytes(), str(counts.source).encode())
+        cache = cache or CACHE_ROOT / f"{key}-emb-{shifts_key}"
+        pools = build_pools(model_uri, tracking_uri, cache, counts, fashion=True)
+    else:
+        pools = build_pools(model_uri, tracking_uri, cache, counts)
+    print(f"{pools.where}; reference pool {pools.ref_emb.shape}, clean {pools.clean_emb.shape}, "
+          f"{len(pools.shifted)} shifted sets of {len(next(iter(pools.shifted.values()))[0])}; "
+          f"source accuracy {pools.source_accuracy:.3f}; counts {counts}", flush=True)
+    ev_py = evidently_python(args.install_evidently) if "evidently" in args.detectors else "not asked for"
+    if isinstance(ev_py, str) and "evidently" in args.detectors:
+        print(f"evidently skipped: {ev_py}")
+    t0 = time.perf_counter()
+    result = run(pools, counts, args.seed, tuple(args.windows), tuple(args.detectors), ev_py)
+    if isinstance(ev_py, str) and "evidently" in args.detectors:
+        result["notes"].append(f"evidently skipped: {ev_py}")
+    result["goal"] = goal_check(result["rows"])
+    result["meta"] = {"quick": args.quick, "seed": args.seed, "alpha": ALPHA, "counts": asdict(counts),
+                      "where": pools.where, "source_accuracy": pools.source_accuracy, "model_uri": model_uri,
+                      "embedding_dim": int(pools.ref_emb.shape[1]), "tuning": TUNING, "held_out": HELD_OUT,
+                      "seconds": round(time.perf_counter() - t0, 1), "load_avg_5min": round(os.getloadavg()[1], 1),
+                      "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for half, g in result["goal"].items():
+        print(f"goal {half}: {g['met']} of {g['pairs']} pairs >= 0.95 at W=100 20%; missed {g['missed']}; "
+              f"max false alarms {g['max_false_alarms']:.4f}")
+    if args.json_out:  # the record layout run_all.py keeps for every benchmark, figures inside
+        record = {"name": "drift", "what": "drift detection on a corruption suite (held-out families) vs BBSD, "
+                  "MMD, KS, Evidently", "quick": args.quick, "status": "ok",
+                  "command": " ".join(["python", "benchmarks/drift.py", *(argv if argv is not None else sys.argv[1:])]),
+                  "measured_at": result["meta"]["measured_at"], "seconds": result["meta"]["seconds"],
+                  "load_avg_5min": round(os.getloadavg()[1], 1), "figures": result}
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(record, indent=1))
+    if not args.no_readme:
+        write_readme(render(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -58,38 +58,14 @@ def _parse_tracking_throughput(out: str) -> dict:
     return {"embedded": {"single": emb[0], "batch": emb[1]}, "server": {"single": srv[0], "batch": srv[1]}}
 
 
-def _parse_drift(out: str) -> dict:
-    """drift.py's table: per setting and detector false alarm / detection / ms per window; delays."""
-    rows = []
-    for m in re.finditer(r"^(W=\d+ \d+% \S+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", out, re.M):
-        rows.append({"setting": m.group(1), "detector": m.group(2), "false_alarm": float(m.group(3)),
-                     "detection": float(m.group(4)), "ms_per_window": float(m.group(5))})
-    delays = []
-    for m in re.finditer(r"^\s+(\d+)% shifted\s+(\S+)\s+(.+?)\s*$", out, re.M):
-        rest, d = m.group(3), {"shifted_pct": int(m.group(1)), "detector": m.group(2)}
-        full = re.match(r"median\s+(\S+) samples; flagged within (\d+) in (\d+)% of (\d+) streams", rest)
-        if full:  # "median 200 samples; flagged within 2000 in 96% of 50 streams"
-            d.update(delay_samples=None if full.group(1) == "-" else float(full.group(1)),
-                     within=int(full.group(2)), flagged_pct=int(full.group(3)), streams=int(full.group(4)))
-        elif re.fullmatch(r"[\d.]+|nan|inf", rest):  # older output: the mean delay only
-            d.update(delay_samples=float(rest))
-        else:
-            continue
-        delays.append(d)
-    if not rows:
-        raise ValueError("no detector rows in the output")
-    skipped = re.search(r"^evidently column skipped: (.*)$", out, re.M)
-    return {"rows": rows, "delays": delays, "evidently_skipped": skipped.group(1) if skipped else None}
-
-
 BENCHES = (
     Bench("serving", "TorchServe + flywheel handler vs `mlflow models serve`",
           quick=("--seconds", "3", "--rounds", "1")),
     Bench("tracking_overhead", "training with MLflow tracking on vs off", quick=("--quick",)),
     Bench("tracking_throughput", "metrics/s: tracking node vs embedded SQLite", json_flag=False,
           quick=("--single", "100", "--batches", "3"), parse_stdout=_parse_tracking_throughput),
-    Bench("drift", "drift detection delay and false alarms vs Evidently", json_flag=False,
-          quick=("--trials", "60", "--train-samples", "3000"), parse_stdout=_parse_drift),
+    Bench("drift", "drift detection on a corruption suite (held-out families) vs BBSD, MMD, KS, Evidently",
+          quick=("--quick",)),
     Bench("loop_timing", "push → served in dev, minus training compute", quick=("--quick",)),
     Bench("soak", "1-minute keys, a replica killed mid-run, a monitor reading: failures and lost captures",
           quick=("--minutes", "3")),
@@ -198,19 +174,15 @@ def _rows(rec: dict) -> list[tuple[str, str, str, str, str]]:
                      f"minus training {f['push_to_prod_minus_train_s']:.1f} s", ""))
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in f["steps_s"].items())
         rows.append((name, "steps", steps, "", ""))
-    elif name == "drift":
-        for r in f["rows"]:
-            rows.append((name, f"{r['setting']}: {r['detector']}", f"detection {r['detection']:.3f}",
-                         f"false alarms {r['false_alarm']:.3f}, {r['ms_per_window']:.2f} ms/window",
-                         "false alarms ≤ alpha" if r["detector"] == "flywheel" else ""))
-        for d in f["delays"]:
-            value = "never flagged" if d.get("delay_samples") is None else f"{d['delay_samples']:.0f} samples"
-            seen = (f"flagged within {d['within']} samples in {d['flagged_pct']}% of {d['streams']} streams"
-                    if "flagged_pct" in d else "")
-            rows.append((name, f"detection delay (median), {d['shifted_pct']}% shifted: {d['detector']}",
-                         value, seen, ""))
-        if f.get("evidently_skipped"):
-            rows.append((name, "Evidently", "skipped", f["evidently_skipped"], ""))
+    elif name == "drift":  # the full per-family table is drift.py's own README section
+        for half, g in f["goal"].items():
+            rows.append((name, f"{half} families: (family, severity) pairs costing >= 3 points detected >= 0.95 "
+                               "at W=100, 20% shifted (flywheel)", f"**{g['met']} of {g['pairs']}**",
+                         f"false alarms <= {g['max_false_alarms']:.4f}", "all, false alarms <= 0.01"))
+        for t in f["timing"]:
+            if t["window"] == 100:
+                rows.append((name, f"W=100 clean windows: {t['detector']}", f"false alarms {t['false_alarms']:.4f}",
+                             f"{t['clean_windows']} windows, {t['ms_per_window']:.2f} ms/window", ""))
     elif name == "soak":
         rows.append((name, f"failed requests, {f['minutes']:g} min, {f['clients']} clients, {f['replicas']} replicas "
                            f"(one SIGKILLed and restarted), keys expiring every {f['token_expiry_minutes']:g} min",
@@ -315,19 +287,22 @@ def plot(records: dict[str, dict]) -> list[str]:
         save(fig, "tracking_throughput.png")
     f = (records.get("drift") or {}).get("figures")
     if f and f.get("rows"):
-        settings = list(dict.fromkeys(r["setting"] for r in f["rows"]))
         detectors = list(dict.fromkeys(r["detector"] for r in f["rows"]))
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
-        width = 0.8 / len(detectors)
-        for i, det in enumerate(detectors):
-            by = {r["setting"]: r for r in f["rows"] if r["detector"] == det}
-            xs = [j + i * width for j in range(len(settings))]
-            a1.bar(xs, [by[s_]["detection"] if s_ in by else 0 for s_ in settings], width, label=det)
-            a2.bar(xs, [by[s_]["false_alarm"] if s_ in by else 0 for s_ in settings], width, label=det)
-        for ax, title in ((a1, "detection rate"), (a2, "false-alarm rate")):
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings, fontsize=7)
-            ax.set_title(title)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+        for ax, held in zip(axes, (True, False), strict=True):
+            for det in detectors:
+                pts = []
+                for c in sorted({r["contamination"] for r in f["rows"]}):
+                    sel = [r["detection"] for r in f["rows"] if r["detector"] == det and r["window"] == 100
+                           and r["contamination"] == c and r["held_out"] == held and r["accuracy_cost"] >= 0.03]
+                    if sel:
+                        pts.append((100 * c, sum(sel) / len(sel)))
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=det)
+            ax.set_title(f"W=100, {'held-out' if held else 'tuning'} families costing >= 3 points")
+            ax.set_xlabel("% of the window shifted")
             ax.legend(fontsize=7)
+        axes[0].set_ylabel("mean detection rate")
         save(fig, "drift.png")
     f = (records.get("loop_timing") or {}).get("figures")
     if f:

@@ -101,3 +101,40 @@ def test_prediction_drift_chi_square():
     assert sparse.p_value > 0.05 and sparse.details["dof"] == 2
     assert prediction_drift(np.zeros(10), ref).p_value == 1.0
     assert combine_p_values([0.004, 0.5]) == pytest.approx(0.008)
+
+
+# ------------------------------------------------------------------ the benchmark's peers and batch paths
+def test_window_p_values_of_many_windows_equal_one_test_each():
+    """benchmarks/drift.py scores a pool once and tests windows in batches: the same numbers as `test`."""
+    rng = np.random.default_rng(3)
+    ref = np.abs(rng.normal(size=(300, 12))) + 0.1
+    pool = np.concatenate([np.abs(rng.normal(size=(200, 12))) + 0.1, np.abs(rng.normal(size=(50, 12))) * 2])
+    det = NoveltyDriftDetector(simulations=4000).fit(ref)
+    windows = np.stack([rng.choice(len(pool), 40, replace=False) for _ in range(6)])
+    u = det.p_values(pool)
+    batch, _ = det.window_p_values({c: v[windows] for c, v in u.items()})
+    np.testing.assert_allclose(batch, [det.test(pool[w]).p_value for w in windows])
+    ks = KSBonferroni(4).fit(ref)
+    np.testing.assert_allclose(ks.window_p_values(ks.transform(pool)[windows]),
+                               [ks.test(pool[w]).p_value for w in windows])
+
+
+def test_bbsd_and_mmd_hold_their_level_and_see_a_shift():
+    from flywheel.monitoring.drift import BBSD, MMDPermutation
+
+    rng = np.random.default_rng(4)
+
+    def probs(n, shift=0.0):
+        logits = rng.normal(size=(n, 5)) * 2
+        logits[:, 0] += shift
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    bbsd = BBSD().fit(probs(1000))
+    assert sum(bbsd.test(probs(100)).p_value < ALPHA for _ in range(100)) <= 4
+    assert bbsd.test(probs(100, shift=3.0)).p_value < ALPHA
+    ref = rng.normal(size=(300, 6))
+    mmd = MMDPermutation(permutations=100, seed=0).fit(ref)
+    clean = [mmd.test(rng.normal(size=(50, 6))).p_value for _ in range(40)]
+    assert sum(p < ALPHA for p in clean) <= 3 and min(clean) >= 1 / 101
+    assert mmd.test(rng.normal(size=(50, 6)) + 1.0).p_value < ALPHA
