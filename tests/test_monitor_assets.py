@@ -18,7 +18,7 @@ MONITOR = REPO / "deploy" / "monitor"
 def _exported_metric_names() -> set[str]:
     from prometheus_client import generate_latest
 
-    from flywheel.monitoring.service import Metrics
+    from flywheel.monitoring.metrics import Metrics
 
     m = Metrics("m", "prod")
     m.p_value.labels(model="m", env="prod", test="embedding").set(0.5)
