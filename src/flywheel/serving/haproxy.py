@@ -296,6 +296,16 @@ def map_text(entries: Mapping[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in entries.items())
 
 
+def read_map(path: Path) -> dict[str, str]:
+    """The entries of a map file `map_text` wrote (key, one space, value per line)."""
+    entries = {}
+    for line in Path(path).read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k:
+            entries[k] = v
+    return entries
+
+
 # ------------------------------------------------------------------------------------ runtime API
 @dataclass(frozen=True)
 class ServerStat:

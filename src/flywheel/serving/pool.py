@@ -56,6 +56,7 @@ from flywheel.serving.haproxy import (
     credential_hash,
     map_text,
     read_log,
+    read_map,
     start_haproxy,
     write_private,
 )
@@ -264,11 +265,7 @@ def start_pool(work_dir: Path, replicas: int, model_store: Path, *, models: tupl
 def set_replica_key(spec: PoolSpec, name: str, key: str) -> None:
     """HAProxy's key for replica `name`, live (`set map`) and on disk (keys.map, 0600, for a restart)."""
     spec.runtime().set_map(spec.keys_map, name, key)
-    entries = {}
-    for line in spec.keys_map.read_text().splitlines():
-        k, _, v = line.partition(" ")
-        if k:
-            entries[k] = v
+    entries = read_map(spec.keys_map)
     entries[name] = key
     write_private(spec.keys_map, map_text(entries))
 
