@@ -22,7 +22,7 @@ traffic between the two track Services. A release:
    the canary to 0 replicas, the stable track to its previous archive if it was touched. No alias moves.
 
 Design: every decision is a plain function on plain data, dicts shaped like the API's Deployment
-(`rollout_state`, `next_step`, `canary_available`, `canary_plan`, `rollback_actions`) and every
+(`rollout_state`, `next_step`, `canary_available`, `rollback_actions`; the steps' rule is release.canary_plan) and every
 change a plain strategic-merge patch (`archive_patch`, `weights_patch`, `scale_patch`); they are what
 the tests check. `Cluster` is the thin layer of official-client calls (kubernetes 36): read, patch,
 nothing else. Those calls have never met a real API server (none can run where Flywheel is tested):
@@ -46,7 +46,9 @@ from flywheel.serving.release import (
     ReleaseFailed,
     ReleaseResult,
     _begin,
+    canary_plan,
     marked_predict,
+    parse_canary_steps,
     run_acceptance,
     verify_archive,
 )
@@ -96,11 +98,7 @@ class KubernetesTarget:
         if not (namespace and canary_url and token):
             raise FlywheelError("release --target kubernetes needs --namespace, --canary-url (e.g. `kubectl "
                                 "port-forward svc/serving-canary 8000`) and FLYWHEEL_POOL_TOKEN (Secret serving-pool)")
-        try:
-            steps = tuple(int(s) for s in canary_steps.split(",") if s.strip())
-        except ValueError:
-            raise FlywheelError(f"--canary-steps {canary_steps!r}: give percentages like 10,50,100") from None
-        return cls(namespace, canary_url, token, context=context, canary_steps=canary_plan(steps),
+        return cls(namespace, canary_url, token, context=context, canary_steps=parse_canary_steps(canary_steps),
                    step_pause_s=step_pause_s)
 
 
@@ -153,15 +151,6 @@ def canary_available(deployment: Mapping) -> str | None:
     if available < wanted or unavailable:
         return f"canary has {available} of {wanted} replicas available ({unavailable} unavailable)"
     return None
-
-
-def canary_plan(steps: tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """The canary's traffic shares, checked: strictly increasing percentages in 1..100, ending at 100."""
-    plan = tuple(int(s) for s in steps)
-    if not plan or plan[-1] != 100 or any(not 0 < s <= 100 for s in plan) or list(plan) != sorted(set(plan)):
-        raise FlywheelError(f"canary steps {list(steps)}: give increasing percentages in 1..100 that end at 100, "
-                            "e.g. 10,50,100")
-    return plan
 
 
 def archive_env(model: str, version: str, uri: str, sha256: str) -> list[dict]:

@@ -68,6 +68,8 @@ from flywheel.serving.release import (
     _begin,
     _packaged_archive,
     _rollback,
+    canary_plan,
+    parse_canary_steps,
     release_version,
     retire_previous,
     verify_archive,
@@ -387,20 +389,14 @@ class CanaryPolicy:
     poll_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.steps or list(self.steps) != sorted(set(self.steps)) or not 0 < self.steps[0] \
-                or self.steps[-1] != 100:
-            raise FlywheelError(f"canary steps must rise strictly from above 0 to 100 %: {self.steps}")
+        canary_plan(self.steps)
 
 
 def canary_policy(steps: str, **overrides) -> CanaryPolicy | None:
     """A CanaryPolicy from the CLI's `--canary-steps 10,50,100`; None for 'none' (a rolling release)."""
     if steps.strip().lower() in ("none", "rolling", ""):
         return None
-    try:
-        shares = tuple(int(x) for x in steps.replace("%", "").split(","))
-    except ValueError:
-        raise FlywheelError(f"--canary-steps takes percentages like 10,50,100 (or none), not {steps!r}") from None
-    return CanaryPolicy(steps=shares, **overrides)
+    return CanaryPolicy(steps=parse_canary_steps(steps), **overrides)
 
 
 @dataclass(frozen=True)

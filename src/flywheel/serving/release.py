@@ -488,6 +488,26 @@ def _packaged_archive(settings: Settings, target: ManagementTarget, model: str, 
     return None, None
 
 
+def canary_plan(steps: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """A canary's traffic shares, checked: strictly increasing percentages in 1..100, ending at 100.
+    The one rule of every target with a canary (the pool's HAProxy map, Kubernetes' gateway weights)."""
+    plan = tuple(int(s) for s in steps)
+    if not plan or plan[-1] != 100 or any(not 0 < s <= 100 for s in plan) or list(plan) != sorted(set(plan)):
+        raise FlywheelError(f"canary steps {list(steps)}: give increasing percentages in 1..100 that end at 100, "
+                            "e.g. 10,50,100")
+    return plan
+
+
+def parse_canary_steps(text: str) -> tuple[int, ...]:
+    """The CLI's `--canary-steps 10,50,100` (a % sign and spaces allowed), checked by `canary_plan`."""
+    try:
+        shares = [int(x) for x in text.replace("%", "").split(",")]
+    except ValueError:
+        raise FlywheelError(f"--canary-steps takes percentages like 10,50,100 (a pool also takes none: a rolling "
+                            f"release), not {text!r}") from None
+    return canary_plan(shares)
+
+
 def _check_env(env: str) -> None:
     if env not in ENVS:
         raise FlywheelError(f"unknown environment {env!r}; choose one of: {', '.join(ENVS)}")
