@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.ssh import SSHAuth, connect
 from flywheel.training.dispatch.job import RemoteTrainConfig, _env_file, mlflow_command, parse_params
 from flywheel.training.dispatch.nodes import (
     Node,
@@ -20,7 +21,6 @@ from flywheel.training.dispatch.nodes import (
     rank_nodes,
 )
 from flywheel.training.dispatch.source import check_entry, resolve_commit
-from flywheel.training.dispatch.ssh import SSHAuth, connect
 from tests.conftest import free_port
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.ssh import SSHAuth
 from flywheel.training.dispatch.job import (
     RemoteJob,
     RemoteTrainConfig,
@@ -25,7 +26,6 @@ from flywheel.training.dispatch.job import (
 from flywheel.training.dispatch.nodes import Node, load_nodes
 from flywheel.training.dispatch.report import report_run, write_github_outputs
 from flywheel.training.dispatch.source import Project, archive_commit, check_entry
-from flywheel.training.dispatch.ssh import SSHAuth
 
 if TYPE_CHECKING:
     from flywheel.core.config import Settings

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from flywheel.core.errors import FlywheelError
-from flywheel.training.dispatch.nodes import jobs_root, pick_node
-from flywheel.training.dispatch.ssh import (
+from flywheel.core.ssh import (
     NodeUnreachable,
     connect,
     exec_command,
@@ -39,13 +38,14 @@ from flywheel.training.dispatch.ssh import (
     put_file,
     remote_exists,
 )
+from flywheel.training.dispatch.nodes import jobs_root, pick_node
 
 if TYPE_CHECKING:
     import paramiko
 
     from flywheel.core.config import Settings
+    from flywheel.core.ssh import SSHAuth
     from flywheel.training.dispatch.nodes import Node
-    from flywheel.training.dispatch.ssh import SSHAuth
 
 ENV_MANAGERS = ("local", "conda", "docker")
 RUN_ID_RE = re.compile(r"run with ID '([0-9a-f]{32})'")

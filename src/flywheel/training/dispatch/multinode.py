@@ -40,8 +40,8 @@ from flywheel.training.dispatch.nodes import probe_pool
 
 if TYPE_CHECKING:
     from flywheel.core.config import Settings
+    from flywheel.core.ssh import SSHAuth
     from flywheel.training.dispatch.nodes import Node
-    from flywheel.training.dispatch.ssh import SSHAuth
 
 # The variables flywheel.component.distributed reads (kept literal here: the node side owns them).
 NNODES, RDZV_ENDPOINT, RDZV_ID = "FLYWHEEL_NNODES", "FLYWHEEL_RDZV_ENDPOINT", "FLYWHEEL_RDZV_ID"

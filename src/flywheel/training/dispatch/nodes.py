@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flywheel.core.errors import FlywheelError
-from flywheel.training.dispatch.ssh import TRANSIENT, NodeUnreachable, connect, exec_command
+from flywheel.core.ssh import TRANSIENT, NodeUnreachable, connect, exec_command
 
 if TYPE_CHECKING:
     import paramiko
 
-    from flywheel.training.dispatch.ssh import SSHAuth
+    from flywheel.core.ssh import SSHAuth
 
 GPU_QUERY = "nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits"
 

@@ -25,7 +25,7 @@ from flywheel.training.dispatch.nodes import Node, NodeProbe, probe_node, rank_n
 
 if TYPE_CHECKING:
     from flywheel.core.config import Settings
-    from flywheel.training.dispatch.ssh import SSHAuth
+    from flywheel.core.ssh import SSHAuth
     from flywheel.training.tune import TuneSummary
 
 STORAGE_ENV = "FLYWHEEL_TUNE_STORAGE"  # = flywheel.training.tune.STORAGE_ENV

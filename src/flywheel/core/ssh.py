@@ -1,5 +1,7 @@
-"""SSH to a training node: the client key and trusted host keys (`SSHAuth`), an authenticated
-connection, and the exec/SFTP helpers the pool probe and the job use.
+"""SSH to another host: the client key and trusted host keys (`SSHAuth`), an authenticated
+connection, and the exec/SFTP helpers. Training uses it to reach its nodes (training/dispatch), the
+serving pool to reach a replica's key file and model store on another host (serving/replica_files.py):
+both nodes need it, so it lives in core.
 
 Never prompts, never uses an agent, never adds a host key: an unknown or changed host key is a
 FlywheelError saying how to verify it. Errors are sorted here into what is worth reconnecting for
@@ -11,14 +13,23 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from flywheel.core.errors import FlywheelError
 
 if TYPE_CHECKING:
     import paramiko
 
-    from flywheel.training.dispatch.nodes import Node
+
+class SSHHost(Protocol):
+    """Where to log in: a training node (training/dispatch/nodes.py) or a pool replica's host."""
+
+    host: str
+    port: int
+    user: str
+
+    @property
+    def label(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (*TRANSIENT, paramiko.SSHException))
 
 
-def connect(node: Node, auth: SSHAuth) -> paramiko.SSHClient:
+def connect(node: SSHHost, auth: SSHAuth) -> paramiko.SSHClient:
     """An authenticated SSH client, host key verified; FlywheelError saying what to fix otherwise."""
     import paramiko
 
