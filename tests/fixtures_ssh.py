@@ -94,14 +94,14 @@ def _keygen(path: Path, comment: str) -> None:
     _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path))
 
 
-def _login_user() -> tuple[str, Path, int, int]:
+def _login_user(as_self: bool = False) -> tuple[str, Path, int, int]:
     """(name, home, uid, gid) of the user the client logs in as.
 
     As root: a dedicated `useradd` user, like a real node's service account, unless that user can't
     run this test interpreter (e.g. a pyenv under /root, mode 0700): then root itself, rather than
-    loosening permissions on the machine. As anyone else: that user.
+    loosening permissions on the machine. As anyone else, or with `as_self`: the user running the tests.
     """
-    if os.geteuid() != 0:
+    if as_self or os.geteuid() != 0:
         pw = pwd.getpwuid(os.geteuid())
         return pw.pw_name, Path(pw.pw_dir), pw.pw_uid, pw.pw_gid
     try:
@@ -153,15 +153,16 @@ def ssh_node_b(tmp_path_factory, request) -> SSHNode:
 
 
 @contextmanager
-def start_sshd(base: Path, client_key: Path | None = None) -> Iterator[SSHNode]:
+def start_sshd(base: Path, client_key: Path | None = None, login_as_self: bool = False) -> Iterator[SSHNode]:
     """Run one sshd (its files under `base`) until the block ends; then stop it and its jobs.
-    `client_key`: the client key it accepts (default: a new one)."""
+    `client_key`: the client key it accepts (default: a new one). `login_as_self`: the client logs in as
+    the user running the tests (a serving host's user, who owns the TorchServes the tests start)."""
     from tests.conftest import free_port
 
     if not os.path.exists(SSHD):
         pytest.fail("sshd not found: install openssh-server (make system-deps)")
     token = secrets.token_hex(4)
-    user, home, uid, gid = _login_user()
+    user, home, uid, gid = _login_user(login_as_self)
 
     host_key = base / "ssh_host_ed25519_key"
     _keygen(host_key, "flywheel-test-host")

@@ -98,23 +98,33 @@ def parse_key_file(text: str | bytes, mtime: float = 0.0) -> KeyFile:
                    {k: parse_time(data[k]["expiration time"]) for k in KINDS}, mtime)
 
 
-def read_key_file(key_file: Path, wait_s: float = READ_WAIT_S) -> KeyFile:
-    """Parse key_file.json; an empty or partial file (TorchServe rewriting it) is re-read up to `wait_s`."""
+def read_key_file(key_file: Path, wait_s: float = READ_WAIT_S, *,
+                  read: Callable[[], tuple[bytes, float]] | None = None, where: str = "") -> KeyFile:
+    """Parse key_file.json; an empty or partial file (TorchServe rewriting it) is re-read up to `wait_s`.
+
+    `read` returns the file's bytes and mtime from elsewhere (a pool replica's host, over SFTP:
+    serving/replica_files.py), `where` names that place in errors (" on user@host:22 (replica r2)").
+    """
     key_file = Path(key_file)
+    if read is None:
+        def read() -> tuple[bytes, float]:
+            mtime = key_file.stat().st_mtime
+            return key_file.read_bytes(), mtime
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            mtime = key_file.stat().st_mtime
-            return parse_key_file(key_file.read_bytes(), mtime)
+            data, mtime = read()
+            return parse_key_file(data, mtime)
         except FileNotFoundError:
-            raise FlywheelError(f"TorchServe key file {key_file} not found: TorchServe writes it into its working "
-                                "directory at start; pass --key-file with its path") from None
+            raise FlywheelError(f"TorchServe key file {key_file}{where} not found: TorchServe writes it into its "
+                                "working directory at start; pass --key-file with its path") from None
         except PermissionError:
-            raise FlywheelError(f"cannot read TorchServe key file {key_file}: it is mode 0600, readable by the "
-                                "serving user only; run as that user (or one it was shared with)") from None
+            raise FlywheelError(f"cannot read TorchServe key file {key_file}{where}: it is mode 0600, readable by "
+                                "the serving user only; run as that user (or one it was shared with)") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if time.monotonic() >= deadline:
-                raise FlywheelError(f"TorchServe key file {key_file} is not valid key_file.json ({exc})") from None
+                raise FlywheelError(f"TorchServe key file {key_file}{where} is not valid key_file.json "
+                                    f"({exc})") from None
             time.sleep(0.02)  # TorchServe truncates, then writes: the next read sees the whole file
 
 
@@ -178,9 +188,14 @@ class KeyRenewer:
     """
 
     def __init__(self, management_url: str, key_file: Path, *, lifetime_s: float | None = None,
-                 timeout_s: float = 10.0, min_interval_s: float = 1.0, max_interval_s: float = 300.0):
+                 timeout_s: float = 10.0, min_interval_s: float = 1.0, max_interval_s: float = 300.0,
+                 reader: Callable[[], KeyFile] | None = None, where: str = ""):
         self.management_url = management_url.rstrip("/")
         self.key_file = Path(key_file)
+        # `reader`: how `renew` reads the key file when it is not on this host (a pool replica's, over
+        # SFTP), `where` names that host in errors; `renew_due`'s flock is this host's only.
+        self._read = reader or (lambda: read_key_file(self.key_file))
+        self.where = where
         self.lifetime_s = lifetime_s  # None: derived from the key file (newest expiry - mtime)
         self.timeout_s = timeout_s
         self.min_interval_s = min_interval_s
@@ -191,9 +206,10 @@ class KeyRenewer:
 
     def renew(self, kind: str) -> KeyFile:
         """Have TorchServe issue a new `kind` key now; returns the key file once it shows it."""
-        before = read_key_file(self.key_file)
+        before = self._read()
         if not before.api:
-            raise FlywheelError(f"{self.key_file} has no API key: it is not a TorchServe 0.12 key_file.json")
+            raise FlywheelError(f"{self.key_file}{self.where} has no API key: it is not a TorchServe 0.12 "
+                                "key_file.json")
         req = urllib.request.Request(f"{self.management_url}/token?type={kind}", method="POST", data=b"",
                                      headers={"Authorization": f"Bearer {before.api}"})
         try:
@@ -201,15 +217,15 @@ class KeyRenewer:
                 resp.read()
         except urllib.error.HTTPError as exc:
             raise FlywheelError(f"TorchServe at {self.management_url} refused to renew the {kind} key: HTTP "
-                                f"{exc.code} (the API key in {self.key_file} is wrong if the server restarted "
+                                f"{exc.code} (the API key in {self.key_file}{self.where} is wrong if the server restarted "
                                 "since it was read)") from None
         except (urllib.error.URLError, OSError) as exc:
             raise FlywheelError(f"cannot reach TorchServe's token API at {self.management_url}: {exc}") from None
         self.renewals += 1
-        if fresh_key(lambda: read_keys(self.key_file), kind, before.key(kind)) == before.key(kind):
-            raise FlywheelError(f"TorchServe renewed the {kind} key but {self.key_file} still shows the old one: "
-                                f"is it the key file of the server at {self.management_url}?")
-        return read_key_file(self.key_file)
+        if fresh_key(lambda: self._read().as_dict(), kind, before.key(kind)) == before.key(kind):
+            raise FlywheelError(f"TorchServe renewed the {kind} key but {self.key_file}{self.where} still shows the "
+                                f"old one: is it the key file of the server at {self.management_url}?")
+        return self._read()
 
     def renew_due(self, force: bool = False, now: float | None = None) -> tuple[tuple[str, ...], float]:
         """Renew the keys that are due (all with `force`); returns (renewed kinds, seconds to the next look).

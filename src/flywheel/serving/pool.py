@@ -3,8 +3,10 @@
 What a pool is (`PoolSpec`, written as `pool.json` by `start_pool` / `flywheel serve-pool`, read by
 `flywheel release --target pool`): HAProxy's client URL, its runtime API socket and map files
 (serving/haproxy.py has the config's design), and per replica its TorchServe inference/management
-URLs, key file and model store. Replicas may be on other hosts: everything here goes through URLs,
-except the key files and model stores, which must be readable where the release runs (one host here).
+URLs, key file and model store. Replicas may be on other hosts: everything here goes through URLs
+except a replica's key file and model store; a replica with an `ssh` entry (user, host, port, identity,
+known_hosts) has them on that host, read and written over SFTP (serving/replica_files.py), one without
+has them here.
 
 Release (`pool_release`), with the single-server machinery of serving/release.py per replica
 (`release_version` = register, warm-up, acceptance on /predictions/M/V, the same archive checks):
@@ -74,6 +76,7 @@ from flywheel.serving.release import (
     retire_previous,
     verify_archive,
 )
+from flywheel.serving.replica_files import ReplicaFiles, ReplicaSSH, replica_files
 
 log = logging.getLogger(__name__)
 SPEC_FILE = "pool.json"
@@ -88,17 +91,32 @@ class Replica:
     name: str  # HAProxy's server name (r1, r2, ...)
     inference_url: str
     management_url: str
-    key_file: Path
+    key_file: Path  # on `ssh.host` when ssh is set, else here
     model_store: Path
+    ssh: ReplicaSSH | None = None  # the host the two files above are on; None: this host
+
+    def files(self) -> ReplicaFiles:
+        """Its key file and model store, here or over SFTP on `ssh.host`."""
+        return replica_files(self.name, self.key_file, self.model_store, self.ssh)
 
     def target(self, workers: int = 1, grace_s: float = 5.0, keep_previous: int = 1) -> ManagementTarget:
         return ManagementTarget(self.inference_url, self.management_url, self.key_file, self.model_store,
-                                workers=workers, grace_s=grace_s, keep_previous=keep_previous)
+                                workers=workers, grace_s=grace_s, keep_previous=keep_previous,
+                                files=self.files() if self.ssh else None)
 
     def client(self, timeout: float = 30.0):
-        from flywheel.serving.torchserve import TorchServeClient
+        return self.target().client(timeout)
 
-        return TorchServeClient(self.inference_url, self.management_url, key_file=self.key_file, timeout=timeout)
+    def as_dict(self) -> dict:
+        data = {"name": self.name, "inference_url": self.inference_url, "management_url": self.management_url,
+                "key_file": str(self.key_file), "model_store": str(self.model_store)}
+        return data | ({"ssh": self.ssh.as_dict()} if self.ssh else {})
+
+    @classmethod
+    def from_dict(cls, r: Mapping) -> Replica:
+        ssh = ReplicaSSH.from_dict(r["ssh"], r["name"]) if r.get("ssh") is not None else None
+        return cls(r["name"], r["inference_url"], r["management_url"], Path(r["key_file"]), Path(r["model_store"]),
+                   ssh)
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class PoolSpec:
 
     def write(self, path: Path) -> Path:
         data = asdict(self)
+        data["replicas"] = [r.as_dict() for r in self.replicas]  # no `ssh` key for a replica on this host
         data = json.loads(json.dumps(data, default=str))
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
         return Path(path)
@@ -124,8 +143,7 @@ class PoolSpec:
     def read(cls, path: Path) -> PoolSpec:
         try:
             data = json.loads(Path(path).read_text())
-            replicas = tuple(Replica(r["name"], r["inference_url"], r["management_url"], Path(r["key_file"]),
-                                     Path(r["model_store"])) for r in data["replicas"])
+            replicas = tuple(Replica.from_dict(r) for r in data["replicas"])
             return cls(data["url"], Path(data["runtime_socket"]), Path(data["keys_map"]), Path(data["canary_map"]),
                        Path(data["log_path"]), replicas, data.get("capture_uri"),
                        Path(data["token_file"]) if data.get("token_file") else None)
@@ -275,16 +293,22 @@ def set_replica_key(spec: PoolSpec, name: str, key: str) -> None:
 def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0) -> None:
     """Renew replica `name`'s inference key with no failed request: drain it, wait until nothing is in
     flight, renew through TorchServe's token API, give HAProxy the new key, put it back."""
-    from flywheel.serving.keys import KeyRenewer
-
     replica, rt = spec.replica(name), spec.runtime()
     rt.set_state(name, "drain")
     try:
         rt.wait_idle(name, drain_timeout_s)
-        keys = KeyRenewer(replica.management_url, replica.key_file).renew("inference")
+        keys = _renewer(replica).renew("inference")
         set_replica_key(spec, name, keys.inference)
     finally:
         rt.set_state(name, "ready")
+
+
+def _renewer(replica: Replica):
+    """A KeyRenewer of the replica's TorchServe that reads its key file where it is (here or over SFTP)."""
+    from flywheel.serving.keys import KeyRenewer
+
+    files = replica.files()
+    return KeyRenewer(replica.management_url, replica.key_file, reader=files.read_key_file, where=files.where)
 
 
 class PoolKeyRenewer:
@@ -301,11 +325,11 @@ class PoolKeyRenewer:
 
     def renew_due(self, now: float | None = None) -> float:
         """One pass over the replicas; returns seconds until the next key comes due."""
-        from flywheel.serving.keys import KeyRenewer, plan_renewal, read_key_file
+        from flywheel.serving.keys import plan_renewal
 
         waits = [self.max_interval_s]
         for replica in self.spec.replicas:
-            keys = read_key_file(replica.key_file)
+            keys = replica.files().read_key_file()
             t = time.time() if now is None else now
             lifetime = max(keys.lifetime_s(), max(keys.expires.values()) - t)
             due, wait = plan_renewal(t, keys.expires, lifetime, min_interval_s=self.min_interval_s,
@@ -314,7 +338,7 @@ class PoolKeyRenewer:
                 if kind == "inference":
                     renew_inference_key(self.spec, replica.name)
                 else:
-                    KeyRenewer(replica.management_url, replica.key_file).renew(kind)
+                    _renewer(replica).renew(kind)
                 self.renewals += 1
                 log.info("pool replica %s: renewed its %s key", replica.name, kind)
             waits.append(wait)
@@ -626,8 +650,8 @@ def pool_release(settings: Settings, model: str, version: str, env: str, target:
                                 "rolled back", result) from exc
         raise
     # 3. The registry moves once, after every replica serves the version.
-    store_file = replica0.model_store / f"{model}-{version}.mar"
-    stamp = ArchiveStamp.of(store_file if store_file.is_file() else Path(mar_path), manifest)
+    store, store_name = replica0.files(), f"{model}-{version}.mar"
+    stamp = store.stamp(store_name, manifest) if store.exists(store_name) else ArchiveStamp.of(mar_path, manifest)
     mark_deployed(settings, model, version, env, target.describe(), archive=stamp)
     tag(f"pool_{env}_release", f"{result.mode} release done on {target.describe()}")
     result.event(f"alias {env} → v{version}")

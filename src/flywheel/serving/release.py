@@ -38,12 +38,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flywheel.contracts.manifest import ArchiveStamp, Manifest
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError, Rejected
+
+if TYPE_CHECKING:
+    from flywheel.serving.replica_files import ReplicaFiles
 
 log = logging.getLogger(__name__)
 ENVS = ("dev", "prod")
@@ -204,18 +208,29 @@ class ManagementTarget:
     inference_url: str
     management_url: str
     key_file: Path
-    model_store: Path  # the server's model store (same filesystem): the .mar is copied here
+    model_store: Path  # the server's model store: the .mar is copied here
     workers: int = 1
     grace_s: float = 10.0  # in-flight requests on the old default finish before it is unregistered
     keep_previous: int = 1  # earlier versions left registered for A/B and instant rollback
+    # Where key_file and model_store are (serving/replica_files.py); None: on this host. A pool replica
+    # on another host passes its SFTP files.
+    files: ReplicaFiles | None = None
 
     def describe(self) -> str:
         return f"torchserve {self.inference_url}"
 
-    def client(self):
+    def store(self) -> ReplicaFiles:
+        """The server's key file and model store, wherever they are."""
+        from flywheel.serving.replica_files import LocalFiles
+
+        return self.files or LocalFiles(Path(self.key_file), Path(self.model_store))
+
+    def client(self, timeout: float = 30.0):
+        from flywheel.serving.replica_files import key_options
         from flywheel.serving.torchserve import TorchServeClient
 
-        return TorchServeClient(self.inference_url, self.management_url, key_file=self.key_file)
+        return TorchServeClient(self.inference_url, self.management_url, timeout=timeout,
+                                **key_options(self.key_file, self.files))
 
 
 def release_version(settings: Settings, model: str, version: str, env: str, target: ManagementTarget,
@@ -257,10 +272,9 @@ def release_version(settings: Settings, model: str, version: str, env: str, targ
     result.event(f"archive {mar_path} ({manifest.artifact['format']}, sha256 "
                  f"{manifest.artifact['sha256'][:12]} verified)")
     store_name = f"{model}-{version}.mar"
-    target.model_store.mkdir(parents=True, exist_ok=True)
-    if Path(mar_path).resolve() != (target.model_store / store_name).resolve():
-        shutil.copy(mar_path, target.model_store / store_name)
-    stamp = ArchiveStamp.of(target.model_store / store_name, manifest)  # the file the server loads
+    store = target.store()
+    store.put_archive(Path(mar_path), store_name)  # atomic: TorchServe never sees half an archive
+    stamp = store.stamp(store_name, manifest) if record else None  # the file the server loads
 
     registered_here = version not in versions
     if registered_here:
@@ -477,10 +491,11 @@ def verify_archive(mar_path: Path, model: str, version: str, run_id: str | None 
 
 def _packaged_archive(settings: Settings, target: ManagementTarget, model: str, version: str,
                       run_id: str) -> tuple[Path | None, Manifest | None]:
-    """A verified NAME-VERSION.mar already in the server's model store or package's default output."""
-    for candidate in (target.model_store / f"{model}-{version}.mar",
+    """A verified NAME-VERSION.mar already in the server's model store (when on this host) or package's
+    default output."""
+    for candidate in (target.store().local_path(f"{model}-{version}.mar"),
                       settings.work_dir / "model-store" / f"{model}-{version}.mar"):
-        if candidate.is_file():
+        if candidate is not None and candidate.is_file():
             try:
                 return candidate, verify_archive(candidate, model, version, run_id)
             except FlywheelError as exc:
