@@ -261,7 +261,14 @@ def serve(
 
 @app.command("serve-pool", rich_help_panel=PANEL)
 def serve_pool(
-    replicas: Annotated[int, typer.Option(min=1, help="TorchServe replicas behind HAProxy.")] = 3,
+    replicas: Annotated[Optional[int], typer.Option(
+        min=1, help="TorchServe replicas to start here behind HAProxy (default 3).")] = None,
+    replicas_file: Annotated[Optional[Path], typer.Option(
+        "--replicas-file", help="Start no TorchServe: put HAProxy in front of replicas that already run (here "
+                                "or on other hosts), listed in this JSON file as pool.json's replica entries "
+                                "(name, inference_url, management_url, key_file, model_store, optional ssh). "
+                                "Stopping stops HAProxy only; --capture-uri names where they capture (default: "
+                                "none, the canary's prediction mix is not measured).")] = None,
     model_store: Annotated[Optional[Path], typer.Option(
         help="Model store shared by the replicas (default $FLYWHEEL_HOME/model-store).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option(
@@ -280,22 +287,29 @@ def serve_pool(
         min=0.1, help="Lifetime of each TorchServe's keys (the pool renews them, draining each replica first).")
                                     ] = 1440,
 ) -> None:
-    """Run N TorchServe replicas behind HAProxy (one pool credential, health checks, canary route) until Ctrl-C."""
+    """Run N TorchServe replicas behind HAProxy (one pool credential, health checks, canary route) until
+    Ctrl-C; with --replicas-file, HAProxy alone in front of replicas that already run."""
+    if replicas_file is not None and (replicas is not None or load or model_store is not None):
+        fail("--replicas-file fronts replicas that already run: drop --replicas, --load and --model-store")
     stop_on_sigterm()
     from flywheel.core.config import Settings
-    from flywheel.serving.pool import start_pool
+    from flywheel.serving.pool import front_pool, read_replicas, start_pool
 
     settings = Settings.from_env()
-    capture_to = (capture_uri or settings.capture_uri) if capture else ""
+    default_capture = settings.capture_uri if replicas_file is None else None  # fronted: theirs, if given
+    capture_to = (capture_uri or default_capture or "") if capture else ""
     if capture_to and "://" not in capture_to:
         capture_to = str(Path(capture_to).resolve())
     work_dir = (work_dir or settings.work_dir / "pool").resolve()
     env_file = work_dir / "serve.env"
     env_file.unlink(missing_ok=True)  # a stale one would name a dead pool
     token = token_file.read_text().strip() if token_file else None
-    pool = start_pool(work_dir, replicas, (model_store or settings.work_dir / "model-store").resolve(),
-                      models=tuple(load or ()), capture_uri=capture_to or None, token=token,
-                      token_expiration_min=token_expiry_minutes)
+    if replicas_file is not None:
+        pool = front_pool(work_dir, read_replicas(replicas_file), capture_uri=capture_to or None, token=token)
+    else:
+        pool = start_pool(work_dir, replicas or 3, (model_store or settings.work_dir / "model-store").resolve(),
+                          models=tuple(load or ()), capture_uri=capture_to or None, token=token,
+                          token_expiration_min=token_expiry_minutes)
     lines = "\n".join(f"  {r.name}: inference {r.inference_url}  management {r.management_url}"
                       for r in pool.spec.replicas)
     _serve_until_stopped(pool, env_file, {"FLYWHEEL_POOL": str(pool.spec_path), "FLYWHEEL_TS_INFERENCE_URL": pool.url},

@@ -1,12 +1,14 @@
 """A serving pool: N TorchServe replicas behind HAProxy, released rolling or as a canary.
 
-What a pool is (`PoolSpec`, written as `pool.json` by `start_pool` / `flywheel serve-pool`, read by
-`flywheel release --target pool`): HAProxy's client URL, its runtime API socket and map files
+What a pool is (`PoolSpec`, written as `pool.json` by `start_pool` / `front_pool` / `flywheel
+serve-pool`, read by `flywheel release --target pool`): HAProxy's client URL, its runtime API socket and map files
 (serving/haproxy.py has the config's design), and per replica its TorchServe inference/management
 URLs, key file and model store. Replicas may be on other hosts: everything here goes through URLs
 except a replica's key file and model store; a replica with an `ssh` entry (user, host, port, identity,
 known_hosts) has them on that host, read and written over SFTP (serving/replica_files.py), one without
-has them here.
+has them here. `start_pool` starts N TorchServes here and HAProxy in front; `front_pool` starts only
+HAProxy, in front of replicas that already run (a replicas file of pool.json's replica entries), and
+never stops them.
 
 Release (`pool_release`), with the single-server machinery of serving/release.py per replica
 (`release_version` = register, warm-up, acceptance on /predictions/M/V, the same archive checks):
@@ -44,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -169,12 +172,13 @@ class PoolSpec:
 
 # ------------------------------------------------------------------------------------ a local pool
 class Pool:
-    """A started pool on this host: its TorchServes, its HAProxy, its key renewer; `stop()` ends all."""
+    """A started pool: its HAProxy, its key renewer and the TorchServes it started (none when it fronts
+    replicas that already ran: `front_pool`); `stop()` ends those, never a replica it did not start."""
 
     def __init__(self, spec: PoolSpec, spec_path: Path, servers: list, haproxy: HAProxy):
         self.spec = spec
         self.spec_path = spec_path
-        self.servers = servers  # flywheel.serving.torchserve.TorchServe, in replica order
+        self.servers = servers  # flywheel.serving.torchserve.TorchServe it started, in replica order; [] if none
         self.haproxy = haproxy
         self.renewer: PoolKeyRenewer | None = None
 
@@ -194,7 +198,7 @@ class Pool:
         return self.servers[[r.name for r in self.spec.replicas].index(name)]
 
     def stop(self) -> None:
-        """Stop the renewer, HAProxy, then every replica (each by its process group)."""
+        """Stop the renewer, HAProxy, then every replica this pool started (each by its process group)."""
         if self.renewer is not None:
             self.renewer.stop()
         errors = []
@@ -223,7 +227,6 @@ def start_pool(work_dir: Path, replicas: int, model_store: Path, *, models: tupl
     Each replica's own key renewer is stopped: the pool renews keys (drain first, PoolKeyRenewer).
     `haproxy`: overrides of HAProxyConfig (check timing, retries, ...).
     """
-    from flywheel.serving.keys import read_keys
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
     if replicas < 1:
@@ -252,27 +255,96 @@ def start_pool(work_dir: Path, replicas: int, model_store: Path, *, models: tupl
             s.renewer.stop()  # the pool renews keys itself: drain first, then renew, then `set map`
             for m in models:
                 s.client().wait_ready(m.partition("=")[0] if "=" in m else m.removesuffix(".mar").rsplit("-", 1)[0])
-        names = [f"r{i + 1}" for i in range(replicas)]
-        ups = [Upstream(n, s.cfg.inference_address.removeprefix("http://")) for n, s in zip(names, servers,
-                                                                                             strict=True)]
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    members = tuple(Replica(f"r{i + 1}", s.cfg.inference_address, s.cfg.management_address, s.key_file,
+                            s.cfg.model_store) for i, s in enumerate(servers))
+    return _front(work_dir, members, servers, capture_uri=capture_uri, token=token, renew_keys=renew_keys,
+                  haproxy=haproxy)
+
+
+def front_pool(work_dir: Path, replicas: Iterable[Replica], *, capture_uri: str | None = None,
+               token: str | None = None, renew_keys: bool = True, haproxy: Mapping | None = None,
+               ping_timeout_s: float = 10.0) -> Pool:
+    """HAProxy in front of TorchServes that already run (here or on other hosts: `Replica.ssh`);
+    `pool.json` and the pool credential into `work_dir` as `start_pool` writes them.
+
+    Each replica must answer /ping and its inference key must be readable (`Replica.files()`), else
+    a one-line FlywheelError names it and nothing is started. The returned Pool's `stop()` stops the
+    key renewer and HAProxy only: the replicas are not this pool's to stop. Their own key renewers
+    must be off (the pool renews their keys, draining each first; a replica renewing by itself makes
+    HAProxy inject a rejected key until the next pool renewal). `capture_uri`: where the replicas
+    already capture traffic (the canary's prediction mix); None: the mix is not measured.
+    """
+    import requests
+
+    replicas = tuple(replicas)
+    if not replicas:
+        raise FlywheelError("a pool needs at least one replica")
+    names = [r.name for r in replicas]
+    if len(set(names)) != len(names) or not all(n and n.replace("-", "").replace("_", "").isalnum() for n in names):
+        raise FlywheelError(f"replica names must be unique letters, digits, '-' or '_' (got {', '.join(names)})")
+    for r in replicas:
+        try:
+            answer = requests.get(f"{r.inference_url.rstrip('/')}/ping", timeout=ping_timeout_s)
+        except requests.RequestException as exc:
+            raise FlywheelError(f"replica {r.name} is unreachable: {r.inference_url}/ping failed "
+                                f"({type(exc).__name__}); is its TorchServe running?") from None
+        if answer.status_code != 200:
+            raise FlywheelError(f"replica {r.name} is not healthy: {r.inference_url}/ping answered "
+                                f"HTTP {answer.status_code}")
+    return _front(Path(work_dir).resolve(), replicas, [], capture_uri=capture_uri, token=token,
+                  renew_keys=renew_keys, haproxy=haproxy)
+
+
+def read_replicas(path: Path) -> tuple[Replica, ...]:
+    """Replica entries from a JSON file: a list of pool.json's replica entries, or a pool.json itself
+    (its `replicas`). Relative key_file / model_store of a replica without `ssh` are resolved against
+    the file's folder (with `ssh` they stay as written: sftp resolves them in the login's home)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        entries = data["replicas"] if isinstance(data, dict) else data
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TypeError("expected a list of mappings")
+        replicas = tuple(Replica.from_dict(e) for e in entries)
+    except FileNotFoundError:
+        raise FlywheelError(f"replicas file {path} not found") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FlywheelError(f"{path} is not a list of pool.json replica entries (name, inference_url, "
+                            f"management_url, key_file, model_store, optional ssh): {type(exc).__name__}: {exc}"
+                            ) from None
+    base = path.resolve().parent
+    return tuple(r if r.ssh else replace(r, key_file=base / r.key_file, model_store=base / r.model_store)
+                 for r in replicas)
+
+
+def _front(work_dir: Path, replicas: tuple[Replica, ...], servers: list, *, capture_uri: str | None,
+           token: str | None, renew_keys: bool, haproxy: Mapping | None) -> Pool:
+    """HAProxy in front of `replicas` (their inference keys read through `Replica.files()`), the pool
+    credential and pool.json in `work_dir`, HAProxy's checks UP, the key renewer. `servers`: the
+    TorchServes this pool started (stopped with it, and here if anything fails)."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        ups = [Upstream(r.name, urlsplit(r.inference_url).netloc) for r in replicas]
         hcfg = HAProxyConfig.local(work_dir / "haproxy", ups, **dict(haproxy or {}))
         token = token or secrets.token_urlsafe(32)
         token_file = work_dir / TOKEN_FILE
         write_private(token_file, token + "\n")
-        keys = {n: read_keys(s.key_file)["inference"] for n, s in zip(names, servers, strict=True)}
+        keys = {r.name: r.files().keys()["inference"] for r in replicas}
         proxy = start_haproxy(hcfg, keys, [credential_hash(token)])
     except BaseException:
         for s in servers:
             s.stop()
         raise
-    spec = PoolSpec(hcfg.url, hcfg.socket_path, hcfg.keys_map, hcfg.canary_map, hcfg.log_path,
-                    tuple(Replica(n, s.cfg.inference_address, s.cfg.management_address, s.key_file,
-                                  s.cfg.model_store) for n, s in zip(names, servers, strict=True)),
+    spec = PoolSpec(hcfg.url, hcfg.socket_path, hcfg.keys_map, hcfg.canary_map, hcfg.log_path, replicas,
                     capture_uri or None, token_file)
     pool = Pool(spec, spec.write(work_dir / SPEC_FILE), servers, proxy)
     try:
-        for n in names:
-            proxy.runtime.wait_status(n, "UP", timeout=30)
+        for r in replicas:
+            proxy.runtime.wait_status(r.name, "UP", timeout=30)
         if renew_keys:
             pool.renewer = PoolKeyRenewer(spec).start()
     except BaseException:
