@@ -63,11 +63,13 @@ def test_replicas_file_is_pool_json_entries(tmp_path):
 
 
 def test_front_refuses_a_replica_that_does_not_answer(tmp_path):
-    """Nothing listens on r2's port: a one-line error naming it; no HAProxy, no pool.json."""
+    """Nothing listens on r2's port, r3 has no key file, ...: a one-line error naming it; no HAProxy,
+    no pool.json."""
     from flywheel.serving.haproxy import HAProxyConfig, Upstream, credential_hash, start_haproxy
 
-    (tmp_path / "r1").mkdir()
-    (tmp_path / "r1" / "key_file.json").write_text(json.dumps(KEY_FILE))
+    for name in ("r1", "r2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "key_file.json").write_text(json.dumps(KEY_FILE))
     down = free_port()
     for replicas, words in [
         ((Replica.from_dict(_entry("r2", down, tmp_path)),),
@@ -75,6 +77,7 @@ def test_front_refuses_a_replica_that_does_not_answer(tmp_path):
         ((Replica.from_dict(_entry("r1", down, tmp_path)), Replica.from_dict(_entry("r1", down, tmp_path))),
          "replica names must be unique"),
         ((), "at least one replica"),
+        ((Replica.from_dict(_entry("r3", down, tmp_path)),), r"replica r3: .*key_file\.json"),  # no key file
     ]:
         with pytest.raises(FlywheelError, match=words) as info:
             front_pool(tmp_path / "pool", replicas)

@@ -286,9 +286,15 @@ def front_pool(work_dir: Path, replicas: Iterable[Replica], *, capture_uri: str 
     names = [r.name for r in replicas]
     if len(set(names)) != len(names) or not all(n and n.replace("-", "").replace("_", "").isalnum() for n in names):
         raise FlywheelError(f"replica names must be unique letters, digits, '-' or '_' (got {', '.join(names)})")
+    keys = {}
     for r in replicas:
         try:
-            answer = requests.get(f"{r.inference_url.rstrip('/')}/ping", timeout=ping_timeout_s)
+            keys[r.name] = r.files().keys()["inference"]
+        except FlywheelError as exc:
+            raise FlywheelError(str(exc) if f"replica {r.name}" in str(exc) else f"replica {r.name}: {exc}") from None
+        try:  # TorchServe 0.12 checks the inference key on /ping too (400 without it)
+            answer = requests.get(f"{r.inference_url.rstrip('/')}/ping", timeout=ping_timeout_s,
+                                  headers={"Authorization": f"Bearer {keys[r.name]}"})
         except requests.RequestException as exc:
             raise FlywheelError(f"replica {r.name} is unreachable: {r.inference_url}/ping failed "
                                 f"({type(exc).__name__}); is its TorchServe running?") from None
@@ -296,7 +302,7 @@ def front_pool(work_dir: Path, replicas: Iterable[Replica], *, capture_uri: str 
             raise FlywheelError(f"replica {r.name} is not healthy: {r.inference_url}/ping answered "
                                 f"HTTP {answer.status_code}")
     return _front(Path(work_dir).resolve(), replicas, [], capture_uri=capture_uri, token=token,
-                  renew_keys=renew_keys, haproxy=haproxy)
+                  renew_keys=renew_keys, haproxy=haproxy, keys=keys)
 
 
 def read_replicas(path: Path) -> tuple[Replica, ...]:
@@ -322,9 +328,10 @@ def read_replicas(path: Path) -> tuple[Replica, ...]:
 
 
 def _front(work_dir: Path, replicas: tuple[Replica, ...], servers: list, *, capture_uri: str | None,
-           token: str | None, renew_keys: bool, haproxy: Mapping | None) -> Pool:
-    """HAProxy in front of `replicas` (their inference keys read through `Replica.files()`), the pool
-    credential and pool.json in `work_dir`, HAProxy's checks UP, the key renewer. `servers`: the
+           token: str | None, renew_keys: bool, haproxy: Mapping | None, keys: Mapping[str, str] | None = None
+           ) -> Pool:
+    """HAProxy in front of `replicas` (their inference `keys`, else read through `Replica.files()`), the
+    pool credential and pool.json in `work_dir`, HAProxy's checks UP, the key renewer. `servers`: the
     TorchServes this pool started (stopped with it, and here if anything fails)."""
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +340,7 @@ def _front(work_dir: Path, replicas: tuple[Replica, ...], servers: list, *, capt
         token = token or secrets.token_urlsafe(32)
         token_file = work_dir / TOKEN_FILE
         write_private(token_file, token + "\n")
-        keys = {r.name: r.files().keys()["inference"] for r in replicas}
+        keys = keys or {r.name: r.files().keys()["inference"] for r in replicas}
         proxy = start_haproxy(hcfg, keys, [credential_hash(token)])
     except BaseException:
         for s in servers:
