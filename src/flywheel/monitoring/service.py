@@ -86,6 +86,9 @@ class MonitorConfig:
     snapshot_dir: Path | None = None  # where `data snapshot` writes, for the retrain payload
     seed: int = 0
     from_now: bool = False  # a fresh monitor skips captures already stored at its first tick
+    # The drift_over_time.png of a version's run is redrawn at most this often: each drawing re-reads
+    # the run's whole p-value history from MLflow, which grows by every window for as long as it runs.
+    plot_every_s: float = 60.0
 
 
 @dataclass
@@ -227,6 +230,7 @@ class Monitor:
         self._untracked: dict[str, str] = {}  # version → why it cannot be monitored (this tick)
         self._registry = None
         self._sources: dict[str, dict[str, str]] = {}  # version → where it came from (for retrain requests)
+        self._plotted: dict[str, float] = {}  # version → when its drift plot was last drawn (monotonic)
 
     @property
     def registry(self):
@@ -420,6 +424,18 @@ class Monitor:
             return self._tick()
 
     def _tick(self) -> list[WindowResult]:
+        # Reading and testing is its own call so that its records (every capture batch of the tick)
+        # are freed when it returns, before MLflow logging and plotting: the drift plot's text
+        # layout raises and catches exceptions, whose tracebacks hold the frames below them in
+        # reference cycles, so anything still on this frame would live until a full collection.
+        results = self._ingest()
+        self._deliver()
+        self._log_mlflow(results)
+        self._export(results)
+        return results
+
+    def _ingest(self) -> list[WindowResult]:
+        """Read the new captures, test every full window, commit, apply the journal; the windows."""
         from flywheel.contracts.capture import CaptureCursor, read_feedback
 
         results = self._apply_journal()  # a crash after the last commit left windows to apply
@@ -508,9 +524,6 @@ class Monitor:
         if marked:
             log.info("skipped %d captures not marked live: %s", sum(marked.values()), marked)
         self._count_read(self.last_tick, pending_of)
-        self._deliver()
-        self._log_mlflow(results)
-        self._export(results)
         return results
 
     def _count_read(self, summary: TickSummary, pending_of: dict[str, int]) -> None:
@@ -780,6 +793,9 @@ class Monitor:
         primary = [r for r in results if r.primary]
         if primary:  # `flywheel status` shows an env's latest window: the alias's version's, not a canary's
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _status_tags(primary).items()])
+        if time.monotonic() - self._plotted.get(version, -float("inf")) < self.cfg.plot_every_s:
+            return
+        self._plotted[version] = time.monotonic()
         history = client.get_metric_history(run_id, "p_value")
         drift = {m.step: m.value for m in client.get_metric_history(run_id, "drift_detected")}
         import tempfile
