@@ -180,16 +180,46 @@ def management_url_from_properties(path: Path, env: Mapping[str, str] | None = N
     return url.replace("0.0.0.0", "127.0.0.1").rstrip("/")
 
 
-class KeyRenewer:
+class BackgroundRenewer:
+    """A renewer's `run()` loop on a daemon thread: `start()` starts it, `stop()` sets the event `run`
+    waits on and joins. Shared by this module's KeyRenewer and the serving pool's PoolKeyRenewer."""
+
+    thread_name = "key-renewer"
+    stop_timeout_s = 15.0
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.stop_timeout_s if timeout is None else timeout)
+            self._thread = None
+
+
+class KeyRenewer(BackgroundRenewer):
     """Renews a TorchServe's inference and management keys through its token API before they expire.
 
     `renew_due()` is one pass (the systemd timer's `flywheel serve-keys renew`); `run()` loops until
     stopped (`flywheel serve`, the serving image's entrypoint); `start()`/`stop()` run it on a thread.
     """
 
+    thread_name = "torchserve-key-renewer"
+
     def __init__(self, management_url: str, key_file: Path, *, lifetime_s: float | None = None,
                  timeout_s: float = 10.0, min_interval_s: float = 1.0, max_interval_s: float = 300.0,
                  reader: Callable[[], KeyFile] | None = None, where: str = ""):
+        super().__init__()
         self.management_url = management_url.rstrip("/")
         self.key_file = Path(key_file)
         # `reader`: how `renew` reads the key file when it is not on this host (a pool replica's, over
@@ -201,8 +231,6 @@ class KeyRenewer:
         self.min_interval_s = min_interval_s
         self.max_interval_s = max_interval_s
         self.renewals = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def renew(self, kind: str) -> KeyFile:
         """Have TorchServe issue a new `kind` key now; returns the key file once it shows it."""
@@ -284,17 +312,6 @@ class KeyRenewer:
             left = 4 * self.min_interval_s
         return min(max(left / 4, self.min_interval_s), 30.0)
 
-    def start(self) -> KeyRenewer:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, name="torchserve-key-renewer", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
 
 def _alive(pid: int) -> bool:

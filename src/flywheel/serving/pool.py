@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -65,6 +64,7 @@ from flywheel.serving.haproxy import (
     start_haproxy,
     write_private,
 )
+from flywheel.serving.keys import BackgroundRenewer
 from flywheel.serving.release import (
     AcceptanceConfig,
     ManagementTarget,
@@ -390,17 +390,19 @@ def _renewer(replica: Replica):
     return KeyRenewer(replica.management_url, replica.key_file, reader=files.read_key_file, where=files.where)
 
 
-class PoolKeyRenewer:
+class PoolKeyRenewer(BackgroundRenewer):
     """Renews every replica's keys at half their lifetime: inference keys through `renew_inference_key`
     (drained), management keys directly (only releases use them; their client re-reads the file)."""
 
+    thread_name = "pool-key-renewer"
+    stop_timeout_s = 30.0
+
     def __init__(self, spec: PoolSpec, min_interval_s: float = 1.0, max_interval_s: float = 300.0):
+        super().__init__()
         self.spec = spec
         self.min_interval_s = min_interval_s
         self.max_interval_s = max_interval_s
         self.renewals = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def renew_due(self, now: float | None = None) -> float:
         """One pass over the replicas; returns seconds until the next key comes due."""
@@ -431,18 +433,6 @@ class PoolKeyRenewer:
                 log.warning("pool key renewal: %s", exc)
                 wait = 5 * self.min_interval_s
             self._stop.wait(wait)
-
-    def start(self) -> PoolKeyRenewer:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, name="pool-key-renewer", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
 
 # ------------------------------------------------------------------------------------ canary decisions
