@@ -23,13 +23,14 @@ Design log (append, never rewrite):
               run on a 1-epoch model. The full run was repeated once to re-measure compute at a lower
               machine load (identical detections: the windows are a function of the seed).
   2026-12-02  Two more variants, decided on the tuning half only (seed 1, W=100, 20% shifted, the 25 pairs
-              costing >= 3 points; 10 draws x 100 windows per pair, 10,000 clean windows): the magnitude
+              costing >= 3 points; 10 draws x 100 windows per pair, 10,000 clean windows; benchmarks/
+              drift_tuning.py --seed 1, which prints nothing of the held-out half): the magnitude
               channel is one-sided (short embeddings are novel), so (a) two-sided, score |log-norm - the
               reference's median log-norm|, and (b) a third channel for long embeddings (log-norm itself),
               Bonferroni over three. Tuning, pairs at >= 0.95 / mean detection / false alarms:
               design 17 of 25 / 0.872 / 0.0090; (a) 14 / 0.826 / 0.0089; (b) 16 / 0.844 / 0.0062. The
               shifts that cost accuracy shrink the norm; a second tail only spends level. Neither wins:
-              detector unchanged. (This harness and `--seed 1 --windows 100 --detectors flywheel` agree on
+              detector unchanged. (drift_tuning.py and `--seed 1 --windows 100 --detectors flywheel` agree on
               17 of 25 for the design; the 16 of 25 / 0.85 in the entry above is the seed-0 tuning figure.)
               Also measured, not a design change: `flywheel-monitor`, the decision the monitor actually
               makes (embedding p-value and prediction-drift chi-square, Bonferroni). Tuning seed 1: 15 of
