@@ -14,8 +14,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from flywheel.monitoring.drift import combine_p_values, prediction_drift
 from tests.conftest import REPO
 
 ROW_FIELDS = {"detector", "family", "severity", "window", "contamination", "held_out", "detection", "false_alarms"}
@@ -73,3 +75,30 @@ def test_quick_benchmark_runs_on_the_rgb_component(tmp_path):
     assert max(r["false_alarms"] for r in rows if r["detector"] == "flywheel") <= 0.05
     section = bench.render(saved)
     assert "held-out" in section and "| canny-edges |" in section
+
+
+def test_the_monitor_row_is_what_the_monitor_computes():
+    """The benchmark's `flywheel-monitor` row is service.py `_test_window`'s decision: the embedding
+    p-value and the prediction-drift chi-square p-value combined by `combine_p_values`, in the batch
+    path as in the one-window path."""
+    bench = _bench()
+    rng = np.random.default_rng(5)
+
+    def probs(n, shift=0.0):
+        logits = rng.normal(size=(n, 4)) * 2
+        logits[:, 0] += shift
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+    ref_emb, ref_prob = np.abs(rng.normal(size=(300, 8))) + 0.1, probs(300)
+    pool_emb = np.concatenate([np.abs(rng.normal(size=(200, 8))) + 0.1, np.abs(rng.normal(size=(60, 8))) * 2])
+    pool_prob = np.concatenate([probs(200), probs(60, shift=4.0)])
+    adapter = bench.Adapter("flywheel-monitor", seed=0)
+    adapter.fit(ref_emb, ref_prob)
+    windows = np.stack([rng.choice(len(pool_emb), 50, replace=False) for _ in range(5)])
+    expected = [combine_p_values([adapter.det.test(pool_emb[w]).p_value,
+                                  prediction_drift(np.bincount(pool_prob[w].argmax(1), minlength=4),
+                                                   np.bincount(ref_prob.argmax(1), minlength=4)).p_value])
+                for w in windows]
+    np.testing.assert_allclose([adapter.p(pool_emb[w], pool_prob[w]) for w in windows], expected)
+    np.testing.assert_allclose(bench.Batch(adapter, pool_emb, pool_prob).p(windows), expected)

@@ -32,7 +32,8 @@ How it was chosen and how it does (benchmarks/drift.py, its README section and r
 half. On the tuning half (windows of another seed) the variants tried were: k in {1, 3, 10, 30},
 cosine kNN after PCA whitening, kNN without the root, one combined per-sample score (Fisher or min of
 the two channels' p-values) instead of Bonferroni, tail levels from 0.5 (`levels`), and, on a
-1-epoch model only, a class-conditional Mahalanobis and a linear-probe confidence channel. None detected more of the
+1-epoch model only, a class-conditional Mahalanobis and a linear-probe confidence channel; later a two-sided
+magnitude channel and a third, long-norm channel (benchmarks/drift.py's design log). None detected more of the
 tuning pairs at W=100 with 20% shifted than the design above (mean 0.85, 16 of 25 pairs costing >= 3
 points at >= 0.95), so it is kept unchanged and reported as is on the held-out half. What it misses
 are mild severities whose per-sample separability is low in every label-free signal measured,
