@@ -275,12 +275,10 @@ def _kill_tree(pid: int) -> int:
     return len(procs)
 
 
-@pytest.mark.integration
-@pytest.mark.reliability  # ~3.5 min on 2 shared cores
-def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, tracking_stack, project_repo,
-                                                     tmp_path, monkeypatch):
-    model = f"multinode-loss-{secrets.token_hex(4)}"
-    sha = commit_on(project_repo, "remote-train --num-nodes loses a node")
+def _kill_a_node_mid_run(victim, ssh_node, ssh_node_b, tracking_stack, project_repo, tmp_path, monkeypatch,
+                         model: str, sha: str):
+    """Start a 2-node remote-train (rank 0 on ssh_node), kill `victim`'s job tree once the first epoch's
+    metrics are on the run; (remote-train's exit code, its output, the run id, the client)."""
     train = [*TRAIN[:4], "-P", "epochs=30", *TRAIN[6:]]  # long enough to be killed in the middle
     cmd = _cli(tmp_path, ssh_node, ssh_node_b, project_repo, sha, *train)
     client = _client(tracking_stack, monkeypatch)
@@ -298,12 +296,22 @@ def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, track
                 break
             time.sleep(1)
         assert run_id is not None, log.read_text()[-5000:]
-        assert _kill_tree(int((ssh_node_b.workdir / sha / "job.pid").read_text())) > 2  # runner, torchrun, worker
+        assert _kill_tree(int((victim.workdir / sha / "job.pid").read_text())) > 2  # runner, torchrun, worker
         code = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = log.read_text()
+    return code, log.read_text(), run_id, client
+
+
+@pytest.mark.integration
+@pytest.mark.reliability  # ~3.5 min on 2 shared cores
+def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, tracking_stack, project_repo,
+                                                     tmp_path, monkeypatch):
+    model = f"multinode-loss-{secrets.token_hex(4)}"
+    sha = commit_on(project_repo, "remote-train --num-nodes loses a node")
+    code, out, run_id, client = _kill_a_node_mid_run(ssh_node_b, ssh_node, ssh_node_b, tracking_stack, project_repo,
+                                                     tmp_path, monkeypatch, model, sha)
     assert code != 0, out[-5000:]
     last = out.strip().splitlines()[-1]
     # One line: which node failed, the run, and why rank 0 says it failed.
@@ -322,3 +330,26 @@ def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, track
     # The surviving node's job ended by itself (bounded), with an error, and holds nothing.
     assert int((ssh_node.workdir / sha / "job.exit").read_text()) != 0
     assert _lock_free(ssh_node, sha)
+
+
+@pytest.mark.integration
+@pytest.mark.reliability  # ~3.5 min on 2 shared cores
+def test_losing_the_first_node_mid_run_ends_its_run_failed_from_the_client(ssh_node, ssh_node_b, tracking_stack,
+                                                                          project_repo, tmp_path, monkeypatch):
+    """Rank 0's node is the one lost: `mlflow run` dies with it, so remote-train itself ends the run
+    FAILED, saying which node and ranks were lost; nothing is logged or registered."""
+    model = f"multinode-loss0-{secrets.token_hex(4)}"
+    sha = commit_on(project_repo, "remote-train --num-nodes loses its first node")
+    code, out, run_id, client = _kill_a_node_mid_run(ssh_node, ssh_node, ssh_node_b, tracking_stack, project_repo,
+                                                     tmp_path, monkeypatch, model, sha)
+    assert code != 0, out[-5000:]
+    last = out.strip().splitlines()[-1]
+    assert "the 2-node job failed" in last and "node-a ended without an exit status" in last, out[-5000:]
+    assert f"MLflow run {run_id}: FAILED, lost rank(s) 0 on node(s) node-a (the first node" in last, out[-5000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["flywheel.lost_ranks"] == "0" and run.data.tags["flywheel.lost_nodes"] == "node-a"
+    experiment_id = client.get_experiment_by_name(model).experiment_id
+    assert not client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert client.search_model_versions(f"name = '{model}'") == []
+    assert _lock_free(ssh_node_b, sha)

@@ -54,6 +54,10 @@ JOB_RE = re.compile(r"^([0-9a-f]{40})(?:-([A-Za-z0-9._~-]+))?$")  # job_key's sh
 BUSY_EXIT = 75  # EX_TEMPFAIL: the commit's lock is held by a running job
 
 
+
+class JobVanished(FlywheelError):
+    """The job is known to have ended (its node's lock is free) but left no exit status: killed."""
+
 @dataclass(frozen=True)
 class RemoteTrainConfig:
     """One remote training request."""
@@ -337,8 +341,8 @@ class RemoteJob:
                 self._drain(sftp, jobdir)
                 if code is not None:
                     return code
-                raise FlywheelError(f"the job for {self.what} on {self.node.label} ended without an exit "
-                                    "status (killed, or the node rebooted); see job.log in its directory")
+                raise JobVanished(f"the job for {self.what} on {self.node.label} ended without an exit "
+                                  "status (killed, or the node rebooted); see job.log in its directory")
             time.sleep(self.poll_interval)
 
     def _drain(self, sftp: paramiko.SFTPClient, jobdir: str) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TextIO
 
 from flywheel.core.errors import FlywheelError
-from flywheel.training.dispatch.job import JobResult, RemoteJob, RemoteTrainConfig, job_key
+from flywheel.training.dispatch.job import JobResult, JobVanished, RemoteJob, RemoteTrainConfig, job_key
 from flywheel.training.dispatch.nodes import probe_pool
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class NodeOutcome:
     node: str
     exit_code: int | None  # None: the job ended without an exit status (killed) or could not be followed
     error: str | None = None
+    vanished: bool = False  # known to have ended without an exit status (not merely unreachable)
 
 
 def remote_train_multinode(cfg: RemoteTrainConfig, settings: Settings, nodes: Sequence[Node], auth: SSHAuth,
@@ -148,6 +149,8 @@ def remote_train_multinode(cfg: RemoteTrainConfig, settings: Settings, nodes: Se
     if result.exit_code == 0:
         result = replace(result, exit_code=1)
     parts = [f"{o.node} exited {o.exit_code}" if o.exit_code is not None else str(o.error) for o in failed]
+    if outcomes[0].vanished:
+        _fail_orphaned_run(settings, result.run_id, outcomes[0], cfg.nproc_per_node or 1)
     reason = _run_failure(settings, result.run_id)
     return result, (f"the {num_nodes}-node job failed: {'; '.join(parts)}"
                     + (f"; MLflow run {result.run_id}: {reason}" if reason else ""))
@@ -164,6 +167,8 @@ def _follow_all(jobs: Sequence[RemoteJob], grace: float, warn: Callable[[str], N
         job = jobs[i]
         try:
             outcomes[i] = NodeOutcome(job.node.label, job.follow())
+        except JobVanished as exc:
+            outcomes[i] = NodeOutcome(job.node.label, None, str(exc).split("; ")[0], vanished=True)
         except FlywheelError as exc:  # "ended without an exit status" (killed), or the node stayed unreachable
             outcomes[i] = NodeOutcome(job.node.label, None, str(exc).split("; ")[0])
         except Exception as exc:  # noqa: BLE001 - any other error following one node must not hide the others
@@ -198,6 +203,30 @@ def failure_grace(chosen: Sequence[Node]) -> float:
         with suppress(TypeError, ValueError):
             timeouts.append(float(value))
     return max(timeouts or [300.0]) + 60.0
+
+
+def _fail_orphaned_run(settings: Settings, run_id: str | None, first: NodeOutcome, nproc: int) -> None:
+    """The first node's job was killed (or its host rebooted): `mlflow run` died with rank 0, so nothing
+    there can end the run. End it FAILED here, with the same tags rank 0 writes for a lost peer, if it
+    is still RUNNING (rank 0 may have ended it itself before it went)."""
+    if run_id is None:
+        return
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.core.registry import Registry
+
+    ranks = ",".join(str(r) for r in range(nproc))
+    try:
+        client = Registry(settings).client
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        for key, value in {"flywheel.failure": f"lost rank(s) {ranks} on node(s) {first.node} (the first node, "
+                                               f"which ran `mlflow run`): {first.error}",
+                           "flywheel.lost_ranks": ranks, "flywheel.lost_nodes": first.node}.items():
+            client.set_tag(run_id, key, value[:5000])
+        client.set_terminated(run_id, "FAILED")
+    except (MlflowException, OSError):  # the tracking server is down too: the run stays RUNNING, said below
+        return
 
 
 def _run_failure(settings: Settings, run_id: str | None) -> str | None:
