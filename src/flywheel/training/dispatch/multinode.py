@@ -149,9 +149,8 @@ def remote_train_multinode(cfg: RemoteTrainConfig, settings: Settings, nodes: Se
     if result.exit_code == 0:
         result = replace(result, exit_code=1)
     parts = [f"{o.node} exited {o.exit_code}" if o.exit_code is not None else str(o.error) for o in failed]
-    if outcomes[0].vanished:
-        _fail_orphaned_run(settings, result.run_id, outcomes[0], cfg.nproc_per_node or 1)
-    reason = _run_failure(settings, result.run_id)
+    reason = _run_failure(settings, result.run_id, outcomes[0] if outcomes[0].vanished else None,
+                          cfg.nproc_per_node or 1)
     return result, (f"the {num_nodes}-node job failed: {'; '.join(parts)}"
                     + (f"; MLflow run {result.run_id}: {reason}" if reason else ""))
 
@@ -205,41 +204,32 @@ def failure_grace(chosen: Sequence[Node]) -> float:
     return max(timeouts or [300.0]) + 60.0
 
 
-def _fail_orphaned_run(settings: Settings, run_id: str | None, first: NodeOutcome, nproc: int) -> None:
-    """The first node's job was killed (or its host rebooted): `mlflow run` died with rank 0, so nothing
-    there can end the run. End it FAILED here, with the same tags rank 0 writes for a lost peer, if it
-    is still RUNNING (rank 0 may have ended it itself before it went)."""
-    if run_id is None:
-        return
-    from mlflow.exceptions import MlflowException
+def _run_failure(settings: Settings, run_id: str | None, lost_first: NodeOutcome | None = None,
+                 nproc: int = 1) -> str | None:
+    """The run's status and rank 0's recorded reason (`flywheel.failure`), if the tracking server says.
 
-    from flywheel.core.registry import Registry
-
-    ranks = ",".join(str(r) for r in range(nproc))
-    try:
-        client = Registry(settings).client
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
-        for key, value in {"flywheel.failure": f"lost rank(s) {ranks} on node(s) {first.node} (the first node, "
-                                               f"which ran `mlflow run`): {first.error}",
-                           "flywheel.lost_ranks": ranks, "flywheel.lost_nodes": first.node}.items():
-            client.set_tag(run_id, key, value[:5000])
-        client.set_terminated(run_id, "FAILED")
-    except (MlflowException, OSError):  # the tracking server is down too: the run stays RUNNING, said below
-        return
-
-
-def _run_failure(settings: Settings, run_id: str | None) -> str | None:
-    """The run's status and rank 0's recorded reason (`flywheel.failure`), if the tracking server says."""
+    `lost_first`: the first node's job was killed (or its host rebooted), so `mlflow run` died with
+    rank 0 and nothing there can end the run. If it is still RUNNING (rank 0 may have ended it before
+    it went), it is ended FAILED here, with the tags rank 0 writes for a lost peer."""
     if run_id is None:
         return None
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     from flywheel.core.registry import Registry
 
     try:
-        run = Registry(settings).run(run_id)
-    except (MlflowException, OSError) as exc:
+        registry = Registry(settings)
+        run = registry.run(run_id)
+        if lost_first is not None and run.info.status == "RUNNING":
+            ranks = ",".join(str(r) for r in range(nproc))
+            why = (f"lost rank(s) {ranks} on node(s) {lost_first.node} (the first node, which ran `mlflow run`): "
+                   f"{lost_first.error}")[:5000]
+            registry.client.log_batch(run_id, tags=[RunTag("flywheel.failure", why), RunTag("flywheel.lost_ranks", ranks),
+                                                    RunTag("flywheel.lost_nodes", lost_first.node)])
+            registry.client.set_terminated(run_id, "FAILED")
+            return f"FAILED, {why}"
+    except (MlflowException, OSError) as exc:  # the tracking server is down too: said, the run stays as it is
         return f"could not read it ({type(exc).__name__})"
     why = run.data.tags.get("flywheel.failure")
     return f"{run.info.status}" + (f", {why}" if why else "")
