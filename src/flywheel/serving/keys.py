@@ -313,7 +313,6 @@ class KeyRenewer(BackgroundRenewer):
         return min(max(left / 4, self.min_interval_s), 30.0)
 
 
-
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:

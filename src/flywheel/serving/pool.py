@@ -280,6 +280,8 @@ def front_pool(work_dir: Path, replicas: Iterable[Replica], *, capture_uri: str 
     """
     import requests
 
+    from flywheel.serving.torchserve import TorchServeClient
+
     replicas = tuple(replicas)
     if not replicas:
         raise FlywheelError("a pool needs at least one replica")
@@ -293,8 +295,7 @@ def front_pool(work_dir: Path, replicas: Iterable[Replica], *, capture_uri: str 
         except FlywheelError as exc:
             raise FlywheelError(str(exc) if f"replica {r.name}" in str(exc) else f"replica {r.name}: {exc}") from None
         try:  # TorchServe 0.12 checks the inference key on /ping too (400 without it)
-            answer = requests.get(f"{r.inference_url.rstrip('/')}/ping", timeout=ping_timeout_s,
-                                  headers={"Authorization": f"Bearer {keys[r.name]}"})
+            answer = TorchServeClient(r.inference_url, inference_key=keys[r.name], timeout=ping_timeout_s).ping()
         except requests.RequestException as exc:
             raise FlywheelError(f"replica {r.name} is unreachable: {r.inference_url}/ping failed "
                                 f"({type(exc).__name__}); is its TorchServe running?") from None
