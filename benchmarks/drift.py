@@ -41,6 +41,41 @@ Design log (append, never rewrite):
               committed seed-0 results of the design (13 of 26), none of either variant. The reference
               model was retrained under a new cache key (preprocessing.py changed) with bit-identical
               embeddings, so the flywheel rows reproduce exactly and the peers' rows were carried over.
+  2026-12-02  A third, label-free channel on the INPUT (issue 15's held-out misses). Motivation, stated plainly:
+              the previous design's held-out misses (shot-noise 1-3, spatter 1-2, dotted-line 1-2, zigzag 1-2,
+              impulse-noise-1, fog-1, canny-edges-1, scale-1) were already published in this README when the
+              idea came up: many are visible in pixel statistics while a small CNN's embedding barely moves.
+              The design and its settings were chosen on the tuning half only (seed 1, W=100, 20% shifted, the
+              25 pairs costing >= 3 points, 10 draws x 100 windows per pair, 10,000 clean windows;
+              benchmarks/drift_tuning_input.py, which prints nothing of the held-out half). Per image, statistics
+              of the preprocessed tensor; robust standardisation against the reference draw (median / MAD, std
+              + 1e-9 where the MAD is 0); Euclidean kNN distance, leave-one-out calibration, the same tail-count
+              window test; Bonferroni over three channels. Tuning, pairs at >= 0.95 / mean / false alarms, with
+              the two embedding channels (and the input channel alone): design 17 / 0.872 / 0.0090;
+              moments (channel mean, std, 5/25/50/75/95% quantiles) 18 / 0.881 / 0.0080 (alone 8 / 0.425);
+              texture (log gradient and Laplacian energy, absolute and relative) 19 / 0.900 / 0.0065;
+              geometry (centroid, second moments) 19 / 0.922 / 0.0077; moments+texture 19 / 0.917 / 0.0094;
+              all three 21 / 0.974 / 0.0132 (alone 0.0183, above alpha: not every statistic is exchangeable
+              between the validation split and the test images; not investigated further); all k=10 19 / 0.956 / 0.0117; all k=1 22 / 0.981 / 0.0165;
+              all mean/std-scaled 22 / 0.953 / 0.0090; no quantiles 23 / 0.960 / 0.0076 (misses brightness-1
+              0.24); no quantiles + 5% quantile 24 / 0.994 / 0.0076 (alone 24 / 0.987 / 0.0082); the same
+              mean/std-scaled 22 / 0.970 / 0.0068, k=5 24 / 0.992 / 0.0093; + 95% quantile 24 / 0.993 / 0.0077;
+              + 50% and 95% 22 / 0.977 / 0.0111. Chosen: no quantiles + the 5% quantile, k=3, robust (the most
+              tuning pairs and the highest mean; among the equals, the fewest statistics). Variants whose
+              clean-window false alarms exceeded alpha were not candidates: that is the goal's own bound, a
+              check of validity, not a setting tuned on clean windows. In the product as
+              `flywheel.contracts.reference.input_statistics` (logged with the reference; the monitor computes
+              it on captured images) and `NoveltyDriftDetector.fit(..., input_reference=...)`; drift_tuning.py
+              --variants input reproduces 24 / 0.994 / 0.0076 (monitor decision 24 / 0.989 / 0.0076).
+              Reported run (seed 0; flywheel and flywheel-monitor re-run, the peers' rows carried over: their
+              code and windows are unchanged): flywheel held-out 15 of 26 (was 13), mean 0.75 (was 0.67),
+              tuning 24 of 25 (was 16), 0.99 (was 0.85), false alarms 0.0060-0.0072 per window size;
+              flywheel-monitor held-out 13 of 26 (was 11), tuning 23 of 25 (was 14), false alarms <= 0.0083.
+              Held-out gains: fog-1 0.40 -> 1.00, zigzag-2 0.83 -> 0.95, shot-noise-3 0.11 -> 0.57, zigzag-1,
+              dotted-line-1, spatter-2 up; losses from splitting alpha three ways: canny-edges-1 0.59 -> 0.47,
+              scale-1 0.69 -> 0.58. Still missed (11): shot-noise 1-3 (0.03, 0.07, 0.57), spatter 1-2, impulse-
+              noise-1, dotted-line 1-2, zigzag-1, canny-edges-1, scale-1: the goal is not met on the held-out half. Held-out figures seen before this
+              decision: the published ones of the previous design only.
 
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
@@ -65,7 +100,9 @@ count is in every row). Detection delay: streams that turn 20%-contaminated at a
 a window (W=100); samples from the shift's start to the end of the first flagged window.
 
 Detectors (same windows, alpha 0.01 each):
-  flywheel   NoveltyDriftDetector, what the monitor runs on the embedding (see flywheel.monitoring.drift)
+  flywheel   NoveltyDriftDetector, what the monitor runs on the embedding (see flywheel.monitoring.drift) and,
+             since the third 2026-12-02 entry, on the input statistics of the preprocessed images
+             (`flywheel.contracts.reference.input_statistics`, computed with the version's preprocessing)
   flywheel-monitor  what the monitor's window test decides (service.py `_test_window`): the flywheel
              embedding p-value and the prediction-drift chi-square p-value (window's argmax-class counts
              against the reference draw's), combined by Bonferroni (`combine_p_values`); added
