@@ -204,19 +204,20 @@ class Track:
         from flywheel.contracts.reference import input_statistics
 
         out = np.full((len(images), self.input_columns), np.nan)
-        if self.preprocess is None or not images:
+        if self.preprocess is None:
             return out
-        decoded, where = [], []
-        for i, png in enumerate(images):
-            if png is None:
-                continue
-            try:
-                decoded.append(decode_image(png, self.preprocess))
-            except InvalidImage:  # a capture whose image cannot be read: that window goes without the channel
-                continue
-            where.append(i)
-        if decoded:
-            out[where] = input_statistics(to_array(np.stack(decoded), self.preprocess))
+        for start in range(0, len(images), 256):  # in chunks: a tick may read many large images
+            decoded, where = [], []
+            for i, png in enumerate(images[start:start + 256], start):
+                if png is None:
+                    continue
+                try:
+                    decoded.append(decode_image(png, self.preprocess))
+                except InvalidImage:  # an unreadable capture image: its window goes without the channel
+                    continue
+                where.append(i)
+            if decoded:
+                out[where] = input_statistics(to_array(np.stack(decoded), self.preprocess))
         return out
 
 
