@@ -41,6 +41,41 @@ Design log (append, never rewrite):
               committed seed-0 results of the design (13 of 26), none of either variant. The reference
               model was retrained under a new cache key (preprocessing.py changed) with bit-identical
               embeddings, so the flywheel rows reproduce exactly and the peers' rows were carried over.
+  2026-12-02  A third, label-free channel on the INPUT (issue 15's held-out misses). Motivation, stated plainly:
+              the previous design's held-out misses (shot-noise 1-3, spatter 1-2, dotted-line 1-2, zigzag 1-2,
+              impulse-noise-1, fog-1, canny-edges-1, scale-1) were already published in this README when the
+              idea came up: many are visible in pixel statistics while a small CNN's embedding barely moves.
+              The design and its settings were chosen on the tuning half only (seed 1, W=100, 20% shifted, the
+              25 pairs costing >= 3 points, 10 draws x 100 windows per pair, 10,000 clean windows;
+              benchmarks/drift_tuning_input.py, which prints nothing of the held-out half). Per image, statistics
+              of the preprocessed tensor; robust standardisation against the reference draw (median / MAD, std
+              + 1e-9 where the MAD is 0); Euclidean kNN distance, leave-one-out calibration, the same tail-count
+              window test; Bonferroni over three channels. Tuning, pairs at >= 0.95 / mean / false alarms, with
+              the two embedding channels (and the input channel alone): design 17 / 0.872 / 0.0090;
+              moments (channel mean, std, 5/25/50/75/95% quantiles) 18 / 0.881 / 0.0080 (alone 8 / 0.425);
+              texture (log gradient and Laplacian energy, absolute and relative) 19 / 0.900 / 0.0065;
+              geometry (centroid, second moments) 19 / 0.922 / 0.0077; moments+texture 19 / 0.917 / 0.0094;
+              all three 21 / 0.974 / 0.0132 (alone 0.0183, above alpha: not every statistic is exchangeable
+              between the validation split and the test images; not investigated further); all k=10 19 / 0.956 / 0.0117; all k=1 22 / 0.981 / 0.0165;
+              all mean/std-scaled 22 / 0.953 / 0.0090; no quantiles 23 / 0.960 / 0.0076 (misses brightness-1
+              0.24); no quantiles + 5% quantile 24 / 0.994 / 0.0076 (alone 24 / 0.987 / 0.0082); the same
+              mean/std-scaled 22 / 0.970 / 0.0068, k=5 24 / 0.992 / 0.0093; + 95% quantile 24 / 0.993 / 0.0077;
+              + 50% and 95% 22 / 0.977 / 0.0111. Chosen: no quantiles + the 5% quantile, k=3, robust (the most
+              tuning pairs and the highest mean; among the equals, the fewest statistics). Variants whose
+              clean-window false alarms exceeded alpha were not candidates: that is the goal's own bound, a
+              check of validity, not a setting tuned on clean windows. In the product as
+              `flywheel.contracts.reference.input_statistics` (logged with the reference; the monitor computes
+              it on captured images) and `NoveltyDriftDetector.fit(..., input_reference=...)`; drift_tuning.py
+              --variants input reproduces 24 / 0.994 / 0.0076 (monitor decision 24 / 0.989 / 0.0076).
+              Reported run (seed 0; flywheel and flywheel-monitor re-run, the peers' rows carried over: their
+              code and windows are unchanged): flywheel held-out 15 of 26 (was 13), mean 0.75 (was 0.67),
+              tuning 24 of 25 (was 16), 0.99 (was 0.85), false alarms 0.0060-0.0072 per window size;
+              flywheel-monitor held-out 13 of 26 (was 11), tuning 23 of 25 (was 14), false alarms <= 0.0083.
+              Held-out gains: fog-1 0.40 -> 1.00, zigzag-2 0.83 -> 0.95, shot-noise-3 0.11 -> 0.57, zigzag-1,
+              dotted-line-1, spatter-2 up; losses from splitting alpha three ways: canny-edges-1 0.59 -> 0.47,
+              scale-1 0.69 -> 0.58. Still missed (11): shot-noise 1-3 (0.03, 0.07, 0.57), spatter 1-2, impulse-
+              noise-1, dotted-line 1-2, zigzag-1, canny-edges-1, scale-1: the goal is not met on the held-out half. Held-out figures seen before this
+              decision: the published ones of the previous design only.
 
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
@@ -65,7 +100,9 @@ count is in every row). Detection delay: streams that turn 20%-contaminated at a
 a window (W=100); samples from the shift's start to the end of the first flagged window.
 
 Detectors (same windows, alpha 0.01 each):
-  flywheel   NoveltyDriftDetector, what the monitor runs on the embedding (see flywheel.monitoring.drift)
+  flywheel   NoveltyDriftDetector, what the monitor runs on the embedding (see flywheel.monitoring.drift) and,
+             since the third 2026-12-02 entry, on the input statistics of the preprocessed images
+             (`flywheel.contracts.reference.input_statistics`, computed with the version's preprocessing)
   flywheel-monitor  what the monitor's window test decides (service.py `_test_window`): the flywheel
              embedding p-value and the prediction-drift chi-square p-value (window's argmax-class counts
              against the reference draw's), combined by Bonferroni (`combine_p_values`); added
@@ -150,6 +187,9 @@ class Pools:
     accuracy_cost: dict[tuple[str, int], float]
     source_accuracy: float
     where: str
+    ref_inp: np.ndarray | None = None  # per-image input statistics (contracts.reference.input_statistics)
+    clean_inp: np.ndarray | None = None
+    shifted_inp: dict | None = None
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -262,10 +302,47 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
             for n in names:
                 np.savez(cache / f"{n}.npz", emb=z[n]["emb"], prob=z[n]["prob"])
             (cache / "meta.json").write_text(json.dumps(meta, indent=2))
+    inp = input_pools(model_uri, tracking_uri, cache, counts, fashion)
     return Pools(z["ref"]["emb"], z["ref"]["prob"], z["clean"]["emb"], z["clean"]["prob"],
                  {(f, s): (z[f"{f}-{s}"]["emb"], z[f"{f}-{s}"]["prob"]) for f in FAMILIES for s in SEVERITIES},
                  {(f, s): meta[f"accuracy_cost {f}-{s}"] for f in FAMILIES for s in SEVERITIES},
-                 meta["source_accuracy"], meta["where"])
+                 meta["source_accuracy"], meta["where"], inp["ref"], inp["clean"],
+                 {(f, s): inp[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES})
+
+
+def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts,
+                fashion: bool) -> dict[str, np.ndarray]:
+    """Input statistics (`flywheel.contracts.reference.input_statistics`, the detector's input channel) of
+    every pool's images, preprocessed with the version's spec; cached beside the embeddings, keyed by
+    the statistics' code."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import input_statistics
+    from flywheel.core.models import load_model
+    from flywheel.core.shifts import FAMILIES, SEVERITIES
+
+    path = cache / f"input-{_digest((SRC / 'contracts/reference.py').read_bytes())}.npz" if cache is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return dict(z)
+    _, spec = load_model(model_uri, tracking_uri=tracking_uri)
+    ref, clean, source, _, _ = _images(None if fashion else model_uri, tracking_uri, spec)
+    if counts.source is not None:
+        source = source[:counts.source]
+    images_cache = cache.parent / f"images-{_digest((SRC / 'core/shifts.py').read_bytes(), source.tobytes())}" \
+        if cache is not None else None
+
+    def stats(images):
+        return np.concatenate([input_statistics(to_array(images[i:i + 5000], spec.preprocess))
+                               for i in range(0, len(images), 5000)]).astype(np.float32)
+
+    out = {"ref": stats(ref), "clean": stats(clean)}
+    for f in FAMILIES:
+        for s in SEVERITIES:
+            out[f"{f}-{s}"] = stats(corrupted(source, f, s, images_cache))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **out)
+    return out
 
 
 # ------------------------------------------------------------------------------------ detectors
@@ -283,12 +360,16 @@ class Adapter:
         self.on_prob = name == "bbsd"
         self.monitor = name == "flywheel-monitor"
 
-    def fit(self, emb: np.ndarray, prob: np.ndarray) -> None:
-        self.det = self.make().fit(prob if self.on_prob else emb, classes=prob.argmax(1))
+    def fit(self, emb: np.ndarray, prob: np.ndarray, inp: np.ndarray | None = None) -> None:
+        if self.name in ("flywheel", "flywheel-monitor"):  # with the input channel, as the monitor fits it
+            self.det = self.make().fit(emb, input_reference=inp)
+        else:
+            self.det = self.make().fit(prob if self.on_prob else emb, classes=prob.argmax(1))
         self.ref_counts = np.bincount(prob.argmax(1), minlength=prob.shape[1])  # the reference's predictions
 
-    def p(self, emb: np.ndarray, prob: np.ndarray) -> float:
-        p = self.det.test(prob if self.on_prob else emb).p_value
+    def p(self, emb: np.ndarray, prob: np.ndarray, inp: np.ndarray | None = None) -> float:
+        p = (self.det.test(emb, inp) if self.name in ("flywheel", "flywheel-monitor")
+             else self.det.test(prob if self.on_prob else emb)).p_value
         return monitor_p(p, self.pred_p(prob.argmax(1)[None])[0]) if self.monitor else p
 
     def pred_p(self, preds: np.ndarray) -> np.ndarray:
@@ -406,12 +487,14 @@ class Batch:
     the same arithmetic `test` does on it (tests/test_drift.py checks the two agree). MMD and anything
     else without a batch form loop over `test`."""
 
-    def __init__(self, adapter: Adapter, pool_emb: np.ndarray, pool_prob: np.ndarray):
+    def __init__(self, adapter: Adapter, pool_emb: np.ndarray, pool_prob: np.ndarray,
+                 pool_inp: np.ndarray | None = None):
         self.a, self.emb, self.prob = adapter, pool_emb, pool_prob
         det, name = adapter.det, adapter.name
         if name in ("flywheel", "flywheel-monitor"):
             self.pred = pool_prob.argmax(1)
-            chunks = [det.p_values(pool_emb[i:i + 4000]) for i in range(0, len(pool_emb), 4000)]
+            chunks = [det.p_values(pool_emb[i:i + 4000], None if pool_inp is None else pool_inp[i:i + 4000])
+                      for i in range(0, len(pool_emb), 4000)]
             self.u = {c: np.concatenate([ch[c] for ch in chunks]) for c in det.CHANNELS}
         elif name in ("ks-bonf", "bbsd"):
             self.x = det.transform(pool_prob if name == "bbsd" else pool_emb)
@@ -423,11 +506,12 @@ class Batch:
             return monitor_p(p, self.a.pred_p(self.pred[idx])) if self.a.monitor else p
         if name in ("ks-bonf", "bbsd"):
             return np.concatenate([det.window_p_values(self.x[idx[i:i + 500]]) for i in range(0, len(idx), 500)])
-        return np.array([self.a.p(self.emb[w], self.prob[w]) for w in idx])
+        return np.array([self.a.p(self.emb[w], self.prob[w]) for w in idx])  # peers only: no input statistics
 
 
 def run_detector(name: str, seed: int, pools: Pools, draws: np.ndarray, plans: dict[int, Plan], streams: dict,
-                 pool_emb: np.ndarray, pool_prob: np.ndarray, n_clean: int, n_shifted: int):
+                 pool_emb: np.ndarray, pool_prob: np.ndarray, n_clean: int, n_shifted: int,
+                 pool_inp: np.ndarray | None = None):
     """Fit once per reference draw, test every window assigned to it. Returns per W (clean alarm flags,
     {setting: detection flags}) and per (family, severity) the stream delays."""
     refs = len(draws)
@@ -437,8 +521,8 @@ def run_detector(name: str, seed: int, pools: Pools, draws: np.ndarray, plans: d
     found = {k: [] for k in streams}
     adapter = Adapter(name, seed)
     for r in range(refs):
-        adapter.fit(pools.ref_emb[draws[r]], pools.ref_prob[draws[r]])
-        batch = Batch(adapter, pool_emb, pool_prob)
+        adapter.fit(pools.ref_emb[draws[r]], pools.ref_prob[draws[r]], _rows(pools.ref_inp, draws[r]))
+        batch = Batch(adapter, pool_emb, pool_prob, pool_inp)
         for w, plan in plans.items():
             clean_flags, flags = out[w]
             sel = np.arange(r, len(clean_flags), refs)
@@ -455,16 +539,21 @@ def run_detector(name: str, seed: int, pools: Pools, draws: np.ndarray, plans: d
     return out, found
 
 
+def _rows(x: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if x is None else x[idx]
+
+
 def time_per_window(name: str, seed: int, pools: Pools, draw: np.ndarray, plan: Plan, pool_emb, pool_prob,
-                    n: int) -> float:
-    """Median ms of one `test` call on a clean window (the monitor's path: one window at a time)."""
+                    n: int, pool_inp: np.ndarray | None = None) -> float:
+    """Median ms of one `test` call on a clean window (the monitor's path: one window at a time; the
+    input statistics' own cost, about what decoding a capture costs, is not in it)."""
     adapter = Adapter(name, seed)
-    adapter.fit(pools.ref_emb[draw], pools.ref_prob[draw])
-    adapter.p(pool_emb[plan.clean[0]], pool_prob[plan.clean[0]])  # warm-up: one-off work per window size
+    adapter.fit(pools.ref_emb[draw], pools.ref_prob[draw], _rows(pools.ref_inp, draw))
+    adapter.p(pool_emb[plan.clean[0]], pool_prob[plan.clean[0]], _rows(pool_inp, plan.clean[0]))  # warm-up
     seconds = []
     for w in plan.clean[:n]:
         t = time.perf_counter()
-        adapter.p(pool_emb[w], pool_prob[w])
+        adapter.p(pool_emb[w], pool_prob[w], _rows(pool_inp, w))
         seconds.append(time.perf_counter() - t)
     return 1000 * float(np.median(seconds))
 
@@ -476,13 +565,16 @@ def run(pools: Pools, counts: Counts, seed: int, windows: tuple[int, ...], detec
 
     keys = [(f, s) for f in FAMILIES for s in SEVERITIES]
     parts, probs, offsets, off = [pools.clean_emb], [pools.clean_prob], {}, len(pools.clean_emb)
+    inps = [pools.clean_inp]
     for k in keys:
         emb, prob = pools.shifted[k]
         offsets[k] = (off, len(emb))
         parts.append(emb)
         probs.append(prob)
+        inps.append(None if pools.shifted_inp is None else pools.shifted_inp[k])
         off += len(emb)
     pool_emb, pool_prob = np.concatenate(parts), np.concatenate(probs)
+    pool_inp = None if pools.clean_inp is None else np.concatenate(inps)
     n_clean = len(pools.clean_emb)
     rng = np.random.default_rng([seed, 1])
     ref_size = min(1000, len(pools.ref_emb) // 2)
@@ -506,10 +598,10 @@ def run(pools: Pools, counts: Counts, seed: int, windows: tuple[int, ...], detec
                 continue
             results, found, ms = {100: res[:2]}, {}, {100: res[2]}
         else:  # timed first, one window at a time, before the batch work fills memory and caches
-            ms = {w: time_per_window(name, seed, pools, draws[0], p, pool_emb, pool_prob, 20 if slow else 200)
-                  for w, p in plans.items()}
+            ms = {w: time_per_window(name, seed, pools, draws[0], p, pool_emb, pool_prob, 20 if slow else 200,
+                                     pool_inp) for w, p in plans.items()}
             results, found = run_detector(name, seed, pools, draws, plans, {} if slow else streams,
-                                          pool_emb, pool_prob, n_clean_w, n_shift_w)
+                                          pool_emb, pool_prob, n_clean_w, n_shift_w, pool_inp)
         for w, (clean_flags, flags) in results.items():
             timing.append({"detector": name, "window": w, "false_alarms": float(clean_flags.mean()),
                            "clean_windows": len(clean_flags), "ms_per_window": round(ms[w], 3)})

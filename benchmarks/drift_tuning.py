@@ -6,10 +6,13 @@ held-out half, so it can be run before a design decision without seeing held-out
   design         the detector as shipped: direction + one-sided magnitude (short embeddings are novel)
   two-sided      magnitude scored as |log-norm - the reference's median log-norm|
   three-channel  direction, short-norm and long-norm channels, Bonferroni over three
+  input          the design plus the input channel (kNN novelty of `contracts.reference.input_statistics`
+                 of the preprocessed images), Bonferroni over three: what ships since the third
+                 2026-12-02 entry (the variants of that channel: benchmarks/drift_tuning_input.py)
 each also as the monitor combines it (`monitor`: Bonferroni with the prediction-drift chi-square p-value).
-Used for the 2026-12-02 entry of the design log in benchmarks/drift.py:
+Used for the 2026-12-02 entries of the design log in benchmarks/drift.py:
 
-    python benchmarks/drift_tuning.py --seed 1
+    python benchmarks/drift_tuning.py --seed 1 [--variants design input]
 """
 
 from __future__ import annotations
@@ -28,35 +31,44 @@ from flywheel.monitoring.drift import NoveltyDriftDetector, _log_norm, predictio
 
 
 class TwoSided(NoveltyDriftDetector):
-    def fit(self, reference, classes=None):
+    def fit(self, reference, classes=None, input_reference=None):
         super().fit(reference, classes)
         self.median = float(np.median(_log_norm(reference)))
         self.calibration["magnitude"] = np.sort(np.abs(_log_norm(reference) - self.median))
         return self
 
-    def scores(self, x):
+    def scores(self, x, inputs=None):
         return {"direction": super().scores(x)["direction"], "magnitude": np.abs(_log_norm(x) - self.median)}
 
 
 class ThreeChannel(NoveltyDriftDetector):
-    CHANNELS = ("direction", "magnitude", "magnitude_high")
+    EMBEDDING_CHANNELS = ("direction", "magnitude", "magnitude_high")
 
-    def fit(self, reference, classes=None):
+    def fit(self, reference, classes=None, input_reference=None):
         super().fit(reference, classes)
         self.calibration["magnitude_high"] = np.sort(_log_norm(reference))
         return self
 
-    def scores(self, x):
+    def scores(self, x, inputs=None):
         return {**super().scores(x), "magnitude_high": _log_norm(x)}
 
 
-VARIANTS = {"design": NoveltyDriftDetector, "two-sided": TwoSided, "three-channel": ThreeChannel}
+class Design(NoveltyDriftDetector):
+    """The two embedding channels alone (the detector before the input channel)."""
+
+    def fit(self, reference, classes=None, input_reference=None):
+        return super().fit(reference, classes)
+
+
+VARIANTS = {"design": Design, "two-sided": TwoSided, "three-channel": ThreeChannel, "input": NoveltyDriftDetector}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
+    variants = {v: VARIANTS[v] for v in args.variants}
     counts, seed, window, contamination = bench.FULL, args.seed, 100, 0.2
     model_uri, tracking_uri, key = bench.cached_fashion_model(None)
     shifts_key = bench._digest((bench.SRC / "core/shifts.py").read_bytes(), str(counts.source).encode())
@@ -76,14 +88,15 @@ def main() -> None:
     # a pool of clean traffic and the tuning pairs costing >= 3 points only
     tune = [k for k in offsets if k[0] in bench.TUNING and pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
     n_clean = len(pools.clean_emb)
-    emb, prob, local = [pools.clean_emb], [pools.clean_prob], {}
+    emb, prob, inp, local = [pools.clean_emb], [pools.clean_prob], [pools.clean_inp], {}
     at = n_clean
     for k in tune:
         local[k] = at
         emb.append(pools.shifted[k][0])
         prob.append(pools.shifted[k][1])
+        inp.append(pools.shifted_inp[k])
         at += len(pools.shifted[k][0])
-    emb, pred = np.concatenate(emb), np.concatenate(prob).argmax(1)
+    emb, pred, inp = np.concatenate(emb), np.concatenate(prob).argmax(1), np.concatenate(inp)
     n_classes = pools.ref_prob.shape[1]
 
     def windows_of(k):
@@ -93,16 +106,16 @@ def main() -> None:
 
     settings = {"clean": plan.clean, **{k: windows_of(k) for k in tune}}
     flags = {(v, m): {s: np.zeros(len(w), bool) for s, w in settings.items()}
-             for v in VARIANTS for m in ("embedding", "monitor")}
+             for v in variants for m in ("embedding", "monitor")}
     t0 = time.perf_counter()
     for r in range(counts.refs):
         ref_counts = np.bincount(pools.ref_prob[draws[r]].argmax(1), minlength=n_classes)
         p_pred = {s: np.array([prediction_drift(np.bincount(pred[x], minlength=n_classes)[:n_classes],
                                                 ref_counts).p_value for x in w[r::counts.refs]])
                   for s, w in settings.items()}
-        for v, cls in VARIANTS.items():
-            det = cls(seed=seed).fit(pools.ref_emb[draws[r]])
-            u = {c: np.concatenate([det.p_values(emb[i:i + 4000])[c] for i in range(0, len(emb), 4000)])
+        for v, cls in variants.items():
+            det = cls(seed=seed).fit(pools.ref_emb[draws[r]], input_reference=pools.ref_inp[draws[r]])
+            u = {c: np.concatenate([det.p_values(emb[i:i + 4000], inp[i:i + 4000])[c] for i in range(0, len(emb), 4000)])
                  for c in det.CHANNELS}
             for s, w in settings.items():
                 p = det.window_p_values({c: x[w[r::counts.refs]] for c, x in u.items()})[0]

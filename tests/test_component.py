@@ -210,3 +210,24 @@ def test_packaging_a_version_logged_without_the_contract_names_what_is_missing()
     assert info.registered_model_version == 1
     with pytest.raises(FlywheelError, match="no flywheel_component.json .*not logged by flywheel.component.log_model"):
         package_version(PackageConfig(model_name="by-hand", version="1"), settings)
+
+
+def test_the_reference_carries_the_input_statistics_of_its_images():
+    """The monitor's input drift channel needs the reference's per-image statistics: log_model writes
+    them for the same validation images as the embeddings, computed on the preprocessed tensor (RGB,
+    16x16 centre crop here), and they read back with the reference."""
+    import mlflow
+
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import ReferenceSample, input_statistic_names, input_statistics
+
+    splits = _rgb_splits()
+    result, settings = _train(TinyRGB(), splits, embedding="body", name="tiny-rgb", model_name="red-blue-stats")
+    run_id = mlflow.MlflowClient(settings.tracking_uri).get_model_version("red-blue-stats", "1").run_id
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="reference",
+                                                tracking_uri=settings.tracking_uri)
+    ref = ReferenceSample.load(local)
+    assert ref.input_stats is not None and ref.input_stats.shape == (len(ref.embeddings), len(input_statistic_names(3)))
+    pick = np.sort(np.random.default_rng(0).permutation(len(splits.val))[:len(ref.embeddings)])  # log.py's pick
+    np.testing.assert_allclose(ref.input_stats, input_statistics(to_array(splits.val.images[pick], splits.preprocess)),
+                               rtol=1e-5, atol=1e-6)

@@ -138,3 +138,94 @@ def test_bbsd_and_mmd_hold_their_level_and_see_a_shift():
     clean = [mmd.test(rng.normal(size=(50, 6))).p_value for _ in range(40)]
     assert sum(p < ALPHA for p in clean) <= 3 and min(clean) >= 1 / 101
     assert mmd.test(rng.normal(size=(50, 6)) + 1.0).p_value < ALPHA
+
+
+# ------------------------------------------------------------------ the input channel
+def _fashion_input_stats():
+    """Input statistics of real Fashion-MNIST images as the default model sees them: a reference
+    sample of the validation split, clean test images, and test images brightened by 15% of full scale
+    (brightness 1, a tuning family of benchmarks/drift.py: it costs the default model about 5 points of
+    accuracy and its embedding channels catch a third of such windows)."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import input_statistics
+    from flywheel.core.data import load_splits
+    from flywheel.core.shifts import corrupt_images
+
+    s = load_splits("fashion-mnist", seed=0)
+    ref = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]
+    clean, source = s.test.images[3000:6000], s.test.images[:600]
+    return tuple(input_statistics(to_array(x, s.preprocess))
+                 for x in (ref, clean, corrupt_images(source, "brightness", 1, seed=0)))
+
+
+def test_input_statistics_any_channels_and_size():
+    from flywheel.contracts.reference import input_statistic_names, input_statistics
+
+    rng = np.random.default_rng(0)
+    for shape in ((5, 1, 28, 28), (4, 3, 48, 40), (2, 3, 3, 3)):
+        x = rng.normal(size=shape).astype(np.float32)
+        out = input_statistics(x)
+        assert out.shape == (shape[0], len(input_statistic_names(shape[1]))) and np.isfinite(out).all()
+    flat = input_statistics(np.zeros((2, 1, 8, 8), np.float32))  # a constant image: defined, finite
+    assert np.isfinite(flat).all()
+    with pytest.raises(ValueError, match="input statistics need"):
+        input_statistics(np.zeros((2, 28, 28)))
+
+
+def test_input_channel_flags_a_shift_the_embedding_alone_misses():
+    """Windows whose embeddings are exchangeable with the reference's (a model blind to the shift) but
+    20% of whose images are brightened: the embedding channels see nothing, the input channel flags them."""
+    ref_inp, clean_inp, shifted_inp = _fashion_input_stats()
+    rng = np.random.default_rng(1)
+    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # one distribution for reference and traffic
+    both = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_inp)
+    alone = NoveltyDriftDetector(simulations=4000).fit(emb[:1000])
+    assert both.CHANNELS == ("direction", "magnitude", "input") and alone.CHANNELS == ("direction", "magnitude")
+    hits = alone_hits = 0
+    trials = 40
+    for _ in range(trials):
+        c = rng.choice(3000, 80, replace=False)
+        n = rng.choice(len(shifted_inp), 20, replace=False)
+        window_emb = emb[1000:][np.concatenate([c, rng.choice(3000, 20, replace=False)])]
+        window_inp = np.concatenate([clean_inp[c], shifted_inp[n]])
+        result = both.test(window_emb, window_inp)
+        hits += result.p_value < ALPHA
+        alone_hits += alone.test(window_emb).p_value < ALPHA
+    assert hits / trials >= 0.9 and alone_hits <= 3, (hits, alone_hits)
+
+
+def test_input_channel_holds_its_level_on_clean_windows():
+    """Clean test images against a validation-split reference: false alarms of the three-channel test
+    stay at the level (Bonferroni over the channels), and without statistics a window falls back to
+    the embedding channels alone."""
+    ref_inp, clean_inp, _ = _fashion_input_stats()
+    rng = np.random.default_rng(2)
+    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1
+    det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_inp)
+    p = []
+    for _ in range(200):
+        w = rng.choice(3000, 100, replace=False)
+        p.append(det.test(emb[1000:][w], clean_inp[w]).p_value)
+    # Expected <= 2 of 200 at alpha=0.01; 6 would be p<0.02 under a correct level.
+    assert sum(x < ALPHA for x in p) <= 6, sorted(p)[:10]
+    fallback = det.test(emb[1000:1100])
+    assert "p_input" not in fallback.details and "p_direction" in fallback.details
+    with pytest.raises(ValueError, match="inputs must be"):
+        det.test(emb[1000:1100], clean_inp[:100, :3])
+    with pytest.raises(ValueError, match="input_reference must be"):
+        NoveltyDriftDetector().fit(emb[:1000], input_reference=ref_inp[:10])
+
+
+def test_reference_sample_keeps_input_statistics_and_reads_old_references(tmp_path):
+    from flywheel.contracts.reference import INPUT_STATS_META, ReferenceSample
+
+    rng = np.random.default_rng(3)
+    sample = ReferenceSample(rng.normal(size=(50, 4)).astype(np.float32), np.arange(50) % 3, None,
+                             np.ones(3) / 3, rng.normal(size=(50, 12)))
+    sample.save(tmp_path / "new")
+    loaded = ReferenceSample.load(tmp_path / "new")
+    np.testing.assert_allclose(loaded.input_stats, sample.input_stats, rtol=1e-6)
+    ReferenceSample(sample.embeddings, sample.predictions, None, sample.class_priors).save(tmp_path / "old")
+    assert ReferenceSample.load(tmp_path / "old").input_stats is None  # an older flywheel's reference
+    (tmp_path / "new" / INPUT_STATS_META).write_text('{"version": 0, "columns": 12}')
+    assert ReferenceSample.load(tmp_path / "new").input_stats is None  # another statistics version

@@ -102,3 +102,25 @@ def test_the_monitor_row_is_what_the_monitor_computes():
                 for w in windows]
     np.testing.assert_allclose([adapter.p(pool_emb[w], pool_prob[w]) for w in windows], expected)
     np.testing.assert_allclose(bench.Batch(adapter, pool_emb, pool_prob).p(windows), expected)
+
+
+def test_the_monitor_row_with_the_input_channel_is_what_the_monitor_computes():
+    """With input statistics (the detector's third channel) the batch path and the one-window path
+    still give `_test_window`'s p-value: `test(embeddings, input statistics)` and the chi-square."""
+    bench = _bench()
+    rng = np.random.default_rng(6)
+    probs = rng.dirichlet(np.ones(4), size=560).astype(np.float32)
+    ref_emb, ref_inp = np.abs(rng.normal(size=(300, 8))) + 0.1, rng.normal(size=(300, 5))
+    pool_emb = np.abs(rng.normal(size=(260, 8))) + 0.1  # the embedding does not move ...
+    pool_inp = np.concatenate([rng.normal(size=(200, 5)), rng.normal(size=(60, 5)) + 3])  # ... the inputs do
+    adapter = bench.Adapter("flywheel-monitor", seed=0)
+    adapter.fit(ref_emb, probs[:300], ref_inp)
+    assert adapter.det.CHANNELS == ("direction", "magnitude", "input")
+    windows = np.stack([rng.choice(len(pool_emb), 50, replace=False) for _ in range(5)])
+    pool_prob = probs[300:]
+    expected = [combine_p_values([adapter.det.test(pool_emb[w], pool_inp[w]).p_value,
+                                  prediction_drift(np.bincount(pool_prob[w].argmax(1), minlength=4),
+                                                   np.bincount(probs[:300].argmax(1), minlength=4)).p_value])
+                for w in windows]
+    np.testing.assert_allclose([adapter.p(pool_emb[w], pool_prob[w], pool_inp[w]) for w in windows], expected)
+    np.testing.assert_allclose(bench.Batch(adapter, pool_emb, pool_prob, pool_inp).p(windows), expected)

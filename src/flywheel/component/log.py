@@ -124,8 +124,9 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
     import mlflow
     from mlflow.models import infer_signature
 
+    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import ARTIFACT_DIR as REFERENCE_DIR
-    from flywheel.contracts.reference import ReferenceSample
+    from flywheel.contracts.reference import ReferenceSample, input_statistics
     from flywheel.core.evaluate import predict
     from flywheel.core.runlog import RunLogger, active_run_id
 
@@ -146,7 +147,10 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
         logits, embeddings = predict(serving, splits.val.images[pick], splits, with_embeddings=True)
         priors = np.bincount(splits.train.labels, minlength=len(splits.class_names)) / max(1, len(splits.train))
         reference = tmp / REFERENCE_DIR
-        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors).save(reference)
+        pp = splits.preprocess  # input statistics: the drift detector's input channel (images of >= 3x3 pixels)
+        stats = np.concatenate([input_statistics(to_array(splits.val.images[pick[i:i + 2000]], pp))
+                                for i in range(0, len(pick), 2000)]) if min(pp.height, pp.width) >= 3 else None
+        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors, stats).save(reference)
         logger.log_artifacts(reference, REFERENCE_DIR)
 
         if embedding is None:

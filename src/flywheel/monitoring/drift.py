@@ -25,7 +25,17 @@ tested on how many of those p-values land in the tails.
 4. Exact null: with no drift the n calibration and W window scores are exchangeable, so the window's
    ranks in the pooled n + W are a uniformly random W-subset, whatever the embeddings. The statistic's
    null is simulated once per (n, W) from that alone (20 000 draws; p-values never below 1/20 001).
-5. Bonferroni over the two channels: valid under any dependence between them.
+5. Bonferroni over the channels: valid under any dependence between them.
+6. Input channel (third, label-free, on when the reference carries `input_statistics`; added after the
+   design below): per image, statistics of the preprocessed tensor the model sees, whatever its
+   channels and size (`flywheel.contracts.reference.input_statistics`: per-channel mean and std, the
+   5% intensity quantile, gradient and Laplacian energy absolute and relative to the signal, the
+   centroid and second moments of the intensity), standardised by the reference's median and MAD
+   (std + 1e-9 where the MAD is 0), Euclidean kNN distance (k=3) to the reference, leave-one-out
+   calibration, the same tail-count window test. Noise, brightness, contrast, blur, overlays and
+   geometric shifts move pixel statistics even where a small CNN trained on clean data keeps its
+   embedding. A window without statistics for every sample (a capture without its image, a reference
+   logged by an older flywheel) is tested on the two embedding channels alone.
 
 How it was chosen and how it does (benchmarks/drift.py, its README section and results/drift.json):
 18 corruption families x 3 severities (flywheel.core.shifts), split once into a tuning and a held-out
@@ -39,7 +49,10 @@ points at >= 0.95), so it is kept unchanged and reported as is on the held-out h
 are mild severities whose per-sample separability is low in every label-free signal measured,
 including the model's own softmax confidence (per-sample AUC about 0.6-0.8): with 20 such samples in
 a window of 100, no test at alpha 0.01 reaches 95%. Those shifts show up at larger contamination or
-window (see the tables) or through the accuracy alarm where labels come back.
+window (see the tables) or through the accuracy alarm where labels come back. The input channel (6.)
+was then chosen on the same tuning half among statistic sets, scalings and k (benchmarks/
+drift_tuning_input.py): 24 of 25 tuning pairs at >= 0.95, mean 0.99, against 17 / 0.87 for the two
+embedding channels on the same seed-1 windows; the held-out figures are in benchmarks/README.md.
 
 Peers, for the benchmark (usable on any embedding, numpy only): `KSBonferroni` (KS per whitened PCA
 component), `BBSD` (KS per softmax output, Rabanser et al. 2019), `MMDPermutation` (Gaussian-kernel
@@ -172,12 +185,35 @@ def _level_p_values(sorted_counts: np.ndarray, counts: np.ndarray) -> np.ndarray
     return (1 + ge) / (b + 1)
 
 
-class NoveltyDriftDetector:
-    """The monitor's embedding test (see the module docstring): two novelty channels per sample,
-    conformal p-values against the reference, a multi-level tail-count statistic per channel with an
-    exact rank null, Bonferroni over the channels."""
+def _robust_scale(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and 1.4826 MAD per column (the standard deviation's robust estimate). Where the MAD is 0
+    (a statistic constant on most reference images) the column's standard deviation + 1e-9: a statistic
+    constant on the whole reference (the 5% quantile of images on a flat background) then makes any
+    other value maximally novel, a sample outside the reference's support. The conformal p-values stay
+    valid whatever the scale: it only orders the scores."""
+    centre = np.median(ref, axis=0)
+    scale = 1.4826 * np.median(np.abs(ref - centre), axis=0)
+    return centre, np.where(scale > 1e-9, scale, ref.std(0) + 1e-9)
 
-    CHANNELS = ("direction", "magnitude")
+
+def _euclid_knn_loo(ref: np.ndarray, k: int) -> np.ndarray:
+    sq = (ref * ref).sum(1)
+    d = sq[:, None] + sq[None, :] - 2 * ref @ ref.T
+    np.fill_diagonal(d, np.inf)
+    return np.sqrt(np.maximum(np.partition(d, k - 1, axis=1)[:, k - 1], 0))
+
+
+def _euclid_knn(ref: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    d = (x * x).sum(1)[:, None] + (ref * ref).sum(1)[None, :] - 2 * x @ ref.T
+    return np.sqrt(np.maximum(np.partition(d, k - 1, axis=1)[:, k - 1], 0))
+
+
+class NoveltyDriftDetector:
+    """The monitor's embedding test (see the module docstring): two novelty channels per sample (three
+    with `input_reference`), conformal p-values against the reference, a multi-level tail-count
+    statistic per channel with an exact rank null, Bonferroni over the channels."""
+
+    EMBEDDING_CHANNELS = ("direction", "magnitude")
 
     def __init__(self, k: int = 3, simulations: int = 20000, seed: int = 0,
                  levels: tuple[float, ...] = TAIL_LEVELS):
@@ -186,51 +222,82 @@ class NoveltyDriftDetector:
         if not levels or not all(0 < q < 1 for q in levels):
             raise ValueError(f"levels must be tail levels in (0, 1), got {levels}")
         self.k, self.simulations, self.seed, self.levels = k, simulations, seed, tuple(levels)
+        self.CHANNELS = self.EMBEDDING_CHANNELS
 
-    def fit(self, reference: np.ndarray, classes: np.ndarray | None = None) -> NoveltyDriftDetector:
-        """`classes` is accepted for interface symmetry and unused: neither score needs labels."""
+    def fit(self, reference: np.ndarray, classes: np.ndarray | None = None,
+            input_reference: np.ndarray | None = None) -> NoveltyDriftDetector:
+        """`classes` is accepted for interface symmetry and unused: no score needs labels.
+        `input_reference`: (N, F) `flywheel.contracts.reference.input_statistics` of the same reference
+        samples; given, the detector has a third channel, `input` (None: the two embedding channels)."""
         ref = _check_reference(reference, self.k)
         self.reference = _unit(ref)
         self.calibration = {"direction": np.sort(_knn_loo(self.reference, self.k)),
                             "magnitude": np.sort(-_log_norm(ref))}
+        self.CHANNELS = self.EMBEDDING_CHANNELS
+        self.input_reference = None
+        if input_reference is not None:
+            inp = np.asarray(input_reference, dtype=np.float64)
+            if inp.ndim != 2 or len(inp) != len(ref) or not np.isfinite(inp).all():
+                raise ValueError(f"input_reference must be finite (N={len(ref)}, F) statistics, got shape {inp.shape}")
+            self.input_centre, self.input_scale = _robust_scale(inp)
+            self.input_reference = (inp - self.input_centre) / self.input_scale
+            self.calibration["input"] = np.sort(_euclid_knn_loo(self.input_reference, self.k))
+            self.CHANNELS = (*self.EMBEDDING_CHANNELS, "input")
         return self
 
-    def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-sample novelty per channel (larger = more novel)."""
-        return {"direction": _knn_score(self.reference, _unit(x), self.k), "magnitude": -_log_norm(x)}
+    @property
+    def has_input(self) -> bool:
+        return self.input_reference is not None
 
-    def p_values(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def scores(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-sample novelty per channel (larger = more novel); `input` only when the detector has the
+        channel and `inputs`, the samples' input statistics, are given."""
+        out = {"direction": _knn_score(self.reference, _unit(x), self.k), "magnitude": -_log_norm(x)}
+        if inputs is not None and self.has_input:
+            z = np.asarray(inputs, dtype=np.float64)
+            if z.shape != (len(out["magnitude"]), self.input_reference.shape[1]):
+                raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_reference.shape[1]}) "
+                                 f"input statistics, got {z.shape}")
+            z = (z - self.input_centre) / self.input_scale
+            out["input"] = _euclid_knn(self.input_reference, z, self.k)
+        return out
+
+    def p_values(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per-sample conformal p-values (1 + #calibration scores >= s) / (n + 1), per channel."""
         out = {}
-        for name, s in self.scores(x).items():
+        for name, s in self.scores(x, inputs).items():
             cal = self.calibration[name]
             out[name] = (1 + len(cal) - np.searchsorted(cal, s, side="left")) / (len(cal) + 1)
         return out
 
-    def test(self, window: np.ndarray) -> TestResult:
+    def test(self, window: np.ndarray, inputs: np.ndarray | None = None) -> TestResult:
+        """The window's p-value. `inputs`: the window's input statistics; without them (or without the
+        channel) the window is tested on the embedding channels alone, Bonferroni over those two."""
         window = _check_window(window, self.reference.shape[1])
-        u = self.p_values(window)
+        u = self.p_values(window, inputs)
         p, per_channel = self.window_p_values({name: v[None] for name, v in u.items()})
         details = {}
-        for name in self.CHANNELS:
+        for name in u:
             details[f"p_{name}"] = float(per_channel[name][0])
             details[f"tail_counts_{name}"] = dict(zip(self.levels, _tail_counts(u[name][None], self.levels)[0].tolist(),
                                                       strict=True))
-        return TestResult(float(p[0]), -float(np.log10(min(per_channel[n][0] for n in self.CHANNELS))), details)
+        return TestResult(float(p[0]), -float(np.log10(min(per_channel[n][0] for n in u))), details)
 
     def window_p_values(self, u: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Window p-values of B windows at once from their samples' conformal p-values, (B, W) per
         channel: what `test` computes for one window (it calls this), vectorised for benchmarks that
-        score a pool of samples once and test many windows drawn from it. Returns (combined, per channel)."""
-        n = len(self.calibration[self.CHANNELS[0]])
-        w = next(iter(u.values())).shape[1]
+        score a pool of samples once and test many windows drawn from it. Bonferroni over the channels
+        given (those of CHANNELS in `u`). Returns (combined, per channel)."""
+        names = [c for c in self.CHANNELS if c in u]
+        n = len(self.calibration[names[0]])
+        w = u[names[0]].shape[1]
         null_counts, null_min_p = _rank_null(n, w, self.simulations, self.seed, self.levels)
         per_channel = {}
-        for name in self.CHANNELS:
+        for name in names:
             min_p = _level_p_values(null_counts, _tail_counts(u[name], self.levels)).min(1)
             # calibrate the min over levels by its own null (levels are strongly dependent)
             per_channel[name] = (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
-        combined = np.minimum(1.0, len(self.CHANNELS) * np.min(np.stack(list(per_channel.values())), axis=0))
+        combined = np.minimum(1.0, len(names) * np.min(np.stack(list(per_channel.values())), axis=0))
         return combined, per_channel
 
 

@@ -10,7 +10,9 @@ One tick (`Monitor.tick`, which `--once` runs a single time for cron):
    has a track of its own (`Track`: its reference, detector, class names, reference accuracy; its
    partial window, window index and MLflow run), so a canary's windows are never mixed with the
    current version's; a version with no registry entry or no reference is skipped and counted;
-5. for every full window of a version: embedding drift (`flywheel.monitoring.drift`), prediction drift
+5. for every full window of a version: embedding drift (`flywheel.monitoring.drift`; with the input
+   channel where the version's reference carries input statistics: each captured image is decoded and
+   preprocessed with the version's spec and its `input_statistics` are tested too), prediction drift
    (chi-square on class counts), accuracy where feedback labels came back and its alarm
    (`flywheel.monitoring.accuracy`: exact one-sided binomial test against the version's test accuracy);
    log it to the version's run in the MLflow `monitoring` experiment and to Prometheus;
@@ -153,7 +155,7 @@ class Reference:
 
     def __init__(self, sample: ReferenceSample, run_id: str):
         self.embeddings, self.predictions, self.labels = sample.embeddings, sample.predictions, sample.labels
-        self.class_priors, self.run_id = sample.class_priors, run_id
+        self.class_priors, self.run_id, self.input_stats = sample.class_priors, run_id, sample.input_stats
 
     @classmethod
     def load(cls, run_id: str, cache: Path, tracking_uri: str | None = None) -> Reference:
@@ -184,10 +186,39 @@ class Track:
     class_names: list[str] | None  # None: the spec was unreadable, so no accuracy
     reference_accuracy: float | None
     accuracy_source: str
+    preprocess: object = None  # the version's PreprocessSpec when the input channel is on, else None
 
     @property
     def dim(self) -> int:
         return int(self.reference.embeddings.shape[1])
+
+    @property
+    def input_columns(self) -> int:
+        """Input statistics per capture: the reference's columns with the input channel on, else 0."""
+        return 0 if self.preprocess is None else int(self.reference.input_stats.shape[1])
+
+    def input_statistics(self, images: list[bytes | None]) -> np.ndarray:
+        """(N, input_columns) statistics of captured PNGs, decoded and preprocessed with the version's
+        spec; a NaN row for a capture without a usable image (its window is tested without the channel)."""
+        from flywheel.contracts.preprocessing import InvalidImage, decode_image, to_array
+        from flywheel.contracts.reference import input_statistics
+
+        out = np.full((len(images), self.input_columns), np.nan)
+        if self.preprocess is None:
+            return out
+        for start in range(0, len(images), 256):  # in chunks: a tick may read many large images
+            decoded, where = [], []
+            for i, png in enumerate(images[start:start + 256], start):
+                if png is None:
+                    continue
+                try:
+                    decoded.append(decode_image(png, self.preprocess))
+                except InvalidImage:  # an unreadable capture image: its window goes without the channel
+                    continue
+                where.append(i)
+            if decoded:
+                out[where] = input_statistics(to_array(np.stack(decoded), self.preprocess))
+        return out
 
 
 def _empty_pending() -> dict[str, np.ndarray]:
@@ -305,8 +336,8 @@ class Monitor:
             name = f"pending-{uuid.uuid4().hex[:12]}.npz"
             tmp = self.dir / f".{name}.tmp.npz"
             versions = sorted(v for v, p in pending.items() if len(p["ids"]))
-            arrays = {f"{key}.{i}": pending[v][key] for i, v in enumerate(versions) for key in ("emb", "pred", "ts",
-                                                                                                 "ids")}
+            arrays = {f"{key}.{i}": pending[v][key] for i, v in enumerate(versions)
+                      for key in ("emb", "pred", "ts", "ids", "inp") if key in pending[v]}
             np.savez(tmp, versions=np.asarray(versions, dtype="<U64"), **arrays)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -330,7 +361,8 @@ class Monitor:
         with np.load(path) as z:
             if "versions" not in z:  # an older flywheel's: one partial window, of the alias's version
                 return {self.state.version: {k: z[k] for k in ("emb", "pred", "ts", "ids")}}
-            return {str(v): {k: z[f"{k}.{i}"] for k in ("emb", "pred", "ts", "ids")}
+            # "inp" (input statistics) is absent from an older flywheel's file: `_ingest` fills it with NaN
+            return {str(v): {k: z[f"{k}.{i}"] for k in ("emb", "pred", "ts", "ids", "inp") if f"{k}.{i}" in z}
                     for i, v in enumerate(z["versions"])}
 
     # -- references ------------------------------------------------------------------------------
@@ -357,19 +389,27 @@ class Monitor:
         from flywheel.monitoring.drift import NoveltyDriftDetector
 
         reference = Reference.load(run_id, self.dir / "references", self.settings.tracking_uri)
-        detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(reference.embeddings)
-        source, names = self._spec_of(version)
+        source, names, preprocess = self._spec_of(version)
+        if reference.input_stats is None or preprocess is None:
+            preprocess = None
+            log.warning("%s v%s: input drift channel off (%s); drift is tested on the embedding alone",
+                        self.cfg.model, version, "its reference has no input statistics: logged by an older flywheel "
+                        "or another statistics version; retrain to turn it on" if reference.input_stats is None
+                        else "its component spec, which holds the preprocessing, is unavailable")
+        detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(
+            reference.embeddings, input_reference=None if preprocess is None else reference.input_stats)
         accuracy, where = self._reference_accuracy(run_id, reference)
         if accuracy is None:
             log.warning("%s v%s: no reference accuracy (no test_accuracy on run %s, no labels in its reference); "
                         "no accuracy alarm for it", self.cfg.model, version, run_id)
-        return Track(version, reference, detector, source, names, accuracy, where)
+        return Track(version, reference, detector, source, names, accuracy, where, preprocess)
 
-    def _spec_of(self, version: str) -> tuple[str, list[str] | None]:
+    def _spec_of(self, version: str) -> tuple[str, list[str] | None, object]:
         """(embedding source, class names) of the version's component spec. The embedding source is a
         label ("layer", or "softmax" when the component named no embedding, which the monitor says,
         since softmax outputs see less of a shift in the inputs than a penultimate layer does); the
-        class names turn feedback labels into accuracy. Drift works from the reference alone."""
+        class names turn feedback labels into accuracy; the preprocessing spec turns captured images into
+        the input channel's statistics (None when unreadable). Drift works from the reference alone."""
         from flywheel.core.models import load_spec
 
         try:
@@ -377,11 +417,11 @@ class Monitor:
         except FlywheelError as exc:
             log.warning("%s v%s: component spec unavailable (%s); embedding source unknown, accuracy not computed",
                         self.cfg.model, version, exc)
-            return "unknown", None
+            return "unknown", None, None
         if spec.embedding.source == "softmax":
             log.warning("%s v%s names no embedding layer: drift is tested on its softmax outputs (a weaker signal "
                         "than a penultimate layer; name one in log_model(embedding=...))", self.cfg.model, version)
-        return spec.embedding.source, list(spec.class_names)
+        return spec.embedding.source, list(spec.class_names), spec.preprocess
 
     def _reference_accuracy(self, run_id: str, reference: Reference) -> tuple[float | None, str]:
         from mlflow.exceptions import MlflowException
@@ -456,8 +496,14 @@ class Monitor:
         pending = self._load_pending()
         rows: dict[str, dict[str, list]] = {}  # version → its partial window's arrays, then this tick's records
         for v, p in pending.items():
-            if self._track(v) is not None:  # a version pending before and unmonitorable now waits for it
+            track = self._track(v)
+            if track is not None:  # a version pending before and unmonitorable now waits for it
                 rows[v] = {k: [p[k]] for k in ("emb", "pred", "ts", "ids")}
+                inp = p.get("inp")
+                if inp is None or inp.shape[1:] != (track.input_columns,):  # older file, or the channel changed
+                    inp = np.full((len(p["ids"]), track.input_columns), np.nan)
+                rows[v]["inp"] = [inp]
+                rows[v]["png"] = []
         kept = {v: p for v, p in pending.items() if v not in rows}
         read = other_version = malformed = 0
         monitored: dict[str, int] = {}
@@ -475,7 +521,8 @@ class Monitor:
                     malformed += 1
                 else:
                     monitored[cap.version] = monitored.get(cap.version, 0) + 1
-                    r = rows.setdefault(cap.version, {k: [] for k in ("emb", "pred", "ts", "ids")})
+                    r = rows.setdefault(cap.version, {k: [] for k in ("emb", "pred", "ts", "ids", "inp", "png")})
+                    r["png"].append(cap.image_png if track.input_columns else None)
                     r["emb"].append(cap.embedding[None])
                     r["pred"].append(np.asarray([-1 if cap.label_index is None else cap.label_index]))
                     r["ts"].append(np.asarray([cap.ts]))
@@ -483,8 +530,11 @@ class Monitor:
         w = self.cfg.window
         arrays: dict[str, dict[str, np.ndarray]] = {}
         for v, r in rows.items():
-            dim = self._tracks[v].dim
+            track = self._tracks[v]
+            dim = track.dim
+            r["inp"].append(track.input_statistics(r["png"]))  # this tick's captures, decoded in one batch
             arrays[v] = {"emb": np.concatenate([e.reshape(-1, dim) for e in r["emb"]]).astype(np.float32),
+                         "inp": np.concatenate(r["inp"]).astype(np.float64),
                          "pred": np.concatenate(r["pred"]).astype(np.int64),
                          "ts": np.concatenate(r["ts"]).astype(np.float64),
                          "ids": np.concatenate(r["ids"]).astype("<U64")}
@@ -495,7 +545,7 @@ class Monitor:
             a = arrays[v]
             while len(a["ids"]) >= w:
                 res = self._test_window(a["emb"][:w], a["pred"][:w], a["ts"][:w], a["ids"][:w], v, feedback,
-                                        primary=v == version)
+                                        primary=v == version, inputs=a["inp"][:w])
                 tested.append((res, [str(x) for x in a["ids"][:w]]))
                 a = {k: x[w:] for k, x in a.items()}
             arrays[v] = a
@@ -538,12 +588,16 @@ class Monitor:
         for v, n in pending_of.items():
             m.v_pending.labels(**lab, version=v).set(n)
 
-    def _test_window(self, emb, pred, ts, pid, version, feedback, primary: bool = True) -> WindowResult:
+    def _test_window(self, emb, pred, ts, pid, version, feedback, primary: bool = True,
+                     inputs: np.ndarray | None = None) -> WindowResult:
         from flywheel.monitoring.accuracy import accuracy_test
         from flywheel.monitoring.drift import combine_p_values, prediction_drift
 
         track = self._tracks[version]
-        p_emb = track.detector.test(emb).p_value
+        # the input channel where the version has it and every capture of the window had its image
+        usable = inputs is not None and track.input_columns and inputs.shape[1] == track.input_columns \
+            and np.isfinite(inputs).all()
+        p_emb = track.detector.test(emb, inputs if usable else None).p_value
         n_classes = len(track.reference.class_priors)
         ref_counts = np.bincount(track.reference.predictions, minlength=n_classes)
         counts = np.bincount(pred[pred >= 0], minlength=n_classes)[:n_classes]

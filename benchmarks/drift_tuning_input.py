@@ -1,0 +1,167 @@
+# ruff: noqa: E402, E702, B023  -- the exploration script as it was run for the design log, kept verbatim
+"""Tuning-half comparison of input-channel variants for `NoveltyDriftDetector` (benchmarks/drift.py's third
+2026-12-02 design-log entry): per-image statistics of the preprocessed images, robust-standardised
+against the reference draw, kNN novelty with leave-one-out calibration, the same tail-count window
+test; shown alone (`input-only`) and with the two embedding channels, Bonferroni over three (`3ch`).
+
+Seed 1, W=100, 20% shifted, the TUNING pairs costing >= 3 points and 10,000 clean windows, the same
+reference draws and windows as benchmarks/drift.py and drift_tuning.py; nothing of the held-out half is
+scored or printed. Statistic sets (columns of `statistics` below):
+  moments   per-channel mean and std, 5/25/50/75/95% intensity quantiles
+  texture   log gradient and Laplacian energy, each relative to the signal
+  geometry  intensity-weighted centroid and second moments
+and unions of those; `robust` scales by median / MAD (std + 1e-9 where the MAD is 0), `std` by mean / std.
+The chosen set, `noq+q05` (no quantile but the 5%), k=3, robust, is what
+`flywheel.contracts.reference.input_statistics` computes (same formulas, other column order) and
+`NoveltyDriftDetector(...).fit(..., input_reference=...)` scores.
+
+    python benchmarks/drift_tuning_input.py     # about 8 minutes on 2 shared cores
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import drift as bench  # noqa: E402
+
+from flywheel.contracts.preprocessing import to_array  # noqa: E402
+from flywheel.monitoring.drift import NoveltyDriftDetector, _level_p_values, _rank_null, _tail_counts  # noqa: E402
+
+
+def statistics(x):
+    """x: (N, C, H, W) float preprocessed -> (N, F) float64 per-image statistics, names."""
+    x = np.asarray(x, dtype=np.float32)
+    n, c, h, w = x.shape
+    feats, names = [], []
+    flat = x.reshape(n, c, h * w)
+    for ch in range(c):
+        feats += [flat[:, ch].mean(1), flat[:, ch].std(1)]
+        names += [f"mean{ch}", f"std{ch}"]
+    g = x.mean(1)  # (N, H, W) intensity
+    gf = g.reshape(n, -1)
+    q = np.quantile(gf, (0.05, 0.25, 0.5, 0.75, 0.95), axis=1)
+    feats += list(q)
+    names += ["q05", "q25", "q50", "q75", "q95"]
+    var = gf.var(1) + 1e-6
+    dy, dx = np.diff(g, axis=1), np.diff(g, axis=2)
+    grad = (dy ** 2).mean((1, 2)) + (dx ** 2).mean((1, 2))
+    lap = g[:, 1:-1, 1:-1] * 4 - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    lap = (lap ** 2).mean((1, 2))
+    feats += [np.log(grad + 1e-6), np.log(lap + 1e-6), np.log((grad + 1e-6) / var), np.log((lap + 1e-6) / (grad + 1e-6))]
+    names += ["log_grad", "log_lap", "grad_rel", "lap_rel"]
+    wgt = gf - gf.min(1, keepdims=True)
+    tot = wgt.sum(1) + 1e-6
+    yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    cy, cx = wgt @ yy / tot, wgt @ xx / tot
+    vy = wgt @ (yy ** 2) / tot - cy ** 2
+    vx = wgt @ (xx ** 2) / tot - cx ** 2
+    cxy = wgt @ (yy * xx) / tot - cx * cy
+    feats += [cy, cx, vy, vx, cxy]
+    names += ["cy", "cx", "vy", "vx", "cxy"]
+    return np.stack(feats, 1).astype(np.float64), names
+
+
+seed, window, contamination, counts = 1, 100, 0.2, bench.FULL
+model_uri, tracking_uri, key = bench.cached_fashion_model(None)
+shifts_key = bench._digest((bench.SRC / "core/shifts.py").read_bytes(), str(counts.source).encode())
+pools = bench.build_pools(model_uri, tracking_uri, bench.CACHE_ROOT / f"{key}-emb-{shifts_key}", counts, fashion=True)
+from flywheel.core.models import load_model
+from flywheel.core.shifts import FAMILIES, SEVERITIES
+
+spec = load_model(model_uri, tracking_uri=tracking_uri)[1].preprocess
+ref_img, clean_img, source, labels, _ = bench._images(None, None, None)
+images_cache = bench.CACHE_ROOT / f"images-{bench._digest((bench.SRC / 'core/shifts.py').read_bytes(), source.tobytes())}"
+def st(imgs):
+    return np.concatenate([statistics(to_array(imgs[i:i + 5000], spec))[0] for i in range(0, len(imgs), 5000)])
+names = statistics(to_array(ref_img[:2], spec))[1]
+offsets, off = {}, len(pools.clean_emb)
+for k in [(f, s) for f in FAMILIES for s in SEVERITIES]:
+    offsets[k] = (off, len(pools.shifted[k][0])); off += len(pools.shifted[k][0])
+rng = np.random.default_rng([seed, 1])
+ref_size = min(1000, len(pools.ref_emb) // 2)
+draws = np.stack([rng.choice(len(pools.ref_emb), ref_size, replace=False) for _ in range(counts.refs)])
+plan = bench.make_plan(np.random.default_rng([seed, window]), len(pools.clean_emb), offsets, window, counts)
+tune = [k for k in offsets if k[0] in bench.TUNING and pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
+n_clean = len(pools.clean_emb)
+t0 = time.time()
+ref_st = st(ref_img)
+emb, stat, local, at = [pools.clean_emb], [st(clean_img)], {}, n_clean
+for k in tune:
+    local[k] = at; emb.append(pools.shifted[k][0])
+    stat.append(st(bench.corrupted(source, k[0], k[1], images_cache))); at += len(pools.shifted[k][0])
+emb, stat = np.concatenate(emb), np.concatenate(stat)
+print(f"stats {stat.shape} in {time.time() - t0:.0f} s", flush=True)
+
+def windows_of(k):
+    w = plan.shifted[(*k, contamination)].copy(); w[w >= n_clean] += local[k] - offsets[k][0]; return w
+settings = {"clean": plan.clean, **{k: windows_of(k) for k in tune}}
+
+SETS = {
+    "moments": ["mean0", "std0", "q05", "q25", "q50", "q75", "q95"],
+    "texture": ["log_grad", "log_lap", "grad_rel", "lap_rel"],
+    "geometry": ["cy", "cx", "vy", "vx", "cxy"],
+}
+SETS["moments+texture"] = SETS["moments"] + SETS["texture"]
+SETS["all"] = SETS["moments"] + SETS["texture"] + SETS["geometry"]
+SETS["all-noq"] = ["mean0", "std0"] + SETS["texture"] + SETS["geometry"]
+
+def knn_loo(r, k):
+    d = ((r[:, None, :] - r[None]) ** 2).sum(-1); np.fill_diagonal(d, np.inf)
+    return np.sqrt(np.partition(d, k - 1, axis=1)[:, k - 1])
+def knn(r, x, k):
+    out = []
+    rr = (r ** 2).sum(1)
+    for i in range(0, len(x), 4000):
+        xx = x[i:i + 4000]
+        d = (xx ** 2).sum(1)[:, None] + rr[None] - 2 * xx @ r.T
+        out.append(np.sqrt(np.maximum(np.partition(d, k - 1, axis=1)[:, k - 1], 0)))
+    return np.concatenate(out)
+def conformal(cal, s):
+    cal = np.sort(cal); return (1 + len(cal) - np.searchsorted(cal, s, side="left")) / (len(cal) + 1)
+
+SETS["noq+q05"] = SETS["all-noq"] + ["q05"]
+SETS["noq+q05+q95"] = SETS["all-noq"] + ["q05", "q95"]
+SETS["noq+q05+q50+q95"] = SETS["all-noq"] + ["q05", "q50", "q95"]
+VARIANTS = [(s, 3, "robust") for s in ("moments", "texture", "geometry", "moments+texture", "all")] + [
+    ("all", 10, "robust"), ("all", 1, "robust"), ("all", 3, "std"),
+    ("all-noq", 3, "robust"), ("noq+q05", 3, "robust"), ("noq+q05", 3, "std"), ("noq+q05+q95", 3, "robust"),
+            ("noq+q05+q50+q95", 3, "robust"), ("all-noq", 5, "robust"), ("noq+q05", 5, "robust"), ("all-noq", 3, "std")]
+cols = {s: [names.index(n) for n in v] for s, v in SETS.items()}
+flags = {v: {s: np.zeros(len(w), bool) for s, w in settings.items()} for v in ["design"] + VARIANTS}
+only = {v: {s: np.zeros(len(w), bool) for s, w in settings.items()} for v in VARIANTS}
+for r in range(counts.refs):
+    det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draws[r]])
+    u = {c: np.concatenate([det.p_values(emb[i:i + 4000])[c] for i in range(0, len(emb), 4000)]) for c in det.CHANNELS}
+    null_counts, null_min_p = _rank_null(len(draws[r]), window, det.simulations, det.seed, det.levels)
+    def chan_p(uu):
+        min_p = _level_p_values(null_counts, _tail_counts(uu, det.levels)).min(1)
+        return (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
+    for s, w in settings.items():
+        p = det.window_p_values({c: x[w[r::counts.refs]] for c, x in u.items()})[0]
+        flags["design"][s][r::counts.refs] = p < bench.ALPHA
+    for v in VARIANTS:
+        sset, k, norm = v
+        R = ref_st[draws[r]][:, cols[sset]]; X = stat[:, cols[sset]]
+        if norm == "robust":
+            med = np.median(R, 0); sc = 1.4826 * np.median(np.abs(R - med), 0); sc = np.where(sc > 1e-9, sc, R.std(0) + 1e-9)
+        else:
+            med, sc = R.mean(0), R.std(0) + 1e-9
+        Rz, Xz = (R - med) / sc, (X - med) / sc
+        ui = conformal(knn_loo(Rz, k), knn(Rz, Xz, k))
+        for s, w in settings.items():
+            sel = w[r::counts.refs]
+            pe = {c: chan_p(x[sel]) for c, x in u.items()}
+            pi = chan_p(ui[sel])
+            flags[v][s][r::counts.refs] = np.minimum(1, 3 * np.minimum(np.minimum(pe["direction"], pe["magnitude"]), pi)) < bench.ALPHA
+            only[v][s][r::counts.refs] = pi < bench.ALPHA
+    print(f"draw {r + 1}: {time.time() - t0:.0f} s", flush=True)
+print(f"tuning half, seed {seed}, W={window}, 20% shifted, {len(tune)} pairs costing >= 3 points")
+for tag, F in (("3ch", flags), ("input-only", only)):
+    for v, f in F.items():
+        det_ = {k: f[k].mean() for k in tune}
+        missed = ", ".join(f"{k[0]}-{k[1]} {d:.2f}" for k, d in det_.items() if d < 0.95)
+        print(f"{tag:10s} {str(v):32s} {sum(d >= 0.95 for d in det_.values())} of {len(tune)}, mean {np.mean(list(det_.values())):.3f}, "
+              f"fa {f['clean'].mean():.4f}; missed: {missed}", flush=True)
