@@ -307,21 +307,30 @@ class FlywheelHandler(BaseHandler):
     def postprocess(self, result):
         batch, probs, emb = result
         out = []
-        owners = []  # the batch index of the request each prediction row answers
+        owners, ks = [], []  # per prediction row: the batch index of the request it answers, its top_k
+        for idx, item in enumerate(batch.slices):
+            if not isinstance(item, RequestError):
+                start, stop, _, top_k = item
+                owners.extend([idx] * (stop - start))
+                ks.extend([top_k] * (stop - start))
+        # One answer per image (row i answers batch.images[i]), built for the whole batch at once.
+        preds = _capture.answers(self.model_label, self.version, self.class_names, probs, ks) if ks else []
         for idx, item in enumerate(batch.slices):
             if isinstance(item, RequestError):
                 self._respond(idx, item.code)
                 out.append(json.dumps({"error": item.message, "code": item.code}))
                 continue
-            start, stop, single, top_k = item
-            owners.extend([idx] * (stop - start))
-            traffic = self._traffic(idx)
-            preds = [self._prediction(batch.images[i], probs[i], emb[i], top_k, traffic) for i in range(start, stop)]
+            start, stop, single, _ = item
+            if self.capture is not None:
+                traffic = self._traffic(idx)
+                for i in range(start, stop):
+                    self._capture_answer(preds[i], batch.images[i], emb[i], probs[i], traffic)
             self._respond(idx, 200)
             if single:
-                out.append(json.dumps(preds[0]))
+                out.append(json.dumps(preds[start]))
             else:
-                out.append(json.dumps({"model": self.model_label, "version": self.version, "predictions": preds}))
+                out.append(json.dumps({"model": self.model_label, "version": self.version,
+                                       "predictions": preds[start:stop]}))
         self._confidence_metrics(probs, owners)
         self._capture_metrics()
         return out
@@ -372,10 +381,15 @@ class FlywheelHandler(BaseHandler):
 
     def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int,
                     traffic: str | None = None) -> dict:
+        """One image's answer, captured (postprocess builds a batch's answers at once instead)."""
         pred = _capture.answer(self.model_label, self.version, self.class_names, probs, top_k)
+        self._capture_answer(pred, image, emb, probs, traffic)
+        return pred
+
+    def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray,
+                        traffic: str | None) -> None:
         if self.capture is not None:  # submit never blocks or raises
             self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic or _capture.LIVE))
-        return pred
 
     def _metric(self, name: str, value: float, unit: str, kind=MetricTypes.HISTOGRAM, idx: int | None = None) -> None:
         """One backend metric value; `idx` (a request's index in the batch) tags it with that request's
