@@ -258,9 +258,10 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
 
     Raises InvalidImage naming the problem: empty, too large, not an image, truncated.
 
-    A plain PNG (see `_plain_png`) is decoded by libspng when pyspng is installed (a request's 28x28
-    PNG costs a sixth of Pillow's decode, most of which is Python); every other input, and any PNG
-    libspng refuses, goes to Pillow, so pixels and errors are Pillow's either way.
+    A plain PNG (see `_plain_png`) is decoded by libspng when pyspng is installed: for a request's
+    small PNG most of Pillow's decode is Python chunk parsing (benchmarks/README.md). Every other
+    input, and any PNG libspng or zlib refuses, goes to Pillow, so pixels and errors are Pillow's
+    either way.
     """
     if not data:
         raise InvalidImage("empty image: the request body has no bytes")
