@@ -106,3 +106,27 @@ def test_gcs_store_unreachable_drops_fast(monkeypatch):
     assert time.perf_counter() - start < 0.5
     assert writer.flush(30)
     assert writer.dropped == 40 and writer.written == 0
+
+
+def test_answers_of_a_batch_equal_one_answer_per_image():
+    """The serving engines build a batch's answers at once (`answers`); each is the dict `answer` gives
+    for that image alone (ties, per-row top_k, float32 probabilities), but for its fresh id."""
+    import json
+
+    from flywheel.contracts.capture import answer, answers
+
+    names = [f"class {i}" for i in range(10)]
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        n = int(rng.integers(1, 17))
+        logits = rng.standard_normal((n, 10)).astype(np.float32)
+        if trial % 3 == 0:
+            logits[:, :5] = logits[:, :1]  # ties: the same order as a single image's sort
+        probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+        ks = rng.integers(1, 11, n).tolist()
+        batch = answers("m", "3", names, probs, ks if trial % 2 else ks[0])
+        for i, got in enumerate(batch):
+            want = answer("m", "3", names, probs[i], ks[i] if trial % 2 else ks[0])
+            assert len(got.pop("prediction_id")) == 32 and want.pop("prediction_id")
+            assert json.dumps(got) == json.dumps(want)
+    assert answers("m", "3", names, np.zeros((0, 10), np.float32), []) == []

@@ -308,3 +308,71 @@ def test_rgb_request_through_the_handler_is_captured_and_snapshotted_as_rgb(tmp_
     with Image.open(png) as img:
         assert img.mode == "RGB" and img.size == (48, 32)
         assert np.array_equal(np.asarray(img), batch.images[0])
+
+
+def _outcome(decode, data: bytes, spec: PreprocessSpec):
+    try:
+        return "ok", decode(data, spec)
+    except InvalidImage as exc:
+        return "error", (exc.status, str(exc))
+
+
+def _png_with(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG from (name, payload) chunks, each with its correct CRC."""
+    import struct
+    import zlib
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(body)) + name + body
+                                            + struct.pack(">I", zlib.crc32(name + body)) for name, body in chunks)
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    import struct
+
+    out, pos = [], 8
+    while pos < len(png):
+        length, name = struct.unpack_from(">I4s", png, pos)
+        out.append((name, png[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def test_plain_pngs_decode_by_libspng_to_pillows_pixels_and_errors(fashion8):
+    """decode_image hands plain 8-bit greyscale/RGB PNGs to libspng (pyspng, a serving dependency)
+    and everything else to Pillow. Whatever the bytes, the answer is Pillow's: the same pixels, or
+    the same InvalidImage (status and message), for every byte of a PNG flipped three ways, every
+    truncation, and variants whose chunks carry valid CRCs (changed header fields, extra chunks)."""
+    from flywheel.contracts import preprocessing as pp
+
+    grey, rgb = encode_png(fashion8[0]), _file(_rgb(9, 7, seed=3))
+    assert pp._spng is not None, "pyspng is not installed: pip install the serve extra"
+    assert pp._plain_png(grey, 10**6) is not None and pp._plain_png(rgb, 10**6) is not None  # the fast path
+    assert not pp._plain_png(grey, 10**6).flags.writeable  # read-only, as Pillow's pixels
+    header = dict(_chunks(grey))[b"IHDR"]
+    variants = [
+        *(_png_with([(b"IHDR", header[:i] + bytes([v]) + header[i + 1:]), *_chunks(grey)[1:]])
+          for i in range(13) for v in (0, 1, 2, 3, 4, 6, 16, 255)),  # sizes, depths, colour types, interlace
+        _png_with([(b"IHDR", header), (b"gAMA", b"\x00\x00\xb1\x8f"), (b"sRGB", b"\x00"),
+                   (b"pHYs", bytes(9)), *_chunks(grey)[1:]]),  # info chunks: still the fast path
+        _png_with([(b"IHDR", header), (b"gAMA", b"\x00\x00"), *_chunks(grey)[1:]]),  # one Pillow may refuse
+        _png_with([(b"IHDR", header), (b"tRNS", b"\x00\x00"), *_chunks(grey)[1:]]),  # transparency
+        _png_with([(b"IHDR", header), (b"tEXt", b"a\x00b"), *_chunks(grey)[1:]]),
+        _png_with([*_chunks(grey)[:-1], (b"tEXt", b"a\x00b"), (b"IEND", b"")]),
+        _png_with([*_chunks(grey)[:-1]]) + b"trailing",  # no IEND
+        grey + b"trailing bytes",
+    ]
+    for png in (grey, rgb):
+        variants += [png[:n] for n in range(1, len(png))]
+        variants += [png[:i] + bytes([png[i] ^ x]) + png[i + 1:] for i in range(len(png)) for x in (0x01, 0x80, 0xFF)]
+    specs = [PreprocessSpec(), PreprocessSpec(channels=3, height=9, width=7), PreprocessSpec(max_pixels=100)]
+    fast = 0
+    for data in variants:
+        for spec in specs:
+            got, want = _outcome(decode_image, data, spec), _outcome(pp._decode_pillow, data, spec)
+            assert got[0] == want[0], (data, spec, got, want)
+            if got[0] == "ok":
+                assert got[1].dtype == want[1].dtype and np.array_equal(got[1], want[1]), data
+            else:
+                assert got[1] == want[1]
+        fast += pp._plain_png(data, 10**6) is not None
+    assert fast > 50  # the comparison did exercise libspng, not only Pillow

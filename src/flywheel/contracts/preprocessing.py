@@ -1,7 +1,7 @@
 """Image preprocessing shared by training and the serving handler: no train/serve skew.
 
-This module is copied into every TorchServe archive, so it imports only numpy, Pillow and (lazily,
-in `to_tensor`) torch, never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays;
+This module is copied into every TorchServe archive, so it imports only numpy, Pillow, pyspng (when
+installed) and (lazily, in `to_tensor`) torch, never other flywheel modules. Training calls `to_tensor` on raw uint8 arrays;
 the handler calls `decode_image` on request bytes and then `to_array`, the same normalisation
 (`to_tensor` is `to_array` wrapped as a tensor).
 
@@ -25,11 +25,18 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # libspng's PNG decoder: a plain PNG decodes in C, skipping Pillow's Python chunk parsing
+    import pyspng as _spng
+except ImportError:  # optional: Pillow decodes everything without it, to the same pixels
+    _spng = None
 
 if TYPE_CHECKING:
     import torch
@@ -250,11 +257,93 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
     converted to the spec's mode; transparency is flattened onto the background (see `_flatten_alpha`).
 
     Raises InvalidImage naming the problem: empty, too large, not an image, truncated.
+
+    A plain PNG (see `_plain_png`) is decoded by libspng when pyspng is installed: for a request's
+    small PNG most of Pillow's decode is Python chunk parsing (benchmarks/README.md). Every other
+    input, and any PNG libspng or zlib refuses, goes to Pillow, so pixels and errors are Pillow's
+    either way.
     """
     if not data:
         raise InvalidImage("empty image: the request body has no bytes")
     if len(data) > spec.max_bytes:
         raise InvalidImage(f"image too large: {len(data)} bytes > limit {spec.max_bytes}", status=413)
+    plain = _plain_png(data, spec.max_pixels)
+    if plain is not None:
+        mode = "RGB" if plain.ndim == 3 else "L"
+        if mode == spec.mode and plain.shape[:2] == (spec.height, spec.width):
+            return plain
+        img = Image.fromarray(plain, mode)  # the pixels Pillow would have decoded: same conversion and resize
+        return _pixels(_resize_one(img if mode == spec.mode else img.convert(spec.mode), spec.height,
+                                   spec.width, spec.resize))
+    return _decode_pillow(data, spec)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PLAIN_PNG_MODES = {0: "L", 2: "RGB"}  # IHDR colour type (8-bit samples) → output format
+# Chunks a plain PNG may carry before its image data, at the length Pillow parses without error (it
+# keeps them as info only; neither decoder applies them to the pixels).
+_PLAIN_PNG_INFO = {b"gAMA": 4, b"sRGB": 1, b"pHYs": 9}
+
+
+def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """An 8-bit greyscale or RGB, non-interlaced PNG without transparency, decoded by libspng, as
+    read-only uint8 (H, W) or (H, W, 3): the same pixels Pillow decodes ("L" / "RGB"). None for
+    anything else, so that Pillow decodes it or names its problem with its own message.
+
+    Plain means: IHDR; then only `_PLAIN_PNG_INFO` chunks; the image data (IDAT chunks, one after
+    the other: one valid zlib stream of exactly the image's rows); IEND; each chunk whole, and those
+    before the image data with the CRC Pillow checks (neither decoder checks the image data's CRC;
+    both ignore bytes after IEND); at most
+    `max_pixels` (and Pillow's decompression-bomb limit). Any other chunk (text, ICC profile,
+    palette, transparency, animation...), any other format, and anything libspng refuses (corrupt
+    or truncated image data) goes to Pillow."""
+    if _spng is None or len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    bomb = Image.MAX_IMAGE_PIXELS
+    if (data[8:16] != b"\x00\x00\x00\rIHDR" or depth != 8 or colour not in _PLAIN_PNG_MODES or compression
+            or filtering or interlace or not 0 < width * height <= max_pixels
+            or (bomb is not None and width * height > bomb)):
+        return None
+    view, size, pos, image = memoryview(data), len(data), 8, []  # image: the IDAT payloads
+    while True:
+        if pos + 12 > size:
+            return None
+        length, name = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > size:
+            return None
+        if name == b"IDAT":
+            image.append(view[pos + 8:end])
+        elif name == b"IEND":
+            if not image or length:
+                return None
+            break
+        elif image or (pos > 8 and _PLAIN_PNG_INFO.get(name) != length):
+            return None
+        if not image and zlib.crc32(view[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            return None
+        pos = end + 4
+    # libspng decodes some corrupt streams that Pillow's zlib refuses: a plain PNG's image data is
+    # one whole zlib stream (checksum included) of exactly its filtered rows.
+    try:
+        rows = zlib.decompress(b"".join(image))
+    except zlib.error:
+        return None
+    if len(rows) != height * (1 + width * (3 if colour == 2 else 1)):
+        return None
+    try:
+        pixels = _spng.load(data, _PLAIN_PNG_MODES[colour])
+    except Exception:  # noqa: BLE001 - whatever libspng refuses, Pillow decodes or names the problem
+        return None
+    if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
+        return None
+    pixels.flags.writeable = False  # as Pillow's path returns them
+    return pixels
+
+
+def _decode_pillow(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """`decode_image` by Pillow: any format Pillow reads, every PNG kind, and the errors."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size

@@ -163,21 +163,28 @@ class TritonPythonModel:
             inputs = _pp.to_array(np.stack(images), self.spec)
             logits, emb = self.session.run(None, {self.input_name: inputs})[:2]
             probs = _softmax(logits.astype(np.float32, copy=False))
-            for idx, (start, stop, top_k, traffic) in slices.items():
-                responses[idx] = self._response(images, probs, emb, start, stop, top_k, traffic,
-                                                _requested(requests[idx]))
+            ks = [0] * len(images)  # each image's top_k: its request's
+            for start, stop, top_k, _ in slices.values():
+                ks[start:stop] = [top_k] * (stop - start)
+            # One answer per image (row i answers images[i]), built for the whole batch at once.
+            answered = _capture.answers(self.model_label, self.version, self.class_names, probs, ks)
+            for idx, (start, stop, _, traffic) in slices.items():
+                if self.capture is not None:
+                    for i in range(start, stop):
+                        self._capture_answer(answered[i], images[i], emb[i], probs[i], traffic)
+                responses[idx] = self._response(answered[start:stop], probs[start:stop], _requested(requests[idx]))
         return responses
 
-    def _response(self, images, probs, emb, start, stop, top_k, traffic, requested=OUTPUTS):
-        """One request's response with the outputs it asked for (all when it named none, as Triton
-        does): Triton drops the rest anyway, and building all seven cost more than the model."""
-        preds = [self._prediction(images[i], probs[i], emb[i], top_k, traffic) for i in range(start, stop)]
+    def _response(self, preds: list[dict], probs: np.ndarray, requested=OUTPUTS):
+        """One request's response (`preds`: its images' answers, `probs` their rows) with the outputs
+        it asked for (all when it named none, as Triton does): Triton drops the rest anyway, and
+        building all seven cost more than the model."""
         n = len(preds)
         build = {
             "label": lambda: _strings([p["label"] for p in preds], n),
             "label_index": lambda: np.array([p["label_index"] for p in preds], np.int64).reshape(n, 1),
             "confidence": lambda: np.array([p["confidence"] for p in preds], np.float32).reshape(n, 1),
-            "probabilities": lambda: np.ascontiguousarray(probs[start:stop], dtype=np.float32),
+            "probabilities": lambda: np.ascontiguousarray(probs, dtype=np.float32),
             "prediction_id": lambda: _strings([p["prediction_id"] for p in preds], n),
             "version": lambda: _strings([self.version] * n, n),
             "prediction": lambda: _strings([json.dumps(p) for p in preds], n),
@@ -185,12 +192,9 @@ class TritonPythonModel:
         outputs = [pb_utils.Tensor(name, build[name]()) for name in OUTPUTS if name in requested]
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
-    def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int, traffic: str) -> dict:
-        """The TorchServe handler's answer for one image (handler._prediction), captured the same way."""
-        pred = _capture.answer(self.model_label, self.version, self.class_names, probs, top_k)
-        if self.capture is not None:  # submit never blocks or raises
-            self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic))
-        return pred
+    def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray, traffic: str) -> None:
+        """Capture one answer as the TorchServe handler does (handler._capture_answer)."""
+        self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic))  # never blocks or raises
 
     def finalize(self):
         if self.capture is not None:
