@@ -23,12 +23,13 @@ def _conv_bn_pool(cin: int, cout: int) -> list[nn.Module]:
 
 
 class FashionCNN(nn.Module):
-    """426,234 parameters, trained with RECIPE.md (5 epochs, batch 128, one-cycle AdamW at 3e-3, no
+    """426,234 parameters, trained with RECIPE.md (5 epochs, batch 128, one-cycle AdamW at 5e-3, no
     augmentation); its measured accuracy and training time are in benchmarks/README.md.
 
     Where a 2-core CPU's time goes is the 28x28 stage: the convolution itself is cheap (one input
     channel), but batch norm, ReLU and pooling there are memory-bound passes over N x C x 784
-    values, forward and backward. So the channels grow as the map shrinks: 16 at 28x28, 32 at
+    values, forward and backward (hence the ReLU after the pooling, on a quarter of them). So the
+    channels grow as the map shrinks: 16 at 28x28, 32 at
     14x14, 64 at 7x7, where a convolution is cheapest per weight. The 7x7x64 map is flattened (not
     globally pooled: where on the garment a feature sits matters) into the 128-d embedding.
 

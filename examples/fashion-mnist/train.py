@@ -18,7 +18,7 @@ import flywheel.component as fc
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    fc.add_training_arguments(p, epochs=5, batch_size=128, lr=3e-3, model_name="fashion-classifier")
+    fc.add_training_arguments(p, epochs=5, batch_size=128, lr=5e-3, model_name="fashion-classifier")
     p.add_argument("--data-dir", type=fc.mlflow_text, default="",
                    help="folder holding the Fashion-MNIST idx files (default: system)")
     return p.parse_args(argv)
