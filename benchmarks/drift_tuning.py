@@ -63,6 +63,24 @@ class Design(NoveltyDriftDetector):
 VARIANTS = {"design": Design, "two-sided": TwoSided, "three-channel": ThreeChannel, "input": NoveltyDriftDetector}
 
 
+def tuning_windows(pools, seed: int, window: int, counts):
+    """(offsets, reference draws, window plan, tuning pairs): the same reference draws and windows as
+    bench.run at this seed, and the TUNING (family, severity) pairs costing >= 3 points, the only
+    shifted ones a tuning script scores."""
+    from flywheel.core.shifts import FAMILIES, SEVERITIES
+
+    offsets, off = {}, len(pools.clean_emb)
+    for k in [(f, s) for f in FAMILIES for s in SEVERITIES]:
+        offsets[k] = (off, len(pools.shifted[k][0]))
+        off += len(pools.shifted[k][0])
+    rng = np.random.default_rng([seed, 1])
+    ref_size = min(1000, len(pools.ref_emb) // 2)
+    draws = np.stack([rng.choice(len(pools.ref_emb), ref_size, replace=False) for _ in range(counts.refs)])
+    plan = bench.make_plan(np.random.default_rng([seed, window]), len(pools.clean_emb), offsets, window, counts)
+    tune = [k for k in offsets if k[0] in bench.TUNING and pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
+    return offsets, draws, plan, tune
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=1)
@@ -74,19 +92,7 @@ def main() -> None:
     shifts_key = bench._digest((bench.SRC / "core/shifts.py").read_bytes(), str(counts.source).encode())
     pools = bench.build_pools(model_uri, tracking_uri, bench.CACHE_ROOT / f"{key}-emb-{shifts_key}", counts,
                               fashion=True)
-    from flywheel.core.shifts import FAMILIES, SEVERITIES
-
-    # the same reference draws and windows as bench.run at this seed
-    offsets, off = {}, len(pools.clean_emb)
-    for k in [(f, s) for f in FAMILIES for s in SEVERITIES]:
-        offsets[k] = (off, len(pools.shifted[k][0]))
-        off += len(pools.shifted[k][0])
-    rng = np.random.default_rng([seed, 1])
-    ref_size = min(1000, len(pools.ref_emb) // 2)
-    draws = np.stack([rng.choice(len(pools.ref_emb), ref_size, replace=False) for _ in range(counts.refs)])
-    plan = bench.make_plan(np.random.default_rng([seed, window]), len(pools.clean_emb), offsets, window, counts)
-    # a pool of clean traffic and the tuning pairs costing >= 3 points only
-    tune = [k for k in offsets if k[0] in bench.TUNING and pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
+    offsets, draws, plan, tune = tuning_windows(pools, seed, window, counts)
     n_clean = len(pools.clean_emb)
     emb, prob, inp, local = [pools.clean_emb], [pools.clean_prob], [pools.clean_inp], {}
     at = n_clean

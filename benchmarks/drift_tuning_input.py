@@ -6,7 +6,8 @@ test; shown alone (`input-only`) and with the two embedding channels, Bonferroni
 
 Seed 1, W=100, 20% shifted, the TUNING pairs costing >= 3 points and 10,000 clean windows, the same
 reference draws and windows as benchmarks/drift.py and drift_tuning.py; nothing of the held-out half is
-scored or printed. Statistic sets (columns of `statistics` below):
+scored or printed (the reference draws and windows come from drift_tuning.tuning_windows, which this
+script built inline when it was run). Statistic sets (columns of `statistics` below):
   moments   per-channel mean and std, 5/25/50/75/95% intensity quantiles
   texture   log gradient and Laplacian energy, each relative to the signal
   geometry  intensity-weighted centroid and second moments
@@ -25,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
+from drift_tuning import tuning_windows  # noqa: E402
 
 from flywheel.contracts.preprocessing import to_array  # noqa: E402
 from flywheel.monitoring.drift import NoveltyDriftDetector, _level_p_values, _rank_null, _tail_counts  # noqa: E402
@@ -69,7 +71,6 @@ model_uri, tracking_uri, key = bench.cached_fashion_model(None)
 shifts_key = bench._digest((bench.SRC / "core/shifts.py").read_bytes(), str(counts.source).encode())
 pools = bench.build_pools(model_uri, tracking_uri, bench.CACHE_ROOT / f"{key}-emb-{shifts_key}", counts, fashion=True)
 from flywheel.core.models import load_model
-from flywheel.core.shifts import FAMILIES, SEVERITIES
 
 spec = load_model(model_uri, tracking_uri=tracking_uri)[1].preprocess
 ref_img, clean_img, source, labels, _ = bench._images(None, None, None)
@@ -77,14 +78,7 @@ images_cache = bench.CACHE_ROOT / f"images-{bench._digest((bench.SRC / 'core/shi
 def st(imgs):
     return np.concatenate([statistics(to_array(imgs[i:i + 5000], spec))[0] for i in range(0, len(imgs), 5000)])
 names = statistics(to_array(ref_img[:2], spec))[1]
-offsets, off = {}, len(pools.clean_emb)
-for k in [(f, s) for f in FAMILIES for s in SEVERITIES]:
-    offsets[k] = (off, len(pools.shifted[k][0])); off += len(pools.shifted[k][0])
-rng = np.random.default_rng([seed, 1])
-ref_size = min(1000, len(pools.ref_emb) // 2)
-draws = np.stack([rng.choice(len(pools.ref_emb), ref_size, replace=False) for _ in range(counts.refs)])
-plan = bench.make_plan(np.random.default_rng([seed, window]), len(pools.clean_emb), offsets, window, counts)
-tune = [k for k in offsets if k[0] in bench.TUNING and pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
+offsets, draws, plan, tune = tuning_windows(pools, seed, window, counts)
 n_clean = len(pools.clean_emb)
 t0 = time.time()
 ref_st = st(ref_img)
