@@ -281,7 +281,7 @@ def test_shifts_keep_the_rgb_layout():
 def test_rgb_request_through_the_handler_is_captured_and_snapshotted_as_rgb(tmp_path):
     """The handler's decode, batching and capture with a 3-channel spec (no TorchServe: the methods
     that touch request bytes), then `data snapshot` of that capture: RGB all the way."""
-    from flywheel.contracts.capture import CaptureWriter, iter_captures, write_feedback
+    from flywheel.contracts.capture import CaptureWriter, answers, iter_captures, write_feedback
     from flywheel.monitoring.snapshot import take_snapshot
     from flywheel.serving.handler import FlywheelHandler
 
@@ -298,7 +298,9 @@ def test_rgb_request_through_the_handler_is_captured_and_snapshotted_as_rgb(tmp_
 
     store = tmp_path / "captures"
     h.capture = CaptureWriter(str(store), flush_every=1)
-    pred = h._prediction(batch.images[0], np.array([0.3, 0.7], np.float32), np.zeros(4, np.float32), 2)
+    probs = np.array([0.3, 0.7], np.float32)
+    (pred,) = answers("rgb-model", "1", h.class_names, probs[None], 2)  # what postprocess answers
+    h._capture_answer(pred, batch.images[0], np.zeros(4, np.float32), probs, None)
     h.capture.close()
     (cap,) = list(iter_captures(str(store), "rgb-model"))
     assert np.array_equal(decode_image(cap.image_png, spec), batch.images[0])

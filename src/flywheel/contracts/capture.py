@@ -209,24 +209,15 @@ def encode_record(record: dict) -> str:
 
 def answer(model: str, version: str, class_names: list[str], probs: np.ndarray, top_k: int) -> dict:
     """One image's prediction as every serving engine answers it (the TorchServe handler and Triton's
-    Python-backend model): a fresh `prediction_id`, the version, the best class and the top k."""
-    order = np.argsort(-probs)[:top_k]
-    best = int(order[0])
-    return {
-        "prediction_id": uuid.uuid4().hex,
-        "model": model,
-        "version": version,
-        "label": class_names[best],
-        "label_index": best,
-        "confidence": float(probs[best]),
-        "top_k": [{"label": class_names[i], "index": int(i), "probability": float(probs[i])} for i in order],
-    }
+    Python-backend model): a fresh `prediction_id`, the version, the best class and the top k
+    (`answers` for a batch of one)."""
+    return answers(model, version, class_names, np.asarray(probs)[None], top_k)[0]
 
 
 def answers(model: str, version: str, class_names: list[str], probs: np.ndarray, top_k) -> list[dict]:
-    """`answer` for every row of `probs` (N, classes) at once, `top_k` one int or one per row: the
-    same dicts, with the sort and the float conversions done once for the batch instead of per image
-    (numpy sorts each row as `answer` sorts it alone)."""
+    """`answer` for every row of `probs` (N, classes) at once, `top_k` one int or one per row: a
+    fresh `prediction_id` each, the version, the best class and the top k, with the sort and the
+    float conversions done once for the batch."""
     probs = np.asarray(probs)
     if not len(probs):
         return []

@@ -379,13 +379,6 @@ class FlywheelHandler(BaseHandler):
             value = value.decode("utf-8", "replace")
         return _capture.traffic_kind(value if isinstance(value, str) else None)  # a dict: a body part's headers
 
-    def _prediction(self, image: np.ndarray, probs: np.ndarray, emb: np.ndarray, top_k: int,
-                    traffic: str | None = None) -> dict:
-        """One image's answer, captured (postprocess builds a batch's answers at once instead)."""
-        pred = _capture.answer(self.model_label, self.version, self.class_names, probs, top_k)
-        self._capture_answer(pred, image, emb, probs, traffic)
-        return pred
-
     def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray,
                         traffic: str | None) -> None:
         if self.capture is not None:  # submit never blocks or raises
