@@ -304,6 +304,13 @@ def _kill_a_node_mid_run(victim, ssh_node, ssh_node_b, tracking_stack, project_r
     return code, log.read_text(), run_id, client
 
 
+def _assert_nothing_logged_or_registered(client, model: str, run_id: str) -> None:
+    """Nothing half-done: no model logged for the run, nothing registered."""
+    experiment_id = client.get_experiment_by_name(model).experiment_id
+    assert not client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert client.search_model_versions(f"name = '{model}'") == []
+
+
 @pytest.mark.integration
 @pytest.mark.reliability  # ~3.5 min on 2 shared cores
 def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, tracking_stack, project_repo,
@@ -323,10 +330,7 @@ def test_losing_a_node_mid_run_fails_the_job_cleanly(ssh_node, ssh_node_b, track
     assert run.data.tags["flywheel.lost_ranks"] == "1" and run.data.tags["flywheel.lost_nodes"] == "node-b"
     assert run.data.tags["flywheel.failure"].startswith("lost rank(s) 1 on node(s) node-b")
     assert len(_runs(client, model, sha)) == 1
-    # Nothing half-done: no model logged for the run, nothing registered.
-    experiment_id = client.get_experiment_by_name(model).experiment_id
-    assert not client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert client.search_model_versions(f"name = '{model}'") == []
+    _assert_nothing_logged_or_registered(client, model, run_id)
     # The surviving node's job ended by itself (bounded), with an error, and holds nothing.
     assert int((ssh_node.workdir / sha / "job.exit").read_text()) != 0
     assert _lock_free(ssh_node, sha)
@@ -349,7 +353,5 @@ def test_losing_the_first_node_mid_run_ends_its_run_failed_from_the_client(ssh_n
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["flywheel.lost_ranks"] == "0" and run.data.tags["flywheel.lost_nodes"] == "node-a"
-    experiment_id = client.get_experiment_by_name(model).experiment_id
-    assert not client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert client.search_model_versions(f"name = '{model}'") == []
+    _assert_nothing_logged_or_registered(client, model, run_id)
     assert _lock_free(ssh_node_b, sha)
