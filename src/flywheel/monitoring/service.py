@@ -405,7 +405,7 @@ class Monitor:
         return Track(version, reference, detector, source, names, accuracy, where, preprocess)
 
     def _spec_of(self, version: str) -> tuple[str, list[str] | None, object]:
-        """(embedding source, class names) of the version's component spec. The embedding source is a
+        """(embedding source, class names, preprocessing spec) of the version's component spec. The embedding source is a
         label ("layer", or "softmax" when the component named no embedding, which the monitor says,
         since softmax outputs see less of a shift in the inputs than a penultimate layer does); the
         class names turn feedback labels into accuracy; the preprocessing spec turns captured images into
