@@ -312,6 +312,51 @@ def test_rgb_request_through_the_handler_is_captured_and_snapshotted_as_rgb(tmp_
         assert np.array_equal(np.asarray(img), batch.images[0])
 
 
+
+def test_a_request_already_a_png_in_the_models_layout_is_captured_as_sent_and_others_re_encoded(tmp_path):
+    """Capture keeps a request's bytes when they already are a PNG of the pixels the model saw (its
+    mode and size); a JPEG, another size or another mode is captured as encode_png of the decoded
+    pixels. Every captured PNG decodes to exactly what the model saw."""
+    from flywheel.contracts.capture import CaptureWriter, iter_captures
+    from flywheel.contracts.preprocessing import decode_image_and_png
+    from flywheel.serving.handler import FlywheelHandler
+
+    spec = PreprocessSpec(channels=3, height=32, width=48)
+    as_model_sees = _file(_rgb(32, 48, 0), compress_level=1)  # not the bytes encode_png writes
+    assert as_model_sees != encode_png(_rgb(32, 48, 0))
+    other = {"jpeg": _file(_rgb(32, 48, 1), "JPEG"), "size": _file(_rgb(40, 30, 2)),
+             "mode": _file(_rgb(32, 48, 3), mode="L"), "pillow-only": _file(_rgb(32, 48, 4), optimize=True,
+                                                                                 pnginfo=_text_chunk())}
+    assert decode_image_and_png(as_model_sees, spec)[1] is as_model_sees
+    assert all(decode_image_and_png(data, spec)[1] is None for data in other.values())
+
+    h = FlywheelHandler()
+    h.spec, h.class_names, h.top_k, h.max_images = spec, ["cat", "dog"], 2, 4
+    h.model_label, h.version, h.context = "rgb-model", "1", None
+    h._predictions_seen, h._capture_reported = 0, {}  # as initialize() leaves them
+    h.capture = CaptureWriter(str(tmp_path), flush_every=1)
+    requests = [as_model_sees, *other.values()]
+    batch = h.preprocess([{"body": bytearray(data)} for data in requests])
+    probs = np.tile(np.array([0.3, 0.7], np.float32), (len(requests), 1))
+    h.postprocess((batch, probs, np.zeros((len(requests), 4), np.float32)))
+    h.capture.close()
+    caps = sorted(iter_captures(str(tmp_path), "rgb-model"), key=lambda c: c.ts)
+    assert len(caps) == len(requests)
+    assert caps[0].image_png == as_model_sees
+    for cap, data, pixels in zip(caps, requests, batch.images, strict=True):
+        assert np.array_equal(decode_image(cap.image_png, spec), pixels)
+        if data is not as_model_sees:
+            assert cap.image_png == encode_png(pixels) != data
+
+
+def _text_chunk():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("comment", "a tEXt chunk: not a plain PNG, so Pillow decodes it")
+    return info
+
+
 def _outcome(decode, data: bytes, spec: PreprocessSpec):
     try:
         return "ok", decode(data, spec)

@@ -196,8 +196,9 @@ def _jsonable(value: Any) -> Any:
 def encode_record(record: dict) -> str:
     """One JSON line; image bytes as base64, arrays as lists.
 
-    `image_png` is the PNG of the image as the model saw it after decoding (preprocessing's
-    `encode_png`: greyscale "L" for a 1-channel model, "RGB" for a 3-channel one), stored as is."""
+    `image_png` is a PNG of the image as the model saw it after decoding, greyscale "L" for a
+    1-channel model, "RGB" for a 3-channel one, at the model's size: the request's own bytes where
+    they already are one, else preprocessing's `encode_png` (`capture_png`); stored as is."""
     out = {}
     for key, value in record.items():
         if key == "image_png" and isinstance(value, (bytes, bytearray)):

@@ -263,6 +263,13 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
     input, and any PNG libspng or zlib refuses, goes to Pillow, so pixels and errors are Pillow's
     either way.
     """
+    return decode_image_and_png(data, spec)[0]
+
+
+def decode_image_and_png(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> tuple[np.ndarray, bytes | None]:
+    """`decode_image`'s pixels, and `data` itself where it already is a PNG of exactly those pixels in
+    the spec's mode and size (a plain PNG, `_plain_png`, decoded as is), else None. Serving captures
+    that PNG as it came instead of re-encoding the pixels (`capture_png`)."""
     if not data:
         raise InvalidImage("empty image: the request body has no bytes")
     if len(data) > spec.max_bytes:
@@ -271,11 +278,11 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
     if plain is not None:
         mode = "RGB" if plain.ndim == 3 else "L"
         if mode == spec.mode and plain.shape[:2] == (spec.height, spec.width):
-            return plain
+            return plain, data
         img = Image.fromarray(plain, mode)  # the pixels Pillow would have decoded: same conversion and resize
         return _pixels(_resize_one(img if mode == spec.mode else img.convert(spec.mode), spec.height,
-                                   spec.width, spec.resize))
-    return _decode_pillow(data, spec)
+                                   spec.width, spec.resize)), None
+    return _decode_pillow(data, spec), None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -389,6 +396,13 @@ def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def capture_png(image: np.ndarray, png: bytes | None) -> bytes:
+    """The PNG a capture record stores for a decoded request image: the request's own bytes where
+    `decode_image_and_png` found them already in the model's layout, else `encode_png(image)`.
+    Either decodes to the same pixels."""
+    return png if png is not None else encode_png(image)
 
 
 def to_array(images: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:

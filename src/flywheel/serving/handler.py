@@ -88,6 +88,7 @@ class _Batch:
     """Preprocessed batch: valid images stacked, per-request slices, and per-request errors."""
 
     images: list = field(default_factory=list)  # decoded uint8 (H, W) or (H, W, 3) arrays (spec's layout)
+    pngs: list = field(default_factory=list)  # per image: its request bytes if already a PNG of it, else None
     slices: list = field(default_factory=list)  # per request: (start, stop, single, top_k) or RequestError
     inputs: np.ndarray | None = None  # normalised float32 (N, C, H, W), the model's input
 
@@ -194,7 +195,7 @@ class FlywheelHandler(BaseHandler):
 
     # ------------------------------------------------------------------------------- preprocess
     def _decode_request(self, row) -> tuple[list, bool, int]:
-        """One request → (images, single, top_k); raises RequestError naming the problem."""
+        """One request → ((pixels, png) per image, single, top_k); raises RequestError naming the problem."""
         value = row.get("data") if isinstance(row, dict) else None
         if value is None and isinstance(row, dict):
             value = row.get("body")
@@ -242,9 +243,9 @@ class FlywheelHandler(BaseHandler):
                   for i, v in enumerate(value)]
         return images, False, top_k
 
-    def _decode_image(self, data: bytes, where: str) -> np.ndarray:
+    def _decode_image(self, data: bytes, where: str) -> tuple[np.ndarray, bytes | None]:
         try:
-            return _pp.decode_image(data, self.spec)
+            return _pp.decode_image_and_png(data, self.spec)
         except _pp.InvalidImage as exc:
             raise RequestError(exc.status, f"{where}: {exc}") from None
 
@@ -261,7 +262,8 @@ class FlywheelHandler(BaseHandler):
                 batch.slices.append(RequestError(400, f"could not read request: {type(exc).__name__}"))
                 continue
             start = len(batch.images)
-            batch.images.extend(images)
+            batch.images.extend(pixels for pixels, _ in images)
+            batch.pngs.extend(png for _, png in images)
             batch.slices.append((start, len(batch.images), single, top_k))
         if batch.images:
             batch.inputs = _pp.to_array(np.stack(batch.images), self.spec)
@@ -324,7 +326,7 @@ class FlywheelHandler(BaseHandler):
             if self.capture is not None:
                 traffic = self._traffic(idx)
                 for i in range(start, stop):
-                    self._capture_answer(preds[i], batch.images[i], emb[i], probs[i], traffic)
+                    self._capture_answer(preds[i], batch.images[i], emb[i], probs[i], traffic, batch.pngs[i])
             self._respond(idx, 200)
             if single:
                 out.append(json.dumps(preds[start]))
@@ -380,9 +382,11 @@ class FlywheelHandler(BaseHandler):
         return _capture.traffic_kind(value if isinstance(value, str) else None)  # a dict: a body part's headers
 
     def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray,
-                        traffic: str | None) -> None:
+                        traffic: str | None, png: bytes | None = None) -> None:
+        """Capture one answer; `png`: the request's own bytes when already a PNG of `image`."""
         if self.capture is not None:  # submit never blocks or raises
-            self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic or _capture.LIVE))
+            self.capture.submit(_capture.record_of(pred, _pp.capture_png(image, png), emb, probs,
+                                                   traffic or _capture.LIVE))
 
     def _metric(self, name: str, value: float, unit: str, kind=MetricTypes.HISTOGRAM, idx: int | None = None) -> None:
         """One backend metric value; `idx` (a request's index in the batch) tags it with that request's

@@ -118,8 +118,8 @@ class TritonPythonModel:
             return {}
         return {str(k).lower(): v for k, v in params.items()} if isinstance(params, dict) else {}
 
-    def _decode(self, request) -> tuple[list[np.ndarray], int, str]:
-        """One request → (decoded images, top_k, traffic mark); raises RequestError naming the problem."""
+    def _decode(self, request) -> tuple[list[tuple[np.ndarray, bytes | None]], int, str]:
+        """One request → ((pixels, png) per image, top_k, traffic mark); raises RequestError naming the problem."""
         tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
         if tensor is None:
             raise RequestError(f"input '{IMAGE_INPUT}' is missing: send image bytes as a BYTES tensor [n, 1]")
@@ -138,7 +138,7 @@ class TritonPythonModel:
         for i, value in enumerate(values):
             data = value if isinstance(value, bytes) else bytes(value)
             try:
-                images.append(_pp.decode_image(data, self.spec))
+                images.append(_pp.decode_image_and_png(data, self.spec))
             except _pp.InvalidImage as exc:
                 raise RequestError(f"image[{i}]: {exc}") from None
         return images, top_k, _capture.traffic_kind(params.get(TRAFFIC_PARAMETER))
@@ -146,6 +146,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses: list = [None] * len(requests)
         images: list[np.ndarray] = []
+        pngs: list[bytes | None] = []  # per image: its request bytes if already a PNG of it
         slices: dict[int, tuple[int, int, int, str]] = {}
         for idx, request in enumerate(requests):
             try:
@@ -158,7 +159,8 @@ class TritonPythonModel:
                 responses[idx] = _invalid(f"could not read request: {type(exc).__name__}")
                 continue
             slices[idx] = (len(images), len(images) + len(decoded), top_k, traffic)
-            images.extend(decoded)
+            images.extend(pixels for pixels, _ in decoded)
+            pngs.extend(png for _, png in decoded)
         if images:
             inputs = _pp.to_array(np.stack(images), self.spec)
             logits, emb = self.session.run(None, {self.input_name: inputs})[:2]
@@ -171,7 +173,7 @@ class TritonPythonModel:
             for idx, (start, stop, _, traffic) in slices.items():
                 if self.capture is not None:
                     for i in range(start, stop):
-                        self._capture_answer(answered[i], images[i], emb[i], probs[i], traffic)
+                        self._capture_answer(answered[i], images[i], emb[i], probs[i], traffic, pngs[i])
                 responses[idx] = self._response(answered[start:stop], probs[start:stop], _requested(requests[idx]))
         return responses
 
@@ -192,9 +194,11 @@ class TritonPythonModel:
         outputs = [pb_utils.Tensor(name, build[name]()) for name in OUTPUTS if name in requested]
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
-    def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray, traffic: str) -> None:
+    def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray, traffic: str,
+                        png: bytes | None = None) -> None:
         """Capture one answer as the TorchServe handler does (handler._capture_answer)."""
-        self.capture.submit(_capture.record_of(pred, _pp.encode_png(image), emb, probs, traffic))  # never blocks or raises
+        record = _capture.record_of(pred, _pp.capture_png(image, png), emb, probs, traffic)
+        self.capture.submit(record)  # never blocks or raises
 
     def finalize(self):
         if self.capture is not None:
