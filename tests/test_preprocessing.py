@@ -347,6 +347,10 @@ def test_a_request_already_a_png_in_the_models_layout_is_captured_as_sent_and_ot
         assert np.array_equal(decode_image(cap.image_png, spec), pixels)
         if data is not as_model_sees:
             assert cap.image_png == encode_png(pixels) != data
+    # a request refused on its second image keeps nothing of its first: PNGs stay aligned with images
+    mixed = h.preprocess([{"body": {"images": [base64.b64encode(other["jpeg"]).decode(), "@@"]}},
+                          {"body": bytearray(as_model_sees)}])
+    assert len(mixed.images) == len(mixed.pngs) == 1 and mixed.pngs[0] == as_model_sees
 
 
 def _text_chunk():

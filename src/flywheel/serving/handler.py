@@ -194,8 +194,9 @@ class FlywheelHandler(BaseHandler):
         return self.postprocess(self.inference(self.preprocess(data)))
 
     # ------------------------------------------------------------------------------- preprocess
-    def _decode_request(self, row) -> tuple[list, bool, int]:
-        """One request → ((pixels, png) per image, single, top_k); raises RequestError naming the problem."""
+    def _decode_request(self, row, pngs: list | None = None) -> tuple[list, bool, int]:
+        """One request → (images, single, top_k); raises RequestError naming the problem. `pngs`, when
+        given, receives each image's request bytes if they already are a PNG of it, else None."""
         value = row.get("data") if isinstance(row, dict) else None
         if value is None and isinstance(row, dict):
             value = row.get("body")
@@ -211,7 +212,7 @@ class FlywheelHandler(BaseHandler):
                 except (UnicodeDecodeError, ValueError) as exc:
                     raise RequestError(400, f"malformed JSON body: {exc}") from None
             else:
-                return [self._decode_image(bytes(value), "body")], True, self.top_k
+                return [self._decode_image(bytes(value), "body", pngs)], True, self.top_k
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -227,7 +228,7 @@ class FlywheelHandler(BaseHandler):
                 top_k = k
             if "image" in value:
                 data = _image_bytes_from_b64(value["image"], "'image'")
-                return [self._decode_image(data, "'image'")], True, top_k
+                return [self._decode_image(data, "'image'", pngs)], True, top_k
             if "images" in value:
                 value = value["images"]
             else:
@@ -239,21 +240,25 @@ class FlywheelHandler(BaseHandler):
             raise RequestError(400, "'images' is empty")
         if len(value) > self.max_images:
             raise RequestError(413, f"too many images: {len(value)} > limit {self.max_images} per request")
-        images = [self._decode_image(_image_bytes_from_b64(v, f"images[{i}]"), f"images[{i}]")
+        images = [self._decode_image(_image_bytes_from_b64(v, f"images[{i}]"), f"images[{i}]", pngs)
                   for i, v in enumerate(value)]
         return images, False, top_k
 
-    def _decode_image(self, data: bytes, where: str) -> tuple[np.ndarray, bytes | None]:
+    def _decode_image(self, data: bytes, where: str, pngs: list | None = None) -> np.ndarray:
         try:
-            return _pp.decode_image_and_png(data, self.spec)
+            pixels, png = _pp.decode_image_and_png(data, self.spec)
         except _pp.InvalidImage as exc:
             raise RequestError(exc.status, f"{where}: {exc}") from None
+        if pngs is not None:
+            pngs.append(png)
+        return pixels
 
     def preprocess(self, data):
         batch = _Batch()
         for row in data:
+            pngs: list = []  # this request's; kept only if all of its images decode
             try:
-                images, single, top_k = self._decode_request(row)
+                images, single, top_k = self._decode_request(row, pngs)
             except RequestError as exc:
                 batch.slices.append(exc)
                 continue
@@ -262,8 +267,8 @@ class FlywheelHandler(BaseHandler):
                 batch.slices.append(RequestError(400, f"could not read request: {type(exc).__name__}"))
                 continue
             start = len(batch.images)
-            batch.images.extend(pixels for pixels, _ in images)
-            batch.pngs.extend(png for _, png in images)
+            batch.images.extend(images)
+            batch.pngs.extend(pngs)
             batch.slices.append((start, len(batch.images), single, top_k))
         if batch.images:
             batch.inputs = _pp.to_array(np.stack(batch.images), self.spec)
