@@ -329,6 +329,12 @@ def test_a_request_already_a_png_in_the_models_layout_is_captured_as_sent_and_ot
                                                                                  pnginfo=_text_chunk())}
     assert decode_image_and_png(as_model_sees, spec)[1] is as_model_sees
     assert all(decode_image_and_png(data, spec)[1] is None for data in other.values())
+    # decoded as is, but not stored as is: bytes after IEND, a wrong image-data CRC (a strict reader refuses it)
+    idat_crc = as_model_sees.index(b"IDAT") + 4 + int.from_bytes(as_model_sees[as_model_sees.index(b"IDAT") - 4:][:4], "big")
+    bad_crc = as_model_sees[:idat_crc] + bytes([as_model_sees[idat_crc] ^ 1]) + as_model_sees[idat_crc + 1:]
+    for data in (as_model_sees + b"bytes after IEND", bad_crc):
+        pixels, png = decode_image_and_png(data, spec)
+        assert png is None and np.array_equal(pixels, decode_image(as_model_sees, spec))
 
     h = FlywheelHandler()
     h.spec, h.class_names, h.top_k, h.max_images = spec, ["cat", "dog"], 2, 4

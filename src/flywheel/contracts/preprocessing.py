@@ -268,17 +268,19 @@ def decode_image(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> np.nda
 
 def decode_image_and_png(data: bytes, spec: PreprocessSpec = PreprocessSpec()) -> tuple[np.ndarray, bytes | None]:
     """`decode_image`'s pixels, and `data` itself where it already is a PNG of exactly those pixels in
-    the spec's mode and size (a plain PNG, `_plain_png`, decoded as is), else None. Serving captures
-    that PNG as it came instead of re-encoding the pixels (`capture_png`)."""
+    the spec's mode and size (a plain PNG, `_plain_png`, decoded as is, with every chunk's CRC right
+    and nothing after IEND: a PNG any reader takes, no larger than its image), else None. Serving
+    captures that PNG as it came instead of re-encoding the pixels (`capture_png`)."""
     if not data:
         raise InvalidImage("empty image: the request body has no bytes")
     if len(data) > spec.max_bytes:
         raise InvalidImage(f"image too large: {len(data)} bytes > limit {spec.max_bytes}", status=413)
-    plain = _plain_png(data, spec.max_pixels)
-    if plain is not None:
+    found = _decode_plain(data, spec.max_pixels)
+    if found is not None:
+        plain, whole = found
         mode = "RGB" if plain.ndim == 3 else "L"
         if mode == spec.mode and plain.shape[:2] == (spec.height, spec.width):
-            return plain, data
+            return plain, data if whole else None
         img = Image.fromarray(plain, mode)  # the pixels Pillow would have decoded: same conversion and resize
         return _pixels(_resize_one(img if mode == spec.mode else img.convert(spec.mode), spec.height,
                                    spec.width, spec.resize)), None
@@ -293,6 +295,12 @@ _PLAIN_PNG_INFO = {b"gAMA": 4, b"sRGB": 1, b"pHYs": 9}
 
 
 def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """`_decode_plain`'s pixels, or None."""
+    found = _decode_plain(data, max_pixels)
+    return None if found is None else found[0]
+
+
+def _decode_plain(data: bytes, max_pixels: int) -> tuple[np.ndarray, bool] | None:
     """An 8-bit greyscale or RGB, non-interlaced PNG without transparency, decoded by libspng, as
     read-only uint8 (H, W) or (H, W, 3): the same pixels Pillow decodes ("L" / "RGB"). None for
     anything else, so that Pillow decodes it or names its problem with its own message.
@@ -303,7 +311,8 @@ def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
     both ignore bytes after IEND); at most
     `max_pixels` (and Pillow's decompression-bomb limit). Any other chunk (text, ICC profile,
     palette, transparency, animation...), any other format, and anything libspng refuses (corrupt
-    or truncated image data) goes to Pillow."""
+    or truncated image data) goes to Pillow. With the pixels: whether `data` is that PNG and nothing
+    more (the image data's and IEND's CRCs right too, no bytes after IEND)."""
     if _spng is None or len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
@@ -313,6 +322,7 @@ def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
             or (bomb is not None and width * height > bomb)):
         return None
     view, size, pos, image = memoryview(data), len(data), 8, []  # image: the IDAT payloads
+    whole = True  # every CRC right, nothing after IEND (checked past the image data for this alone)
     while True:
         if pos + 12 > size:
             return None
@@ -325,11 +335,15 @@ def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
         elif name == b"IEND":
             if not image or length:
                 return None
-            break
         elif image or (pos > 8 and _PLAIN_PNG_INFO.get(name) != length):
             return None
-        if not image and zlib.crc32(view[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
-            return None
+        if zlib.crc32(view[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            if not image:
+                return None
+            whole = False
+        if name == b"IEND":
+            whole = whole and end + 4 == size
+            break
         pos = end + 4
     # libspng decodes some corrupt streams that Pillow's zlib refuses: a plain PNG's image data is
     # one whole zlib stream (checksum included) of exactly its filtered rows.
@@ -346,7 +360,7 @@ def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
     if pixels.dtype != np.uint8 or pixels.shape[:2] != (height, width):
         return None
     pixels.flags.writeable = False  # as Pillow's path returns them
-    return pixels
+    return pixels, whole
 
 
 def _decode_pillow(data: bytes, spec: PreprocessSpec) -> np.ndarray:
