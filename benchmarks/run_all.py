@@ -114,6 +114,7 @@ def run_one(b: Bench, quick: bool) -> dict:
     shown = [a for i, a in enumerate(args) if a != "--json-out" and not (i and args[i - 1] == "--json-out")]
     record["command"] = " ".join(["python", f"benchmarks/{b.name}.py", *shown])
     record["measured_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    record["cpu"] = _cpu_model()  # VMs of this project have come up on different CPUs between sessions
     print(out[-3000:], flush=True)
     if code != 0:
         record["status"] = f"failed (exit {code}, see results/{b.name}.log)"
@@ -330,9 +331,10 @@ def render(records: dict[str, dict], plots: list[str], quick: str) -> None:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0]
     lines = [BEGIN, "",
-             f"Table written {now} on {platform.node() or 'this machine'}: {cpu}, {os.cpu_count()} CPUs, "
+             f"Table rendered {now} on {platform.node() or 'this machine'}: {cpu}, {os.cpu_count()} CPUs, "
              f"{mem_gib:.0f} GiB, no GPU, Python {platform.python_version()}; load average at the end "
-             f"{load:.1f}. Versions: {quick}; each benchmark's command, time and load are listed below the table.",
+             f"{load:.1f}. Versions: {quick}; each benchmark's command, time, load and (where recorded) "
+             "CPU are listed below the table.",
              "",
              "| benchmark | figure | value | peer, ratio | goal |", "|---|---|---|---|---|"]
     for name in [b.name for b in BENCHES]:
@@ -346,6 +348,7 @@ def render(records: dict[str, dict], plots: list[str], quick: str) -> None:
         rec = records.get(name)
         if rec and rec.get("command"):
             when = f" at {rec['measured_at']}" if rec.get("measured_at") else ""
+            when += f" on {rec['cpu']}" if rec.get("cpu") else ""
             when += f" (5-min load average {rec['load_avg_5min']})" if rec.get("load_avg_5min") else ""
             lines.append(f"* `{rec['command']}`{when}: {rec.get('seconds', '?')} s, {rec['status']}"
                          + (f" ({rec['note']})" if rec.get("note") else ""))
