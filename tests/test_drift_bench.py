@@ -124,3 +124,25 @@ def test_the_monitor_row_with_the_input_channel_is_what_the_monitor_computes():
                 for w in windows]
     np.testing.assert_allclose([adapter.p(pool_emb[w], pool_prob[w], pool_inp[w]) for w in windows], expected)
     np.testing.assert_allclose(bench.Batch(adapter, pool_emb, pool_prob, pool_inp).p(windows), expected)
+
+
+def test_level_check_scores_an_extra_channel_as_the_detector_scores_its_own():
+    """benchmarks/drift_level.py (and drift_noise_channel.py) decide a candidate channel with the
+    detector's own statistic and null: given a channel's conformal p-values, `channel_p_values` is
+    what `window_p_values` gives that channel."""
+    spec = importlib.util.spec_from_file_location("drift_level", REPO / "benchmarks" / "drift_level.py")
+    level = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(level)
+    from flywheel.monitoring.drift import NoveltyDriftDetector
+
+    rng = np.random.default_rng(7)
+    ref_emb, ref_inp = np.abs(rng.normal(size=(300, 8))) + 0.1, rng.normal(size=(300, 5))
+    det = NoveltyDriftDetector(simulations=2000).fit(ref_emb, input_reference=ref_inp)
+    emb, inp = np.abs(rng.normal(size=(200, 8))) + 0.1, np.concatenate([rng.normal(size=(150, 5)),
+                                                                        rng.normal(size=(50, 5)) + 2])
+    u = det.p_values(emb, inp)
+    idx = np.stack([rng.choice(200, 50, replace=False) for _ in range(20)])
+    _, per = det.window_p_values({c: v[idx] for c, v in u.items()})
+    for channel in det.CHANNELS:
+        np.testing.assert_array_equal(level.channel_p_values(det, u[channel][idx]), per[channel])
+    assert (per["input"] < 0.01).any() and (per["direction"] > 0.01).all()

@@ -1,0 +1,98 @@
+"""The false-alarm level of `NoveltyDriftDetector` over many reference draws: a validity check, not a tuning.
+
+Why: the detector's p-values are conformal, so their level holds on average over the draw of the
+reference as well as of the windows, and only where reference and traffic are exchangeable. For one
+fixed draw of 1000 samples a channel's rate can sit a few times above or below its share (the 0.995
+tail level rests on 5 reference samples), and benchmarks/drift.py averages its clean windows over
+10 draws only. This script measures the detector on the same pools (the default model's validation
+split as reference pool, test images 3000-9999 as clean traffic) over --draws reference draws and
+--windows clean windows per draw and window size: the combined rate, its standard error over the
+draws, the share of draws above alpha, and each channel's rate against its Bonferroni share
+(p * channels < alpha). A channel whose rate stays above its share over many draws is not
+exchangeable between the validation split and clean traffic: that is a finding, not noise.
+
+    python benchmarks/drift_level.py                 # 100 draws x 1000 windows per W, about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import drift as bench  # noqa: E402
+
+from flywheel.monitoring.drift import NoveltyDriftDetector, _level_p_values, _rank_null, _tail_counts  # noqa: E402
+
+# extra channels: given a reference draw (indices into the pool), each extra channel's per-sample
+# conformal p-values of the clean pool
+Extra = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def default_pools():
+    """The default model's pools, as benchmarks/drift.py builds and caches them."""
+    counts = bench.FULL
+    model_uri, tracking_uri, key = bench.cached_fashion_model(None)
+    shifts_key = bench._digest((bench.SRC / "core/shifts.py").read_bytes(), str(counts.source).encode())
+    return bench.build_pools(model_uri, tracking_uri, bench.CACHE_ROOT / f"{key}-emb-{shifts_key}", counts,
+                             fashion=True)
+
+
+def channel_p_values(det: NoveltyDriftDetector, u: np.ndarray) -> np.ndarray:
+    """A channel's window p-values from its samples' conformal p-values (B, W), with the detector's own
+    tail-count statistic and rank null: for a channel the detector does not have itself."""
+    null_counts, null_min_p = _rank_null(len(det.calibration["direction"]), u.shape[1], det.simulations,
+                                         det.seed, det.levels)
+    min_p = _level_p_values(null_counts, _tail_counts(u, det.levels)).min(1)
+    return (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
+
+
+def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None = None) -> dict:
+    """{(W, decision): [false-alarm rate per draw]}; decisions: "detector" (Bonferroni over its channels),
+    with `extra` also "detector + extra" (Bonferroni over all), and each channel against its share."""
+    rng = np.random.default_rng(seed)
+    rates: dict[tuple[int, str], list[float]] = {}
+    for _ in range(draws):
+        draw = rng.choice(len(pools.ref_emb), min(1000, len(pools.ref_emb) // 2), replace=False)
+        det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw])
+        u = det.p_values(pools.clean_emb, pools.clean_inp)
+        u_extra = extra(draw) if extra is not None else {}
+        for w in bench.WINDOWS:
+            idx = np.stack([rng.choice(len(pools.clean_emb), w, replace=False) for _ in range(windows)])
+            p, per = det.window_p_values({c: v[idx] for c, v in u.items()})
+            per |= {c: channel_p_values(det, v[idx]) for c, v in u_extra.items()}
+            decisions = {"detector": p}
+            if u_extra:
+                decisions["detector + " + " + ".join(u_extra)] = np.minimum(1.0, len(per) * np.min(list(per.values()), 0))
+            decisions |= {c: v * len(per) for c, v in per.items()}
+            for name, values in decisions.items():
+                rates.setdefault((w, name), []).append(float(np.mean(values < bench.ALPHA)))
+    return rates
+
+
+def print_rates(rates: dict) -> None:
+    print("| W | decision | false alarms | s.e. over draws | draws above alpha |")
+    print("|---|---|---|---|---|")
+    for (w, name), r in rates.items():
+        r = np.asarray(r)
+        print(f"| {w} | {name} | {r.mean():.4f} | {r.std(ddof=1) / np.sqrt(len(r)):.4f} | "
+              f"{np.mean(r > bench.ALPHA):.2f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--draws", type=int, default=100, help="reference draws of 1000 samples")
+    ap.add_argument("--windows", type=int, default=1000, help="clean windows per draw and window size")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the draws and the windows")
+    args = ap.parse_args(argv)
+    pools = default_pools()
+    print(f"{pools.where}; {args.draws} reference draws x {args.windows} clean windows per W, alpha {bench.ALPHA}")
+    print_rates(level_rates(pools, args.draws, args.windows, args.seed))
+
+
+if __name__ == "__main__":
+    main()
