@@ -51,13 +51,14 @@ def channel_p_values(det: NoveltyDriftDetector, u: np.ndarray) -> np.ndarray:
     return (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
 
 
-def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None = None) -> dict:
+def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None = None,
+                reference_size: int = 1000) -> dict:
     """{(W, decision): [false-alarm rate per draw]}; decisions: "detector" (Bonferroni over its channels),
     with `extra` also "detector + extra" (Bonferroni over all), and each channel against its share."""
     rng = np.random.default_rng(seed)
     rates: dict[tuple[int, str], list[float]] = {}
     for _ in range(draws):
-        draw = rng.choice(len(pools.ref_emb), min(1000, len(pools.ref_emb) // 2), replace=False)
+        draw = rng.choice(len(pools.ref_emb), min(reference_size, len(pools.ref_emb)), replace=False)
         det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw])
         u = det.p_values(pools.clean_emb, pools.clean_inp)
         u_extra = extra(draw) if extra is not None else {}
@@ -85,13 +86,16 @@ def print_rates(rates: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--draws", type=int, default=100, help="reference draws of 1000 samples")
+    ap.add_argument("--draws", type=int, default=100, help="reference draws (of --reference-size samples)")
     ap.add_argument("--windows", type=int, default=1000, help="clean windows per draw and window size")
     ap.add_argument("--seed", type=int, default=0, help="seeds the draws and the windows")
+    ap.add_argument("--reference-size", type=int, default=1000,
+                    help="samples per reference draw (the product logs 1000: component/log.py REFERENCE_SIZE)")
     args = ap.parse_args(argv)
     pools = default_pools()
-    print(f"{pools.where}; {args.draws} reference draws x {args.windows} clean windows per W, alpha {bench.ALPHA}")
-    print_rates(level_rates(pools, args.draws, args.windows, args.seed))
+    print(f"{pools.where}; {args.draws} reference draws of {args.reference_size} x {args.windows} clean windows "
+          f"per W, alpha {bench.ALPHA}")
+    print_rates(level_rates(pools, args.draws, args.windows, args.seed, reference_size=args.reference_size))
 
 
 if __name__ == "__main__":
