@@ -124,8 +124,8 @@ Design log (append, never rewrite):
               each channel within 1-2 s.e. of its share; 14% / 31% / 23% of single reference draws are above
               alpha (one version's reference is one draw). What the misses lack, measured by
               benchmarks/drift_oracle.py: a classifier told the shift, on the same per-sample signals,
-              separates every held-out goal pair (per-sample AUC 0.88-1.00 from the embedding and softmax,
-              0.89-1.00 from the input statistics alone; its Neyman-Pearson window test >= 0.99 at W=100 with
+              separates every held-out goal pair (per-sample AUC 0.85-1.00 from the embedding and softmax,
+              0.88-1.00 from the input statistics alone; its Neyman-Pearson window test >= 0.99 at W=100 with
               the input statistics), where the detector's best label-free channel has 0.66-0.88 on the
               missed pairs. The shifts are in the signals; a test that is not told which way they move does
               not find them at 20% of a window.
