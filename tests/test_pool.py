@@ -8,7 +8,8 @@ Reliability (make test-reliability): 3 TorchServe replicas + HAProxy, 8 clients 
 a canary at 10 % gets 10 ± 3 % of the responses; a canary release promoted to 100 % with no failed
 request; a bad version (trained on 32 images: it passes a lenient acceptance but its live prediction
 mix is far from the stable version's) rolled back by its live checks with no failed request; a key
-renewal through the pool with no failed request; one replica SIGKILLed under load fails at most
+renewal through the pool with no failed request, and one that returns only once HAProxy has the
+replica UP again even when a slow key hand-off got it marked DOWN; one replica SIGKILLed under load fails at most
 `kill_failure_bound` requests, and none once HAProxy marks it DOWN.
 """
 
@@ -350,6 +351,36 @@ def test_key_renewal_through_the_pool_fails_no_request(live_pool):
     new = {r.name: read_keys(r.key_file)["inference"] for r in spec.replicas}
     assert all(new[n] != old[n] for n in old)
     assert live_pool.pool.runtime.show_map(spec.keys_map) == new
+
+
+@pytest.mark.reliability
+def test_key_renewal_returns_only_once_the_replica_is_up_again(live_pool, monkeypatch):
+    """A slow key hand-off (over SFTP, reading the new key can outlast HAProxy's `fall` checks, which
+    still carry the old key) gets the replica marked DOWN; renewal returns only after `rise` checks
+    have it UP again, so renewing replica after replica never leaves the pool without one."""
+    from flywheel.serving import pool as pool_module
+
+    spec = live_pool.pool.spec
+    real_set_key = pool_module.set_replica_key
+    marked_down = []
+
+    def slow_set_key(spec_, name, key):
+        deadline = time.monotonic() + 30
+        while not live_pool.pool.runtime.servers()[name].status.startswith("DOWN"):  # checks fail on the old key
+            assert time.monotonic() < deadline, f"HAProxy never marked {name} DOWN on its old key"
+            time.sleep(0.05)
+        marked_down.append(name)
+        real_set_key(spec_, name, key)
+
+    monkeypatch.setattr(pool_module, "set_replica_key", slow_set_key)
+    with Load(live_pool.pool.url, spec.token(), live_pool.pngs) as load:
+        load.wait_for(50)
+        for replica in spec.replicas:
+            pool_module.renew_inference_key(spec, replica.name)
+            assert live_pool.pool.runtime.servers()[replica.name].status == "UP"
+        load.wait_for(100)
+    assert marked_down == [r.name for r in spec.replicas]
+    assert _failed(load.snapshot()) == []
 
 
 @pytest.mark.reliability

@@ -84,6 +84,7 @@ from flywheel.serving.replica_files import ReplicaFiles, ReplicaSSH, replica_fil
 log = logging.getLogger(__name__)
 SPEC_FILE = "pool.json"
 TOKEN_FILE = "pool-token"  # the pool credential for clients, 0600 (HAProxy holds only its hash)
+UP_TIMEOUT_S = 30.0  # how long a replica put back in service may take to pass HAProxy's `rise` checks
 
 
 # ------------------------------------------------------------------------------------ description
@@ -352,7 +353,7 @@ def _front(work_dir: Path, replicas: tuple[Replica, ...], servers: list, *, capt
     pool = Pool(spec, spec.write(work_dir / SPEC_FILE), servers, proxy)
     try:
         for r in replicas:
-            proxy.runtime.wait_status(r.name, "UP", timeout=30)
+            proxy.runtime.wait_status(r.name, "UP", timeout=UP_TIMEOUT_S)
         if renew_keys:
             pool.renewer = PoolKeyRenewer(spec).start()
     except BaseException:
@@ -370,9 +371,16 @@ def set_replica_key(spec: PoolSpec, name: str, key: str) -> None:
     write_private(spec.keys_map, map_text(entries))
 
 
-def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0) -> None:
+def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0,
+                        up_timeout_s: float = UP_TIMEOUT_S) -> None:
     """Renew replica `name`'s inference key with no failed request: drain it, wait until nothing is in
-    flight, renew through TorchServe's token API, give HAProxy the new key, put it back."""
+    flight, renew through TorchServe's token API, give HAProxy the new key, put it back, and return
+    once HAProxy has it UP again.
+
+    Between the renewal and `set map`, HAProxy's health checks still carry the old key and fail; when
+    reading the new key takes longer than `fall` checks (over SFTP it can), HAProxy marks the replica
+    DOWN and wants `rise` good checks after it is put back. Returning before that would let the caller
+    drain the next replica into a pool with none UP."""
     replica, rt = spec.replica(name), spec.runtime()
     rt.set_state(name, "drain")
     try:
@@ -381,6 +389,7 @@ def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0
         set_replica_key(spec, name, keys.inference)
     finally:
         rt.set_state(name, "ready")
+    rt.wait_status(name, "UP", timeout=up_timeout_s)
 
 
 def _renewer(replica: Replica):
@@ -689,6 +698,7 @@ def pool_release(settings: Settings, model: str, version: str, env: str, target:
                 raise ReleaseFailed(f"replica {replica.name}: {exc}") from exc
             finally:
                 rt.set_state(replica.name, "ready")
+            rt.wait_status(replica.name, "UP", timeout=UP_TIMEOUT_S)  # back in service before the next is drained
             result.replicas[replica.name] = r
             summary = r.report.summary() if r.report else "accepted"
             what = "switched" if canary is None else "registered beside the default"
