@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import numpy as np
@@ -46,19 +48,49 @@ def test_sampling_and_full_queue_never_block(tmp_path):
     sampled = CaptureWriter(str(tmp_path / "s"), sample_rate=0.0)
     assert not sampled.submit(_record(0)) and sampled.sampled_out == 1 and sampled.dropped == 0
 
-    class SlowStore:  # a store that takes 0.5 s per write: the queue must absorb, then drop
-        uri = "slow"
+    class HungStore:  # a store whose writes hang until released: the queue must absorb, then drop
+        uri = "hung"
+
+        def __init__(self):
+            self.entered, self.release = threading.Event(), threading.Event()
 
         def put(self, name, data):
-            time.sleep(0.5)
+            self.entered.set()
+            self.release.wait(60)
 
     writer = CaptureWriter(str(tmp_path / "q"), max_queue=8, flush_every=1)
-    writer.store = SlowStore()
-    start = time.perf_counter()
-    accepted = sum(writer.submit(_record(i)) for i in range(200))
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"200 submits took {elapsed:.3f}s: submit must not wait for the store"
-    assert accepted <= 10 and writer.dropped >= 190
+    writer.store = store = HungStore()
+    assert writer.submit(_record(0)) and store.entered.wait(30)  # the writer is stuck in its first put
+    accepted = sum(writer.submit(_record(i)) for i in range(1, 200))
+    # Every submit returned while that put still hangs: none of them waited for the store.
+    assert not store.release.is_set() and writer.written == 0
+    assert accepted <= 10 and writer.dropped >= 189
+    store.release.set()
+    writer.close()
+
+
+def test_a_record_builder_runs_only_for_a_kept_record(tmp_path):
+    """The serving handlers pass a function that encodes the image: a sampled-out request, or one
+    met by a closed writer, never pays for it; one that fails is counted, never raised."""
+    built = []
+
+    def builder(i):
+        return lambda: built.append(i) or _record(i)
+
+    sampled = CaptureWriter(str(tmp_path / "s"), sample_rate=0.0)
+    assert not sampled.submit(builder(0)) and sampled.sampled_out == 1 and built == []
+
+    writer = CaptureWriter(str(tmp_path / "k"), flush_every=5, flush_seconds=0.1)
+    assert all(writer.submit(builder(i)) for i in (1, 2, 3))
+
+    def broken():
+        raise ValueError("cannot encode this image")
+
+    assert not writer.submit(broken) and writer.dropped == 1 and "cannot encode" in writer.last_error
+    writer.close()
+    assert not writer.submit(builder(4)) and writer.dropped == 2
+    assert built == [1, 2, 3]
+    assert [c.prediction_id for c in iter_captures(str(tmp_path / "k"), "fashion-classifier")] == ["p1", "p2", "p3"]
 
 
 def test_unwritable_store_counts_drops(tmp_path):
@@ -96,16 +128,19 @@ def test_gcs_store_through_emulator(gcs_env):
 
 @pytest.mark.integration
 def test_gcs_store_unreachable_drops_fast(monkeypatch):
-    from tests.conftest import free_port
-
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    # A store that accepts connections and never answers: an upload hangs for the store timeout (5 s).
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
     writer = CaptureWriter("gs://nowhere/captures", flush_every=4, flush_seconds=0.1)
-    start = time.perf_counter()
-    for i in range(40):
-        writer.submit(_record(i))
-    assert time.perf_counter() - start < 0.5
+    try:
+        for i in range(40):
+            writer.submit(_record(i))
+        # All 40 returned before any upload gave up: no submit waited for the store.
+        assert writer.errors == 0 and writer.written == 0
+    finally:
+        silent.close()  # the hung connections are reset, the rest refused: each upload fails at once
     assert writer.flush(30)
-    assert writer.dropped == 40 and writer.written == 0
+    assert writer.dropped == 40 and writer.written == 0 and writer.errors >= 1
 
 
 def test_answers_of_a_batch_equal_one_answer_per_image():

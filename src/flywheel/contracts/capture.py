@@ -5,7 +5,8 @@ This module is copied into every TorchServe archive next to the handler, so it i
 standard library and numpy at module level (google-cloud-storage lazily, for gs:// only) and never
 other flywheel modules.
 
-Writer: `CaptureWriter.submit(record)` puts the record on a bounded queue and returns at once; a
+Writer: `CaptureWriter.submit(record)` puts the record (or what a function given instead builds, called
+only once the record is kept) on a bounded queue and returns at once; a
 daemon thread batches records into one JSON-lines object per flush. A slow, full or unreachable store
 therefore never fails a request or delays it: records that do not fit are counted in `dropped`.
 
@@ -329,18 +330,21 @@ class CaptureWriter:
         self._folders: set[str] = set()
 
     # -- request path ------------------------------------------------------------------------
-    def submit(self, record: dict) -> bool:
-        """Queue one record for capture. False when sampled out, closed, or the queue is full."""
+    def submit(self, record: dict | Callable[[], dict]) -> bool:
+        """Queue one record for capture. False when sampled out, closed, or the queue is full.
+
+        `record` may be a function that builds it: it is called only for a record that is kept, so a
+        request sampled out (or met by a full queue) costs no image encoding on the request path."""
         try:
             if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
                 with self._lock:
                     self.sampled_out += 1
                 return False
-            if self._closed:
+            if self._closed or self._queue.full():
                 self._count_dropped(1)
                 return False
             self._ensure_thread()
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(record() if callable(record) else record)
             with self._lock:
                 self.submitted += 1
             return True

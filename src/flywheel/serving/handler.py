@@ -388,10 +388,11 @@ class FlywheelHandler(BaseHandler):
 
     def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray,
                         traffic: str | None, png: bytes | None = None) -> None:
-        """Capture one answer; `png`: the request's own bytes when already a PNG of `image`."""
+        """Capture one answer; `png`: the request's own bytes when already a PNG of `image`, else it is
+        encoded, and only if the writer keeps the record (submit calls the builder after sampling)."""
         if self.capture is not None:  # submit never blocks or raises
-            self.capture.submit(_capture.record_of(pred, _pp.capture_png(image, png), emb, probs,
-                                                   traffic or _capture.LIVE))
+            self.capture.submit(lambda: _capture.record_of(pred, _pp.capture_png(image, png), emb, probs,
+                                                           traffic or _capture.LIVE))
 
     def _metric(self, name: str, value: float, unit: str, kind=MetricTypes.HISTOGRAM, idx: int | None = None) -> None:
         """One backend metric value; `idx` (a request's index in the batch) tags it with that request's

@@ -196,9 +196,9 @@ class TritonPythonModel:
 
     def _capture_answer(self, pred: dict, image: np.ndarray, emb: np.ndarray, probs: np.ndarray, traffic: str,
                         png: bytes | None = None) -> None:
-        """Capture one answer as the TorchServe handler does (handler._capture_answer)."""
-        record = _capture.record_of(pred, _pp.capture_png(image, png), emb, probs, traffic)
-        self.capture.submit(record)  # never blocks or raises
+        """Capture one answer as the TorchServe handler does (handler._capture_answer): the PNG is
+        encoded only if the writer keeps the record."""
+        self.capture.submit(lambda: _capture.record_of(pred, _pp.capture_png(image, png), emb, probs, traffic))
 
     def finalize(self):
         if self.capture is not None:
