@@ -86,7 +86,8 @@ def _series(text: str, name: str, **labels) -> float | None:
 @pytest.mark.integration
 def test_one_monitor_two_models_drift_on_one_fires_only_its_trigger(serving_models, fashion_embeddings, tmp_path):
     from flywheel.core.config import Settings
-    from flywheel.monitoring.service import MonitorConfig, MonitorGroup
+    from flywheel.monitoring.group import MonitorGroup
+    from flywheel.monitoring.service import MonitorConfig
     from flywheel.monitoring.triggers import LocalCommand, PolicyConfig
 
     versions = _register_models(serving_models)
@@ -214,8 +215,8 @@ def test_monitor_process_with_a_config_file(serving_models, fashion_embeddings, 
 
 def test_config_file_and_state_dir_errors_are_clear(tmp_path):
     from flywheel.core.errors import FlywheelError
+    from flywheel.monitoring.group import monitor_state_dir
     from flywheel.monitoring.monitors_file import MonitorEntry, read_monitors_file
-    from flywheel.monitoring.service import monitor_state_dir
 
     base = MonitorEntry(model="default-model", window=100)
     good = tmp_path / "good.yaml"

@@ -55,7 +55,8 @@ def _copy_real_model(serving_models, client, tmp_path: Path) -> str:
 def test_status_lists_models_aliases_deployments_windows_and_retrains(tracking_stack, serving_models,
                                                                      fashion_embeddings, tmp_path):
     from flywheel.core.registry import Registry
-    from flywheel.monitoring.service import MonitorConfig, MonitorGroup
+    from flywheel.monitoring.group import MonitorGroup
+    from flywheel.monitoring.service import MonitorConfig
     from flywheel.monitoring.triggers import PolicyConfig
 
     settings = tracking_stack.settings(work_dir=tmp_path / "work", model_name=A)

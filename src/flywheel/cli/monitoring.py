@@ -85,8 +85,9 @@ def monitor(
 
     from click.core import ParameterSource
 
+    from flywheel.monitoring.group import MonitorGroup, describe_tick, monitor_state_dir
     from flywheel.monitoring.monitors_file import MonitorEntry, read_monitors_file
-    from flywheel.monitoring.service import MonitorConfig, MonitorGroup, describe_tick, monitor_state_dir
+    from flywheel.monitoring.service import MonitorConfig
     from flywheel.monitoring.triggers import PolicyConfig, build_actions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,6 +1,6 @@
 """The monitor's Prometheus metrics: one registry per monitor process, every series labelled by
 `model` and `env` (and `version` for the per-version families), so one /metrics endpoint serves every
-model a `MonitorGroup` watches. Kept apart from `service.py`, which fills them after each tick."""
+model a `MonitorGroup` watches. Kept apart from `service.py`, which fills them after each tick (`group.py` serves them)."""
 
 from __future__ import annotations
 
