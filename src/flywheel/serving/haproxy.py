@@ -35,7 +35,9 @@ Design (one config, rendered by `render_config` from a frozen `HAProxyConfig`):
 
 Key renewal (TorchServe 0.12 rejects the old key at once, no overlap): drain the replica (`set server
 replicas/<name> state drain`), wait until it has no request in flight, renew the key, `set map` the
-new key (and rewrite keys.map for a restart), `state ready` (`flywheel.serving.pool.Pool.renew_keys`).
+new key (and rewrite keys.map for a restart), `state ready`, and wait until its checks have it UP
+(checks sent with the old key may have marked it DOWN) before the next replica is drained
+(`flywheel.serving.pool.renew_inference_key`).
 
 How many requests a SIGKILLed replica can fail (`kill_failure_bound`): a request fails only if every
 one of its `retries + 1` attempts fails; with `redispatch 1` each retry avoids the server that just
