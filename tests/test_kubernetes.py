@@ -387,6 +387,10 @@ def test_gate_configuration_fronts_a_real_torchserve(rendered, torchserve_server
         conn.endheaders()
         big = conn.getresponse()
         assert big.status == 413 and json.loads(big.read())["code"] == 413
+        chunk = b"x" * 65536  # chunked: no Content-Length, so TorchServe's limit answers, and the gate says so
+        big = requests.post(predict, data=(chunk for _ in range(8388608 // len(chunk) + 2)),
+                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert big.status_code == 413 and big.json()["code"] == 413, big.text
     finally:
         stop_process_group(proc)
         log.close()

@@ -2,7 +2,8 @@
 
 Fast (make test): the canary's decision function on plain numbers, and HAProxy's own JSON answers
 (401 without the pool credential, 413 over the body limit, 503 with no replica up) from a real
-HAProxy whose replicas are not running.
+HAProxy whose replicas are not running; a chunked body over the limit, which only TorchServe can
+measure, answered with the same JSON 413 by a pool in front of a real TorchServe.
 
 Reliability (make test-reliability): 3 TorchServe replicas + HAProxy, 8 clients sending live traffic:
 a canary at 10 % gets 10 ± 3 % of the responses; a canary release promoted to 100 % with no failed
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import requests
 
@@ -104,6 +106,36 @@ def test_haproxy_answers_json_401_413_503(tmp_path):
         assert r.status_code == 503
         hp.runtime.set_state("r1", "drain")
         assert hp.runtime.servers()["r1"].status.startswith("DRAIN") or hp.runtime.servers()["r1"].status == "DOWN"
+
+
+@pytest.mark.integration
+def test_chunked_body_over_the_limit_gets_the_pools_json_413(torchserve_server, tmp_path):
+    """A chunked body carries no Content-Length for HAProxy's own 413: TorchServe's limit refuses it
+    with an empty 413, which the pool answers as its JSON. The handler's own JSON 413 (too many
+    images) passes unchanged, and the pool serves the next request."""
+    import base64
+
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.serving.haproxy import ERRORS, MAX_BODY_BYTES
+    from flywheel.serving.pool import Replica, front_pool
+
+    ts = torchserve_server.server
+    replica = Replica("r1", ts.cfg.inference_address, ts.cfg.management_address, ts.key_file, ts.cfg.model_store)
+    pool = front_pool(tmp_path / "pool", [replica], renew_keys=False)
+    try:
+        auth = {"Authorization": f"Bearer {pool.spec.token()}"}
+        url = f"{pool.url}/predictions/{MODEL}"
+        chunk = b"x" * 65536
+        r = requests.post(url, data=(chunk for _ in range(MAX_BODY_BYTES // len(chunk) + 2)), headers=auth, timeout=60)
+        assert r.status_code == 413 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"] == ERRORS[413]
+        png = encode_png(np.arange(784, dtype=np.uint8).reshape(28, 28))
+        r = requests.post(url, json={"images": [base64.b64encode(png).decode()] * 65}, headers=auth, timeout=60)
+        assert r.status_code == 413 and "too many images" in r.text, r.text
+        r = requests.post(url, data=png, headers={**auth, "Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.json()["version"] == torchserve_server.version, r.text
+    finally:
+        pool.stop()
 
 
 def test_request_log_lines_by_arm(tmp_path):

@@ -11,7 +11,8 @@ Design (one config, rendered by `render_config` from a frozen `HAProxyConfig`):
   `credentials.lst` gets 401 JSON (`req.hdr(authorization),word(2,' '),sha2(256),hex,lower -f`: only
   hashes are on disk, never the credential; several lines = rotation with overlap, `add acl` /
   `del acl` at runtime); a `Content-Length` above `max_body_bytes` gets 413 JSON (TorchServe's own
-  limit answers an empty 413 and resets the connection); anything but `POST /predictions/...` and
+  limit answers an empty 413 and resets the connection; a chunked body, which has no `Content-Length`,
+  meets that limit, and its empty 413 is answered as HAProxy's own JSON); anything but `POST /predictions/...` and
   `GET /ping` gets 404 JSON (management and metrics never go through the pool); no replica up gets
   503 JSON (`nbsrv`); `GET /ping` is answered by HAProxy itself (how many replicas are up).
 * Canary: `canary.map` maps a model name to `VERSION:SHARE`. An unversioned `/predictions/M` is sent
@@ -245,6 +246,10 @@ def render_config(cfg: HAProxyConfig) -> str:
         "    http-request set-var(txn.version) var(txn.canary),field(1,:) if { var(txn.roll) -m int lt 0 }",
         "    http-request set-var(txn.arm) str(canary) if { var(txn.version) -m found }",
         "    http-request set-path /predictions/%[var(txn.model)]/%[var(txn.version)] if { var(txn.version) -m found }",
+        # 6. A chunked body carries no Content-Length for rule 2: TorchServe's own limit refuses it
+        #    with an empty 413 (the handler's own 413s are JSON, and pass unchanged).
+        f"    http-response return status 413 content-type application/json string '{_json_string(ERRORS[413])}'"
+        " if { status 413 } !{ res.hdr(content-type) -m found }",
         f"    default_backend {BACKEND}",
         "",
     ]
