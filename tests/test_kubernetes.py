@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -329,19 +330,17 @@ def test_haproxy_accepts_the_gate_and_gateway_configurations(rendered, tmp_path)
     assert 'weight "${STABLE_WEIGHT}"' in text and 'weight "${CANARY_WEIGHT}"' in text
 
 
-@pytest.mark.integration
-def test_gate_configuration_fronts_a_real_torchserve(rendered, torchserve_server, tmp_path):
+@contextmanager
+def _gate(rendered, torchserve_server, tmp_path):
     """The pod's gate (its ConfigMap as rendered, HAProxy 2.6, the Lua key reader) in front of a real
-    TorchServe with token auth; only its listen address and TorchServe's port are rewritten for loopback."""
+    TorchServe with token auth; only its listen address and TorchServe's port are rewritten for
+    loopback. Yields (its URL, the pool credential) once it answers /ping."""
     import time
     from urllib.parse import urlsplit
 
     import requests
 
-    from flywheel.contracts.preprocessing import encode_png
-    from flywheel.core.data import load_splits
     from flywheel.core.procs import free_port, stop_process_group
-    from flywheel.serving.keys import read_keys
 
     gate = _get(rendered["prod"], "ConfigMap", "serving-gate")["data"]
     (tmp_path / "replica_key.lua").write_text(gate["replica_key.lua"])
@@ -363,12 +362,33 @@ def test_gate_configuration_fronts_a_real_torchserve(rendered, torchserve_server
         deadline = time.monotonic() + 30
         while True:
             try:
-                ping = requests.get(url + "/ping", timeout=5)
+                requests.get(url + "/ping", timeout=5)
                 break
             except requests.ConnectionError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"haproxy did not start: {(tmp_path / 'haproxy.log').read_text()[-2000:]}")
                 time.sleep(0.2)
+        yield url, token
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+@pytest.mark.integration
+def test_gate_configuration_fronts_a_real_torchserve(rendered, torchserve_server, tmp_path):
+    """The pod's gate in front of a real TorchServe: 200 with the pool credential, JSON 401 without it,
+    JSON 413 over the limit (announced or chunked), /ping without a token."""
+    from urllib.parse import urlsplit
+
+    import requests
+
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_splits
+    from flywheel.serving.keys import read_keys
+
+    with _gate(rendered, torchserve_server, tmp_path) as (url, token):
+        port = urlsplit(url).port
+        ping = requests.get(url + "/ping", timeout=5)
         assert ping.status_code == 200 and ping.json()["status"] == "Healthy"  # no token: kubelet's probe
         png = encode_png(load_splits("fashion-mnist").test.images[0])
         predict = f"{url}/predictions/{torchserve_server.model}"
@@ -391,9 +411,56 @@ def test_gate_configuration_fronts_a_real_torchserve(rendered, torchserve_server
         big = requests.post(predict, data=(chunk for _ in range(8388608 // len(chunk) + 2)),
                             headers={"Authorization": f"Bearer {token}"}, timeout=60)
         assert big.status_code == 413 and big.json()["code"] == 413, big.text
-    finally:
-        stop_process_group(proc)
-        log.close()
+
+
+@pytest.mark.integration
+def test_gate_holds_requests_while_the_renewer_replaces_the_key(rendered, torchserve_server, tmp_path):
+    """TorchServe rejects the old inference key the moment it issues a new one; the gate reads the key
+    per request. The serving image's renewer (`hold=True`) holds the gate around each renewal, so
+    renewing ten times under four clients fails no request."""
+    import threading
+    import time
+
+    import requests
+
+    from flywheel.contracts.preprocessing import encode_png
+    from flywheel.core.data import load_splits
+    from flywheel.serving.keys import KeyRenewer, hold_file, read_keys
+
+    png = encode_png(load_splits("fashion-mnist").test.images[0])
+    renewer = KeyRenewer(torchserve_server.server.cfg.management_address, torchserve_server.key_file, hold=True)
+    statuses, stop = [], threading.Event()
+    with _gate(rendered, torchserve_server, tmp_path) as (url, token):
+        def client():
+            session = requests.Session()
+            while not stop.is_set():
+                r = session.post(f"{url}/predictions/{torchserve_server.model}", data=png, timeout=30,
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+                statuses.append((r.status_code, r.text[:200]))
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        def answered(n):  # wait until the clients have had n more answers
+            goal, deadline = len(statuses) + n, time.monotonic() + 60
+            while len(statuses) < goal:
+                assert time.monotonic() < deadline, f"the clients got {len(statuses)} answers, not {goal}"
+                time.sleep(0.01)
+
+        try:
+            keys = [read_keys(torchserve_server.key_file)["inference"]]
+            for _ in range(10):
+                answered(20)  # traffic flows before each renewal and after it
+                renewer.renew("inference")
+                keys.append(read_keys(torchserve_server.key_file)["inference"])
+            answered(20)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+    assert len(set(keys)) == 11 and not hold_file(torchserve_server.key_file).exists()
+    failed = [s for s in statuses if s[0] != 200]
+    assert failed == [], (len(failed), len(statuses), failed[:3])
 
 
 # ------------------------------------------------------------------------ release target: plain data

@@ -26,7 +26,8 @@ Hence: `read_key_file` retries briefly on an empty or half-written file; `fresh_
 the file shows a key other than the one just rejected (bounded: a key regenerated a moment ago may
 not be on disk yet); `KeyRenewer` renews each key once half its lifetime has passed (`plan_renewal`,
 a pure function), holding an flock so two renewers of one node never interleave TorchServe's
-unsynchronised rewrite.
+unsynchronised rewrite; the serving image's renewer also holds a gate in front (`hold_renewal`), so
+that no request is sent with a key TorchServe has just replaced.
 
 This module imports only the standard library and `flywheel.core.errors`: the serving image ships it
 (with those two files) for its entrypoint and HEALTHCHECK, which have no flywheel install.
@@ -38,6 +39,7 @@ import argparse
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -48,6 +50,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +59,9 @@ from flywheel.core.errors import FlywheelError
 
 KINDS = ("inference", "management")
 READ_WAIT_S = 2.0  # how long a half-written key file is waited for
+HOLD_SUFFIX = ".renewing"  # <key_file>.renewing: while it exists, a gate that reads the key per request waits
+HOLD_MAX_S = 5  # the deadline written in it: a renewer that died holding stalls nothing for longer
+HOLD_SETTLE_S = 0.05  # after the hold is set, requests already given the old key reach TorchServe (loopback)
 FRESH_WAIT_S = 5.0  # how long a re-read may keep showing a key that was just rejected
 log = logging.getLogger("flywheel.serving_keys")
 _TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
@@ -218,8 +224,9 @@ class KeyRenewer(BackgroundRenewer):
 
     def __init__(self, management_url: str, key_file: Path, *, lifetime_s: float | None = None,
                  timeout_s: float = 10.0, min_interval_s: float = 1.0, max_interval_s: float = 300.0,
-                 reader: Callable[[], KeyFile] | None = None, where: str = ""):
+                 reader: Callable[[], KeyFile] | None = None, where: str = "", hold: bool = False):
         super().__init__()
+        self.hold = hold  # write <key_file>.renewing around an inference renewal (`hold_renewal`)
         self.management_url = management_url.rstrip("/")
         self.key_file = Path(key_file)
         # `reader`: how `renew` reads the key file when it is not on this host (a pool replica's, over
@@ -233,7 +240,14 @@ class KeyRenewer(BackgroundRenewer):
         self.renewals = 0
 
     def renew(self, kind: str) -> KeyFile:
-        """Have TorchServe issue a new `kind` key now; returns the key file once it shows it."""
+        """Have TorchServe issue a new `kind` key now; returns the key file once it shows it. With
+        `hold`, an inference renewal happens inside `hold_renewal`."""
+        if self.hold and kind == "inference":
+            with hold_renewal(self.key_file):
+                return self._renew(kind)
+        return self._renew(kind)
+
+    def _renew(self, kind: str) -> KeyFile:
         before = self._read()
         if not before.api:
             raise FlywheelError(f"{self.key_file}{self.where} has no API key: it is not a TorchServe 0.12 "
@@ -313,6 +327,32 @@ class KeyRenewer(BackgroundRenewer):
         return min(max(left / 4, self.min_interval_s), 30.0)
 
 
+def hold_file(key_file: Path) -> Path:
+    return Path(key_file).with_name(Path(key_file).name + HOLD_SUFFIX)
+
+
+@contextmanager
+def hold_renewal(key_file: Path):
+    """Hold new requests of a gate that injects the key per request while the inference key changes.
+
+    TorchServe rejects the old key the moment it issues the new one, and the gate (the Kubernetes pod's
+    HAProxy, `replica_key.lua`) reads the key file per request: a request given the old key just before
+    the renewal is rejected (400), measured at about 2 per renewal under 4 clients. So: write
+    `<key_file>.renewing` (its content: a deadline, epoch seconds, `HOLD_MAX_S` ahead), wait
+    `HOLD_SETTLE_S` for requests already given the old key to reach TorchServe (it checks keys as they
+    arrive), renew, remove the file. The gate holds each new request while the file exists and its
+    deadline is ahead, then reads the key: the new one."""
+    path = hold_file(key_file)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{math.ceil(time.time() + HOLD_MAX_S)}\n")
+    os.replace(tmp, path)  # the gate never reads a half-written deadline
+    try:
+        time.sleep(HOLD_SETTLE_S)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
@@ -371,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cmd:
         parser.error("give the TorchServe command line")
     args.key_file.unlink(missing_ok=True)  # a stale file would carry the previous server's keys
-    renewer = KeyRenewer(management_url_from_properties(args.ts_config), args.key_file)
+    hold_file(args.key_file).unlink(missing_ok=True)  # left by a renewer that died holding
+    renewer = KeyRenewer(management_url_from_properties(args.ts_config), args.key_file, hold=True)
     return supervise(cmd, renewer)
 
 

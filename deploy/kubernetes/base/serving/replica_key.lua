@@ -2,8 +2,23 @@
 -- with this replica's TorchServe inference key, read from key_file.json on every request.
 -- TorchServe rewrites that file in place (truncate, then write), so a read that finds no key keeps
 -- the last key read; the file is a few hundred bytes in the pod's own emptyDir.
+-- While the entrypoint's renewer replaces the inference key it writes key_file.json.renewing (a
+-- deadline, epoch seconds): TorchServe rejects the old key at once, so a new request waits here
+-- until the file is gone (milliseconds), and never longer than its deadline or HOLD_WAIT_MS.
 local key_file = os.getenv("FLYWHEEL_TS_KEY_FILE") or "/opt/flywheel/run/key_file.json"
+local hold_file = key_file .. ".renewing"
+local HOLD_WAIT_MS = 2000
 local last_key = nil
+
+local function held()
+    local f = io.open(hold_file, "r")
+    if f == nil then
+        return false
+    end
+    local deadline = tonumber(f:read("*l") or "")
+    f:close()
+    return deadline == nil or os.time() <= deadline
+end
 
 local function read_key()
     local f = io.open(key_file, "r")
@@ -16,6 +31,11 @@ local function read_key()
 end
 
 core.register_action("replica_key", {"http-req"}, function(txn)
+    local waited = 0
+    while waited < HOLD_WAIT_MS and held() do
+        core.msleep(2)
+        waited = waited + 2
+    end
     local key = read_key() or last_key
     if key ~= nil then
         last_key = key
