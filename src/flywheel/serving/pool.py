@@ -42,6 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -371,25 +372,32 @@ def set_replica_key(spec: PoolSpec, name: str, key: str) -> None:
     write_private(spec.keys_map, map_text(entries))
 
 
-def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0,
-                        up_timeout_s: float = UP_TIMEOUT_S) -> None:
-    """Renew replica `name`'s inference key with no failed request: drain it, wait until nothing is in
-    flight, renew through TorchServe's token API, give HAProxy the new key, put it back, and return
-    once HAProxy has it UP again.
+@contextmanager
+def out_of_service(rt: RuntimeAPI, name: str, drain_timeout_s: float, up_timeout_s: float = UP_TIMEOUT_S):
+    """Replica `name` drained, with nothing in flight, for the body; then put back, and (when the body
+    succeeded) waited for until HAProxy has it UP again, so that a caller going replica by replica
+    never drains the next one into a pool with none UP.
 
-    Between the renewal and `set map`, HAProxy's health checks still carry the old key and fail; when
-    reading the new key takes longer than `fall` checks (over SFTP it can), HAProxy marks the replica
-    DOWN and wants `rise` good checks after it is put back. Returning before that would let the caller
-    drain the next replica into a pool with none UP."""
-    replica, rt = spec.replica(name), spec.runtime()
+    The wait matters because the body may have failed health checks: during a key renewal they still
+    carry the old key until `set map`, and when reading the new key outlasts `fall` checks (over SFTP
+    it can), HAProxy marks the replica DOWN and wants `rise` good checks after it is put back."""
     rt.set_state(name, "drain")
     try:
         rt.wait_idle(name, drain_timeout_s)
-        keys = _renewer(replica).renew("inference")
-        set_replica_key(spec, name, keys.inference)
+        yield
     finally:
         rt.set_state(name, "ready")
     rt.wait_status(name, "UP", timeout=up_timeout_s)
+
+
+def renew_inference_key(spec: PoolSpec, name: str, drain_timeout_s: float = 60.0,
+                        up_timeout_s: float = UP_TIMEOUT_S) -> None:
+    """Renew replica `name`'s inference key with no failed request: out of service (`out_of_service`),
+    renew through TorchServe's token API, give HAProxy the new key; returns once it is UP again."""
+    replica = spec.replica(name)
+    with out_of_service(spec.runtime(), name, drain_timeout_s, up_timeout_s):
+        keys = _renewer(replica).renew("inference")
+        set_replica_key(spec, name, keys.inference)
 
 
 def _renewer(replica: Replica):
@@ -684,21 +692,17 @@ def pool_release(settings: Settings, model: str, version: str, env: str, target:
         for replica in spec.replicas:
             client = replica.client()
             registered[replica.name] = version not in client.versions(model)
-            rt.set_state(replica.name, "drain")
             try:
-                rt.wait_idle(replica.name, target.drain_timeout_s)
-                r = release_version(settings, model, version, env,
-                                    replica.target(target.workers, target.grace_s, target.keep_previous),
-                                    acceptance, mar_path=Path(mar_path), retire=False, switch=canary is None,
-                                    record=False)
+                with out_of_service(rt, replica.name, target.drain_timeout_s):
+                    r = release_version(settings, model, version, env,
+                                        replica.target(target.workers, target.grace_s, target.keep_previous),
+                                        acceptance, mar_path=Path(mar_path), retire=False, switch=canary is None,
+                                        record=False)
             except ReleaseFailed as exc:
                 if exc.result is not None:
                     result.replicas[replica.name] = exc.result
                     registered[replica.name] = False  # its own rollback unregistered it
                 raise ReleaseFailed(f"replica {replica.name}: {exc}") from exc
-            finally:
-                rt.set_state(replica.name, "ready")
-            rt.wait_status(replica.name, "UP", timeout=UP_TIMEOUT_S)  # back in service before the next is drained
             result.replicas[replica.name] = r
             summary = r.report.summary() if r.report else "accepted"
             what = "switched" if canary is None else "registered beside the default"
