@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 
+from flywheel.component.log import REFERENCE_SIZE  # noqa: E402
 from flywheel.monitoring.drift import NoveltyDriftDetector, _level_p_values, _rank_null, _tail_counts  # noqa: E402
 
 # extra channels: given a reference draw (indices into the pool), each extra channel's per-sample
@@ -52,7 +53,7 @@ def channel_p_values(det: NoveltyDriftDetector, u: np.ndarray) -> np.ndarray:
 
 
 def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None = None,
-                reference_size: int = 1000) -> dict:
+                reference_size: int = REFERENCE_SIZE) -> dict:
     """{(W, decision): [false-alarm rate per draw]}; decisions: "detector" (Bonferroni over its channels),
     with `extra` also "detector + extra" (Bonferroni over all), and each channel against its share."""
     rng = np.random.default_rng(seed)
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draws", type=int, default=100, help="reference draws (of --reference-size samples)")
     ap.add_argument("--windows", type=int, default=1000, help="clean windows per draw and window size")
     ap.add_argument("--seed", type=int, default=0, help="seeds the draws and the windows")
-    ap.add_argument("--reference-size", type=int, default=1000,
-                    help="samples per reference draw (the product logs 1000: component/log.py REFERENCE_SIZE)")
+    ap.add_argument("--reference-size", type=int, default=REFERENCE_SIZE,
+                    help="samples per reference draw (default: what the product logs, component/log.py REFERENCE_SIZE)")
     args = ap.parse_args(argv)
     pools = default_pools()
     print(f"{pools.where}; {args.draws} reference draws of {args.reference_size} x {args.windows} clean windows "
