@@ -104,6 +104,30 @@ def test_unwritable_store_counts_drops(tmp_path):
     assert "NotADirectory" in (writer.last_error or "")
 
 
+def test_the_servers_environment_wins_over_the_packaged_capture_config(tmp_path, monkeypatch):
+    """Both engines build their writer from the model's config (model-config.yaml / config.pbtxt, values
+    as strings there) with FLYWHEEL_CAPTURE_* on the server winning; a bad value is a clear error."""
+    from flywheel.contracts.capture import STORE_TIMEOUT_S, writer_from_config
+
+    for name in ("FLYWHEEL_CAPTURE_URI", "FLYWHEEL_CAPTURE_SAMPLE", "FLYWHEEL_CAPTURE_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert writer_from_config({}) is None  # capture off
+    packaged = {"capture_uri": "gs://packaged/caps", "capture_sample": "0.0", "capture_timeout": "12"}
+    w = writer_from_config(packaged)
+    assert (w.store.uri, w.sample_rate, w.store.timeout) == ("gs://packaged/caps", 0.0, 12.0)
+    assert writer_from_config({"capture_uri": "gs://b/p"}).store.timeout == STORE_TIMEOUT_S
+    monkeypatch.setenv("FLYWHEEL_CAPTURE_URI", str(tmp_path / "caps"))
+    monkeypatch.setenv("FLYWHEEL_CAPTURE_SAMPLE", "0.5")
+    monkeypatch.setenv("FLYWHEEL_CAPTURE_TIMEOUT", "600")
+    w = writer_from_config(packaged)
+    assert (w.uri, w.sample_rate) == (str(tmp_path / "caps"), 0.5)
+    monkeypatch.setenv("FLYWHEEL_CAPTURE_URI", "gs://served/caps")
+    assert writer_from_config(packaged).store.timeout == 600.0
+    monkeypatch.setenv("FLYWHEEL_CAPTURE_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="store_timeout must be > 0"):
+        writer_from_config(packaged)
+
+
 def test_feedback_roundtrip(tmp_path):
     write_feedback(str(tmp_path), "m", {"p1": "Bag", "p2": "Coat"})
     write_feedback(str(tmp_path), "m", [("p1", "Sandal")])  # a later correction wins

@@ -50,7 +50,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -126,10 +126,13 @@ class LocalStore:
         return folder.is_dir() and any(p.suffix == suffix and not p.name.startswith(".") for p in folder.iterdir())
 
 
+STORE_TIMEOUT_S = 5.0  # one store call's bound: a capture upload gives up (and drops its batch) after this
+
+
 class GCSStore:
     """gs://bucket/prefix through google-cloud-storage (honours STORAGE_EMULATOR_HOST)."""
 
-    def __init__(self, bucket: str, prefix: str = "", timeout: float = 5.0):
+    def __init__(self, bucket: str, prefix: str = "", timeout: float = STORE_TIMEOUT_S):
         self.bucket_name, self.prefix, self.timeout = bucket, prefix.strip("/"), timeout
         self.uri = f"gs://{bucket}/{self.prefix}".rstrip("/")
         self._bucket = None
@@ -167,15 +170,15 @@ class GCSStore:
         return any(b.name.endswith(suffix) for b in blobs)
 
 
-def open_store(uri: str) -> LocalStore | GCSStore:
-    """`gs://bucket/prefix` or a local directory (plain path or file:// URI)."""
+def open_store(uri: str, timeout: float = STORE_TIMEOUT_S) -> LocalStore | GCSStore:
+    """`gs://bucket/prefix` or a local directory (plain path or file:// URI); `timeout` bounds each GCS call."""
     if not uri:
         raise ValueError("capture store URI is empty: give a directory or gs://bucket/prefix")
     if uri.startswith("gs://"):
         bucket, _, prefix = uri[len("gs://"):].partition("/")
         if not bucket:
             raise ValueError(f"capture store URI {uri!r} names no bucket: use gs://bucket/prefix")
-        return GCSStore(bucket, prefix)
+        return GCSStore(bucket, prefix, timeout)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
@@ -298,14 +301,18 @@ class CaptureWriter:
     """Bounded, sampled, batched capture writer. `submit` never blocks and never raises."""
 
     def __init__(self, uri: str, sample_rate: float = 1.0, max_queue: int = 1024, flush_every: int = 64,
-                 flush_seconds: float = 1.0, model: str | None = None, clock: Callable[[], float] = time.time):
+                 flush_seconds: float = 1.0, model: str | None = None, clock: Callable[[], float] = time.time,
+                 store_timeout: float = STORE_TIMEOUT_S):
         """`clock` names batches (seconds since the epoch, default `time.time`): a test gives a
-        skewed one to play a replica whose clock runs behind; readers tolerate skew up to their horizon."""
+        skewed one to play a replica whose clock runs behind; readers tolerate skew up to their horizon.
+        `store_timeout` bounds each upload (GCS): past it the batch is dropped and counted."""
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"capture sample_rate must be within [0, 1], got {sample_rate}")
         if max_queue < 1 or flush_every < 1 or flush_seconds <= 0:
             raise ValueError("capture max_queue and flush_every must be >= 1 and flush_seconds > 0")
-        self.store = open_store(uri)
+        if not store_timeout > 0:
+            raise ValueError(f"capture store_timeout must be > 0 seconds, got {store_timeout}")
+        self.store = open_store(uri, store_timeout)
         self.uri = uri
         self.sample_rate = float(sample_rate)
         self.flush_every = int(flush_every)
@@ -479,6 +486,24 @@ class CaptureWriter:
         self.close()
 
 
+def writer_from_config(config: Mapping[str, Any]) -> CaptureWriter | None:
+    """The serving engines' writer, or None where capture is off: the environment's FLYWHEEL_CAPTURE_URI,
+    FLYWHEEL_CAPTURE_SAMPLE and FLYWHEEL_CAPTURE_TIMEOUT win over the model's own `capture_uri`,
+    `capture_sample` and `capture_timeout` (TorchServe's model-config.yaml handler section, Triton's
+    config.pbtxt parameters), so one server's operator can change them without repackaging."""
+    def setting(env: str, key: str):
+        value = os.environ.get(env)
+        return value if value not in (None, "") else config.get(key)
+
+    uri = setting("FLYWHEEL_CAPTURE_URI", "capture_uri")
+    if not uri:
+        return None
+    rate, timeout = setting("FLYWHEEL_CAPTURE_SAMPLE", "capture_sample"), setting("FLYWHEEL_CAPTURE_TIMEOUT",
+                                                                                 "capture_timeout")
+    return CaptureWriter(str(uri), sample_rate=1.0 if rate in (None, "") else float(rate),
+                         store_timeout=STORE_TIMEOUT_S if timeout in (None, "") else float(timeout))
+
+
 # ---------------------------------------------------------------------------------------- readers
 def list_batches(uri: str, model: str, since: str | None = None, settle_seconds: float = 0.0,
                  kind: str = CAPTURES) -> list[str]:
@@ -649,6 +674,7 @@ def read_feedback(uri: str, model: str) -> dict[str, str]:
             except (ValueError, KeyError, TypeError):
                 continue
     return out
+
 
 
 def read_writer_stats(uri: str, model: str) -> list[dict]:

@@ -14,6 +14,7 @@ raises because of input.
 Configuration (env wins over the archive's model-config.yaml `handler:` section):
   FLYWHEEL_CAPTURE_URI / capture_uri       where served traffic is captured (off when unset)
   FLYWHEEL_CAPTURE_SAMPLE / capture_sample fraction of predictions captured (default 1.0)
+  FLYWHEEL_CAPTURE_TIMEOUT / capture_timeout seconds one upload may take before its batch is dropped (5)
 A request with header `X-Flywheel-Traffic: acceptance|warmup|benchmark` (release checks, load tests)
 is captured with that mark in its record's `traffic` field (absent header: "live"); the monitor and
 `data snapshot` read live traffic only, and the store keeps the rest as an audit trail.
@@ -147,13 +148,10 @@ class FlywheelHandler(BaseHandler):
         self.version = self.fw_manifest.model_version
         self.capture = None
         self._capture_reported: dict[str, int] = {}
-        uri = os.environ.get("FLYWHEEL_CAPTURE_URI") or cfg.get("capture_uri")
-        if uri:
-            if _capture is None:
-                logger.warning("capture URI %s set but capture.py is not in this archive; not capturing", uri)
-            else:
-                rate = float(os.environ.get("FLYWHEEL_CAPTURE_SAMPLE") or cfg.get("capture_sample", 1.0))
-                self.capture = _capture.CaptureWriter(uri, sample_rate=rate)
+        if _capture is not None:
+            self.capture = _capture.writer_from_config(cfg)
+        elif os.environ.get("FLYWHEEL_CAPTURE_URI") or cfg.get("capture_uri"):
+            logger.warning("capture URI set but capture.py is not in this archive; not capturing")
         logger.info("flywheel handler ready: %s v%s (%s, sha256 ok)", self.model_label, self.version, self.format)
         self.initialized = True
 

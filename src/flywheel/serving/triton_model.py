@@ -21,8 +21,8 @@ A request with an undecodable, empty or oversized image fails alone with INVALID
 `{"error": ...}`); the other requests of the dynamic batch are served.
 
 Configuration: config.pbtxt `parameters` (top_k, ort_threads, max_images_per_request, capture_uri,
-capture_sample); FLYWHEEL_CAPTURE_URI / FLYWHEEL_CAPTURE_SAMPLE / FLYWHEEL_TOP_K / FLYWHEEL_ORT_THREADS
-in the server's environment win, as for the TorchServe handler.
+capture_sample, capture_timeout); FLYWHEEL_CAPTURE_URI / FLYWHEEL_CAPTURE_SAMPLE / FLYWHEEL_CAPTURE_TIMEOUT /
+FLYWHEEL_TOP_K / FLYWHEEL_ORT_THREADS in the server's environment win, as for the TorchServe handler.
 """
 
 from __future__ import annotations
@@ -102,11 +102,7 @@ class TritonPythonModel:
         self.version = str(self.fw_manifest.model_version)
         self.top_k = int(os.environ.get("FLYWHEEL_TOP_K") or params.get("top_k") or 3)
         self.max_images = int(params.get("max_images_per_request") or 64)
-        self.capture = None
-        uri = os.environ.get("FLYWHEEL_CAPTURE_URI") or params.get("capture_uri")
-        if uri:
-            rate = float(os.environ.get("FLYWHEEL_CAPTURE_SAMPLE") or params.get("capture_sample") or 1.0)
-            self.capture = _capture.CaptureWriter(uri, sample_rate=rate)
+        self.capture = _capture.writer_from_config(params)
         logger.info("flywheel triton model ready: %s v%s (sha256 ok)", self.model_label, self.version)
 
     # ------------------------------------------------------------------------------------ requests
