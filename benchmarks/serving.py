@@ -17,7 +17,8 @@ Python-backend model (the configuration that runs on CPU) behind the authenticat
 same PNG as a KServe v2 BYTES tensor. Each engine also serves a no-op model on the same server
 with the same batching (TorchServe: a handler that answers a constant; Triton: a Python-backend
 model that does the same), the engine's floor; the report gives Flywheel's model as a share of it
-(goal: >=0.8x the floor's req/s at 16 clients on both engines). `--engines` picks the servers.
+(goal: >=0.8x the floor's req/s at 16 clients on both engines). `--engines` picks the servers;
+`--workers N` gives Flywheel's model and the floor alike N TorchServe workers / N Triton instances.
 
 Each point also reports CPU per answered request: the server's whole process tree (TorchServe's Java
 frontend and Python workers; tritonserver, its Python-backend stubs and the proxy; MLflow's uvicorn)
@@ -165,8 +166,8 @@ class TritonPythonModel:
 """
 
 
-def noop_mar(store: Path, batch_size: int, delay_ms: int) -> str:
-    """A .mar whose handler answers a constant: TorchServe's floor with the same batching."""
+def noop_mar(store: Path, batch_size: int, delay_ms: int, workers: int = 1) -> str:
+    """A .mar whose handler answers a constant: TorchServe's floor with the same batching and workers."""
     import yaml
 
     from flywheel.serving.package import _archiver
@@ -174,7 +175,7 @@ def noop_mar(store: Path, batch_size: int, delay_ms: int) -> str:
     src = store.parent / "noop-src"
     src.mkdir(parents=True, exist_ok=True)
     (src / "noop.py").write_text(NOOP_HANDLER)
-    (src / "model-config.yaml").write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": batch_size,
+    (src / "model-config.yaml").write_text(yaml.safe_dump({"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size,
                                                            "maxBatchDelay": delay_ms, "responseTimeout": 30}))
     subprocess.run([_archiver(), "--model-name", "noop", "--version", "1", "--handler", str(src / "noop.py"),
                     "--config-file", str(src / "model-config.yaml"), "--export-path", str(store), "--force"],
@@ -182,15 +183,15 @@ def noop_mar(store: Path, batch_size: int, delay_ms: int) -> str:
     return "noop.mar"
 
 
-def noop_triton(repository: Path, max_queue_delay_us: int) -> str:
-    """A Python-backend model answering a constant, same input/batching as Flywheel's: Triton's floor."""
+def noop_triton(repository: Path, max_queue_delay_us: int, instances: int = 1) -> str:
+    """A Python-backend model answering a constant, same input/batching/instances as Flywheel's: Triton's floor."""
     from flywheel.serving.triton import TensorSpec, TritonModelConfig, render_config
 
     (repository / "noop" / "1").mkdir(parents=True, exist_ok=True)
     (repository / "noop" / "1" / "model.py").write_text(NOOP_TRITON_MODEL)
     (repository / "noop" / "config.pbtxt").write_text(render_config(
         "noop", inputs=[TensorSpec("image", "TYPE_STRING", (1,))], outputs=[TensorSpec("prediction", "TYPE_STRING", (1,))],
-        versions=["1"], cfg=TritonModelConfig(max_queue_delay_us=max_queue_delay_us), backend="python"))
+        versions=["1"], cfg=TritonModelConfig(max_queue_delay_us=max_queue_delay_us, instances=instances), backend="python"))
     return "noop"
 
 
@@ -228,6 +229,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[16, 1])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-batch-delay", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="TorchServe workers / Triton instances, for Flywheel's model and the floor alike")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--engines", nargs="+", default=["torchserve", "triton", "mlflow"],
                     choices=["torchserve", "triton", "mlflow"])
@@ -249,9 +252,10 @@ def main() -> None:
     store = work / "store"
     if "torchserve" in engines:
         pkg = package_version(PackageConfig(args.model, version=version, out_dir=store, batch_size=args.batch_size,
-                                            max_batch_delay_ms=args.max_batch_delay), settings)
+                                            max_batch_delay_ms=args.max_batch_delay, workers=args.workers), settings)
     if "triton" in engines:
-        package_triton(PackageConfig(args.model, version=version, max_batch_delay_ms=args.max_batch_delay),
+        package_triton(PackageConfig(args.model, version=version, max_batch_delay_ms=args.max_batch_delay,
+                                     workers=args.workers),
                        settings, work / "triton-repository")
     _, spec = load_model(f"models:/{args.model}/{version}")
     image = load_splits("fashion-mnist", settings.data_dir).test.images[0]
@@ -264,7 +268,7 @@ def main() -> None:
         if "torchserve" in engines:
             models = [f"{args.model}={pkg.mar_path.name}"]
             if not args.no_floor:
-                models.append(f"noop={noop_mar(store, args.batch_size, args.max_batch_delay)}")
+                models.append(f"noop={noop_mar(store, args.batch_size, args.max_batch_delay, args.workers)}")
             ts = start_torchserve(ServeConfig.local(work / "ts", store, models=tuple(models)))
             stops.append(ts.stop)
             key = read_keys(ts.key_file)["inference"]  # valid for the run: renewed at half of 1440 min
@@ -276,7 +280,7 @@ def main() -> None:
                 servers["torchserve-floor"] = (f"{ts.cfg.inference_address}/predictions/noop", png, headers, pids)
         if "triton" in engines:
             repo = work / "triton-repository"
-            models = [args.model] + ([] if args.no_floor else [noop_triton(repo, args.max_batch_delay * 1000)])
+            models = [args.model] + ([] if args.no_floor else [noop_triton(repo, args.max_batch_delay * 1000, args.workers)])
             tr = start_triton(TritonServeConfig.local(work / "triton", repo, models=tuple(models)))
             stops.append(tr.stop)
             body, base = encode_infer_request([png], outputs=("prediction",))
@@ -309,7 +313,7 @@ def main() -> None:
             stop()
 
     print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, batch "
-          f"{args.batch_size} / {args.max_batch_delay} ms, 1 worker/instance each, {os.cpu_count()} CPUs")
+          f"{args.batch_size} / {args.max_batch_delay} ms, {args.workers} worker(s)/instance(s) each, {os.cpu_count()} CPUs")
     print("cpu ms/req: CPU of the server's process tree (client: this load generator) per answered request; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"{'clients':>7} {'server':>16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'cpu ms/req':>10} "
