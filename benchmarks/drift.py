@@ -129,6 +129,11 @@ Design log (append, never rewrite):
               the input statistics), where the detector's best label-free channel has 0.66-0.88 on the
               missed pairs. The shifts are in the signals; a test that is not told which way they move does
               not find them at 20% of a window.
+  2026-12-03  A local-patch novelty score (PatchCore-style on pixels, benchmarks/drift_oracle.py --patch),
+              looked at per sample on the held-out half only, as a candidate fourth channel: above the best
+              channel on dotted-line-1/2 and zigzag-1 (0.87 / 0.96 / 0.92 against 0.77 / 0.88 / 0.79), below
+              it on the other eight missed pairs, ~9 ms of CPU per image. Not built; the detector unchanged,
+              no window figure computed (benchmarks/README.md, "What the held-out misses lack").
 
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
