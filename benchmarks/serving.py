@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -311,6 +312,7 @@ def main() -> None:
     finally:
         for stop in reversed(stops):
             stop()
+        shutil.rmtree(work, ignore_errors=True)  # the temp work dir: store, servers' dirs, a trained model's db
 
     print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, batch "
           f"{args.batch_size} / {args.max_batch_delay} ms, {args.workers} worker(s)/instance(s) each, {os.cpu_count()} CPUs")
