@@ -451,8 +451,7 @@ def test_gate_holds_requests_while_the_renewer_replaces_the_key(rendered, torchs
             keys = [read_keys(torchserve_server.key_file)["inference"]]
             for _ in range(10):
                 answered(20)  # traffic flows before each renewal and after it
-                renewer.renew("inference")
-                keys.append(read_keys(torchserve_server.key_file)["inference"])
+                keys.append(renewer.renew("inference").inference)
             answered(20)
         finally:
             stop.set()

@@ -491,17 +491,17 @@ def writer_from_config(config: Mapping[str, Any]) -> CaptureWriter | None:
     FLYWHEEL_CAPTURE_SAMPLE and FLYWHEEL_CAPTURE_TIMEOUT win over the model's own `capture_uri`,
     `capture_sample` and `capture_timeout` (TorchServe's model-config.yaml handler section, Triton's
     config.pbtxt parameters), so one server's operator can change them without repackaging."""
-    def setting(env: str, key: str):
-        value = os.environ.get(env)
-        return value if value not in (None, "") else config.get(key)
+    def setting(env: str, key: str, default=None):
+        for value in (os.environ.get(env), config.get(key)):  # an empty value counts as unset
+            if value not in (None, ""):
+                return value
+        return default
 
     uri = setting("FLYWHEEL_CAPTURE_URI", "capture_uri")
-    if not uri:
+    if uri is None:
         return None
-    rate, timeout = setting("FLYWHEEL_CAPTURE_SAMPLE", "capture_sample"), setting("FLYWHEEL_CAPTURE_TIMEOUT",
-                                                                                 "capture_timeout")
-    return CaptureWriter(str(uri), sample_rate=1.0 if rate in (None, "") else float(rate),
-                         store_timeout=STORE_TIMEOUT_S if timeout in (None, "") else float(timeout))
+    return CaptureWriter(str(uri), sample_rate=float(setting("FLYWHEEL_CAPTURE_SAMPLE", "capture_sample", 1.0)),
+                         store_timeout=float(setting("FLYWHEEL_CAPTURE_TIMEOUT", "capture_timeout", STORE_TIMEOUT_S)))
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -674,7 +674,6 @@ def read_feedback(uri: str, model: str) -> dict[str, str]:
             except (ValueError, KeyError, TypeError):
                 continue
     return out
-
 
 
 def read_writer_stats(uri: str, model: str) -> list[dict]:
