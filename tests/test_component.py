@@ -215,7 +215,8 @@ def test_packaging_a_version_logged_without_the_contract_names_what_is_missing()
 def test_the_reference_carries_the_input_statistics_of_its_images():
     """The monitor's input drift channel needs the reference's per-image statistics: log_model writes
     them for the same validation images as the embeddings, computed on the preprocessed tensor (RGB,
-    16x16 centre crop here), and they read back with the reference."""
+    16x16 centre crop here), and they read back with the reference; so does its texture channel's
+    model (fitted on training images) with the same images' texture statistics."""
     import mlflow
 
     from flywheel.contracts.preprocessing import to_array
@@ -231,3 +232,11 @@ def test_the_reference_carries_the_input_statistics_of_its_images():
     pick = np.sort(np.random.default_rng(0).permutation(len(splits.val))[:len(ref.embeddings)])  # log.py's pick
     np.testing.assert_allclose(ref.input_stats, input_statistics(to_array(splits.val.images[pick], splits.preprocess)),
                                rtol=1e-5, atol=1e-6)
+    # the texture channel: a model fitted on training images, and its statistics of the same images
+    from flywheel.component.log import fit_texture
+
+    assert ref.texture is not None and ref.texture_stats.shape == (len(ref.embeddings), ref.texture.columns)
+    refit = fit_texture(splits.train.images, splits.preprocess)
+    np.testing.assert_allclose(ref.texture.precision, refit.precision, rtol=1e-6)
+    np.testing.assert_allclose(ref.texture_stats, ref.texture.statistics(to_array(splits.val.images[pick],
+                                                                                 splits.preprocess)), rtol=1e-6)

@@ -89,3 +89,39 @@ def test_reference_without_input_statistics_turns_the_channel_off_once(tmp_path,
     off = [r.getMessage() for r in caplog.records if "input drift channel off" in r.getMessage()]
     assert len(off) == 1 and "no input statistics" in off[0], off
     assert np.isnan(track.input_statistics([None])).shape == (1, 0)
+
+
+def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(tmp_path, caplog):
+    """A reference with a texture model (what log_model writes now): the track's per-capture features are
+    `image_features` of the decoded capture (input statistics, then texture statistics), and the
+    detector has the texture channel; a reference with input statistics but no texture model (an older
+    flywheel's) keeps the input channel and says in one line that the texture channel is off."""
+    from flywheel.component.log import fit_texture
+    from flywheel.contracts.reference import image_features
+    from flywheel.core.data import load_splits
+
+    ref_images, clean, _, spec = _fashion()
+    texture = fit_texture(load_splits("fashion-mnist", seed=0).train.images[:2000], spec)
+    x = to_array(ref_images, spec)
+    rng = np.random.default_rng(2)
+    emb = (np.abs(rng.normal(size=(1000, 8))) + 0.1).astype(np.float32)
+    mon = _monitor(tmp_path)
+    refs = mon.dir / "references"
+    ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10, input_statistics(x), texture,
+                    texture.statistics(x)).save(refs / "new-run" / "reference")
+    ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10,
+                    input_statistics(x)).save(refs / "old-run" / "reference")
+    mon._spec_of = lambda version: ("layer", None, spec)  # the versions' component specs (no registry here)
+    with caplog.at_level(logging.WARNING, logger="flywheel"):
+        new = mon._load_track("1", "new-run")
+        old = mon._load_track("2", "old-run")
+    assert new.detector.CHANNELS == ("direction", "magnitude", "input", "texture")
+    assert old.detector.CHANNELS == ("direction", "magnitude", "input")
+    off = [r.getMessage() for r in caplog.records if "texture drift channel off" in r.getMessage()]
+    assert len(off) == 1 and "m v2" in off[0], off
+    pngs = [encode_png(img) for img in clean[:50]]
+    np.testing.assert_allclose(new.input_statistics(pngs), image_features(to_array(clean[:50], spec), texture),
+                               rtol=1e-6)
+    assert old.input_statistics(pngs).shape == (50, input_statistics(x).shape[1])
+    result = new.detector.test(emb[:50], new.input_statistics(pngs))
+    assert "p_texture" in result.details and "p_input" in result.details

@@ -147,10 +147,17 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
         logits, embeddings = predict(serving, splits.val.images[pick], splits, with_embeddings=True)
         priors = np.bincount(splits.train.labels, minlength=len(splits.class_names)) / max(1, len(splits.train))
         reference = tmp / REFERENCE_DIR
-        pp = splits.preprocess  # input statistics: the drift detector's input channel (images of >= 3x3 pixels)
-        stats = np.concatenate([input_statistics(to_array(splits.val.images[pick[i:i + 2000]], pp))
-                                for i in range(0, len(pick), 2000)]) if min(pp.height, pp.width) >= 3 else None
-        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors, stats).save(reference)
+        pp = splits.preprocess  # the drift detector's input and texture channels (images of >= 3x3 pixels)
+        stats = texture = texture_stats = None
+        if min(pp.height, pp.width) >= 3:
+            stats = np.concatenate([input_statistics(to_array(splits.val.images[pick[i:i + 2000]], pp))
+                                    for i in range(0, len(pick), 2000)])
+            texture = fit_texture(splits.train.images, pp)
+            if texture is not None:
+                texture_stats = np.concatenate([texture.statistics(to_array(splits.val.images[pick[i:i + 2000]], pp))
+                                                for i in range(0, len(pick), 2000)])
+        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors, stats, texture,
+                        texture_stats).save(reference)
         logger.log_artifacts(reference, REFERENCE_DIR)
 
         if embedding is None:
@@ -177,6 +184,19 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
             raise ContractError(f"export: torch.export (MLflow's pt2 format) fails: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     return LoggedModel(info.model_uri, spec)
+
+
+def fit_texture(train_images: np.ndarray, preprocess):
+    """The drift monitor's texture model (`contracts.reference.TextureModel`), fitted on a seeded pick of
+    up to TEXTURE_FIT_SAMPLES training images, never on the reference's own (validation) samples;
+    None with fewer than 2 training images."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import TEXTURE_FIT_SAMPLES, TextureModel
+
+    if len(train_images) < 2:
+        return None
+    pick = np.sort(np.random.default_rng(0).permutation(len(train_images))[:TEXTURE_FIT_SAMPLES])
+    return TextureModel.fit(to_array(train_images[pick], preprocess))
 
 
 def _test_set(splits: Splits, uri: str | None, tmp: Path, logger, run_id: str) -> TestSetRef:

@@ -5,12 +5,14 @@ monitor downloads that folder for the version it watches and reads it back (`Ref
 validation-split embeddings (the drift detector's reference), the model's predicted classes and the
 true labels of those samples, the training split's class priors, and per-image input statistics of
 the same samples (`input_statistics` of the preprocessed tensor the model saw: the drift detector's
-input channel). numpy and the standard library only, as every contract.
+input channel), and the texture model with its statistics of the same samples (`TextureModel`: the
+drift detector's texture channel). numpy and the standard library only, as every contract.
 
 Input statistics are one definition for both ends: training computes them on the reference images,
 the monitor on captured images decoded and preprocessed with the version's spec. They are versioned
 (`INPUT_STATS_VERSION`, stored beside them); a reference without them (logged by an older flywheel)
 or of another version loads with `input_stats` None, and the monitor runs without the input channel.
+The texture model is versioned the same way (`TEXTURE_VERSION`): without it, no texture channel.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ CLASS_PRIORS = "class_priors.json"  # the training split's class fractions, a JS
 INPUT_STATS = "input_stats.npy"  # float32 (N, F) `input_statistics` of the same samples; optional when read
 INPUT_STATS_META = "input_stats.json"  # {"version": INPUT_STATS_VERSION, "columns": F}
 INPUT_STATS_VERSION = 1  # bump when `input_statistics` changes: older references then load without them
+TEXTURE = "texture.npz"  # `TextureModel` (filters and Gaussian fit) and the samples' texture statistics
+TEXTURE_VERSION = 1  # bump when `TextureModel.statistics` changes: older references then load without it
+TEXTURE_FILTERS = 16  # 3x3 filters: 136 statistics per image
+TEXTURE_FIT_SAMPLES = 5000  # training images the Gaussian is fitted on (not the reference's samples)
+TEXTURE_SHRINKAGE = 1e-3  # ridge on the standardised covariance: 136 dimensions from a few thousand images
 MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
 
 
@@ -77,12 +84,99 @@ def input_statistics(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class TextureModel:
+    """Texture statistics of images and a Gaussian of them fitted on training images: a label-free
+    novelty score (squared Mahalanobis distance) for local structure the model's embedding and the
+    global input statistics barely move: noise, spatter, thin lines, edge maps.
+
+    The statistics are those of style transfer and texture synthesis (Gatys et al., 2015; the Gram-matrix
+    OOD score of Sastry & Oore, ICML 2020): the Gram matrix, over pixel positions, of the rectified
+    responses of a bank of zero-mean 3x3 filters on the channel-mean intensity, its upper triangle
+    under a signed square root. The filters are random and fixed at fit time (stored with the fit, so
+    both ends use the same bank), not the model's own layers: the statistics then need nothing but
+    the image, whatever the component's architecture. The Gaussian is fitted on training images
+    rather than on the reference sample, so the reference's own scores stay exchangeable with clean
+    traffic's and calibrate the score (benchmarks/drift.py's design log, seventh entry)."""
+
+    filters: np.ndarray  # float32 (F, 3, 3), each of zero mean
+    mean: np.ndarray  # (T,) of the training images' statistics
+    scale: np.ndarray  # (T,) their standard deviation (+ 1e-6)
+    precision: np.ndarray  # (T, T) inverse of the standardised covariance + TEXTURE_SHRINKAGE * I
+
+    @property
+    def columns(self) -> int:
+        return int(self.mean.shape[0])
+
+    def statistics(self, x: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) preprocessed inputs -> (N, T) float64 texture statistics."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[2] < 3 or x.shape[3] < 3:
+            raise ValueError(f"texture statistics need (N, C, H>=3, W>=3) preprocessed inputs, got shape {x.shape}")
+        n, _, h, w = x.shape
+        f = len(self.filters)
+        iu = np.triu_indices(f)
+        out = np.empty((n, len(iu[0])))
+        step = max(1, int(2e7 // ((h - 2) * (w - 2) * (f + 9))))  # bounded memory on large images
+        for start in range(0, n, step):
+            g = x[start:start + step].mean(1)
+            patches = np.lib.stride_tricks.sliding_window_view(g, (3, 3), axis=(1, 2))  # (n, H-2, W-2, 3, 3)
+            r = np.abs(np.einsum("nyxij,fij->nyxf", patches, self.filters, optimize=True))
+            r = r.reshape(len(g), -1, f)
+            gram = np.einsum("npf,npg->nfg", r, r, optimize=True) / r.shape[1]
+            upper = gram[:, iu[0], iu[1]].astype(np.float64)
+            out[start:start + step] = np.sign(upper) * np.sqrt(np.abs(upper))
+        return out
+
+    def score(self, stats: np.ndarray) -> np.ndarray:
+        """(N, T) texture statistics -> (N,) squared Mahalanobis distance to the training images' Gaussian."""
+        z = (np.asarray(stats, dtype=np.float64) - self.mean) / self.scale
+        return ((z @ self.precision) * z).sum(1)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, seed: int = 0, filters: int = TEXTURE_FILTERS) -> TextureModel:
+        """Fit on (N, C, H, W) preprocessed training images (N >= 2)."""
+        bank = np.random.default_rng(seed).standard_normal((filters, 3, 3)).astype(np.float32)
+        bank -= bank.mean((1, 2), keepdims=True)  # zero mean: blind to brightness, which the input channel has
+        t = filters * (filters + 1) // 2
+        probe = cls(bank, np.zeros(t), np.ones(t), np.eye(t))
+        stats = probe.statistics(x)
+        if len(stats) < 2:
+            raise ValueError(f"a texture model needs at least 2 images, got {len(stats)}")
+        mean, scale = stats.mean(0), stats.std(0) + 1e-6
+        z = (stats - mean) / scale
+        precision = np.linalg.inv(np.cov(z.T) + TEXTURE_SHRINKAGE * np.eye(t))
+        return cls(bank, mean, scale, precision)
+
+    def save(self, path: str | os.PathLike, reference_stats: np.ndarray) -> None:
+        """The model and the reference samples' statistics (N, T) in one file."""
+        np.savez(path, version=TEXTURE_VERSION, filters=self.filters, mean=self.mean, scale=self.scale,
+                 precision=self.precision, reference=np.asarray(reference_stats, dtype=np.float64))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[TextureModel, np.ndarray] | None:
+        """(model, the reference samples' statistics), or None for another TEXTURE_VERSION's file."""
+        with np.load(path) as z:
+            if int(z["version"]) != TEXTURE_VERSION:  # another version's statistics are not comparable
+                return None
+            return cls(z["filters"], z["mean"], z["scale"], z["precision"]), z["reference"]
+
+
+def image_features(x: np.ndarray, texture: TextureModel | None) -> np.ndarray:
+    """What the drift detector's image channels read per image: `input_statistics`, followed by the
+    texture statistics' `texture.columns` when a texture model is given."""
+    stats = input_statistics(x)
+    return stats if texture is None else np.hstack([stats, texture.statistics(x)])
+
+
+@dataclass(frozen=True)
 class ReferenceSample:
     embeddings: np.ndarray
     predictions: np.ndarray
     labels: np.ndarray | None
     class_priors: np.ndarray
     input_stats: np.ndarray | None = None  # `input_statistics` of the same samples; None: not logged
+    texture: TextureModel | None = None  # None: not logged (or another TEXTURE_VERSION)
+    texture_stats: np.ndarray | None = None  # `texture.statistics` of the same samples, with `texture`
 
     @staticmethod
     def present(directory: str | os.PathLike) -> bool:
@@ -105,6 +199,12 @@ class ReferenceSample:
             np.save(os.path.join(directory, INPUT_STATS), stats)
             with open(os.path.join(directory, INPUT_STATS_META), "w") as f:
                 f.write(json.dumps({"version": INPUT_STATS_VERSION, "columns": int(stats.shape[1])}))
+        if self.texture is not None:
+            tex = np.asarray(self.texture_stats, dtype=np.float64)
+            if tex.shape != (len(self.embeddings), self.texture.columns):
+                raise ValueError(f"texture_stats must be (N={len(self.embeddings)}, {self.texture.columns}), "
+                                 f"got shape {tex.shape}")
+            self.texture.save(os.path.join(directory, TEXTURE), tex)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceSample:
@@ -130,4 +230,9 @@ class ReferenceSample:
                 meta = json.loads(f.read())
             if meta.get("version") == INPUT_STATS_VERSION:  # another version's statistics are not comparable
                 stats = np.load(os.path.join(path, INPUT_STATS)).astype(np.float64)
-        return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats)
+        texture = texture_stats = None
+        if os.path.isfile(os.path.join(path, TEXTURE)):
+            loaded = TextureModel.load(os.path.join(path, TEXTURE))
+            if loaded is not None:
+                texture, texture_stats = loaded
+        return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats)

