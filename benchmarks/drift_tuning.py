@@ -31,7 +31,7 @@ from flywheel.monitoring.drift import NoveltyDriftDetector, _log_norm, predictio
 
 
 class TwoSided(NoveltyDriftDetector):
-    def fit(self, reference, classes=None, input_reference=None):
+    def fit(self, reference, classes=None, input_reference=None, texture=None):
         super().fit(reference, classes)
         self.median = float(np.median(_log_norm(reference)))
         self.calibration["magnitude"] = np.sort(np.abs(_log_norm(reference) - self.median))
@@ -44,7 +44,7 @@ class TwoSided(NoveltyDriftDetector):
 class ThreeChannel(NoveltyDriftDetector):
     EMBEDDING_CHANNELS = ("direction", "magnitude", "magnitude_high")
 
-    def fit(self, reference, classes=None, input_reference=None):
+    def fit(self, reference, classes=None, input_reference=None, texture=None):
         super().fit(reference, classes)
         self.calibration["magnitude_high"] = np.sort(_log_norm(reference))
         return self
@@ -56,7 +56,7 @@ class ThreeChannel(NoveltyDriftDetector):
 class Design(NoveltyDriftDetector):
     """The two embedding channels alone (the detector before the input channel)."""
 
-    def fit(self, reference, classes=None, input_reference=None):
+    def fit(self, reference, classes=None, input_reference=None, texture=None):
         return super().fit(reference, classes)
 
 
@@ -120,7 +120,8 @@ def main() -> None:
                                                 ref_counts).p_value for x in w[r::counts.refs]])
                   for s, w in settings.items()}
         for v, cls in variants.items():
-            det = cls(seed=seed).fit(pools.ref_emb[draws[r]], input_reference=pools.ref_inp[draws[r]])
+            det = cls(seed=seed).fit(pools.ref_emb[draws[r]], input_reference=pools.ref_inp[draws[r]],
+                                    texture=pools.texture)
             u = {c: np.concatenate([det.p_values(emb[i:i + 4000], inp[i:i + 4000])[c] for i in range(0, len(emb), 4000)])
                  for c in det.CHANNELS}
             for s, w in settings.items():
