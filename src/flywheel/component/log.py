@@ -150,12 +150,10 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
         pp = splits.preprocess  # the drift detector's input and texture channels (images of >= 3x3 pixels)
         stats = texture = texture_stats = None
         if min(pp.height, pp.width) >= 3:
-            stats = np.concatenate([input_statistics(to_array(splits.val.images[pick[i:i + 2000]], pp))
-                                    for i in range(0, len(pick), 2000)])
             texture = fit_texture(splits.train.images, pp)
-            if texture is not None:
-                texture_stats = np.concatenate([texture.statistics(to_array(splits.val.images[pick[i:i + 2000]], pp))
-                                                for i in range(0, len(pick), 2000)])
+            chunks = [to_array(splits.val.images[pick[i:i + 500]], pp) for i in range(0, len(pick), 500)]
+            stats = np.concatenate([input_statistics(x) for x in chunks])
+            texture_stats = None if texture is None else np.concatenate([texture.statistics(x) for x in chunks])
         ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors, stats, texture,
                         texture_stats).save(reference)
         logger.log_artifacts(reference, REFERENCE_DIR)
@@ -196,7 +194,7 @@ def fit_texture(train_images: np.ndarray, preprocess):
     if len(train_images) < 2:
         return None
     pick = np.sort(np.random.default_rng(0).permutation(len(train_images))[:TEXTURE_FIT_SAMPLES])
-    return TextureModel.fit(to_array(train_images[pick], preprocess))
+    return TextureModel.fit(to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500))
 
 
 def _test_set(splits: Splits, uri: str | None, tmp: Path, logger, run_id: str) -> TestSetRef:

@@ -133,13 +133,14 @@ class TextureModel:
         return ((z @ self.precision) * z).sum(1)
 
     @classmethod
-    def fit(cls, x: np.ndarray, seed: int = 0, filters: int = TEXTURE_FILTERS) -> TextureModel:
-        """Fit on (N, C, H, W) preprocessed training images (N >= 2)."""
+    def fit(cls, x, seed: int = 0, filters: int = TEXTURE_FILTERS) -> TextureModel:
+        """Fit on preprocessed training images (>= 2 in all): one (N, C, H, W) array, or an iterable of
+        such batches (large images need not be preprocessed all at once)."""
         bank = np.random.default_rng(seed).standard_normal((filters, 3, 3)).astype(np.float32)
         bank -= bank.mean((1, 2), keepdims=True)  # zero mean: blind to brightness, which the input channel has
         t = filters * (filters + 1) // 2
         probe = cls(bank, np.zeros(t), np.ones(t), np.eye(t))
-        stats = probe.statistics(x)
+        stats = np.concatenate([probe.statistics(b) for b in ([x] if isinstance(x, np.ndarray) else x)])
         if len(stats) < 2:
             raise ValueError(f"a texture model needs at least 2 images, got {len(stats)}")
         mean, scale = stats.mean(0), stats.std(0) + 1e-6
