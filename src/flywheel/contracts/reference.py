@@ -92,7 +92,7 @@ class TextureModel:
     The statistics are those of style transfer and texture synthesis (Gatys et al., 2015; the Gram-matrix
     OOD score of Sastry & Oore, ICML 2020): the Gram matrix, over pixel positions, of the rectified
     responses of a bank of zero-mean 3x3 filters on the channel-mean intensity, its upper triangle
-    under a signed square root. The filters are random and fixed at fit time (stored with the fit, so
+    under a square root (the entries are products of magnitudes: never negative). The filters are random and fixed at fit time (stored with the fit, so
     both ends use the same bank), not the model's own layers: the statistics then need nothing but
     the image, whatever the component's architecture. The Gaussian is fitted on training images
     rather than on the reference sample, so the reference's own scores stay exchangeable with clean
@@ -123,8 +123,7 @@ class TextureModel:
             r = np.abs(np.einsum("nyxij,fij->nyxf", patches, self.filters, optimize=True))
             r = r.reshape(len(g), -1, f)
             gram = np.einsum("npf,npg->nfg", r, r, optimize=True) / r.shape[1]
-            upper = gram[:, iu[0], iu[1]].astype(np.float64)
-            out[start:start + step] = np.sign(upper) * np.sqrt(np.abs(upper))
+            out[start:start + step] = np.sqrt(gram[:, iu[0], iu[1]].astype(np.float64))
         return out
 
     def score(self, stats: np.ndarray) -> np.ndarray:
