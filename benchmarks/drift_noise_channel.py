@@ -96,7 +96,7 @@ def detection(pools, noise: dict, seed: int, draws: int = 10, per_draw: int = 10
     for _ in range(draws):
         draw = rng.choice(len(pools.ref_emb), 1000, replace=False)
         det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw],
-                                                    texture=pools.texture)
+                                                  texture=pools.texture)
         u_clean = det.p_values(pools.clean_emb, pools.clean_inp)
         nu = noise_u(noise, draw, ["clean", *pairs])
         cases = {"clean": (np.stack([rng.choice(n_clean, window, replace=False)

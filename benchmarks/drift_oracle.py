@@ -37,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 from drift_level import default_pools  # noqa: E402
 
+from flywheel.contracts.reference import split_image_features  # noqa: E402
 from flywheel.monitoring.drift import NoveltyDriftDetector  # noqa: E402
 
 
 def signals(emb: np.ndarray, prob: np.ndarray, inp: np.ndarray, texture=None) -> dict[str, np.ndarray]:
     """`inp`: image features; the input statistics are those before the texture model's columns."""
-    inp = inp[:, :inp.shape[1] - (texture.columns if texture is not None else 0)]
+    inp = split_image_features(inp, texture)[0]
     model = np.hstack([emb, np.log(np.linalg.norm(emb, axis=1, keepdims=True) + 1e-9), np.log(prob + 1e-9)])
     return {"embedding+softmax": model, "input statistics": inp, "all": np.hstack([model, inp])}
 
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     families = bench.HELD_OUT if args.half == "held-out" else bench.TUNING
     rng = np.random.default_rng(0)
     draw = rng.choice(len(pools.ref_emb), 1000, replace=False)
-    det = NoveltyDriftDetector().fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw],
-                                                    texture=pools.texture)
+    det = NoveltyDriftDetector().fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw], texture=pools.texture)
     clean_scores = det.scores(pools.clean_emb, pools.clean_inp)
     clean_signals = signals(pools.clean_emb[:3000], pools.clean_prob[:3000], pools.clean_inp[:3000], pools.texture)
     print(f"{pools.where}; {args.half} pairs costing >= 3 points; per-sample AUC, and in brackets the "

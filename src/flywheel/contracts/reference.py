@@ -168,6 +168,14 @@ def image_features(x: np.ndarray, texture: TextureModel | None) -> np.ndarray:
     return stats if texture is None else np.hstack([stats, texture.statistics(x)])
 
 
+def split_image_features(features: np.ndarray, texture: TextureModel | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input statistics, texture statistics or None) of `image_features` rows (N, F)."""
+    if texture is None:
+        return features, None
+    cut = features.shape[1] - texture.columns
+    return features[:, :cut], features[:, cut:]
+
+
 @dataclass(frozen=True)
 class ReferenceSample:
     embeddings: np.ndarray

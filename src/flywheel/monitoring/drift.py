@@ -81,7 +81,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from flywheel.contracts.reference import MIN_SAMPLES, TextureModel
+from flywheel.contracts.reference import MIN_SAMPLES, TextureModel, split_image_features
 
 
 @dataclass(frozen=True)
@@ -257,9 +257,9 @@ class NoveltyDriftDetector:
                     raise ValueError(f"input_reference has {inp.shape[1]} columns: not input statistics followed "
                                      f"by {texture.columns} texture statistics")
                 self.texture = texture
+                inp, tex = split_image_features(inp, texture)
                 # fitted on training images, so the reference's own scores calibrate it as they are
-                self.calibration["texture"] = np.sort(texture.score(inp[:, -texture.columns:]))
-                inp = inp[:, :-texture.columns]
+                self.calibration["texture"] = np.sort(texture.score(tex))
             self.input_centre, self.input_scale = _robust_scale(inp)
             self.input_reference = (inp - self.input_centre) / self.input_scale
             self.calibration["input"] = np.sort(_euclid_knn_loo(self.input_reference, self.k))
@@ -279,11 +279,10 @@ class NoveltyDriftDetector:
             if z.shape != (len(out["magnitude"]), self.input_columns):
                 raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_columns}) "
                                  f"image features, got {z.shape}")
-            tex = self.texture.columns if self.texture is not None else 0
-            out["input"] = _euclid_knn(self.input_reference, (z[:, :z.shape[1] - tex] - self.input_centre)
-                                       / self.input_scale, self.k)
-            if self.texture is not None:
-                out["texture"] = self.texture.score(z[:, -tex:])
+            z, tex = split_image_features(z, self.texture)
+            out["input"] = _euclid_knn(self.input_reference, (z - self.input_centre) / self.input_scale, self.k)
+            if tex is not None:
+                out["texture"] = self.texture.score(tex)
         return out
 
     def p_values(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
