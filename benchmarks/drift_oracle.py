@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         inp = pools.shifted_inp[key]
         scores = det.scores(emb, inp)
-        best = max(((auc(clean_scores[c], scores[c]), c) for c in det.CHANNELS))
+        best = max(((auc(clean_scores[c], scores[c]), c) for c in scores))
         told = {name: oracle(clean_signals[name], s, rng) for name, s in signals(emb, prob, inp, pools.texture).items()}
         patch = ""
         if args.patch:

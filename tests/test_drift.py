@@ -231,27 +231,40 @@ def test_reference_sample_keeps_input_statistics_and_reads_old_references(tmp_pa
     assert ReferenceSample.load(tmp_path / "new").input_stats is None  # another statistics version
 
 
-def test_texture_channel_holds_its_level_and_catches_what_the_other_channels_miss():
+def _features(splits, texture, images):
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import image_features
+
+    return image_features(to_array(images, splits.preprocess), texture)
+
+
+@pytest.fixture(scope="module")
+def fashion_texture():
+    """Real Fashion-MNIST: a texture model fitted on training images as log_model fits it, and the image
+    features of a 1000-image validation reference and of 3000 clean test images."""
+    from flywheel.component.log import fit_texture
+    from flywheel.core.data import load_splits
+
+    s = load_splits("fashion-mnist", seed=0)
+    texture = fit_texture(s.train.images, s.preprocess)
+    ref = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]
+    return s, texture, _features(s, texture, ref), _features(s, texture, s.test.images[3000:6000])
+
+
+def test_texture_channel_holds_its_level_and_catches_what_the_other_channels_miss(fashion_texture):
     """The fourth channel on real Fashion-MNIST images: a texture model fitted on training images (as
     log_model fits it), the reference's own scores as calibration. Clean windows alarm at about alpha;
     windows with 20% of their images under impulse noise at severity 1 (a held-out family of
     benchmarks/drift.py that costs the default model ~14 points and that the input channel misses most
     of the time) are flagged by the texture channel."""
-    from flywheel.component.log import fit_texture
-    from flywheel.contracts.preprocessing import to_array
-    from flywheel.contracts.reference import image_features
-    from flywheel.core.data import load_splits
     from flywheel.core.shifts import corrupt_images
 
-    s = load_splits("fashion-mnist", seed=0)
-    texture = fit_texture(s.train.images, s.preprocess)
-    ref = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]
-    ref_f, clean_f, noisy_f = (image_features(to_array(x, s.preprocess), texture) for x in (
-        ref, s.test.images[3000:6000], corrupt_images(s.test.images[:200], "impulse-noise", 1, seed=0)))
+    s, texture, ref_f, clean_f = fashion_texture
+    noisy_f = _features(s, texture, corrupt_images(s.test.images[:200], "impulse-noise", 1, seed=0))
     rng = np.random.default_rng(4)
     emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
-    assert det.CHANNELS == ("direction", "magnitude", "input", "texture")
+    assert det.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift")
     inputs_only = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f[:, :-texture.columns])
     p, caught, caught_without = [], 0, 0
     for _ in range(200):
@@ -266,6 +279,39 @@ def test_texture_channel_holds_its_level_and_catches_what_the_other_channels_mis
     assert caught >= 170 and caught_without <= 90, (caught, caught_without)  # 185 and 45 here
     with pytest.raises(ValueError, match="not input statistics followed by"):
         NoveltyDriftDetector().fit(emb[:1000], input_reference=ref_f[:, :texture.columns], texture=texture)
+
+
+def test_texture_shift_channel_sees_a_mild_shift_no_single_image_stands_out_in(fashion_texture):
+    """The fifth channel on real Fashion-MNIST images: shot noise at severity 2 (a held-out family of
+    benchmarks/drift.py costing the default model ~8 points) moves most images' texture a little and few
+    into any novelty channel's tails. With 20% of each window shot-noised, the window's mean texture
+    (clipped, whitened shift vectors) is flagged where the four per-sample channels mostly are not;
+    clean windows alarm at about alpha; the batch path the benchmark takes equals `test`."""
+    from flywheel.core.shifts import corrupt_images
+
+    s, texture, ref_f, clean_f = fashion_texture
+    noisy_f = _features(s, texture, corrupt_images(s.test.images[:300], "shot-noise", 2, seed=0))
+    rng = np.random.default_rng(6)
+    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
+    det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
+    clean, mixed = [], []
+    for _ in range(200):
+        w = rng.choice(3000, 100, replace=False)
+        clean.append(w)
+        mixed.append(np.concatenate([clean_f[w[:80]], noisy_f[rng.choice(300, 20, replace=False)]]))
+    clean_p = [det.test(emb[1000:][w], clean_f[w]).p_value for w in clean]
+    results = [det.test(emb[1000:][w], m) for w, m in zip(clean, mixed, strict=True)]
+    caught = sum(r.p_value < ALPHA and r.details["p_texture_shift"] < ALPHA / 5 for r in results)
+    # the same windows without the channel: the four per-sample channels, Bonferroni over four
+    u = {c: np.stack([det.p_values(emb[1000:][w], m)[c] for w, m in zip(clean, mixed, strict=True)])
+         for c in det.CHANNELS[:4]}
+    caught_without = int((det.window_p_values(u)[0] < ALPHA).sum())
+    assert sum(p < ALPHA for p in clean_p) <= 6, sorted(clean_p)[:10]  # expected <= 2 of 200 at alpha
+    assert caught >= 190 and caught_without <= 170, (caught, caught_without)  # 200 and 142 here
+    batch = det.window_inputs(emb[1000:][np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
+    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
+    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
+    np.testing.assert_allclose(per["texture_shift"], [r.details["p_texture_shift"] for r in results[:20]])
 
 
 def test_reference_sample_keeps_its_texture_model_and_drops_another_versions(tmp_path):

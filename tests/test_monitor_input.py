@@ -115,7 +115,7 @@ def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(
     with caplog.at_level(logging.WARNING, logger="flywheel"):
         new = mon._load_track("1", "new-run")
         old = mon._load_track("2", "old-run")
-    assert new.detector.CHANNELS == ("direction", "magnitude", "input", "texture")
+    assert new.detector.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift")
     assert old.detector.CHANNELS == ("direction", "magnitude", "input")
     off = [r.getMessage() for r in caplog.records if "texture drift channel off" in r.getMessage()]
     assert len(off) == 1 and "m v2" in off[0], off

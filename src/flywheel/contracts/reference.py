@@ -17,6 +17,7 @@ The texture model is versioned the same way (`TEXTURE_VERSION`): without it, no 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ TEXTURE_VERSION = 1  # bump when `TextureModel.statistics` changes: older refere
 TEXTURE_FILTERS = 16  # 3x3 filters: 136 statistics per image
 TEXTURE_FIT_SAMPLES = 5000  # training images the Gaussian is fitted on (not the reference's samples)
 TEXTURE_SHRINKAGE = 1e-3  # ridge on the standardised covariance: 136 dimensions from a few thousand images
+TEXTURE_SHIFT_CLIP = 2.0  # whitened units: bounds one image's pull on a window's mean (heavy-tailed statistics)
 MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
 
 
@@ -130,6 +132,18 @@ class TextureModel:
         """(N, T) texture statistics -> (N,) squared Mahalanobis distance to the training images' Gaussian."""
         z = (np.asarray(stats, dtype=np.float64) - self.mean) / self.scale
         return ((z @ self.precision) * z).sum(1)
+
+    @functools.cached_property
+    def _whitening(self) -> np.ndarray:
+        return np.linalg.cholesky(self.precision)  # precision = L L^T, so z @ L has identity covariance
+
+    def shift_vectors(self, stats: np.ndarray) -> np.ndarray:
+        """(N, T) texture statistics -> (N, T) float32: whitened by the training images' Gaussian, each
+        coordinate clipped at +-TEXTURE_SHIFT_CLIP. What the drift detector's `texture_shift` channel
+        averages over a window: the clip keeps a few extreme images from dominating a mean of heavy-tailed
+        statistics, which is what lets the reference's own subsets calibrate that mean."""
+        z = (np.asarray(stats, dtype=np.float64) - self.mean) / self.scale
+        return np.clip(z @ self._whitening, -TEXTURE_SHIFT_CLIP, TEXTURE_SHIFT_CLIP).astype(np.float32)
 
     @classmethod
     def fit(cls, x, seed: int = 0, filters: int = TEXTURE_FILTERS) -> TextureModel:
