@@ -428,30 +428,35 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
             for n in names:
                 np.savez(cache / f"{n}.npz", emb=z[n]["emb"], prob=z[n]["prob"])
             (cache / "meta.json").write_text(json.dumps(meta, indent=2))
-    inp = input_pools(model_uri, tracking_uri, cache, counts, fashion)
+    inp, texture = input_pools(model_uri, tracking_uri, cache, counts, fashion)
     return Pools(z["ref"]["emb"], z["ref"]["prob"], z["clean"]["emb"], z["clean"]["prob"],
                  {(f, s): (z[f"{f}-{s}"]["emb"], z[f"{f}-{s}"]["prob"]) for f in FAMILIES for s in SEVERITIES},
                  {(f, s): meta[f"accuracy_cost {f}-{s}"] for f in FAMILIES for s in SEVERITIES},
                  meta["source_accuracy"], meta["where"], inp["ref"], inp["clean"],
-                 {(f, s): inp[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES}, texture_of(inp))
+                 {(f, s): inp[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES}, texture)
 
 
 def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts,
-                fashion: bool) -> dict[str, np.ndarray]:
-    """Image features (`flywheel.contracts.reference.image_features`: the input statistics of the detector's
-    input channel, then the texture statistics of its texture channel) of every pool's images,
-    preprocessed with the version's spec; cached beside the embeddings, keyed by the statistics' code.
-    The texture model (its arrays under "texture_*") is the one a training run logs: for Fashion-MNIST
-    fitted as `component.log.fit_texture` fits it, for another component its version's own."""
+                fashion: bool):
+    """(image features, texture model): `flywheel.contracts.reference.image_features` of every pool's
+    images (the input statistics of the detector's input channel, then the texture statistics of its
+    texture channels), preprocessed with the version's spec, and the `TextureModel` they were computed
+    with (None: the version has none). The texture model is the one a training run logs: for
+    Fashion-MNIST fitted as `component.log.fit_texture` fits it, for another component its version's
+    own. Cached beside the embeddings, keyed by the statistics' code; the model in its own format
+    (`TextureModel.save`, with the reference pool's statistics)."""
     from flywheel.contracts.preprocessing import to_array
-    from flywheel.contracts.reference import image_features
+    from flywheel.contracts.reference import TextureModel, image_features, split_image_features
     from flywheel.core.models import load_model
     from flywheel.core.shifts import FAMILIES, SEVERITIES
 
-    path = cache / f"input-{_digest((SRC / 'contracts/reference.py').read_bytes())}.npz" if cache is not None else None
+    key = _digest((SRC / 'contracts/reference.py').read_bytes())
+    path = cache / f"input-{key}.npz" if cache is not None else None
+    texture_path = cache / f"texture-{key}.npz" if cache is not None else None
     if path is not None and path.is_file():
+        loaded = TextureModel.load(texture_path) if texture_path.is_file() else None
         with np.load(path) as z:
-            return dict(z)
+            return dict(z), None if loaded is None else loaded[0]
     _, spec = load_model(model_uri, tracking_uri=tracking_uri)
     ref, clean, source, _, _ = _images(None if fashion else model_uri, tracking_uri, spec)
     if counts.source is not None:
@@ -468,12 +473,12 @@ def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
     for f in FAMILIES:
         for s in SEVERITIES:
             out[f"{f}-{s}"] = stats(corrupted(source, f, s, images_cache))
-    if texture is not None:
-        out |= {f"texture_{k}": getattr(texture, k) for k in ("filters", "mean", "scale", "precision")}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if texture is not None:  # first: a features file is only read back beside its texture model
+            texture.save(texture_path, split_image_features(out["ref"], texture)[1])
         np.savez(path, **out)
-    return out
+    return out, texture
 
 
 def _texture_model(model_uri: str, tracking_uri: str | None, spec, fashion: bool):
@@ -495,15 +500,6 @@ def _texture_model(model_uri: str, tracking_uri: str | None, spec, fashion: bool
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=tmp,
                                             tracking_uri=tracking_uri)
         return ReferenceSample.load(Path(tmp) / ARTIFACT_DIR).texture
-
-
-def texture_of(inp: dict[str, np.ndarray]):
-    """The texture model stored by `input_pools`, or None."""
-    from flywheel.contracts.reference import TextureModel
-
-    if "texture_mean" not in inp:
-        return None
-    return TextureModel(*(inp[f"texture_{k}"] for k in ("filters", "mean", "scale", "precision")))
 
 
 # ------------------------------------------------------------------------------------ detectors
