@@ -340,10 +340,12 @@ class NoveltyDriftDetector:
         return TestResult(float(p[0]), -float(np.log10(min(float(v[0]) for v in per_channel.values()))), details)
 
     def window_p_values(self, u: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Window p-values of B windows at once from their samples' conformal p-values, (B, W) per
-        channel: what `test` computes for one window (it calls this), vectorised for benchmarks that
-        score a pool of samples once and test many windows drawn from it. Bonferroni over the channels
-        given (those of CHANNELS in `u`). Returns (combined, per channel)."""
+        """Window p-values of B windows at once from what `window_inputs` gives of their samples: (B, W)
+        conformal p-values per novelty channel, (B, W, T) shift vectors for `texture_shift`. What `test`
+        computes for one window (it calls this), vectorised for benchmarks that score a pool of samples
+        once and test many windows drawn from it. Bonferroni over the channels given (those of CHANNELS
+        in `u`; `texture_shift` only for windows of at most half the reference). Returns (combined, per
+        channel)."""
         names = [c for c in self.CHANNELS if c in u and c != SHIFT_CHANNEL]
         n = len(self.calibration[names[0]])
         w = u[names[0]].shape[1]
