@@ -197,9 +197,11 @@ Design log (append, never rewrite):
               of a window against all n over a subset against the rest), 0.0021 / 0.0026 / 0.0030 for the
               channel, above its share at W=100 and 300. Scratch variants after the choice, held-out figures
               seen, none built: the input statistics' vectors (robust-scaled, whitened by the reference, clipped)
-              added to the channel's, 22 of 26 (scale-1 0.92, spatter-2 0.87); the embedding's 32 whitened PCA
-              components added instead, 21 of 26; before the channel, the texture score from a 10-component
-              Gaussian mixture, 19 of 26 (canny-edges-1 0.89, dotted-line-1 0.89).
+              added to the channel's, 22 of 26 (scale-1 0.92, spatter-2 0.87); the same as a sixth channel of
+              its own, 22 of 26; the embedding's 32 whitened PCA components added instead, 21 of 26; the 32 / 64
+              lowest-variance whitened texture directions instead of all 136, weaker on every miss (spatter-2
+              0.49 / 0.64); before the channel, the texture score from a 10-component Gaussian mixture, 19 of
+              26 (canny-edges-1 0.89, dotted-line-1 0.89).
 
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
