@@ -32,7 +32,13 @@ import drift as bench  # noqa: E402
 from drift_tuning import tuning_windows  # noqa: E402
 
 from flywheel.contracts.preprocessing import to_array  # noqa: E402
-from flywheel.monitoring.drift import NoveltyDriftDetector, _level_p_values, _rank_null, _tail_counts  # noqa: E402
+from flywheel.monitoring.drift import (  # noqa: E402
+    NoveltyDriftDetector,
+    _exceedance_p,
+    _level_p_values,
+    _rank_null,
+    _tail_counts,
+)
 
 
 def statistics(x):
@@ -127,7 +133,7 @@ def knn(r, x, k):
         out.append(np.sqrt(np.maximum(np.partition(d, k - 1, axis=1)[:, k - 1], 0)))
     return np.concatenate(out)
 def conformal(cal, s):
-    cal = np.sort(cal); return (1 + len(cal) - np.searchsorted(cal, s, side="left")) / (len(cal) + 1)
+    return _exceedance_p(np.sort(cal), s)
 
 SETS["noq+q05"] = SETS["all-noq"] + ["q05"]
 SETS["noq+q05+q95"] = SETS["all-noq"] + ["q05", "q95"]

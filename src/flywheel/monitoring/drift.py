@@ -203,6 +203,12 @@ def _rank_null(n: int, w: int, simulations: int, seed: int,
     return sorted_counts, np.sort(min_p)
 
 
+def _exceedance_p(sorted_null: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(1 + #null values >= value) / (len(null) + 1) per value: a conformal p-value against calibration
+    scores, or a Monte Carlo p-value against a simulated null (never 0)."""
+    return (1 + len(sorted_null) - np.searchsorted(sorted_null, values, side="left")) / (len(sorted_null) + 1)
+
+
 def _level_p_values(sorted_counts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """P(null count >= observed) per tail level, Monte Carlo with the +1 correction (never 0)."""
     b = len(sorted_counts)
@@ -307,11 +313,7 @@ class NoveltyDriftDetector:
 
     def p_values(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per-sample conformal p-values (1 + #calibration scores >= s) / (n + 1), per channel."""
-        out = {}
-        for name, s in self.scores(x, inputs).items():
-            cal = self.calibration[name]
-            out[name] = (1 + len(cal) - np.searchsorted(cal, s, side="left")) / (len(cal) + 1)
-        return out
+        return {name: _exceedance_p(self.calibration[name], s) for name, s in self.scores(x, inputs).items()}
 
     def window_inputs(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """What `window_p_values` reads of each sample, per channel: the conformal `p_values` of the
@@ -356,9 +358,7 @@ class NoveltyDriftDetector:
             # calibrate the min over levels by its own null (levels are strongly dependent)
             per_channel[name] = (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
         if SHIFT_CHANNEL in u and SHIFT_CHANNEL in self.CHANNELS and 2 * w <= len(self.shift_reference):
-            null = self._shift_null(w)
-            observed = self._shift_statistic(u[SHIFT_CHANNEL])
-            per_channel[SHIFT_CHANNEL] = (1 + len(null) - np.searchsorted(null, observed, side="left")) / (len(null) + 1)
+            per_channel[SHIFT_CHANNEL] = _exceedance_p(self._shift_null(w), self._shift_statistic(u[SHIFT_CHANNEL]))
         combined = np.minimum(1.0, len(per_channel) * np.min(np.stack(list(per_channel.values())), axis=0))
         return combined, per_channel
 
