@@ -216,7 +216,8 @@ def test_the_reference_carries_the_input_statistics_of_its_images():
     """The monitor's input drift channel needs the reference's per-image statistics: log_model writes
     them for the same validation images as the embeddings, computed on the preprocessed tensor (RGB,
     16x16 centre crop here), and they read back with the reference; so does its texture channel's
-    model (fitted on training images) with the same images' texture statistics."""
+    model (fitted on training images) with the same images' texture statistics, and the texture-shift
+    channel's directions (fitted on training images and their TUNING corruptions)."""
     import mlflow
 
     from flywheel.contracts.preprocessing import to_array
@@ -240,3 +241,9 @@ def test_the_reference_carries_the_input_statistics_of_its_images():
     np.testing.assert_allclose(ref.texture.precision, refit.precision, rtol=1e-6)
     np.testing.assert_allclose(ref.texture_stats, ref.texture.statistics(to_array(splits.val.images[pick],
                                                                                  splits.preprocess)), rtol=1e-6)
+    # the texture-shift channel's directions: from the TUNING corruptions of the same training images
+    from flywheel.component.log import fit_shift_directions
+
+    refit_directions = fit_shift_directions(splits.train.images, splits.preprocess, refit)
+    assert ref.shift_directions is not None
+    np.testing.assert_allclose(ref.shift_directions.directions, refit_directions.directions, rtol=1e-5, atol=1e-6)

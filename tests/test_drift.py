@@ -314,6 +314,66 @@ def test_texture_shift_channel_sees_a_mild_shift_no_single_image_stands_out_in(f
     np.testing.assert_allclose(per["texture_shift"], [r.details["p_texture_shift"] for r in results[:20]])
 
 
+def test_shift_directions_from_tuning_corruptions_see_a_held_out_shift_the_mean_texture_alone_misses(fashion_texture):
+    """The texture-shift channel along the directions the TUNING corruptions move image statistics in
+    (fitted on training images as log_model fits them): scale at severity 1, a held-out family of
+    benchmarks/drift.py (zoomed out to 85%, ~7 points on the default model), at 20% of each window, is
+    flagged far more often than by the window's mean texture alone; clean windows alarm at about alpha;
+    the batch path the benchmark takes equals `test`."""
+    from flywheel.component.log import fit_shift_directions
+    from flywheel.core.shifts import TUNING_FAMILIES, corrupt_images
+
+    s, texture, ref_f, clean_f = fashion_texture
+    directions = fit_shift_directions(s.train.images, s.preprocess, texture)
+    assert "scale" not in TUNING_FAMILIES and directions.directions.shape == (10, ref_f.shape[1])
+    zoomed_f = _features(s, texture, corrupt_images(s.test.images[:300], "scale", 1, seed=0))
+    rng = np.random.default_rng(7)
+    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
+    det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture,
+                                                     directions=directions)
+    without = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
+    clean, mixed = [], []
+    for _ in range(200):
+        w = rng.choice(3000, 100, replace=False)
+        clean.append(w)
+        mixed.append(np.concatenate([clean_f[w[:80]], zoomed_f[rng.choice(300, 20, replace=False)]]))
+    clean_p = [det.test(emb[1000:][w], clean_f[w]).p_value for w in clean]
+    results = [det.test(emb[1000:][w], m) for w, m in zip(clean, mixed, strict=True)]
+    caught = sum(r.p_value < ALPHA for r in results)
+    caught_without = sum(without.test(emb[1000:][w], m).p_value < ALPHA for w, m in zip(clean, mixed, strict=True))
+    assert sum(p < ALPHA for p in clean_p) <= 6, sorted(clean_p)[:10]  # expected <= 2 of 200 at alpha
+    assert caught >= 190 and caught_without <= 160, (caught, caught_without)  # 198 and 128 here
+    assert {"mean_shift_texture_shift", "directions_shift_texture_shift"} <= set(results[0].details)
+    batch = det.window_inputs(emb[1000:][np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
+    assert batch["texture_shift"].shape == (2000, texture.columns + 10)
+    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
+    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
+    np.testing.assert_allclose(per["texture_shift"], [r.details["p_texture_shift"] for r in results[:20]])
+
+
+def test_reference_sample_keeps_its_shift_directions_and_drops_another_versions(tmp_path):
+    from flywheel.contracts.reference import SHIFT_DIRECTIONS, ReferenceSample, ShiftDirections, TextureModel
+
+    rng = np.random.default_rng(8)
+    texture = TextureModel.fit(rng.normal(size=(300, 1, 12, 12)).astype(np.float32))
+    features = np.hstack([rng.normal(size=(300, 12)), texture.statistics(rng.normal(size=(300, 1, 12, 12)))])
+    moved = [features[:100] + rng.normal(size=features.shape[1]) for _ in range(4)]
+    directions = ShiftDirections.fit(features, moved, texture, count=3)
+    np.testing.assert_allclose(directions.directions @ directions.directions.T, np.eye(3), atol=1e-9)
+    sample = ReferenceSample(rng.normal(size=(50, 4)).astype(np.float32), np.arange(50) % 3, None, np.ones(3) / 3,
+                             features[:50, :12], texture, features[:50, 12:], directions)
+    sample.save(tmp_path / "new")
+    loaded = ReferenceSample.load(tmp_path / "new").shift_directions
+    np.testing.assert_array_equal(loaded.directions, directions.directions)
+    np.testing.assert_allclose(loaded.project(features, texture), directions.project(features, texture))
+    with np.load(tmp_path / "new" / SHIFT_DIRECTIONS) as z:
+        np.savez(tmp_path / "new" / SHIFT_DIRECTIONS, **{**dict(z), "version": 0})
+    old = ReferenceSample.load(tmp_path / "new")
+    assert old.shift_directions is None and old.texture is not None  # the channel runs without them
+    with pytest.raises(ValueError, match="shift directions need"):
+        ShiftDirections.fit(features, [], texture)
+
+
 def test_reference_sample_keeps_its_texture_model_and_drops_another_versions(tmp_path):
     from flywheel.contracts.reference import TEXTURE, ReferenceSample, TextureModel
 

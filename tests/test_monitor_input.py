@@ -94,9 +94,9 @@ def test_reference_without_input_statistics_turns_the_channel_off_once(tmp_path,
 def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(tmp_path, caplog):
     """A reference with a texture model (what log_model writes now): the track's per-capture features are
     `image_features` of the decoded capture (input statistics, then texture statistics), and the
-    detector has the texture channel; a reference with input statistics but no texture model (an older
+    detector has the texture channel (with the reference's shift directions); a reference with input statistics but no texture model (an older
     flywheel's) keeps the input channel and says in one line that the texture channel is off."""
-    from flywheel.component.log import fit_texture
+    from flywheel.component.log import fit_shift_directions, fit_texture
     from flywheel.contracts.reference import image_features
     from flywheel.core.data import load_splits
 
@@ -107,8 +107,9 @@ def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(
     emb = (np.abs(rng.normal(size=(1000, 8))) + 0.1).astype(np.float32)
     mon = _monitor(tmp_path)
     refs = mon.dir / "references"
+    train = load_splits("fashion-mnist", seed=0).train.images[:2000]
     ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10, input_statistics(x), texture,
-                    texture.statistics(x)).save(refs / "new-run" / "reference")
+                    texture.statistics(x), fit_shift_directions(train, spec, texture)).save(refs / "new-run" / "reference")
     ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10,
                     input_statistics(x)).save(refs / "old-run" / "reference")
     mon._spec_of = lambda version: ("layer", None, spec)  # the versions' component specs (no registry here)
@@ -125,3 +126,4 @@ def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(
     assert old.input_statistics(pngs).shape == (50, input_statistics(x).shape[1])
     result = new.detector.test(emb[:50], new.input_statistics(pngs))
     assert "p_texture" in result.details and "p_input" in result.details
+    assert new.detector.directions is not None and "directions_shift_texture_shift" in result.details

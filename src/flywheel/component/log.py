@@ -148,14 +148,15 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
         priors = np.bincount(splits.train.labels, minlength=len(splits.class_names)) / max(1, len(splits.train))
         reference = tmp / REFERENCE_DIR
         pp = splits.preprocess  # the drift detector's input and texture channels (images of >= 3x3 pixels)
-        stats = texture = texture_stats = None
+        stats = texture = texture_stats = directions = None
         if min(pp.height, pp.width) >= 3:
             texture = fit_texture(splits.train.images, pp)
             chunks = [to_array(splits.val.images[pick[i:i + 500]], pp) for i in range(0, len(pick), 500)]
             stats = np.concatenate([input_statistics(x) for x in chunks])
             texture_stats = None if texture is None else np.concatenate([texture.statistics(x) for x in chunks])
+            directions = None if texture is None else fit_shift_directions(splits.train.images, pp, texture)
         ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors, stats, texture,
-                        texture_stats).save(reference)
+                        texture_stats, directions).save(reference)
         logger.log_artifacts(reference, REFERENCE_DIR)
 
         if embedding is None:
@@ -184,17 +185,44 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
     return LoggedModel(info.model_uri, spec)
 
 
+def _texture_fit_pick(train_images: np.ndarray) -> np.ndarray:
+    """The seeded pick of up to TEXTURE_FIT_SAMPLES training images the texture channels are fitted on."""
+    from flywheel.contracts.reference import TEXTURE_FIT_SAMPLES
+
+    return np.sort(np.random.default_rng(0).permutation(len(train_images))[:TEXTURE_FIT_SAMPLES])
+
+
 def fit_texture(train_images: np.ndarray, preprocess):
     """The drift monitor's texture model (`contracts.reference.TextureModel`), fitted on a seeded pick of
     up to TEXTURE_FIT_SAMPLES training images, never on the reference's own (validation) samples;
     None with fewer than 2 training images."""
     from flywheel.contracts.preprocessing import to_array
-    from flywheel.contracts.reference import TEXTURE_FIT_SAMPLES, TextureModel
+    from flywheel.contracts.reference import TextureModel
 
     if len(train_images) < 2:
         return None
-    pick = np.sort(np.random.default_rng(0).permutation(len(train_images))[:TEXTURE_FIT_SAMPLES])
+    pick = _texture_fit_pick(train_images)
     return TextureModel.fit(to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500))
+
+
+def fit_shift_directions(train_images: np.ndarray, preprocess, texture):
+    """The texture-shift channel's `contracts.reference.ShiftDirections`, fitted on the texture model's pick
+    of training images, the first SHIFT_DIRECTION_IMAGES of them also through every TUNING family and
+    severity of the corruption suite (`flywheel.core.shifts.TUNING_FAMILIES`: never a held-out one).
+    About a second for Fashion-MNIST on two cores."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import SHIFT_DIRECTION_IMAGES, ShiftDirections, image_features
+    from flywheel.core.shifts import SEVERITIES, TUNING_FAMILIES, corrupt_images
+
+    images = train_images[_texture_fit_pick(train_images)]
+
+    def features(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([image_features(to_array(x[i:i + 500], preprocess), texture)
+                               for i in range(0, len(x), 500)])
+
+    base = images[:SHIFT_DIRECTION_IMAGES]
+    corrupted = [features(corrupt_images(base, f, s)) for f in TUNING_FAMILIES for s in SEVERITIES]
+    return ShiftDirections.fit(features(images), corrupted, texture)
 
 
 def _test_set(splits: Splits, uri: str | None, tmp: Path, logger, run_id: str) -> TestSetRef:

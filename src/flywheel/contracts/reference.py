@@ -13,6 +13,8 @@ the monitor on captured images decoded and preprocessed with the version's spec.
 (`INPUT_STATS_VERSION`, stored beside them); a reference without them (logged by an older flywheel)
 or of another version loads with `input_stats` None, and the monitor runs without the input channel.
 The texture model is versioned the same way (`TEXTURE_VERSION`): without it, no texture channel.
+The shift directions (`ShiftDirections`, with the texture model) likewise (`SHIFT_DIRECTIONS_VERSION`):
+without them the texture-shift channel tests the window's mean texture alone, as before they existed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ TEXTURE_FILTERS = 16  # 3x3 filters: 136 statistics per image
 TEXTURE_FIT_SAMPLES = 5000  # training images the Gaussian is fitted on (not the reference's samples)
 TEXTURE_SHRINKAGE = 1e-3  # ridge on the standardised covariance: 136 dimensions from a few thousand images
 TEXTURE_SHIFT_CLIP = 2.0  # whitened units: bounds one image's pull on a window's mean (heavy-tailed statistics)
+SHIFT_DIRECTIONS = "shift_directions.npz"  # `ShiftDirections`: the texture-shift channel's tuning directions
+SHIFT_DIRECTIONS_VERSION = 1  # bump when `ShiftDirections.vectors` changes: older references then load without them
+SHIFT_DIRECTIONS_COUNT = 10  # directions kept of the tuning corruptions' mean changes
+SHIFT_DIRECTION_IMAGES = 500  # training images each tuning corruption is applied to when fitting them
 MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
 
 
@@ -83,6 +89,15 @@ def input_statistics(x: np.ndarray) -> np.ndarray:
     cols += [cy, cx, weight @ (yy * yy) / total - cy * cy, weight @ (xx * xx) / total - cx * cx,
              weight @ (yy * xx) / total - cy * cx]
     return np.stack(cols, axis=1).astype(np.float64)
+
+
+def robust_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and 1.4826 MAD per column (the standard deviation's robust estimate). Where the MAD is 0
+    (a statistic constant on most images) the column's standard deviation + 1e-9: a statistic constant
+    on all of them (the 5% quantile of images on a flat background) then makes any other value extreme."""
+    centre = np.median(x, axis=0)
+    scale = 1.4826 * np.median(np.abs(x - centre), axis=0)
+    return centre, np.where(scale > 1e-9, scale, x.std(0) + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -191,6 +206,71 @@ def split_image_features(features: np.ndarray, texture: TextureModel | None) -> 
 
 
 @dataclass(frozen=True)
+class ShiftDirections:
+    """The directions in which the suite's TUNING corruptions (`flywheel.core.shifts.TUNING_FAMILIES`) move
+    an image's statistics, for the drift detector's texture-shift channel: besides the squared length
+    of a window's mean texture shift vector, it tests the squared length of the window's mean vector
+    projected on these few directions. A corruption moves the statistics along a few directions; the
+    full-length statistic pays for every dimension in its null, the projection only for SHIFT_DIRECTIONS_COUNT.
+    Fitted on training images at log time, never on the reference's own samples, so the reference
+    stays exchangeable with clean traffic (benchmarks/drift.py's design log, ninth entry).
+
+    The vector per image: its texture shift vector (`TextureModel.shift_vectors`), then its input
+    statistics standardised by the training images' median and MAD and whitened by their correlation
+    (+ TEXTURE_SHRINKAGE * I), clipped at +-TEXTURE_SHIFT_CLIP."""
+
+    input_centre: np.ndarray  # (F,) of the training images' input statistics
+    input_scale: np.ndarray  # (F,) their 1.4826 MAD (`robust_scale`)
+    input_whitening: np.ndarray  # (F, F): standardised statistics @ this have identity covariance
+    directions: np.ndarray  # (k, T + F) orthonormal rows
+
+    def vectors(self, features: np.ndarray, texture: TextureModel) -> np.ndarray:
+        """(N, F + T) `image_features` rows -> (N, T + F) float64 vectors (see the class docstring)."""
+        inp, tex = split_image_features(np.asarray(features, dtype=np.float64), texture)
+        z = np.clip((inp - self.input_centre) / self.input_scale @ self.input_whitening,
+                    -TEXTURE_SHIFT_CLIP, TEXTURE_SHIFT_CLIP)
+        return np.hstack([texture.shift_vectors(tex).astype(np.float64), z])
+
+    def project(self, features: np.ndarray, texture: TextureModel) -> np.ndarray:
+        """(N, F + T) `image_features` rows -> (N, k) coordinates of their vectors along the directions."""
+        return self.vectors(features, texture) @ self.directions.T
+
+    @classmethod
+    def fit(cls, features: np.ndarray, corrupted: list[np.ndarray], texture: TextureModel,
+            count: int = SHIFT_DIRECTIONS_COUNT) -> ShiftDirections:
+        """`features`: `image_features` of training images (N, F + T), the first len(corrupted[i]) of which
+        `corrupted[i]` are, one tuning corruption each (`image_features` of the corrupted images). The
+        directions: the top `count` right singular vectors of the corruptions' mean changes."""
+        features = np.asarray(features, dtype=np.float64)
+        if len(features) < 2 or not corrupted:
+            raise ValueError(f"shift directions need >= 2 training images and >= 1 corruption, got {len(features)} "
+                             f"and {len(corrupted)}")
+        inp = split_image_features(features, texture)[0]
+        centre, scale = robust_scale(inp)
+        z = (inp - centre) / scale
+        sd = z.std(0) + 1e-9
+        corr = np.cov((z / sd).T).reshape(z.shape[1], z.shape[1]) + TEXTURE_SHRINKAGE * np.eye(z.shape[1])
+        whitening = np.linalg.cholesky(np.linalg.inv(corr)) / sd[:, None]  # z @ this: identity covariance
+        probe = cls(centre, scale, whitening, np.zeros((0, texture.columns + inp.shape[1])))
+        changes = np.stack([probe.vectors(c, texture).mean(0) - probe.vectors(features[:len(c)], texture).mean(0)
+                            for c in corrupted])
+        directions = np.linalg.svd(changes, full_matrices=False)[2][:count]
+        return cls(centre, scale, whitening, directions)
+
+    def save(self, path: str | os.PathLike) -> None:
+        np.savez(path, version=SHIFT_DIRECTIONS_VERSION, input_centre=self.input_centre, input_scale=self.input_scale,
+                 input_whitening=self.input_whitening, directions=self.directions)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ShiftDirections | None:
+        """The directions, or None for another SHIFT_DIRECTIONS_VERSION's file."""
+        with np.load(path) as z:
+            if int(z["version"]) != SHIFT_DIRECTIONS_VERSION:  # another version's vectors are not comparable
+                return None
+            return cls(z["input_centre"], z["input_scale"], z["input_whitening"], z["directions"])
+
+
+@dataclass(frozen=True)
 class ReferenceSample:
     embeddings: np.ndarray
     predictions: np.ndarray
@@ -199,6 +279,7 @@ class ReferenceSample:
     input_stats: np.ndarray | None = None  # `input_statistics` of the same samples; None: not logged
     texture: TextureModel | None = None  # None: not logged (or another TEXTURE_VERSION)
     texture_stats: np.ndarray | None = None  # `texture.statistics` of the same samples, with `texture`
+    shift_directions: ShiftDirections | None = None  # with `texture`; None: not logged (or another version)
 
     @staticmethod
     def present(directory: str | os.PathLike) -> bool:
@@ -227,6 +308,8 @@ class ReferenceSample:
                 raise ValueError(f"texture_stats must be (N={len(self.embeddings)}, {self.texture.columns}), "
                                  f"got shape {tex.shape}")
             self.texture.save(os.path.join(directory, TEXTURE), tex)
+            if self.shift_directions is not None:
+                self.shift_directions.save(os.path.join(directory, SHIFT_DIRECTIONS))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceSample:
@@ -252,9 +335,11 @@ class ReferenceSample:
                 meta = json.loads(f.read())
             if meta.get("version") == INPUT_STATS_VERSION:  # another version's statistics are not comparable
                 stats = np.load(os.path.join(path, INPUT_STATS)).astype(np.float64)
-        texture = texture_stats = None
+        texture = texture_stats = directions = None
         if os.path.isfile(os.path.join(path, TEXTURE)):
             loaded = TextureModel.load(os.path.join(path, TEXTURE))
             if loaded is not None:
                 texture, texture_stats = loaded
-        return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats)
+                if os.path.isfile(os.path.join(path, SHIFT_DIRECTIONS)):
+                    directions = ShiftDirections.load(os.path.join(path, SHIFT_DIRECTIONS))
+        return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats, directions)

@@ -56,6 +56,12 @@ tested on how many of those p-values land in the tails.
    than half the reference are tested without this channel). Without the clip that null is too
    narrow (a reference of 1000 under-represents the statistics' tails; false alarms 1.5% at alpha 1%
    over 20 reference draws, the same on validation windows as on test windows); with it, 0.9-1.0%.
+   With the reference's `ShiftDirections` (logged since the ninth design-log entry): the same channel
+   also tests the window's mean along 10 directions, those in which the corruption suite's TUNING
+   families move the texture shift vectors and the (whitened) input statistics of training images. A
+   shift that moves the mean along a few directions pays for every one of the 136 dimensions in the
+   squared length's null, for 10 in the projection's. The channel's p-value is the min of the two
+   statistics' p-values, calibrated by its own null from the same reference subsets.
    Bonferroni over the five channels.
 
 How it was chosen and how it does (benchmarks/drift.py, its README section and results/drift.json):
@@ -94,7 +100,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from flywheel.contracts.reference import MIN_SAMPLES, TextureModel, split_image_features
+from flywheel.contracts.reference import (
+    MIN_SAMPLES,
+    ShiftDirections,
+    TextureModel,
+    robust_scale,
+    split_image_features,
+)
 
 
 @dataclass(frozen=True)
@@ -217,17 +229,6 @@ def _level_p_values(sorted_counts: np.ndarray, counts: np.ndarray) -> np.ndarray
     return (1 + ge) / (b + 1)
 
 
-def _robust_scale(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and 1.4826 MAD per column (the standard deviation's robust estimate). Where the MAD is 0
-    (a statistic constant on most reference images) the column's standard deviation + 1e-9: a statistic
-    constant on the whole reference (the 5% quantile of images on a flat background) then makes any
-    other value maximally novel, a sample outside the reference's support. The conformal p-values stay
-    valid whatever the scale: it only orders the scores."""
-    centre = np.median(ref, axis=0)
-    scale = 1.4826 * np.median(np.abs(ref - centre), axis=0)
-    return centre, np.where(scale > 1e-9, scale, ref.std(0) + 1e-9)
-
-
 def _euclid_knn_loo(ref: np.ndarray, k: int) -> np.ndarray:
     sq = (ref * ref).sum(1)
     d = sq[:, None] + sq[None, :] - 2 * ref @ ref.T
@@ -244,7 +245,8 @@ class NoveltyDriftDetector:
     """The monitor's embedding test (see the module docstring): two novelty channels per sample (three
     with `input_reference`, four with `texture` too), conformal p-values against the reference, a
     multi-level tail-count statistic per channel with an exact rank null; with `texture`, a fifth channel
-    on the window's mean texture (`texture_shift`); Bonferroni over the channels."""
+    on the window's mean texture (`texture_shift`; with `directions`, also along them); Bonferroni over
+    the channels."""
 
     EMBEDDING_CHANNELS = ("direction", "magnitude")
 
@@ -258,18 +260,21 @@ class NoveltyDriftDetector:
         self.CHANNELS = self.EMBEDDING_CHANNELS
 
     def fit(self, reference: np.ndarray, classes: np.ndarray | None = None,
-            input_reference: np.ndarray | None = None, texture: TextureModel | None = None) -> NoveltyDriftDetector:
+            input_reference: np.ndarray | None = None, texture: TextureModel | None = None,
+            directions: ShiftDirections | None = None) -> NoveltyDriftDetector:
         """`classes` is accepted for interface symmetry and unused: no score needs labels.
         `input_reference`: (N, F) `flywheel.contracts.reference.image_features` of the same reference
         samples; given, the detector has a third channel, `input` (None: the two embedding channels),
         and with `texture` (the reference's `TextureModel`, whose statistics are then the last
-        `texture.columns` of the F) a fourth, `texture`, and the window-mean channel `texture_shift`."""
+        `texture.columns` of the F) a fourth, `texture`, and the window-mean channel `texture_shift`;
+        with `directions` too (the reference's `ShiftDirections`), that channel also tests the window's
+        mean along them."""
         ref = _check_reference(reference, self.k)
         self.reference = _unit(ref)
         self.calibration = {"direction": np.sort(_knn_loo(self.reference, self.k)),
                             "magnitude": np.sort(-_log_norm(ref))}
         self.CHANNELS = self.EMBEDDING_CHANNELS
-        self.input_reference, self.texture, self.input_columns = None, None, 0
+        self.input_reference, self.texture, self.directions, self.input_columns = None, None, None, 0
         if input_reference is not None:
             inp = np.asarray(input_reference, dtype=np.float64)
             if inp.ndim != 2 or len(inp) != len(ref) or not np.isfinite(inp).all():
@@ -279,14 +284,15 @@ class NoveltyDriftDetector:
                 if inp.shape[1] <= texture.columns:
                     raise ValueError(f"input_reference has {inp.shape[1]} columns: not input statistics followed "
                                      f"by {texture.columns} texture statistics")
-                self.texture = texture
+                self.texture, self.directions = texture, directions
+                self.shift_reference = self._shift_vectors(inp).astype(np.float64)
+                self.shift_centre = self.shift_reference.mean(0)
+                self._shift_nulls: dict[int, tuple[np.ndarray, np.ndarray]] = {}
                 inp, tex = split_image_features(inp, texture)
                 # fitted on training images, so the reference's own scores calibrate it as they are
                 self.calibration["texture"] = np.sort(texture.score(tex))
-                self.shift_reference = texture.shift_vectors(tex).astype(np.float64)
-                self.shift_centre = self.shift_reference.mean(0)
-                self._shift_nulls: dict[int, np.ndarray] = {}
-            self.input_centre, self.input_scale = _robust_scale(inp)
+            # any scale keeps the conformal p-values valid: it only orders the scores
+            self.input_centre, self.input_scale = robust_scale(inp)
             self.input_reference = (inp - self.input_centre) / self.input_scale
             self.calibration["input"] = np.sort(_euclid_knn_loo(self.input_reference, self.k))
             self.CHANNELS = (*self.EMBEDDING_CHANNELS, "input") + (("texture", SHIFT_CHANNEL) if texture is not None else ())
@@ -318,12 +324,19 @@ class NoveltyDriftDetector:
     def window_inputs(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """What `window_p_values` reads of each sample, per channel: the conformal `p_values` of the
         novelty channels and, with the texture channel, the sample's `TextureModel.shift_vectors` row
-        (N, T) for `texture_shift`."""
+        (N, T) for `texture_shift`, followed by its k coordinates along the `ShiftDirections` (N, T + k)
+        where the detector has them."""
         out = self.p_values(x, inputs)
         if "texture" in out:
-            tex = split_image_features(np.asarray(inputs, dtype=np.float64), self.texture)[1]
-            out[SHIFT_CHANNEL] = self.texture.shift_vectors(tex)
+            out[SHIFT_CHANNEL] = self._shift_vectors(np.asarray(inputs, dtype=np.float64))
         return out
+
+    def _shift_vectors(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) image features -> (N, T [+ k]) float32: shift vectors [and coordinates along the directions]."""
+        vectors = self.texture.shift_vectors(split_image_features(features, self.texture)[1])
+        if self.directions is None:
+            return vectors
+        return np.hstack([vectors, self.directions.project(features, self.texture)]).astype(np.float32)
 
     def test(self, window: np.ndarray, inputs: np.ndarray | None = None) -> TestResult:
         """The window's p-value. `inputs`: the window's image features; without them (or without the
@@ -335,7 +348,10 @@ class NoveltyDriftDetector:
         for name in per_channel:
             details[f"p_{name}"] = float(per_channel[name][0])
             if name == SHIFT_CHANNEL:
-                details[f"mean_shift_{name}"] = float(self._shift_statistic(u[name][None])[0])
+                shift = self._shift_statistics(u[name][None])[0]
+                details[f"mean_shift_{name}"] = float(shift[0])
+                if len(shift) > 1:
+                    details[f"directions_shift_{name}"] = float(shift[1])
             else:
                 details[f"tail_counts_{name}"] = dict(zip(self.levels, _tail_counts(u[name][None], self.levels)[0].tolist(),
                                                           strict=True))
@@ -343,7 +359,7 @@ class NoveltyDriftDetector:
 
     def window_p_values(self, u: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Window p-values of B windows at once from what `window_inputs` gives of their samples: (B, W)
-        conformal p-values per novelty channel, (B, W, T) shift vectors for `texture_shift`. What `test`
+        conformal p-values per novelty channel, (B, W, T [+ k]) shift vectors for `texture_shift`. What `test`
         computes for one window (it calls this), vectorised for benchmarks that score a pool of samples
         once and test many windows drawn from it. Bonferroni over the channels given (those of CHANNELS
         in `u`; `texture_shift` only for windows of at most half the reference). Returns (combined, per
@@ -358,34 +374,55 @@ class NoveltyDriftDetector:
             # calibrate the min over levels by its own null (levels are strongly dependent)
             per_channel[name] = (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
         if SHIFT_CHANNEL in u and SHIFT_CHANNEL in self.CHANNELS and 2 * w <= len(self.shift_reference):
-            per_channel[SHIFT_CHANNEL] = _exceedance_p(self._shift_null(w), self._shift_statistic(u[SHIFT_CHANNEL]))
+            per_channel[SHIFT_CHANNEL] = self._shift_p_values(u[SHIFT_CHANNEL])
         combined = np.minimum(1.0, len(per_channel) * np.min(np.stack(list(per_channel.values())), axis=0))
         return combined, per_channel
 
-    def _shift_statistic(self, vectors: np.ndarray) -> np.ndarray:
-        """(B, W, T) shift vectors -> (B,) squared distance of each window's mean from the reference's."""
-        return ((np.asarray(vectors, dtype=np.float64).mean(1) - self.shift_centre) ** 2).sum(1)
+    def _shift_statistics(self, vectors: np.ndarray) -> np.ndarray:
+        """(B, W, T [+ k]) shift vectors -> (B, 1 [+ 1]): the squared distance of each window's mean shift
+        vector from the reference's [and of its mean coordinates along the directions]."""
+        d = np.asarray(vectors, dtype=np.float64).mean(1) - self.shift_centre
+        return _split_squares(d, self.texture.columns)
 
-    def _shift_null(self, w: int) -> np.ndarray:
-        """The window-mean statistic's null for windows of w, from the reference alone: random w-subsets
+    def _shift_p_values(self, vectors: np.ndarray) -> np.ndarray:
+        """(B, W, T [+ k]) -> (B,) the channel's p-values: the Monte Carlo p-value of the mean-shift
+        statistic or, with the directions, the min of the two statistics' p-values calibrated by its own
+        null (the two are dependent: both read the same window)."""
+        sorted_nulls, null_min_p = self._shift_null(vectors.shape[1])
+        stat = self._shift_statistics(vectors)
+        p = np.stack([_exceedance_p(sorted_nulls[:, i], stat[:, i]) for i in range(stat.shape[1])], axis=1).min(1)
+        if stat.shape[1] == 1:
+            return p
+        return (1 + np.searchsorted(null_min_p, p, side="right")) / (len(null_min_p) + 1)
+
+    def _shift_null(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The window-mean statistics' null for windows of w, from the reference alone: random w-subsets
         of it against the other n - w (the permutation null of a reference and a window that are
-        exchangeable). A window tested against all n reference samples is less spread than that, so the
-        null errs conservative, the more so the larger w is against n (on Fashion-MNIST, a reference of
-        1000: the channel's false alarms at its Bonferroni share at W=50 and 100, a tenth of it at W=300).
-        Scaling the null by (1/w + 1/n) / (1/w + 1/(n - w)) was measured and rejected: it put the
-        channel above its share at W=100 and 300 (benchmarks/drift.py's design log, eighth entry).
-        Simulated once per w; sorted."""
+        exchangeable), both statistics from the same subsets. A window tested against all n reference
+        samples is less spread than that, so the null errs conservative, the more so the larger w is
+        against n (on Fashion-MNIST, a reference of 1000: the channel's false alarms at its Bonferroni
+        share at W=50 and 100, a tenth of it at W=300). Scaling the null by (1/w + 1/n) / (1/w + 1/(n - w))
+        was measured and rejected: it put the channel above its share at W=100 and 300 (benchmarks/
+        drift.py's design log, eighth entry). Simulated once per w: (per-statistic sorted nulls
+        (simulations, 1 [+ 1]), the sorted null of their min p-value)."""
         if w not in self._shift_nulls:
             ref, n = self.shift_reference, len(self.shift_reference)
             total, rng, null = ref.sum(0), np.random.default_rng([self.seed, w]), []
             for start in range(0, self.simulations, 1000):
                 b = min(1000, self.simulations - start)
-                pick = np.zeros((b, n))
-                pick[np.arange(b)[:, None], np.argpartition(rng.random((b, n)), w - 1, axis=1)[:, :w]] = 1.0
-                sums = pick @ ref
-                null.append(((sums / w - (total - sums) / (n - w)) ** 2).sum(1))
-            self._shift_nulls[w] = np.sort(np.concatenate(null))
+                sums = ref[np.argpartition(rng.random((b, n)), w - 1, axis=1)[:, :w]].sum(1)
+                null.append(_split_squares(sums / w - (total - sums) / (n - w), self.texture.columns))
+            null = np.concatenate(null)
+            sorted_nulls = np.sort(null, axis=0)
+            min_p = np.stack([_exceedance_p(sorted_nulls[:, i], null[:, i]) for i in range(null.shape[1])], 1).min(1)
+            self._shift_nulls[w] = sorted_nulls, np.sort(min_p)
         return self._shift_nulls[w]
+
+
+def _split_squares(d: np.ndarray, columns: int) -> np.ndarray:
+    """(B, T [+ k]) mean differences -> (B, 1 [+ 1]) squared lengths of the first `columns` [and the rest]."""
+    parts = [d[:, :columns]] + ([d[:, columns:]] if d.shape[1] > columns else [])
+    return np.stack([(part ** 2).sum(1) for part in parts], axis=1)
 
 
 class KSBonferroni:

@@ -153,6 +153,7 @@ class Reference:
         self.embeddings, self.predictions, self.labels = sample.embeddings, sample.predictions, sample.labels
         self.class_priors, self.run_id, self.input_stats = sample.class_priors, run_id, sample.input_stats
         self.texture = sample.texture if sample.input_stats is not None else None  # the texture channel's model
+        self.shift_directions = sample.shift_directions if self.texture is not None else None
         # what the detector's image channels read per sample: input statistics, then texture statistics
         self.image_features = (sample.input_stats if self.texture is None
                                else np.hstack([sample.input_stats, sample.texture_stats]))
@@ -402,7 +403,8 @@ class Monitor:
                         "flywheel or another texture version; retrain to turn it on)", self.cfg.model, version)
         detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(
             reference.embeddings, input_reference=None if preprocess is None else reference.image_features,
-            texture=None if preprocess is None else reference.texture)
+            texture=None if preprocess is None else reference.texture,
+            directions=None if preprocess is None else reference.shift_directions)
         accuracy, where = self._reference_accuracy(run_id, reference)
         if accuracy is None:
             log.warning("%s v%s: no reference accuracy (no test_accuracy on run %s, no labels in its reference); "
