@@ -61,7 +61,7 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
     for _ in range(draws):
         draw = rng.choice(len(pools.ref_emb), min(reference_size, len(pools.ref_emb)), replace=False)
         det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw],
-                                                  texture=pools.texture)
+                                                  texture=pools.texture, directions=pools.directions)
         u = det.window_inputs(pools.clean_emb, pools.clean_inp)
         u_extra = extra(draw) if extra is not None else {}
         for w in bench.WINDOWS:

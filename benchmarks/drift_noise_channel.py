@@ -29,12 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 from drift_level import channel_p_values, default_pools, level_rates, print_rates  # noqa: E402
 
-from flywheel.monitoring.drift import (  # noqa: E402
-    NoveltyDriftDetector,
-    _euclid_knn,
-    _euclid_knn_loo,
-    _robust_scale,
-)
+from flywheel.contracts.reference import robust_scale  # noqa: E402
+from flywheel.monitoring.drift import NoveltyDriftDetector, _euclid_knn, _euclid_knn_loo  # noqa: E402
 
 KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 
@@ -79,7 +75,7 @@ def noise_pools(pools) -> dict:
 def noise_u(noise: dict, draw: np.ndarray, parts) -> dict:
     """Per-sample conformal p-values of the noise channel, fitted on the reference draw, for `parts`."""
     ref = noise["ref"][draw]
-    centre, scale = _robust_scale(ref)
+    centre, scale = robust_scale(ref)
     z = (ref - centre) / scale
     cal = np.sort(_euclid_knn_loo(z, 3))
     return {p: (1 + len(cal) - np.searchsorted(cal, _euclid_knn(z, (noise[p] - centre) / scale, 3), side="left"))
