@@ -77,6 +77,17 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
     return rates
 
 
+def print_halves(flags: dict, goal: list, label: str) -> None:
+    """One line per half: pairs of `goal` detected >= the goal's rate, their mean, the clean windows' false
+    alarms and the pairs below; `flags` holds each pair's and "clean"'s flagged windows."""
+    for half, fams in (("tuning", bench.TUNING), ("held-out", bench.HELD_OUT)):
+        rates = {k: float(np.mean(flags[k])) for k in goal if k[0] in fams}
+        below = ", ".join(f"{k[0]}-{k[1]} {r:.2f}" for k, r in rates.items() if r < bench.GOAL["detection"])
+        print(f"{label} {half:8s} {sum(r >= bench.GOAL['detection'] for r in rates.values())} of {len(rates)}, "
+              f"mean {np.mean(list(rates.values())):.3f}, false alarms {np.mean(flags['clean']):.4f}; "
+              f"below {bench.GOAL['detection']}: {below}", flush=True)
+
+
 def print_rates(rates: dict) -> None:
     print("| W | decision | false alarms | s.e. over draws | draws above alpha |")
     print("|---|---|---|---|---|")

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
-from drift_level import channel_p_values, default_pools, level_rates, print_rates  # noqa: E402
+from drift_level import channel_p_values, default_pools, level_rates, print_halves, print_rates  # noqa: E402
 
 from flywheel.contracts.reference import robust_scale  # noqa: E402
 from flywheel.monitoring.drift import NoveltyDriftDetector, _euclid_knn, _euclid_knn_loo  # noqa: E402
@@ -122,12 +122,7 @@ def main() -> None:
     for seed in (1, 0):
         res = detection(pools, noise, seed)
         for d, flags in res.items():
-            for half, fams in (("tuning", bench.TUNING), ("held-out", bench.HELD_OUT)):
-                rates = {k: float(np.mean(flags[k])) for k in goal if k[0] in fams}
-                missed = ", ".join(f"{k[0]}-{k[1]} {r:.2f}" for k, r in rates.items() if r < bench.GOAL["detection"])
-                print(f"seed {seed} {d:15s} {half:8s} {sum(r >= bench.GOAL['detection'] for r in rates.values())} of "
-                      f"{len(rates)}, mean {np.mean(list(rates.values())):.3f}, false alarms "
-                      f"{np.mean(flags['clean']):.4f}; missed: {missed}", flush=True)
+            print_halves(flags, goal, f"seed {seed} {d:15s}")
     print("level: 100 reference draws x 1000 clean windows per W")
     print_rates(level_rates(pools, 100, 1000, 0, extra=lambda draw: {"noise": noise_u(noise, draw, ["clean"])["clean"]}))
 

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
-from drift_level import default_pools, print_rates  # noqa: E402
+from drift_level import default_pools, print_halves, print_rates  # noqa: E402
 
 from flywheel.contracts.reference import (  # noqa: E402
     SHIFT_DIRECTION_IMAGES,
@@ -239,12 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     space = fit_class_centred(pools)
     goal = [k for k in pools.shifted if pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
     for d, flags in detection(pools, space, args.seed).items():
-        for half, fams in (("tuning", bench.TUNING), ("held-out", bench.HELD_OUT)):
-            rates = {k: float(np.mean(flags[k])) for k in goal if k[0] in fams}
-            below = ", ".join(f"{k[0]}-{k[1]} {r:.2f}" for k, r in rates.items() if r < bench.GOAL["detection"])
-            print(f"seed {args.seed} {d:13s} {half:8s} {sum(r >= bench.GOAL['detection'] for r in rates.values())} "
-                  f"of {len(rates)}, mean {np.mean(list(rates.values())):.3f}, false alarms "
-                  f"{np.mean(flags['clean']):.4f}; below 0.95: {below}", flush=True)
+        print_halves(flags, goal, f"seed {args.seed} {d:13s}")
     if args.level:
         print(f"level: {args.draws} reference draws x 1000 clean windows per W")
         level(pools, space, args.draws, 1000, args.seed)

@@ -251,6 +251,17 @@ def fashion_texture():
     return s, texture, _features(s, texture, ref), _features(s, texture, s.test.images[3000:6000])
 
 
+def _fifth_shifted_windows(rng, clean_f, shifted_f, windows: int = 200):
+    """`windows` random windows of 100 of the clean images (their indices), and the same windows with their
+    last 20 swapped for random shifted images (their features)."""
+    clean, mixed = [], []
+    for _ in range(windows):
+        w = rng.choice(len(clean_f), 100, replace=False)
+        clean.append(w)
+        mixed.append(np.concatenate([clean_f[w[:80]], shifted_f[rng.choice(len(shifted_f), 20, replace=False)]]))
+    return clean, mixed
+
+
 def test_texture_channel_holds_its_level_and_catches_what_the_other_channels_miss(fashion_texture):
     """The fourth channel on real Fashion-MNIST images: a texture model fitted on training images (as
     log_model fits it), the reference's own scores as calibration. Clean windows alarm at about alpha;
@@ -294,11 +305,7 @@ def test_texture_shift_channel_sees_a_mild_shift_no_single_image_stands_out_in(f
     rng = np.random.default_rng(6)
     emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
-    clean, mixed = [], []
-    for _ in range(200):
-        w = rng.choice(3000, 100, replace=False)
-        clean.append(w)
-        mixed.append(np.concatenate([clean_f[w[:80]], noisy_f[rng.choice(300, 20, replace=False)]]))
+    clean, mixed = _fifth_shifted_windows(rng, clean_f, noisy_f)
     clean_p = [det.test(emb[1000:][w], clean_f[w]).p_value for w in clean]
     results = [det.test(emb[1000:][w], m) for w, m in zip(clean, mixed, strict=True)]
     caught = sum(r.p_value < ALPHA and r.details["p_texture_shift"] < ALPHA / 5 for r in results)
@@ -332,11 +339,7 @@ def test_shift_directions_from_tuning_corruptions_see_a_held_out_shift_the_mean_
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture,
                                                      directions=directions)
     without = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
-    clean, mixed = [], []
-    for _ in range(200):
-        w = rng.choice(3000, 100, replace=False)
-        clean.append(w)
-        mixed.append(np.concatenate([clean_f[w[:80]], zoomed_f[rng.choice(300, 20, replace=False)]]))
+    clean, mixed = _fifth_shifted_windows(rng, clean_f, zoomed_f)
     clean_p = [det.test(emb[1000:][w], clean_f[w]).p_value for w in clean]
     results = [det.test(emb[1000:][w], m) for w, m in zip(clean, mixed, strict=True)]
     caught = sum(r.p_value < ALPHA for r in results)
