@@ -208,8 +208,7 @@ def fit_texture(train_images: np.ndarray, preprocess):
 def fit_shift_directions(train_images: np.ndarray, preprocess, texture):
     """The texture-shift channel's `contracts.reference.ShiftDirections`, fitted on the texture model's pick
     of training images, the first SHIFT_DIRECTION_IMAGES of them also through every TUNING family and
-    severity of the corruption suite (`flywheel.core.shifts.TUNING_FAMILIES`: never a held-out one).
-    About a second for Fashion-MNIST on two cores."""
+    severity of the corruption suite (`flywheel.core.shifts.TUNING_FAMILIES`: never a held-out one)."""
     from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import SHIFT_DIRECTION_IMAGES, ShiftDirections, image_features
     from flywheel.core.shifts import SEVERITIES, TUNING_FAMILIES, corrupt_images
