@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 
 from flywheel.component.log import REFERENCE_SIZE  # noqa: E402
-from flywheel.monitoring.drift import NoveltyDriftDetector, _level_p_values, _rank_null, _tail_counts  # noqa: E402
+from flywheel.monitoring.drift import NoveltyDriftDetector  # noqa: E402
 
 # extra channels: given a reference draw (indices into the pool), each extra channel's per-sample
 # conformal p-values of the clean pool
@@ -46,10 +46,7 @@ def default_pools():
 def channel_p_values(det: NoveltyDriftDetector, u: np.ndarray) -> np.ndarray:
     """A channel's window p-values from its samples' conformal p-values (B, W), with the detector's own
     tail-count statistic and rank null: for a channel the detector does not have itself."""
-    null_counts, null_min_p = _rank_null(len(det.calibration["direction"]), u.shape[1], det.simulations,
-                                         det.seed, det.levels)
-    min_p = _level_p_values(null_counts, _tail_counts(u, det.levels)).min(1)
-    return (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
+    return det.tail_p_values(u)
 
 
 def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None = None,

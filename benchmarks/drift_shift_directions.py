@@ -50,7 +50,7 @@ from flywheel.contracts.reference import (  # noqa: E402
     robust_scale,
     split_image_features,
 )
-from flywheel.monitoring.drift import SHIFT_CHANNEL, NoveltyDriftDetector, _exceedance_p  # noqa: E402
+from flywheel.monitoring.drift import SHIFT_CHANNEL, NoveltyDriftDetector, _exceedance_p, _min_p_p_value  # noqa: E402
 
 CLASSES = 10
 
@@ -160,7 +160,7 @@ class Channel:
         """(B, W, T) shift vectors and (B, W, k) projections -> (B,) the channel's p-values."""
         full = _exceedance_p(self.full_null, ((shift.mean(1) - self.det.shift_centre) ** 2).sum(1))
         pr = _exceedance_p(self.proj_null, ((proj.mean(1) - self.centre) ** 2).sum(1))
-        return (1 + np.searchsorted(self.min_null, np.minimum(full, pr), side="right")) / (len(self.min_null) + 1)
+        return _min_p_p_value(self.min_null, np.minimum(full, pr))
 
 
 def _detectors(pools, draw: np.ndarray, seed: int) -> tuple[NoveltyDriftDetector, NoveltyDriftDetector]:

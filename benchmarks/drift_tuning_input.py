@@ -35,9 +35,6 @@ from flywheel.contracts.preprocessing import to_array  # noqa: E402
 from flywheel.monitoring.drift import (  # noqa: E402
     NoveltyDriftDetector,
     _exceedance_p,
-    _level_p_values,
-    _rank_null,
-    _tail_counts,
 )
 
 
@@ -163,10 +160,7 @@ only = {v: {s: np.zeros(len(w), bool) for s, w in settings.items()} for v in VAR
 for r in range(counts.refs):
     det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draws[r]])
     u = {c: np.concatenate([det.p_values(emb[i:i + 4000])[c] for i in range(0, len(emb), 4000)]) for c in det.CHANNELS}
-    null_counts, null_min_p = _rank_null(len(draws[r]), window, det.simulations, det.seed, det.levels)
-    def chan_p(uu):
-        min_p = _level_p_values(null_counts, _tail_counts(uu, det.levels)).min(1)
-        return (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
+    chan_p = det.tail_p_values
     for s, w in settings.items():
         p = det.window_p_values({c: x[w[r::counts.refs]] for c, x in u.items()})[0]
         flags["design"][s][r::counts.refs] = p < bench.ALPHA

@@ -94,20 +94,20 @@ def test_reference_without_input_statistics_turns_the_channel_off_once(tmp_path,
 def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(tmp_path, caplog):
     """A reference with a texture model (what log_model writes now): the track's per-capture features are
     `image_features` of the decoded capture (input statistics, then texture statistics), and the
-    detector has the texture channel (with the reference's shift directions); a reference with input statistics but no texture model (an older
-    flywheel's) keeps the input channel and says in one line that the texture channel is off."""
+    detector has the texture channel (with the reference's shift directions); a reference with input
+    statistics but no texture model (an older flywheel's) keeps the input channel and says in one line that the texture channel is off."""
     from flywheel.component.log import fit_shift_directions, fit_texture
     from flywheel.contracts.reference import image_features
     from flywheel.core.data import load_splits
 
     ref_images, clean, _, spec = _fashion()
-    texture = fit_texture(load_splits("fashion-mnist", seed=0).train.images[:2000], spec)
+    train = load_splits("fashion-mnist", seed=0).train.images[:2000]
+    texture = fit_texture(train, spec)
     x = to_array(ref_images, spec)
     rng = np.random.default_rng(2)
     emb = (np.abs(rng.normal(size=(1000, 8))) + 0.1).astype(np.float32)
     mon = _monitor(tmp_path)
     refs = mon.dir / "references"
-    train = load_splits("fashion-mnist", seed=0).train.images[:2000]
     ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10, input_statistics(x), texture,
                     texture.statistics(x), fit_shift_directions(train, spec, texture)).save(refs / "new-run" / "reference")
     ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10,

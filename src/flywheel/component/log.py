@@ -210,18 +210,25 @@ def fit_shift_directions(train_images: np.ndarray, preprocess, texture):
     of training images, the first SHIFT_DIRECTION_IMAGES of them also through every TUNING family and
     severity of the corruption suite (`flywheel.core.shifts.TUNING_FAMILIES`: never a held-out one)."""
     from flywheel.contracts.preprocessing import to_array
-    from flywheel.contracts.reference import SHIFT_DIRECTION_IMAGES, ShiftDirections, image_features
+    from flywheel.contracts.reference import (
+        SHIFT_DIRECTION_IMAGES,
+        ShiftDirections,
+        image_features,
+        input_statistics,
+    )
     from flywheel.core.shifts import SEVERITIES, TUNING_FAMILIES, corrupt_images
 
     images = train_images[_texture_fit_pick(train_images)]
 
-    def features(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([image_features(to_array(x[i:i + 500], preprocess), texture)
-                               for i in range(0, len(x), 500)])
+    def per_chunk(fn, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([fn(to_array(x[i:i + 500], preprocess)) for i in range(0, len(x), 500)])
 
-    base = images[:SHIFT_DIRECTION_IMAGES]
+    def features(x: np.ndarray) -> np.ndarray:
+        return per_chunk(lambda a: image_features(a, texture), x)
+
+    base = images[:SHIFT_DIRECTION_IMAGES]  # texture statistics only of these and their corruptions
     corrupted = [features(corrupt_images(base, f, s)) for f in TUNING_FAMILIES for s in SEVERITIES]
-    return ShiftDirections.fit(features(images), corrupted, texture)
+    return ShiftDirections.fit(per_chunk(input_statistics, images), features(base), corrupted, texture)
 
 
 def _test_set(splits: Splits, uri: str | None, tmp: Path, logger, run_id: str) -> TestSetRef:

@@ -236,24 +236,24 @@ class ShiftDirections:
         return self.vectors(features, texture) @ self.directions.T
 
     @classmethod
-    def fit(cls, features: np.ndarray, corrupted: list[np.ndarray], texture: TextureModel,
+    def fit(cls, input_stats: np.ndarray, clean: np.ndarray, corrupted: list[np.ndarray], texture: TextureModel,
             count: int = SHIFT_DIRECTIONS_COUNT) -> ShiftDirections:
-        """`features`: `image_features` of training images (N, F + T), the first len(corrupted[i]) of which
-        `corrupted[i]` are, one tuning corruption each (`image_features` of the corrupted images). The
-        directions: the top `count` right singular vectors of the corruptions' mean changes."""
-        features = np.asarray(features, dtype=np.float64)
-        if len(features) < 2 or not corrupted:
-            raise ValueError(f"shift directions need >= 2 training images and >= 1 corruption, got {len(features)} "
-                             f"and {len(corrupted)}")
-        inp = split_image_features(features, texture)[0]
+        """`input_stats`: `input_statistics` of training images (N, F), which standardise and whiten that
+        part; `clean`: `image_features` (M, F + T) of M training images, and `corrupted[i]` those of the same
+        M images through one tuning corruption each. The directions: the top `count` right singular vectors
+        of the corruptions' mean changes."""
+        inp = np.asarray(input_stats, dtype=np.float64)
+        if len(inp) < 2 or not corrupted or any(len(c) != len(clean) for c in corrupted):
+            raise ValueError(f"shift directions need >= 2 training images and >= 1 corruption of the {len(clean)} "
+                             f"clean ones, got {len(inp)} and {[len(c) for c in corrupted]}")
         centre, scale = robust_scale(inp)
         z = (inp - centre) / scale
         sd = z.std(0) + 1e-9
         corr = np.cov((z / sd).T).reshape(z.shape[1], z.shape[1]) + TEXTURE_SHRINKAGE * np.eye(z.shape[1])
         whitening = np.linalg.cholesky(np.linalg.inv(corr)) / sd[:, None]  # z @ this: identity covariance
         probe = cls(centre, scale, whitening, np.zeros((0, texture.columns + inp.shape[1])))
-        changes = np.stack([probe.vectors(c, texture).mean(0) - probe.vectors(features[:len(c)], texture).mean(0)
-                            for c in corrupted])
+        clean_mean = probe.vectors(clean, texture).mean(0)
+        changes = np.stack([probe.vectors(c, texture).mean(0) - clean_mean for c in corrupted])
         directions = np.linalg.svd(changes, full_matrices=False)[2][:count]
         return cls(centre, scale, whitening, directions)
 

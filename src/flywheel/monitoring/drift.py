@@ -221,6 +221,12 @@ def _exceedance_p(sorted_null: np.ndarray, values: np.ndarray) -> np.ndarray:
     return (1 + len(sorted_null) - np.searchsorted(sorted_null, values, side="left")) / (len(sorted_null) + 1)
 
 
+def _min_p_p_value(sorted_null_min_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
+    """(1 + #null values <= value) / (len(null) + 1) per value: a min over dependent p-values (tail levels,
+    statistics) calibrated by the simulated null of that min, which Bonferroni over them would overstate."""
+    return (1 + np.searchsorted(sorted_null_min_p, min_p, side="right")) / (len(sorted_null_min_p) + 1)
+
+
 def _level_p_values(sorted_counts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """P(null count >= observed) per tail level, Monte Carlo with the +1 correction (never 0)."""
     b = len(sorted_counts)
@@ -333,10 +339,10 @@ class NoveltyDriftDetector:
 
     def _shift_vectors(self, features: np.ndarray) -> np.ndarray:
         """(N, F) image features -> (N, T [+ k]) float32: shift vectors [and coordinates along the directions]."""
-        vectors = self.texture.shift_vectors(split_image_features(features, self.texture)[1])
         if self.directions is None:
-            return vectors
-        return np.hstack([vectors, self.directions.project(features, self.texture)]).astype(np.float32)
+            return self.texture.shift_vectors(split_image_features(features, self.texture)[1])
+        v = self.directions.vectors(features, self.texture)  # its first T columns are the shift vectors
+        return np.hstack([v[:, :self.texture.columns], v @ self.directions.directions.T]).astype(np.float32)
 
     def test(self, window: np.ndarray, inputs: np.ndarray | None = None) -> TestResult:
         """The window's p-value. `inputs`: the window's image features; without them (or without the
@@ -365,18 +371,20 @@ class NoveltyDriftDetector:
         in `u`; `texture_shift` only for windows of at most half the reference). Returns (combined, per
         channel)."""
         names = [c for c in self.CHANNELS if c in u and c != SHIFT_CHANNEL]
-        n = len(self.calibration[names[0]])
         w = u[names[0]].shape[1]
-        null_counts, null_min_p = _rank_null(n, w, self.simulations, self.seed, self.levels)
-        per_channel = {}
-        for name in names:
-            min_p = _level_p_values(null_counts, _tail_counts(u[name], self.levels)).min(1)
-            # calibrate the min over levels by its own null (levels are strongly dependent)
-            per_channel[name] = (1 + np.searchsorted(null_min_p, min_p, side="right")) / (len(null_min_p) + 1)
+        per_channel = {name: self.tail_p_values(u[name]) for name in names}
         if SHIFT_CHANNEL in u and SHIFT_CHANNEL in self.CHANNELS and 2 * w <= len(self.shift_reference):
             per_channel[SHIFT_CHANNEL] = self._shift_p_values(u[SHIFT_CHANNEL])
         combined = np.minimum(1.0, len(per_channel) * np.min(np.stack(list(per_channel.values())), axis=0))
         return combined, per_channel
+
+    def tail_p_values(self, u: np.ndarray) -> np.ndarray:
+        """(B, W) conformal p-values of one novelty channel (calibrated on as many reference samples as this
+        detector's) -> (B,) window p-values: the min over tail levels of the count p-values, calibrated by
+        the exact rank null of that min (the levels are strongly dependent)."""
+        null_counts, null_min_p = _rank_null(len(self.calibration["direction"]), u.shape[1], self.simulations,
+                                             self.seed, self.levels)
+        return _min_p_p_value(null_min_p, _level_p_values(null_counts, _tail_counts(u, self.levels)).min(1))
 
     def _shift_statistics(self, vectors: np.ndarray) -> np.ndarray:
         """(B, W, T [+ k]) shift vectors -> (B, 1 [+ 1]): the squared distance of each window's mean shift
@@ -389,11 +397,8 @@ class NoveltyDriftDetector:
         statistic or, with the directions, the min of the two statistics' p-values calibrated by its own
         null (the two are dependent: both read the same window)."""
         sorted_nulls, null_min_p = self._shift_null(vectors.shape[1])
-        stat = self._shift_statistics(vectors)
-        p = np.stack([_exceedance_p(sorted_nulls[:, i], stat[:, i]) for i in range(stat.shape[1])], axis=1).min(1)
-        if stat.shape[1] == 1:
-            return p
-        return (1 + np.searchsorted(null_min_p, p, side="right")) / (len(null_min_p) + 1)
+        p = _min_exceedance_p(sorted_nulls, self._shift_statistics(vectors))
+        return p if sorted_nulls.shape[1] == 1 else _min_p_p_value(null_min_p, p)
 
     def _shift_null(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """The window-mean statistics' null for windows of w, from the reference alone: random w-subsets
@@ -414,9 +419,13 @@ class NoveltyDriftDetector:
                 null.append(_split_squares(sums / w - (total - sums) / (n - w), self.texture.columns))
             null = np.concatenate(null)
             sorted_nulls = np.sort(null, axis=0)
-            min_p = np.stack([_exceedance_p(sorted_nulls[:, i], null[:, i]) for i in range(null.shape[1])], 1).min(1)
-            self._shift_nulls[w] = sorted_nulls, np.sort(min_p)
+            self._shift_nulls[w] = sorted_nulls, np.sort(_min_exceedance_p(sorted_nulls, null))
         return self._shift_nulls[w]
+
+
+def _min_exceedance_p(sorted_nulls: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """(B, m) statistics against their (S, m) column-sorted nulls -> (B,) the min of their `_exceedance_p`."""
+    return np.stack([_exceedance_p(sorted_nulls[:, i], stats[:, i]) for i in range(stats.shape[1])], axis=1).min(1)
 
 
 def _split_squares(d: np.ndarray, columns: int) -> np.ndarray:
