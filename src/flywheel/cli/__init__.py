@@ -74,19 +74,10 @@ def _root(
     pass
 
 
-def _skip_final_collection() -> None:
-    """At exit CPython's last garbage collections walk the whole heap that torch, MLflow and friends
-    left (1-2 s per process on this project's 2-core VM) only to free memory the OS takes back anyway.
-    Registered first, this runs after every other atexit handler (MLflow's flushes included) and
-    freezes what is left, so those collections skip it (reference counting still frees and flushes)."""
-    import atexit
-    import gc
-
-    atexit.register(gc.freeze)
-
-
 def main() -> None:
-    _skip_final_collection()
+    from flywheel.core.procs import skip_final_collection
+
+    skip_final_collection()
     try:
         app()
     except KeyboardInterrupt:

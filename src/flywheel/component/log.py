@@ -8,9 +8,9 @@ The contract (docs/components.md), checked in this order, each failure a `Contra
 3. embedding: the named submodule's output is (N, D) (or none named: softmax outputs, said so);
 4. export: TorchScript and ONNX files that reproduce eager PyTorch within PARITY_TOL on a held
    batch of real test images, and MLflow's own `pt2` model (torch.export) for `mlflow models serve`.
-Then it logs: the labelled test set (`flywheel/test_set.npz`, with its sha256), the monitor's
-reference sample (`reference/`), and the MLflow model with `flywheel_component.json` and the two
-serving files as extra files. The spec names the test set by URI, so the gate and release acceptance
+Then it logs: the labelled test set (`flywheel/test_set.npz`, with its sha256), the MLflow model with
+`flywheel_component.json` and the two serving files as extra files, and the monitor's reference sample
+(`reference/`; its image channels are fitted on a thread while the exports run). The spec names the test set by URI, so the gate and release acceptance
 evaluate every version on exactly those images without knowing the component's data loader.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,8 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
     import mlflow
     from mlflow.models import infer_signature
 
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import ARTIFACT_DIR as REFERENCE_DIR
-    from flywheel.contracts.reference import ReferenceSample, input_statistics
+    from flywheel.contracts.reference import ReferenceSample
     from flywheel.core.evaluate import predict
     from flywheel.core.runlog import RunLogger, active_run_id
 
@@ -135,29 +135,19 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
         raise ContractError("log_model needs an active MLflow run (mlflow.start_run, or flywheel.component.trainer)")
     logger = logger or RunLogger(active_run_id() or run.info.run_id)
     serving, example = check_contract(model, splits, embedding)
-    with tempfile.TemporaryDirectory(prefix="flywheel-log-") as tmp:
+    n = min(REFERENCE_SIZE, len(splits.val))
+    pick = np.sort(np.random.default_rng(0).permutation(len(splits.val))[:n])
+    with tempfile.TemporaryDirectory(prefix="flywheel-log-") as tmp, \
+            ThreadPoolExecutor(1, thread_name_prefix="flywheel-reference") as pool:
+        image_channels = pool.submit(fit_image_channels, splits, pick)  # numpy: beside the exports' Python
         tmp = Path(tmp)
         extras = tmp / "extras"
         extras.mkdir()
         parity = export_checked(serving, example, extras)
 
         test_ref = _test_set(splits, test_set_uri, tmp, logger, run.info.run_id)
-        n = min(REFERENCE_SIZE, len(splits.val))
-        pick = np.sort(np.random.default_rng(0).permutation(len(splits.val))[:n])
         logits, embeddings = predict(serving, splits.val.images[pick], splits, with_embeddings=True)
         priors = np.bincount(splits.train.labels, minlength=len(splits.class_names)) / max(1, len(splits.train))
-        reference = tmp / REFERENCE_DIR
-        pp = splits.preprocess  # the drift detector's input and texture channels (images of >= 3x3 pixels)
-        stats = texture = texture_stats = directions = None
-        if min(pp.height, pp.width) >= 3:
-            texture = fit_texture(splits.train.images, pp)
-            chunks = [to_array(splits.val.images[pick[i:i + 500]], pp) for i in range(0, len(pick), 500)]
-            stats = np.concatenate([input_statistics(x) for x in chunks])
-            texture_stats = None if texture is None else np.concatenate([texture.statistics(x) for x in chunks])
-            directions = None if texture is None else fit_shift_directions(splits.train.images, pp, texture)
-        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors, stats, texture,
-                        texture_stats, directions).save(reference)
-        logger.log_artifacts(reference, REFERENCE_DIR)
 
         if embedding is None:
             log.warning("no embedding layer named: the monitor will compare softmax outputs (a weaker drift signal)")
@@ -182,7 +172,31 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
                 raise  # the store, not the model: RunLogger's callers report it
             raise ContractError(f"export: torch.export (MLflow's pt2 format) fails: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        reference = tmp / REFERENCE_DIR
+        ReferenceSample(embeddings, logits.argmax(1), splits.val.labels[pick], priors,
+                        *image_channels.result()).save(reference)
+        logger.log_artifacts(reference, REFERENCE_DIR)
     return LoggedModel(info.model_uri, spec)
+
+
+def fit_image_channels(splits: Splits, pick: np.ndarray) -> tuple:
+    """(input statistics, texture model, texture statistics, shift directions) for the drift detector's
+    input and texture channels: the statistics of the validation images `pick` (the reference sample's),
+    the models fitted on training images. All None for images under 3x3 pixels. numpy only, much of it
+    outside the GIL, so `log_model` runs it on a thread beside the exports."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import input_statistics
+
+    pp = splits.preprocess
+    if min(pp.height, pp.width) < 3:
+        return None, None, None, None
+    texture = fit_texture(splits.train.images, pp)
+    chunks = [to_array(splits.val.images[pick[i:i + 500]], pp) for i in range(0, len(pick), 500)]
+    stats = np.concatenate([input_statistics(x) for x in chunks])
+    if texture is None:
+        return stats, None, None, None
+    texture_stats = np.concatenate([texture.statistics(x) for x in chunks])
+    return stats, texture, texture_stats, fit_shift_directions(splits.train.images, pp, texture)
 
 
 def _texture_fit_pick(train_images: np.ndarray) -> np.ndarray:

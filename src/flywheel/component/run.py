@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from flywheel.component.distributed import Cluster
-from flywheel.component.loop import Fitted
+from flywheel.component.loop import Fitted, start_preload
 from flywheel.component.trial import active_trial
 from flywheel.contracts.component import GateSpec
 from flywheel.core.config import Settings
@@ -169,6 +169,7 @@ class TrackedRun:
         from flywheel.component.log import log_model
 
         logger, splits = self.logger, self.splits
+        start_preload("onnx", "onnxruntime")  # the export's imports, while torch evaluates (without the GIL)
         try:
             report = evaluate_model(fitted.model, splits, splits.test, f"runs:/{self.run_id}/model", splits.name,
                                     self.device)

@@ -26,6 +26,7 @@ from flywheel.component.trial import active_trial
 from flywheel.contracts.component import ComponentSpec, GateSpec
 from flywheel.core.config import Settings
 from flywheel.core.data import Splits
+from flywheel.core.procs import skip_final_collection
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def train(model: nn.Module, splits: Splits, cfg: FitConfig, *, embedding: str | 
     `embedding`: the submodule whose output is the monitor's embedding (None: softmax outputs).
     `model_name`: the registered model (default FLYWHEEL_MODEL_NAME). `name`: the component's name
     for its network (default: the class name). `settings`: default `Settings.from_env()`."""
+    skip_final_collection()  # the process ends soon after training: spare it the exit-time collections
     settings = settings or Settings.from_env()
     if model_name:
         from dataclasses import replace
