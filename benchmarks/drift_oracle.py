@@ -16,6 +16,7 @@ signals at alpha 0.01 (up to the classifier's estimation error).
     python benchmarks/drift_oracle.py                # the held-out half; about 10 minutes on 2 cores
     python benchmarks/drift_oracle.py --half tuning
     python benchmarks/drift_oracle.py --patch        # + a local-patch novelty score's AUC (~3 more minutes)
+    python benchmarks/drift_oracle.py --exposure     # + classifiers told the tuning half (~2 more minutes)
 
 `--patch` adds one more label-free score, not in the detector: each 5x5 patch of the preprocessed image
 against its nearest patch of the reference images (PatchCore's memory bank, Roth et al., CVPR 2022,
@@ -23,6 +24,13 @@ on pixels rather than CNN features, a random 10,000 of the reference's patches),
 its three most novel patches; per-sample AUC on the first 1500 clean and 1500 shifted images. It is
 the standard label-free detector of local defects, tried for the held-out families that are local
 (lines, spatter, noise).
+
+`--exposure` adds the label-free version of the told-the-shift classifier: the same gradient boosting, trained
+to tell clean training images (the texture model's 5000) from 1500 other training images through each of the
+27 TUNING (family, severity) pairs, never a held-out family (outlier exposure, Hendrycks et al., ICLR 2019,
+with the tuning corruptions as the outliers), on `ShiftDirections.vectors`, on the embedding and softmax, or
+on both; its score's per-sample AUC, clean test images against the first 3000 shifted ones. What a channel
+trained on the tuning corruptions could add on the held-out half.
 """
 
 from __future__ import annotations
@@ -77,6 +85,49 @@ def patch_novelty(reference: np.ndarray, images: np.ndarray, spec, size: int = 5
     return np.concatenate(out)
 
 
+def exposure(pools, per_pair: int = 1500):
+    """`--exposure`: classifiers trained to tell clean training images from training images through the
+    TUNING corruptions (outlier exposure, Hendrycks et al., ICLR 2019, with the tuning half as the outliers),
+    never told a held-out family. Returns score(emb, prob, inp) -> {signal: per-sample score}."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import TEXTURE_FIT_SAMPLES, image_features
+    from flywheel.core.data import load_splits
+    from flywheel.core.evaluate import predict
+    from flywheel.core.models import load_model
+    from flywheel.core.shifts import SEVERITIES, TUNING_FAMILIES, corrupt_images
+
+    model_uri, tracking_uri, _ = bench.cached_fashion_model(None)
+    model, spec = load_model(model_uri, tracking_uri=tracking_uri)
+    train = load_splits("fashion-mnist", seed=0).train.images
+    order = np.random.default_rng(0).permutation(len(train))
+    clean = train[np.sort(order[:TEXTURE_FIT_SAMPLES])]  # the texture model's pick (component.log)
+    base = train[np.sort(order[TEXTURE_FIT_SAMPLES:TEXTURE_FIT_SAMPLES + per_pair])]  # other images
+
+    def signal_sets(images: np.ndarray) -> dict[str, np.ndarray]:
+        logits, emb = predict(model, images, spec, with_embeddings=True)
+        inp = np.concatenate([image_features(to_array(images[i:i + 1000], spec.preprocess), pools.texture)
+                              for i in range(0, len(images), 1000)])
+        return vectors(emb, bench._softmax(logits), inp)
+
+    def vectors(emb, prob, inp) -> dict[str, np.ndarray]:
+        model_part = signals(emb, prob, inp, pools.texture)["embedding+softmax"]
+        image_part = pools.directions.vectors(inp, pools.texture)
+        return {"shift vectors": image_part, "embedding+softmax": model_part, "both": np.hstack([image_part, model_part])}
+
+    shifted = [signal_sets(corrupt_images(base, f, s, seed=1)) for f in TUNING_FAMILIES for s in SEVERITIES]
+    ok = signal_sets(clean)
+    fitted = {}
+    for name in ok:
+        x = np.vstack([ok[name]] + [s[name] for s in shifted])
+        y = np.r_[np.zeros(len(ok[name])), np.ones(len(x) - len(ok[name]))]
+        weight = np.where(y == 1, len(ok[name]) / (len(x) - len(ok[name])), 1.0)  # balanced classes
+        fitted[name] = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, random_state=0).fit(
+            x, y, sample_weight=weight)
+    return lambda emb, prob, inp: {n: fitted[n].decision_function(v) for n, v in vectors(emb, prob, inp).items()}
+
+
 def oracle(clean: np.ndarray, shifted: np.ndarray, rng: np.random.Generator, half: int = 1500) -> tuple[float, float]:
     """(per-sample AUC, Neyman-Pearson window detection at W=100, 20 shifted, alpha 0.01)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -96,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--half", choices=("held-out", "tuning"), default="held-out", help="which families")
     ap.add_argument("--patch", action="store_true", help="also the local-patch novelty score's per-sample AUC")
+    ap.add_argument("--exposure", action="store_true",
+                    help="also the per-sample AUC of classifiers trained on the TUNING corruptions (outlier exposure)")
     args = ap.parse_args(argv)
     pools = default_pools()
     families = bench.HELD_OUT if args.half == "held-out" else bench.TUNING
@@ -115,9 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         images_cache = bench.CACHE_ROOT / f"images-{bench._digest((bench.SRC / 'core/shifts.py').read_bytes(), source.tobytes())}"
         reference = splits.val.images[draw]
         clean_patch = patch_novelty(reference, splits.test.images[3000:4500], spec)
+    if args.exposure:
+        exposed = exposure(pools)
+        clean_exposed = exposed(pools.clean_emb[:3000], pools.clean_prob[:3000], pools.clean_inp[:3000])
     print("| pair | cost | flywheel's best channel, told nothing: AUC | told the shift: embedding+softmax | "
-          "input statistics | all |" + (" local patches, told nothing: AUC |" if args.patch else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if args.patch else ""))
+          "input statistics | all |" + (" local patches, told nothing: AUC |" if args.patch else "")
+          + (" told the tuning half: shift vectors | embedding+softmax | both |" if args.exposure else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if args.patch else "") + ("---|---|---|" if args.exposure else ""))
     for key, (emb, prob) in pools.shifted.items():
         if key[0] not in families or pools.accuracy_cost[key] < bench.GOAL["accuracy_cost"]:
             continue
@@ -129,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.patch:
             shifted_images = bench.corrupted(source, key[0], key[1], images_cache)[:1500]
             patch = f" {auc(clean_patch, patch_novelty(reference, shifted_images, spec)):.2f} |"
+        if args.exposure:
+            patch += "".join(f" {auc(clean_exposed[n], v):.2f} |" for n, v in exposed(emb, prob, inp).items())
         print(f"| {key[0]}-{key[1]} | {100 * pools.accuracy_cost[key]:.1f} | {best[0]:.2f} ({best[1]}) | "
               + " | ".join(f"{a:.2f} ({d:.2f})" for a, d in told.values()) + " |" + patch, flush=True)
 
