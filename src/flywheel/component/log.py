@@ -10,8 +10,9 @@ The contract (docs/components.md), checked in this order, each failure a `Contra
    batch of real test images, and MLflow's own `pt2` model (torch.export) for `mlflow models serve`.
 Then it logs: the labelled test set (`flywheel/test_set.npz`, with its sha256), the MLflow model with
 `flywheel_component.json` and the two serving files as extra files, and the monitor's reference sample
-(`reference/`; its image channels are fitted on a thread while the exports run). The spec names the test set by URI, so the gate and release acceptance
-evaluate every version on exactly those images without knowing the component's data loader.
+(`reference/`; its image channels are fitted on a thread while the exports run). The spec names the
+test set by URI, so the gate and release acceptance evaluate every version on exactly those images
+without knowing the component's data loader.
 """
 
 from __future__ import annotations
