@@ -17,8 +17,10 @@ without knowing the component's data loader.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from flywheel.core.models import ServingModule
 
 log = logging.getLogger(__name__)
 REFERENCE_SIZE = 1000  # validation embeddings kept as the monitor's drift reference
+DEVICE_VARIABLE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where mlflow.pyfunc loads a model without model_config
 
 
 class ContractError(FlywheelError):
@@ -115,6 +118,22 @@ def export_checked(serving: ServingModule, example: torch.Tensor, directory: Pat
     return {"torchscript": ts.max_abs_diff, "onnx": onnx.max_abs_diff}
 
 
+@contextlib.contextmanager
+def _cpu_prediction_device():
+    """MLflow checks the input example by loading the logged model on CUDA wherever a GPU is visible,
+    but a pt2 model keeps the device it was exported on, the CPU here (it is served there too): on a
+    GPU training node that check failed with a warning. Inside, it loads on the CPU."""
+    previous = os.environ.get(DEVICE_VARIABLE)
+    os.environ[DEVICE_VARIABLE] = "cpu"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DEVICE_VARIABLE, None)
+        else:
+            os.environ[DEVICE_VARIABLE] = previous
+
+
 def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: GateSpec = GateSpec(),
               name: str | None = None, test_set_uri: str | None = None, logger=None) -> LoggedModel:
     """Check `model` against the contract and log it with its spec, test set and reference sample to
@@ -164,10 +183,11 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
         with torch.inference_mode():
             signature = infer_signature(example_np, model(torch.from_numpy(example_np)).numpy())
         try:
-            info = mlflow.pytorch.log_model(model, name="model", input_example=example_np, signature=signature,
-                                            extra_files=files, serialization_format="pt2",
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                              f"mlflow=={mlflow.__version__}"])
+            with _cpu_prediction_device():
+                info = mlflow.pytorch.log_model(model, name="model", input_example=example_np, signature=signature,
+                                                extra_files=files, serialization_format="pt2",
+                                                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                                  f"mlflow=={mlflow.__version__}"])
         except Exception as exc:  # noqa: BLE001 - torch.export errors come in many types
             if isinstance(exc, (OSError, ConnectionError)) or type(exc).__module__.startswith(("mlflow", "requests")):
                 raise  # the store, not the model: RunLogger's callers report it

@@ -10,6 +10,7 @@ module and calls `log_model` itself.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import logging
@@ -30,6 +31,7 @@ from flywheel.core.errors import FlywheelError
 from flywheel.core.evaluate import predict
 
 _log = logging.getLogger(__name__)
+PRELOAD_EXIT_WAIT = 30.0  # seconds an exiting process waits for start_preload's imports
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,13 @@ def select_device(requested: str | None, local_rank: int = 0) -> torch.device:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise FlywheelError(f"--device {requested}: CUDA is not available on this machine")
         return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") at its first collective
+        raise FlywheelError(f"process {local_rank} of this node has no GPU of its own ({gpus} visible): NCCL needs "
+                            f"one GPU per process, so use --nproc-per-node {gpus} or fewer on this node")
+    return torch.device("cuda", local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,6 +132,11 @@ def start_preload(*modules: str) -> threading.Thread:
 
     thread = threading.Thread(target=work, name="flywheel-preload", daemon=True)
     thread.start()
+    # A process that fails before it needs these (the tracking store at the run's start) must not end
+    # inside one of the thread's imports: interpreter shutdown beside a running import of torch's
+    # compiler took a GPU node's training process down with SIGSEGV instead of its error. Daemon, so a
+    # hung import cannot hold the process; joined at exit, bounded.
+    atexit.register(thread.join, PRELOAD_EXIT_WAIT)
     return thread
 
 
@@ -259,7 +270,8 @@ def fit(cfg: FitConfig, splits: Splits, device: torch.device, ctx: DistContext =
                     if step % 20 == 0 or step == steps_per_epoch - 1:  # the bar needs no per-step redraw
                         progress.update(task, completed=epoch * steps_per_epoch + step + 1,
                                         status=f"epoch {epoch + 1}/{cfg.epochs} loss {batch_loss:.3f}")
-                totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+                # On the step's device: NCCL reduces CUDA tensors only (gloo, CPU ones)
+                totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
                 if ctx.distributed:
                     dist.all_reduce(totals)
                 train_seconds += time.perf_counter() - started
