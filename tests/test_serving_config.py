@@ -70,6 +70,30 @@ def test_metrics_yaml_declares_handler_metrics():
     assert {LATENCY_METRIC, CONFIDENCE_METRIC} <= names
 
 
+def test_each_workers_onnx_session_asks_for_its_own_gpu_and_falls_back_to_the_cpu(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from flywheel.serving.handler import ort_providers
+
+    assert ort_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    gpu1 = ort_providers(torch.device("cuda", 1))  # TorchServe's gpu_id 1 for this worker
+    assert gpu1 == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    # The real ONNX Runtime takes that list; without the CUDA provider (this CPU build) it serves on the CPU
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, tmp_path / "id.onnx")
+    session = ort.InferenceSession(str(tmp_path / "id.onnx"), providers=gpu1)
+    batch = np.arange(4, dtype=np.float32).reshape(2, 2)
+    assert np.array_equal(session.run(None, {"x": batch})[0], batch)
+    assert "CPUExecutionProvider" in session.get_providers()
+
+
 # ------------------------------------------------------------------------- handler request parsing
 @pytest.fixture()
 def handler():

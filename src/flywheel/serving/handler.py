@@ -75,6 +75,14 @@ CAPTURE_DROPPED_METRIC = "FlywheelCaptureDropped"  # captures lost (queue full, 
 CAPTURE_WRITTEN_METRIC = "FlywheelCaptureWritten"
 
 
+def ort_providers(device: torch.device) -> list:
+    """ONNX Runtime's providers for a worker on `device`. On a GPU, the CUDA provider on the worker's own
+    GPU: TorchServe gives each worker a `gpu_id` round-robin, and a provider without `device_id` would put
+    every worker's session on GPU 0 (as TorchServe's own `setup_ort_session` does). CPU as the fallback."""
+    if device.type == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
 class RequestError(Exception):
     """A client error in one request of a batch: becomes that request's 4xx JSON response."""
 
@@ -165,9 +173,7 @@ class FlywheelHandler(BaseHandler):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.map_location == "cuda"
-                     else ["CPUExecutionProvider"])
-        return ort.InferenceSession(path, options, providers=providers)
+        return ort.InferenceSession(path, options, providers=ort_providers(self.device))
 
     def _init_tensorrt(self, context, path):
         """Deserialize a TensorRT engine (only packaged when tensorrt + CUDA were present)."""
