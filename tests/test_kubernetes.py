@@ -36,7 +36,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
 K8S_VERSION = "1.36.0"  # the API of the kubernetes 36 client that `release --target kubernetes` uses
-VARIANTS = {"base": K8S / "base", "dev": K8S / "overlays" / "dev", "prod": K8S / "overlays" / "prod"}
+VARIANTS = {"base": K8S / "base", "dev": K8S / "overlays" / "dev", "prod": K8S / "overlays" / "prod",
+            "prod-gpu": K8S / "overlays" / "prod-gpu"}
 # The Secrets the manifests reference (created by the operator, never committed): name → keys.
 SECRETS = {"serving-pool": {"token"}, "tracking-reader": {"username", "password"},
            "tracking": {"postgres-password", "admin-password", "flask-secret-key"},
@@ -146,6 +147,23 @@ def test_overlays_set_namespace_images_and_pool_size(rendered):
     assert _container(dev_monitor, "monitor")["args"] == ["--env", "dev"]
     settings = _get(rendered["dev"], "ConfigMap", "serving-settings")["data"]
     assert settings["capture_uri"] == "gs://flywheel-captures/dev"
+
+
+def test_the_gpu_overlay_gives_each_serving_pod_one_gpu_and_the_cuda_image_and_changes_nothing_else(rendered):
+    gpu, prod = rendered["prod-gpu"], rendered["prod"]
+    for name in ("serving-stable", "serving-canary"):
+        pod = _pod(_get(gpu, "Deployment", name))
+        torchserve = _container(pod, "torchserve")
+        assert torchserve["resources"]["limits"] == {"memory": "4Gi", "nvidia.com/gpu": 1}
+        assert torchserve["resources"]["requests"] == {"cpu": "2", "memory": "3Gi"}  # prod's, kept
+        assert torchserve["image"] == _container(pod, "fetch-archive", init=True)["image"] == \
+            "registry.example.com/flywheel/flywheel-serving:0.1.0-cu124"
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert "nvidia.com/gpu" not in str(_container(pod, "gate")["resources"])  # the gate is HAProxy: no GPU
+    # Everything but the two serving Deployments renders exactly as prod
+    changed = {"serving-stable", "serving-canary"}
+    assert [o for o in gpu if o["metadata"]["name"] not in changed or o["kind"] != "Deployment"] == \
+        [o for o in prod if o["metadata"]["name"] not in changed or o["kind"] != "Deployment"]
 
 
 # ----------------------------------------------------------------------------------- serving pool
