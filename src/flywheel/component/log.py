@@ -79,7 +79,10 @@ def check_contract(model: nn.Module, splits: Splits, embedding: str | None) -> t
                             f"{len(splits.class_names)} class names")
     except SpecError as exc:
         raise ContractError(f"component data: {exc}") from None
-    serving = ServingModule(model.cpu().eval(), embedding)
+    # Exported where it is served, in the default layout: a CPU training loop leaves conv weights
+    # channels_last, which torch.export's pt2 archive packs with a "No complete tensor found" warning.
+    model.cpu().to(memory_format=torch.contiguous_format).eval()
+    serving = ServingModule(model, embedding)
     example = to_tensor(splits.test.images[:HELD_BATCH], splits.preprocess)
     try:
         with torch.inference_mode():

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +191,12 @@ def _log_dataset(splits: Splits) -> None:
     import mlflow
 
     sample = splits.train.images[:2].reshape(2, -1).astype(np.float32)
-    ds = mlflow.data.from_numpy(sample, targets=splits.train.labels[:2], source=splits.source,
-                                name=splits.name, digest=splits.digest[:32])
+    with warnings.catch_warnings():
+        # MLflow registers its local-path dataset source for both the "" and "file" schemes, so every
+        # local path "can be interpreted in multiple ways": two copies of one class. Nothing to act on.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        ds = mlflow.data.from_numpy(sample, targets=splits.train.labels[:2], source=splits.source,
+                                    name=splits.name, digest=splits.digest[:32])
     mlflow.log_input(ds, context="training", tags={"dataset_digest": splits.digest,
                                                    "train": str(len(splits.train)), "val": str(len(splits.val)),
                                                    "test": str(len(splits.test))})
