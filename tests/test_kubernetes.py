@@ -1,6 +1,6 @@
 """deploy/kubernetes and `release --target kubernetes`, without a cluster (none can run here).
 
-* Every object the base and both overlays render to validates offline against the Kubernetes
+* Every object the base and the overlays (dev, prod, prod-gpu) render to validates offline against the Kubernetes
   1.36 OpenAPI schemas in strict mode (`kubernetes_validate`, bundled schemas; 1.36 is the API the
   installed `kubernetes` 36 client speaks), and the properties the issue asks for hold on the
   rendered objects: probes on /ping, NetworkPolicy keeping TorchServe's management and metrics
