@@ -4,8 +4,8 @@ trained in the same process on the same data and recipe.
 Variants (each RECIPE.md's recipe: FashionCNN, 5 epochs, batch 128, one-cycle AdamW at 5e-3, seed 0,
 `flywheel.component.loop.fit` with no callback, so nothing outside the process is touched):
 
-* `loop`: the shipped loop on `cuda` (bf16 autocast where the GPU has bf16, the training split
-  staged on the device, losses summed on the device);
+* `loop`: the shipped loop on `cuda` (bf16 autocast where the GPU has bf16, fp16 with gradient
+  scaling where it has not);
 * `fp32`: the same loop with autocast off (what autocast buys, and what it costs in accuracy);
 * `peer`: another version of loop.py given by `--peer-loop PATH`, on `cuda`, e.g. the one before
   a change: `git show HEAD~1:src/flywheel/component/loop.py > /tmp/loop_before.py`;

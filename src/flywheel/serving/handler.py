@@ -83,6 +83,7 @@ def ort_providers(device: torch.device) -> list:
         return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
+
 class RequestError(Exception):
     """A client error in one request of a batch: becomes that request's 4xx JSON response."""
 
