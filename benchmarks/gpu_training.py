@@ -9,7 +9,9 @@ Variants (each RECIPE.md's recipe: FashionCNN, 5 epochs, batch 128, one-cycle Ad
 * `fp32`: the same loop with autocast off (what autocast buys, and what it costs in accuracy);
 * `peer`: another version of loop.py given by `--peer-loop PATH`, on `cuda`, e.g. the one before
   a change: `git show HEAD~1:src/flywheel/component/loop.py > /tmp/loop_before.py`;
-* `cpu`: the shipped loop on this machine's CPU for `--cpu-epochs` epochs (a node without a GPU).
+* `cpu`: the shipped loop on this machine's CPU for `--cpu-epochs` epochs (a node without a GPU);
+* `batch-N`: the shipped loop on `cuda` with N images per step instead of 128 (`--batch-sizes`; the
+  recipe's learning rate unchanged), since a launch-bound step gets faster per epoch with fewer steps.
 
 A one-epoch warm-up on the GPU comes first (CUDA context, cuDNN's kernel choice, the first loads of
 each kernel); `loop` and `fp32` run twice, interleaved, so the spread of one variant is printed
@@ -46,13 +48,13 @@ def load_loop(path: Path):
     return module
 
 
-def run_variant(loop, splits, device: str, epochs: int, *, autocast: bool = True) -> dict:
+def run_variant(loop, splits, device: str, epochs: int, *, autocast: bool = True, batch_size: int = 128) -> dict:
     import torch
     from model import FashionCNN
 
     from flywheel.core.evaluate import predict
 
-    cfg = loop.FitConfig(epochs=epochs, batch_size=128, lr=5e-3, seed=0)
+    cfg = loop.FitConfig(epochs=epochs, batch_size=batch_size, lr=5e-3, seed=0)
     amp = loop._amp
     if not autocast:
         loop._amp = lambda _device: (nullcontext, None)  # the fp32 peer: the same loop, autocast off
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="epochs per GPU variant (RECIPE.md: 5)")
     ap.add_argument("--cpu-epochs", type=int, default=1, help="epochs of the CPU variant (0: skip it)")
     ap.add_argument("--peer-loop", type=Path, default=None, help="another loop.py to time on the GPU")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                    help="also time the shipped loop at these batch sizes (variants batch-N)")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -88,15 +92,16 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads", flush=True)
     run_variant(loop, splits, "cuda", 1)  # warm-up, not reported
 
-    plan = [("loop", loop, "cuda", True)]
+    plan = [("loop", loop, "cuda", True, 128)]
     if args.peer_loop:
-        plan.append(("peer", load_loop(args.peer_loop), "cuda", True))
-    plan += [("fp32", loop, "cuda", False), ("loop", loop, "cuda", True), ("fp32", loop, "cuda", False)]
+        plan.append(("peer", load_loop(args.peer_loop), "cuda", True, 128))
+    plan += [("fp32", loop, "cuda", False, 128), ("loop", loop, "cuda", True, 128), ("fp32", loop, "cuda", False, 128)]
+    plan += [(f"batch-{b}", loop, "cuda", True, b) for b in args.batch_sizes]
     rows: dict[str, list[dict]] = {}
-    for name, module, device, autocast in plan:
-        row = run_variant(module, splits, device, args.epochs, autocast=autocast)
+    for name, module, device, autocast, batch_size in plan:
+        row = run_variant(module, splits, device, args.epochs, autocast=autocast, batch_size=batch_size)
         rows.setdefault(name, []).append(row)
-        print(f"  {name:5s} {row['epoch_seconds']:.3f} s/epoch, test accuracy {row['test_accuracy']:.4f}", flush=True)
+        print(f"  {name:10s} {row['epoch_seconds']:.3f} s/epoch, test accuracy {row['test_accuracy']:.4f}", flush=True)
     if args.cpu_epochs:
         row = run_variant(loop, splits, "cpu", args.cpu_epochs)
         rows["cpu"] = [row]
@@ -105,11 +110,11 @@ def main() -> None:
 
     base = statistics.median(r["epoch_seconds"] for r in rows["loop"])
     summary = {"gpu": gpu, "torch": torch.__version__, "epochs": args.epochs, "cpu_epochs": args.cpu_epochs}
-    print(f"\n{'variant':8s} {'s/epoch':>8s} {'x loop':>7s} {'test acc':>9s}")
+    print(f"\n{'variant':10s} {'s/epoch':>8s} {'x loop':>7s} {'test acc':>9s}")
     for name, runs in rows.items():
         seconds = statistics.median(r["epoch_seconds"] for r in runs)
         acc = ", ".join(f"{r['test_accuracy']:.4f}" for r in runs)
-        print(f"{name:8s} {seconds:8.3f} {seconds / base:7.2f} {acc:>9s}")
+        print(f"{name:10s} {seconds:8.3f} {seconds / base:7.2f} {acc:>9s}")
         summary[name] = {"epoch_seconds": [round(r["epoch_seconds"], 4) for r in runs],
                          "test_accuracy": [round(r["test_accuracy"], 4) for r in runs],
                          "ratio_to_loop": round(seconds / base, 3)}

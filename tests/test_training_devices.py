@@ -27,6 +27,12 @@ def test_each_process_of_a_gpu_node_takes_its_own_gpu_and_one_too_many_is_refuse
     with pytest.raises(FlywheelError, match=r"NCCL needs one GPU per process, so use --nproc-per-node 2 or fewer"):
         select_device(None, 2)
     assert select_device("cpu", 2) == torch.device("cpu")  # an explicit device is the caller's choice
+    assert select_device("cuda", 1) == torch.device("cuda", 1)  # plain cuda: this process's own GPU
+    with pytest.raises(FlywheelError, match=r"NCCL needs one GPU per process"):
+        select_device("cuda", 2)
+    assert select_device("cuda:1", 0) == torch.device("cuda", 1)  # one process: the GPU it names
+    with pytest.raises(FlywheelError, match=r"--device cuda:1 names one GPU for every process of this node"):
+        select_device("cuda:1", 1)
 
 
 def test_the_logged_models_check_runs_on_the_cpu_and_the_environment_is_left_as_found(monkeypatch):

@@ -43,7 +43,7 @@ def train(
         "--extra-data", help="Labelled image folders (imagefolder layout) added to the training split.")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option(
         help="Use at most this many training images (quick runs).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | cuda:N; default: CUDA when present.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda (each torchrun process its own GPU) | cuda:N (one process); default: CUDA when present.")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
     model: ModelOpt = None,
@@ -153,7 +153,7 @@ def tune(
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Fixed peak learning rate (unless searched).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for splits, init and shuffling.")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option(help="Use at most this many training images.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Built-in trainer: cpu | cuda | cuda:N.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Built-in trainer: cpu | cuda | cuda:N (as for train).")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
     model: ModelOpt = None,

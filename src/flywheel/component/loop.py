@@ -79,11 +79,19 @@ class DistContext:
 
 
 def select_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    """The process's device: `requested` as given, except that plain `cuda` means this process's own
+    GPU (its local rank's, as with no request) so that torchrun's processes spread over the node's GPUs."""
     if requested:
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise FlywheelError(f"--device {requested}: CUDA is not available on this machine")
-        return device
+        if device.type != "cuda":
+            return device
+        if device.index is not None:
+            if local_rank > 0:  # every process of the node would take that one GPU: NCCL's "Duplicate GPU"
+                raise FlywheelError(f"--device {requested} names one GPU for every process of this node; use "
+                                    f"--device cuda (each process its own GPU) with torchrun")
+            return device
     if not torch.cuda.is_available():
         return torch.device("cpu")
     gpus = torch.cuda.device_count()
