@@ -169,6 +169,11 @@ def test_missing_alias_and_version_and_run_are_one_line(trained_digits_model):
         with pytest.raises(FlywheelError, match=expect) as err:
             evaluate_uri(uri, "digits", settings)
         assert "\n" not in str(err.value)
+    from flywheel.core.registry import gate_run
+
+    with pytest.raises(FlywheelError, match=r"^no MLflow run 0123456789abcdef at sqlite:") as err:
+        gate_run("0123456789abcdef", settings)  # `flywheel register --run-id` of a run that is not there
+    assert "\n" not in str(err.value)
 
 
 def test_registered_in_reads_registry_uris():

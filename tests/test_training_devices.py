@@ -27,6 +27,8 @@ def test_each_process_of_a_gpu_node_takes_its_own_gpu_and_one_too_many_is_refuse
     with pytest.raises(FlywheelError, match=r"NCCL needs one GPU per process, so use --nproc-per-node 2 or fewer"):
         select_device(None, 2)
     assert select_device("cpu", 2) == torch.device("cpu")  # an explicit device is the caller's choice
+    with pytest.raises(FlywheelError, match=r"^--device gpu is not a device: use cpu, cuda or cuda:N$"):
+        select_device("gpu", 0)
     assert select_device("cuda", 1) == torch.device("cuda", 1)  # plain cuda: this process's own GPU
     with pytest.raises(FlywheelError, match=r"NCCL needs one GPU per process"):
         select_device("cuda", 2)

@@ -82,7 +82,10 @@ def select_device(requested: str | None, local_rank: int = 0) -> torch.device:
     """The process's device: `requested` as given, except that plain `cuda` means this process's own
     GPU (its local rank's, as with no request) so that torchrun's processes spread over the node's GPUs."""
     if requested:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:  # torch's message lists every device type it was built with
+            raise FlywheelError(f"--device {requested} is not a device: use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise FlywheelError(f"--device {requested}: CUDA is not available on this machine")
         if device.type != "cuda":

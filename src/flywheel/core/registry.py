@@ -151,6 +151,15 @@ class Registry:
     def run(self, run_id: str):
         return self.client.get_run(run_id)
 
+    def existing_run(self, run_id: str):
+        """`run` of a run a user named: if it is missing, a one-line FlywheelError naming the store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.run(run_id)
+        except MlflowException as exc:
+            raise FlywheelError(f"no MLflow run {run_id} at {self.settings.tracking_uri}: {exc.message}") from None
+
     def lineage(self, mv) -> dict[str, str | None]:
         """LINEAGE_TAGS of a version: its own tags first, then its training run's tags; `dataset`
         falls back to the run's `dataset` param (a version registered by hand)."""
@@ -185,7 +194,7 @@ class Registry:
 
         settings = self.settings
         settings.apply()  # loading a logged model is MLflow's fluent API: the process-global URI
-        run = self.run(run_id)
+        run = self.existing_run(run_id)
         model_uri = self.run_model_uri(run_id)
         model, spec = load_model(model_uri, tracking_uri=settings.tracking_uri)
         dataset = dataset or spec.dataset or run.data.params.get("dataset") or spec.test_set.uri

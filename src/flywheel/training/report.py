@@ -265,15 +265,10 @@ def build_report(settings: Settings, run_id: str, *, margin: float = 0.0, out: P
                  tracking_url: str | None = None) -> PullRequestReport:
     """The report of run `run_id` against `settings.model_name`'s champion; with `out`, its PNG
     files are drawn there (`PullRequestReport.write` adds the text files)."""
-    from mlflow.exceptions import MlflowException
-
     from flywheel.core.registry import Registry
 
     registry = Registry(settings)
-    try:
-        run = registry.run(run_id)
-    except MlflowException as exc:
-        raise FlywheelError(f"no MLflow run {run_id} at {settings.tracking_uri}: {exc.message}") from None
+    run = registry.existing_run(run_id)
     base = mlflow_url(settings, tracking_url)
     compared = registry.compare(run_id, margin=margin)
     challenger, champ_eval = compared.challenger, compared.champion
