@@ -1,14 +1,17 @@
 """Unit tests of the component training loop's optional regularisers (FitConfig.hflip, .shift,
-.label_smoothing): what each does to a batch or to the loss, and that they are off by default."""
+.label_smoothing): what each does to a batch or to the loss, and that they are off by default; and
+the loop's refusal of numbers that cannot train."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from flywheel.component.loop import FitConfig, augment, fit
 from flywheel.core.data import load_splits
+from flywheel.core.errors import FlywheelError
 from flywheel.training.archs import build_model
 from flywheel.training.train import TrainConfig
 
@@ -72,3 +75,12 @@ def test_label_smoothing_reaches_the_training_loss():
     smooth = fit(FitConfig(**common, label_smoothing=eps), splits, torch.device("cpu"), model=build_model("small-cnn", k))
     assert plain.history[-1]["train_loss"] < 0.5 * floor
     assert smooth.history[-1]["train_loss"] >= floor - 1e-4
+
+
+def test_numbers_that_cannot_train_are_refused_in_one_line_before_the_first_step():
+    for cfg, says in ((FitConfig(max_train_samples=-5), "--max-train-samples -5: must be at least 1"),
+                      (FitConfig(epochs=0), "--epochs 0: must be at least 1"),
+                      (TrainConfig(batch_size=0), "--batch-size 0: must be at least 1"),
+                      (FitConfig(lr=0.0), "--lr 0.0: must be above 0")):
+        with pytest.raises(FlywheelError, match=f"^{says}$"):
+            fit(cfg, None, torch.device("cpu"), model=None)  # refused before the data or the model is touched

@@ -250,6 +250,16 @@ def test_search_space_syntax(tmp_path):
         TuneConfig(study="s", pruner="median:x")
 
 
+def test_a_storage_url_sqlalchemy_cannot_open_is_one_line_at_once():
+    from flywheel.training.tune import open_storage
+
+    for url, why in (("bogus://x", "Can't load plugin"), ("nonsense", "Could not parse")):
+        with pytest.raises(FlywheelError, match=rf"^study storage {url} is not a database URL .*{why}.*"
+                                                r"use sqlite:///PATH or postgresql://") as err:
+            open_storage(url)  # no retries: the create-tables race is the only error worth retrying
+        assert "\n" not in str(err.value)
+
+
 def test_component_trials_get_the_shared_options_then_the_suggested_values(tmp_path):
     from flywheel.training.train import TrainConfig
     from flywheel.training.tune import BuiltinTarget, ComponentTarget, ParamSpec, make_target

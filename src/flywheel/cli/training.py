@@ -42,7 +42,7 @@ def train(
     extra_data: Annotated[Optional[list[Path]], typer.Option(
         "--extra-data", help="Labelled image folders (imagefolder layout) added to the training split.")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option(
-        help="Use at most this many training images (quick runs).")] = None,
+        min=1, help="Use at most this many training images (quick runs).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda (each torchrun process its own GPU) | cuda:N (one process); default: CUDA when present.")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -152,7 +152,8 @@ def tune(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Fixed batch size (unless searched).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Fixed peak learning rate (unless searched).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for splits, init and shuffling.")] = None,
-    max_train_samples: Annotated[Optional[int], typer.Option(help="Use at most this many training images.")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many training images.")
+                                 ] = None,
     device: Annotated[Optional[str], typer.Option(help="Built-in trainer: cpu | cuda | cuda:N (as for train).")] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,

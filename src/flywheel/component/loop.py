@@ -205,6 +205,17 @@ class Fitted:
     epoch_ends: list[float]  # time.time() at each epoch's end, after validation, before the callback
 
 
+def check_fit_values(cfg) -> None:
+    """A FitConfig (or the built-in trainer's TrainConfig) whose numbers cannot train: one line naming the
+    option, before the first step. (A negative subset size would silently drop that many images.)"""
+    for option, value, least in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
+                                 ("max-train-samples", cfg.max_train_samples or 1, 1)):
+        if value < least:
+            raise FlywheelError(f"--{option} {value}: must be at least {least}")
+    if not cfg.lr > 0:
+        raise FlywheelError(f"--lr {cfg.lr}: must be above 0")
+
+
 def fit(cfg: FitConfig, splits: Splits, device: torch.device, ctx: DistContext = DistContext(),
         callback: FitCallback | None = None, preload: threading.Thread | None = None, *,
         model: nn.Module) -> Fitted:
@@ -212,6 +223,7 @@ def fit(cfg: FitConfig, splits: Splits, device: torch.device, ctx: DistContext =
     DDP when `ctx` is distributed, a validation pass per epoch on rank 0. `callback` (rank 0 only)
     hears the parameters and each epoch's metrics; without one, nothing outside this process is
     touched. `preload` (an import thread) is joined before the first step."""
+    check_fit_values(cfg)
     seed_everything(cfg.seed)
     x_train, y_train = training_tensors(splits, cfg.seed, cfg.max_train_samples)
     model = model.to(device)

@@ -217,6 +217,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
         except sqlalchemy.exc.OperationalError as exc:
             raise FlywheelError(f"cannot reach the study storage {redact_uri(url)}: {exc.orig}") from None
+        except sqlalchemy.exc.ArgumentError as exc:  # an unparsable URL or an unknown dialect: no retry helps
+            raise FlywheelError(f"study storage {redact_uri(url)} is not a database URL SQLAlchemy can open ({exc}): "
+                                "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB") from None
         except sqlalchemy.exc.SQLAlchemyError:
             # Workers starting together on an empty database race to CREATE its tables; the loser's
             # duplicate-object error goes away once the winner has committed.
