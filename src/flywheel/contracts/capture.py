@@ -126,6 +126,10 @@ class LocalStore:
         return folder.is_dir() and any(p.suffix == suffix and not p.name.startswith(".") for p in folder.iterdir())
 
 
+class StoreError(ValueError):
+    """A capture store that cannot be used as given: a URI of an unknown kind, or GCS without credentials."""
+
+
 STORE_TIMEOUT_S = 5.0  # one store call's bound: a capture upload gives up (and drops its batch) after this
 
 
@@ -139,9 +143,14 @@ class GCSStore:
 
     def _b(self):
         if self._bucket is None:
+            from google.auth.exceptions import DefaultCredentialsError
             from google.cloud import storage  # lazy: serving without gs:// never imports it
 
-            self._bucket = storage.Client().bucket(self.bucket_name)
+            try:
+                self._bucket = storage.Client().bucket(self.bucket_name)
+            except DefaultCredentialsError:  # its message is a paragraph; the fix is one of two settings
+                raise StoreError(f"{self.uri}: no Google credentials found; set GOOGLE_APPLICATION_CREDENTIALS to a "
+                                 "service account key file, or STORAGE_EMULATOR_HOST for a GCS emulator") from None
         return self._bucket
 
     def _full(self, name: str) -> str:
@@ -173,16 +182,16 @@ class GCSStore:
 def open_store(uri: str, timeout: float = STORE_TIMEOUT_S) -> LocalStore | GCSStore:
     """`gs://bucket/prefix` or a local directory (plain path or file:// URI); `timeout` bounds each GCS call."""
     if not uri:
-        raise ValueError("capture store URI is empty: give a directory or gs://bucket/prefix")
+        raise StoreError("capture store URI is empty: give a directory or gs://bucket/prefix")
     if uri.startswith("gs://"):
         bucket, _, prefix = uri[len("gs://"):].partition("/")
         if not bucket:
-            raise ValueError(f"capture store URI {uri!r} names no bucket: use gs://bucket/prefix")
+            raise StoreError(f"capture store URI {uri!r} names no bucket: use gs://bucket/prefix")
         return GCSStore(bucket, prefix, timeout)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
-        raise ValueError(f"capture store URI {uri!r}: only local directories and gs://bucket/prefix are supported")
+        raise StoreError(f"capture store URI {uri!r}: only local directories and gs://bucket/prefix are supported")
     return LocalStore(uri)
 
 

@@ -103,7 +103,7 @@ def _labelled_from_folder(folder: Path) -> list[tuple[str, str, bytes]]:
 def take_snapshot(capture_uri: str | None, model: str, out_root: Path, labelled_dirs: tuple[Path, ...] = (),
                   class_names: tuple[str, ...] | None = None) -> Snapshot:
     """Join captures with their feedback labels (+ labelled folders) into a new snapshot version."""
-    from flywheel.contracts.capture import iter_captures, read_feedback, safe_name
+    from flywheel.contracts.capture import StoreError, iter_captures, read_feedback, safe_name
 
     items: list[tuple[str, str, bytes]] = []  # (class folder, file name, bytes)
     seen = _Seen()
@@ -123,7 +123,7 @@ def take_snapshot(capture_uri: str | None, model: str, out_root: Path, labelled_
                     seen.no_image += 1
                     continue
                 items.append((class_dir(label), f"{safe_name(cap.prediction_id)}.png", cap.image_png))
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             raise FlywheelError(f"capture store {capture_uri} unreadable: {exc}") from None
     for folder in labelled_dirs:
         items.extend(_labelled_from_folder(Path(folder)))

@@ -335,12 +335,16 @@ def check_gcs_bucket(destination: str, emulator_host: str | None = None, timeout
             raise StackError(f"GCS at {emulator_host} answered {resp.status_code} for bucket '{bucket}'.")
         return
     from google.api_core import exceptions as gexc
+    from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
     try:
         if not storage.Client().bucket(bucket).exists(timeout=timeout):
             raise StackError(f"GCS bucket '{bucket}' does not exist; create it (gcloud storage buckets "
                              "create) or fix --artifacts-destination.")
+    except DefaultCredentialsError:  # its message is a paragraph; the fix is one of two settings
+        raise StackError(f"GCS bucket '{bucket}': no Google credentials found; set GOOGLE_APPLICATION_CREDENTIALS "
+                         "to a service account key file, or STORAGE_EMULATOR_HOST for a GCS emulator.") from None
     except gexc.GoogleAPIError as exc:
         raise StackError(f"GCS bucket '{bucket}' is not reachable with these credentials: {exc}") from exc
 
