@@ -47,6 +47,10 @@ def test_nodes_yaml_defaults_and_errors(tmp_path):
                         ("nodes:\n  - {host: x, user: u, gpu: 1}\n", "unknown keys"), ("a: [\n", "not valid YAML")]:
         with pytest.raises(FlywheelError, match=match):
             load_nodes(text)
+    with pytest.raises(FlywheelError, match=r"is not valid YAML: while parsing a block collection: expected "
+                                            r"<block end>, but found '\?' at line 3, column 3$") as err:
+        load_nodes("nodes:\n  - {host: x, user: u}\n  b: 2\n")
+    assert "\n" not in str(err.value)  # PyYAML's own text quotes the file over several lines
     with pytest.raises(FlywheelError, match="not found"):
         load_nodes(str(tmp_path / "missing.yaml"))
 

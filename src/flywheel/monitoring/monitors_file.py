@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.files import yaml_problem
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def read_monitors_file(path: Path, base: MonitorEntry) -> list[MonitorEntry]:
     except OSError as exc:
         raise FlywheelError(f"cannot read monitors file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise FlywheelError(f"monitors file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise FlywheelError(f"monitors file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("monitors"), list) or not doc["monitors"]:
         raise FlywheelError(f"monitors file {path} needs a `monitors:` list with one entry per model (see "
                             "docs/runbooks/monitor.md#several-models-one-monitor)")

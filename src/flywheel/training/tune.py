@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from flywheel.core.config import Settings, redact_uri
 from flywheel.core.errors import FlywheelError
+from flywheel.core.files import yaml_problem
 
 if TYPE_CHECKING:
     import optuna
@@ -140,7 +141,7 @@ def parse_space(params: tuple[str, ...] = (), space: str | None = None) -> tuple
             try:
                 doc = yaml.safe_load(path.read_text())
             except yaml.YAMLError as exc:
-                raise FlywheelError(f"search space {path} is not valid YAML/JSON: {exc}") from exc
+                raise FlywheelError(f"search space {path} is not valid YAML/JSON: {yaml_problem(exc)}") from None
             if not isinstance(doc, dict) or not doc:
                 raise FlywheelError(f"search space {path}: expected a mapping name: spec, e.g. `lr: log:1e-4:1e-2`")
             texts = [f"{k}={v}" for k, v in doc.items()]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.files import yaml_problem
 from flywheel.core.ssh import TRANSIENT, NodeUnreachable, connect, exec_command
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def load_nodes(source: str) -> list[Node]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise FlywheelError(f"{where} is not valid YAML: {exc}") from exc
+        raise FlywheelError(f"{where} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list) or not doc["nodes"]:
         raise FlywheelError(f"{where}: expected a mapping with a non-empty `nodes:` list (see nodes.example.yaml)")
     defaults = doc.get("defaults") or {}

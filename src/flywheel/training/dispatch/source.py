@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from flywheel.core.errors import FlywheelError
+from flywheel.core.files import yaml_problem
 
 if TYPE_CHECKING:
     from flywheel.training.dispatch.job import RemoteTrainConfig
@@ -163,7 +164,7 @@ def check_entry(repo: Path, sha: str, cfg: RemoteTrainConfig, project_dir: str =
     try:
         entries = (yaml.safe_load(done.stdout) or {}).get("entry_points") or {}
     except yaml.YAMLError as exc:
-        raise FlywheelError(f"{path} at {sha[:12]} is not valid YAML: {exc}") from exc
+        raise FlywheelError(f"{path} at {sha[:12]} is not valid YAML: {yaml_problem(exc)}") from None
     if cfg.entry not in entries:
         raise FlywheelError(f"{path} at {sha[:12]} has no entry point {cfg.entry!r}; it has: "
                             f"{', '.join(entries) or 'none'}")
