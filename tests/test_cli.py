@@ -53,6 +53,14 @@ def test_a_fixable_error_is_one_red_line_and_exit_2(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_release_with_a_wrong_key_file_stops_before_reading_the_registry_or_packaging(tmp_path):
+    out = _invoke("release", "--version", "1", "--env", "dev", "--key-file", str(tmp_path / "key_file.json"),
+                  "--model-store", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
+    assert out.exit_code == 2, out.output
+    assert f"TorchServe key file {tmp_path / 'key_file.json'} not found" in out.output
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "store").exists()  # nothing was touched
+
+
 def test_hidden_aliases_still_work_and_stay_out_of_help():
     archs = _invoke("archs")
     assert archs.exit_code == 0 and "small-cnn" in archs.stdout

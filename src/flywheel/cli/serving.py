@@ -158,6 +158,9 @@ def release(
     elif target == "torchserve":
         if key_file is None or model_store is None:
             fail("release needs --key-file (the server's key_file.json) and --model-store (its model store)")
+        from flywheel.serving.keys import read_key_file
+
+        read_key_file(key_file)  # a wrong path fails here, not after minutes of packaging
         ts = ManagementTarget(inference_url, management_url, key_file, model_store, workers=workers,
                               grace_s=grace, keep_previous=keep_previous)
         result = release_version(settings, settings.model_name, version, env, ts, accept, mar_path=mar,
