@@ -61,6 +61,22 @@ def test_release_with_a_wrong_key_file_stops_before_reading_the_registry_or_pack
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "store").exists()  # nothing was touched
 
 
+def test_serve_refuses_what_it_would_find_out_only_after_starting(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    store = tmp_path / "model-store"
+    store.mkdir()
+    (store / "m-1.mar").write_bytes(b"")
+    for args, says in ((["serve", "--load", "m-2.mar"], f"--load m-2.mar: no m-2.mar in {store} (there: m-1.mar)"),
+                       (["serve", "--load", "m=m-2.mar"], "--load m=m-2.mar: no m-2.mar in"),
+                       (["serve", "--capture-uri", "s3://b/p"], "--capture-uri: capture store URI 's3://b/p': only"),
+                       (["serve", "--model-store", str(store / "m-1.mar")], "is a file: give the directory"),
+                       (["serve-pool", "--load", "m-2.mar"], "--load m-2.mar: no m-2.mar in"),
+                       (["serve-pool", "--token-file", str(tmp_path / "t")], f"--token-file {tmp_path / 't'} not found")):
+        out = _invoke(*args)
+        assert out.exit_code == 2 and says in out.output, (args, out.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-store"]  # no server directory: nothing started
+
+
 def test_hidden_aliases_still_work_and_stay_out_of_help():
     archs = _invoke("archs")
     assert archs.exit_code == 0 and "small-cnn" in archs.stdout

@@ -93,10 +93,14 @@ def acceptance(serving_models) -> list[str]:
 
 
 def empty_node(node: Node, name: str) -> None:
-    """Start from a node that serves nothing of `name` (a failed earlier test may have left versions)."""
+    """Start from a node that serves nothing of `name` (a failed earlier test may have left versions) and
+    a registry where alias dev names no version (the registry is the session's: another test file that
+    ran first may have released to dev)."""
     served = node.client.versions(name)
     for version in sorted(served, key=lambda v: served[v]):  # the default last: TorchServe refuses it earlier
         assert node.client.unregister(name, version).status_code == 200
+    if "dev" in aliases(node, name):
+        registry_of(node).delete_registered_model_alias(name, "dev")
 
 
 def registry_of(node: Node):

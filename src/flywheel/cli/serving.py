@@ -256,10 +256,34 @@ def serve(
         capture_to = str(Path(capture_to).resolve())
     if engine == "triton":
         work_dir = (work_dir or settings.work_dir / "serving-triton").resolve()
-        _serve_triton(work_dir, (model_store or settings.work_dir / "triton-repository").resolve(),
-                      tuple(load or ()), capture_to, token_expiry_minutes)
+        repository = (model_store or settings.work_dir / "triton-repository").resolve()
+        _check_serve_inputs(repository, tuple(load or ()), capture_to, "triton")
+        _serve_triton(work_dir, repository, tuple(load or ()), capture_to, token_expiry_minutes)
         return
+    model_store = (model_store or settings.work_dir / "model-store").resolve()
+    _check_serve_inputs(model_store, tuple(load or ()), capture_to, "torchserve")
     _serve_torchserve(settings, work_dir, model_store, tuple(load or ()), capture_to, token_expiry_minutes)
+
+
+def _check_serve_inputs(store: Path, load: tuple[str, ...], capture_to: str, engine: str) -> None:
+    """What `serve` would only find out after the server started, or not at all: a model store that is a
+    file, an archive (model) to load that is not in it, a capture URI of no known kind."""
+    from flywheel.contracts.capture import StoreError, open_store
+
+    if store.exists() and not store.is_dir():
+        fail(f"--model-store {store} is a file: give the directory `flywheel package` writes to")
+    if capture_to:
+        try:
+            open_store(capture_to)
+        except StoreError as exc:
+            fail(f"--capture-uri: {exc}")
+    for item in load:
+        name = item.partition("=")[2] or item  # TorchServe's "name=file.mar" or "file.mar"
+        if engine == "torchserve" and (name == "all" or "://" in name):  # every archive; a URL TorchServe fetches
+            continue
+        if not (store / name).exists():
+            have = sorted(p.name for p in store.iterdir()) if store.is_dir() else []
+            fail(f"--load {item}: no {name} in {store} (there: {', '.join(have) or 'nothing'})")
 
 
 @app.command("serve-pool", rich_help_panel=PANEL)
@@ -304,15 +328,19 @@ def serve_pool(
     if capture_to and "://" not in capture_to:
         capture_to = str(Path(capture_to).resolve())
     work_dir = (work_dir or settings.work_dir / "pool").resolve()
+    model_store = (model_store or settings.work_dir / "model-store").resolve()
+    _check_serve_inputs(model_store, tuple(load or ()), capture_to, "torchserve")
+    if token_file is not None and not token_file.is_file():
+        fail(f"--token-file {token_file} not found: give a file holding the pool credential, or leave it out "
+             "for a new one")
     env_file = work_dir / "serve.env"
     env_file.unlink(missing_ok=True)  # a stale one would name a dead pool
     token = token_file.read_text().strip() if token_file else None
     if replicas_file is not None:
         pool = front_pool(work_dir, read_replicas(replicas_file), capture_uri=capture_to or None, token=token)
     else:
-        pool = start_pool(work_dir, replicas or 3, (model_store or settings.work_dir / "model-store").resolve(),
-                          models=tuple(load or ()), capture_uri=capture_to or None, token=token,
-                          token_expiration_min=token_expiry_minutes)
+        pool = start_pool(work_dir, replicas or 3, model_store, models=tuple(load or ()),
+                          capture_uri=capture_to or None, token=token, token_expiration_min=token_expiry_minutes)
     lines = "\n".join(f"  {r.name}: inference {r.inference_url}  management {r.management_url}"
                       for r in pool.spec.replicas)
     _serve_until_stopped(pool, env_file, {"FLYWHEEL_POOL": str(pool.spec_path), "FLYWHEEL_TS_INFERENCE_URL": pool.url},
@@ -322,12 +350,12 @@ def serve_pool(
                          "flywheel release --target pool --version V --env dev")
 
 
-def _serve_torchserve(settings, work_dir: Path | None, model_store: Path | None, load: tuple[str, ...],
+def _serve_torchserve(settings, work_dir: Path | None, model_store: Path, load: tuple[str, ...],
                       capture_to: str, token_expiry_minutes: float) -> None:
 
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
 
-    work_dir, model_store = work_dir or settings.work_dir / "serving", model_store or settings.work_dir / "model-store"
+    work_dir = work_dir or settings.work_dir / "serving"
     env_file = work_dir.resolve() / "serve.env"
     env_file.unlink(missing_ok=True)  # a stale one would name a dead server
 
