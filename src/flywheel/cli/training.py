@@ -43,7 +43,9 @@ def train(
         "--extra-data", help="Labelled image folders (imagefolder layout) added to the training split.")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option(
         min=1, help="Use at most this many training images (quick runs).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda (each torchrun process its own GPU) | cuda:N (one process); default: CUDA when present.")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu | cuda (each torchrun process its own GPU) | cuda:N (one process); default: CUDA when present.")
+                      ] = None,
     data_dir: DataDirOpt = None,
     tracking_uri: TrackingOpt = None,
     model: ModelOpt = None,
