@@ -130,6 +130,11 @@ class StoreError(ValueError):
     """A capture store that cannot be used as given: a URI of an unknown kind, or GCS without credentials."""
 
 
+# What to do when google.auth finds no credentials (its own message is a paragraph); `flywheel stack` says it too.
+GCS_CREDENTIALS_FIX = ("set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or STORAGE_EMULATOR_HOST "
+                       "for a GCS emulator")
+
+
 STORE_TIMEOUT_S = 5.0  # one store call's bound: a capture upload gives up (and drops its batch) after this
 
 
@@ -148,9 +153,8 @@ class GCSStore:
 
             try:
                 self._bucket = storage.Client().bucket(self.bucket_name)
-            except DefaultCredentialsError:  # its message is a paragraph; the fix is one of two settings
-                raise StoreError(f"{self.uri}: no Google credentials found; set GOOGLE_APPLICATION_CREDENTIALS to a "
-                                 "service account key file, or STORAGE_EMULATOR_HOST for a GCS emulator") from None
+            except DefaultCredentialsError:
+                raise StoreError(f"{self.uri}: no Google credentials found; {GCS_CREDENTIALS_FIX}") from None
         return self._bucket
 
     def _full(self, name: str) -> str:

@@ -338,13 +338,14 @@ def check_gcs_bucket(destination: str, emulator_host: str | None = None, timeout
     from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import storage
 
+    from flywheel.contracts.capture import GCS_CREDENTIALS_FIX
+
     try:
         if not storage.Client().bucket(bucket).exists(timeout=timeout):
             raise StackError(f"GCS bucket '{bucket}' does not exist; create it (gcloud storage buckets "
                              "create) or fix --artifacts-destination.")
-    except DefaultCredentialsError:  # its message is a paragraph; the fix is one of two settings
-        raise StackError(f"GCS bucket '{bucket}': no Google credentials found; set GOOGLE_APPLICATION_CREDENTIALS "
-                         "to a service account key file, or STORAGE_EMULATOR_HOST for a GCS emulator.") from None
+    except DefaultCredentialsError:
+        raise StackError(f"GCS bucket '{bucket}': no Google credentials found; {GCS_CREDENTIALS_FIX}.") from None
     except gexc.GoogleAPIError as exc:
         raise StackError(f"GCS bucket '{bucket}' is not reachable with these credentials: {exc}") from exc
 
