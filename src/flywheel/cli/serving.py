@@ -251,32 +251,38 @@ def serve(
     if engine not in ("torchserve", "triton"):
         fail(f"unknown --engine {engine!r}; choose torchserve or triton")
     settings = Settings.from_env()  # defaults: all in $FLYWHEEL_HOME
-    capture_to = (capture_uri or settings.capture_uri) if capture else ""
-    if capture_to and "://" not in capture_to:  # the server runs in work_dir: no relative paths
-        capture_to = str(Path(capture_to).resolve())
+    capture_to = _capture_target((capture_uri or settings.capture_uri) if capture else "")
     if engine == "triton":
         work_dir = (work_dir or settings.work_dir / "serving-triton").resolve()
         repository = (model_store or settings.work_dir / "triton-repository").resolve()
-        _check_serve_inputs(repository, tuple(load or ()), capture_to, "triton")
+        _check_serve_inputs(repository, tuple(load or ()), "triton")
         _serve_triton(work_dir, repository, tuple(load or ()), capture_to, token_expiry_minutes)
         return
     model_store = (model_store or settings.work_dir / "model-store").resolve()
-    _check_serve_inputs(model_store, tuple(load or ()), capture_to, "torchserve")
+    _check_serve_inputs(model_store, tuple(load or ()), "torchserve")
     _serve_torchserve(settings, work_dir, model_store, tuple(load or ()), capture_to, token_expiry_minutes)
 
 
-def _check_serve_inputs(store: Path, load: tuple[str, ...], capture_to: str, engine: str) -> None:
-    """What `serve` would only find out after the server started, or not at all: a model store that is a
-    file, an archive (model) to load that is not in it, a capture URI of no known kind."""
+def _capture_target(uri: str) -> str:
+    """Where a server started here captures ("" = off): a directory made absolute (the server runs in its
+    work dir), after checking that the URI is of a kind the capture store knows; the server would only
+    find out at its first write."""
     from flywheel.contracts.capture import StoreError, open_store
 
+    if not uri:
+        return ""
+    try:
+        open_store(uri)
+    except StoreError as exc:
+        fail(f"--capture-uri: {exc}")
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def _check_serve_inputs(store: Path, load: tuple[str, ...], engine: str) -> None:
+    """What `serve` would only find out after the server started, or not at all: a model store that is a
+    file, an archive (model) to load that is not in it."""
     if store.exists() and not store.is_dir():
         fail(f"--model-store {store} is a file: give the directory `flywheel package` writes to")
-    if capture_to:
-        try:
-            open_store(capture_to)
-        except StoreError as exc:
-            fail(f"--capture-uri: {exc}")
     for item in load:
         name = item.partition("=")[2] or item  # TorchServe's "name=file.mar" or "file.mar"
         if engine == "torchserve" and (name == "all" or "://" in name):  # every archive; a URL TorchServe fetches
@@ -324,12 +330,10 @@ def serve_pool(
 
     settings = Settings.from_env()
     default_capture = settings.capture_uri if replicas_file is None else None  # fronted: theirs, if given
-    capture_to = (capture_uri or default_capture or "") if capture else ""
-    if capture_to and "://" not in capture_to:
-        capture_to = str(Path(capture_to).resolve())
+    capture_to = _capture_target((capture_uri or default_capture or "") if capture else "")
     work_dir = (work_dir or settings.work_dir / "pool").resolve()
     model_store = (model_store or settings.work_dir / "model-store").resolve()
-    _check_serve_inputs(model_store, tuple(load or ()), capture_to, "torchserve")
+    _check_serve_inputs(model_store, tuple(load or ()), "torchserve")
     if token_file is not None and not token_file.is_file():
         fail(f"--token-file {token_file} not found: give a file holding the pool credential, or leave it out "
              "for a new one")
