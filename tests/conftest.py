@@ -26,6 +26,17 @@ VENV_BIN = Path(sys.executable).parent
 __all__ = ["REPO", "VENV_BIN", "free_port"]  # free_port: the one the servers use, re-exported for tests
 
 
+@pytest.fixture
+def no_google_credentials(monkeypatch, tmp_path):
+    """A machine where google.auth finds no credentials: no key file, no emulator, no gcloud login and no
+    GCE metadata server (a closed port, so the lookup fails at once)."""
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """Every test starts with no tracking server configured and its own FLYWHEEL_HOME, and whatever it

@@ -169,16 +169,11 @@ def test_gcs_store_unreachable_drops_fast(monkeypatch):
     assert writer.dropped == 40 and writer.written == 0 and writer.errors >= 1
 
 
-def test_a_store_that_cannot_be_used_is_one_line_that_says_what_to_set(monkeypatch, tmp_path):
+def test_a_store_that_cannot_be_used_is_one_line_that_says_what_to_set(no_google_credentials):
     for uri, says in (("s3://b/p", "only local directories and gs://bucket/prefix"), ("gs:///p", "names no bucket"),
                       ("", "is empty")):
         with pytest.raises(StoreError, match=says):
             open_store(uri)
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud login on this "machine"
-    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # nor a GCE metadata server (a closed port)
-    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
     with pytest.raises(StoreError, match=r"^gs://b/p: no Google credentials found; set GOOGLE_APPLICATION_CREDENTIALS"
                                          r" .* or STORAGE_EMULATOR_HOST for a GCS emulator$"):
         list_batches("gs://b/p", "fashion-classifier")

@@ -55,12 +55,7 @@ def test_unreachable_gcs_names_the_cause():
         check_gcs_bucket("gs://bucket/prefix", f"http://127.0.0.1:{free_port()}", timeout=3)
 
 
-def test_gcs_without_credentials_says_which_two_settings_fix_it(monkeypatch, tmp_path):
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud login on this "machine"
-    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # nor a GCE metadata server (a closed port)
-    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+def test_gcs_without_credentials_says_which_two_settings_fix_it(no_google_credentials):
     with pytest.raises(StackError, match=r"^GCS bucket 'bucket': no Google credentials found; set "
                                          r"GOOGLE_APPLICATION_CREDENTIALS .* or STORAGE_EMULATOR_HOST for a GCS emulator\.$"):
         check_gcs_bucket("gs://bucket/prefix", None, timeout=3)
