@@ -365,6 +365,17 @@ class Pools:
     shifted_inp: dict | None = None
     texture: object = None  # the TextureModel whose statistics end each image-feature row; None: none
     directions: object = None  # the version's ShiftDirections, with `texture`; None: none
+    subspace: object = None  # the version's PixelSubspace; None: none (then no residuals)
+    ref_res: np.ndarray | None = None  # per-image residual outside it (contracts.reference.PixelSubspace)
+    clean_res: np.ndarray | None = None
+    shifted_res: dict | None = None
+
+    def features(self, inp: np.ndarray | None, res: np.ndarray | None) -> np.ndarray | None:
+        """The flywheel detector's image-feature rows, as the monitor computes them
+        (`contracts.reference.image_features`): `inp` (input and texture statistics), followed by the residual
+        column where the version has a pixel subspace. The pools keep the two apart, so the design log's
+        earlier scripts read the features of their own entries."""
+        return inp if inp is None or self.subspace is None else np.hstack([inp, res[:, None]])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -479,11 +490,49 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
             (cache / "meta.json").write_text(json.dumps(meta, indent=2))
     inp, texture = input_pools(model_uri, tracking_uri, cache, counts, fashion)
     directions = None if texture is None else _shift_directions(model_uri, tracking_uri, texture, fashion)
+    res, subspace = residual_pools(model_uri, tracking_uri, cache, counts, fashion)
     return Pools(z["ref"]["emb"], z["ref"]["prob"], z["clean"]["emb"], z["clean"]["prob"],
                  {(f, s): (z[f"{f}-{s}"]["emb"], z[f"{f}-{s}"]["prob"]) for f in FAMILIES for s in SEVERITIES},
                  {(f, s): meta[f"accuracy_cost {f}-{s}"] for f in FAMILIES for s in SEVERITIES},
                  meta["source_accuracy"], meta["where"], inp["ref"], inp["clean"],
-                 {(f, s): inp[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES}, texture, directions)
+                 {(f, s): inp[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES}, texture, directions,
+                 subspace, res.get("ref"), res.get("clean"),
+                 {(f, s): res[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES} if res else None)
+
+
+def residual_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts, fashion: bool):
+    """(residuals, pixel subspace): `contracts.reference.PixelSubspace.residuals` of every pool's images,
+    preprocessed with the version's spec, and the subspace (Fashion-MNIST: fitted as `component.log.fit_subspace`
+    fits it; another component: its version's own; ({}, None) where it has none). Not cached: seconds."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.core.models import load_model
+    from flywheel.core.shifts import FAMILIES, SEVERITIES
+
+    _, spec = load_model(model_uri, tracking_uri=tracking_uri)
+    if fashion:
+        from flywheel.component.log import fit_subspace
+        from flywheel.core.data import load_splits
+
+        subspace = fit_subspace(load_splits("fashion-mnist", seed=0).train.images, spec.preprocess)
+    else:
+        subspace = _logged_reference(model_uri, tracking_uri).subspace
+    if subspace is None:
+        return {}, None
+    ref, clean, source, _, _ = _images(None if fashion else model_uri, tracking_uri, spec)
+    if counts.source is not None:
+        source = source[:counts.source]
+    images_cache = cache.parent / f"images-{_digest((SRC / 'core/shifts.py').read_bytes(), source.tobytes())}" \
+        if cache is not None else None
+
+    def residuals(images):
+        return np.concatenate([subspace.residuals(to_array(images[i:i + 5000], spec.preprocess))
+                               for i in range(0, len(images), 5000)])
+
+    out = {"ref": residuals(ref), "clean": residuals(clean)}
+    for f in FAMILIES:
+        for s in SEVERITIES:
+            out[f"{f}-{s}"] = residuals(corrupted(source, f, s, images_cache))
+    return out, subspace
 
 
 def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts,
@@ -586,10 +635,11 @@ class Adapter:
         self.monitor = name == "flywheel-monitor"
 
     def fit(self, emb: np.ndarray, prob: np.ndarray, inp: np.ndarray | None = None, texture=None,
-            directions=None) -> None:
+            directions=None, subspace=None) -> None:
         if self.name in ("flywheel", "flywheel-monitor"):  # with the image channels, as the monitor fits it
             self.det = self.make().fit(emb, input_reference=inp, texture=texture if inp is not None else None,
-                                       directions=directions if inp is not None else None)
+                                       directions=directions if inp is not None else None,
+                                       subspace=subspace if inp is not None else None)
         else:
             self.det = self.make().fit(prob if self.on_prob else emb, classes=prob.argmax(1))
         self.ref_counts = np.bincount(prob.argmax(1), minlength=prob.shape[1])  # the reference's predictions
@@ -748,8 +798,8 @@ def run_detector(name: str, seed: int, pools: Pools, draws: np.ndarray, plans: d
     found = {k: [] for k in streams}
     adapter = Adapter(name, seed)
     for r in range(refs):
-        adapter.fit(pools.ref_emb[draws[r]], pools.ref_prob[draws[r]], _rows(pools.ref_inp, draws[r]), pools.texture,
-                    pools.directions)
+        adapter.fit(pools.ref_emb[draws[r]], pools.ref_prob[draws[r]], _ref_features(pools, draws[r]), pools.texture,
+                    pools.directions, pools.subspace)
         batch = Batch(adapter, pool_emb, pool_prob, pool_inp)
         for w, plan in plans.items():
             clean_flags, flags = out[w]
@@ -771,12 +821,18 @@ def _rows(x: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
     return None if x is None else x[idx]
 
 
+def _ref_features(pools: Pools, idx: np.ndarray) -> np.ndarray | None:
+    """The reference draw's image-feature rows (`Pools.features`)."""
+    return pools.features(_rows(pools.ref_inp, idx), _rows(pools.ref_res, idx))
+
+
 def time_per_window(name: str, seed: int, pools: Pools, draw: np.ndarray, plan: Plan, pool_emb, pool_prob,
                     n: int, pool_inp: np.ndarray | None = None) -> float:
     """Median ms of one `test` call on a clean window (the monitor's path: one window at a time; the
     input statistics' own cost, about what decoding a capture costs, is not in it)."""
     adapter = Adapter(name, seed)
-    adapter.fit(pools.ref_emb[draw], pools.ref_prob[draw], _rows(pools.ref_inp, draw), pools.texture, pools.directions)
+    adapter.fit(pools.ref_emb[draw], pools.ref_prob[draw], _ref_features(pools, draw), pools.texture, pools.directions,
+                pools.subspace)
     adapter.p(pool_emb[plan.clean[0]], pool_prob[plan.clean[0]], _rows(pool_inp, plan.clean[0]))  # warm-up
     seconds = []
     for w in plan.clean[:n]:
@@ -793,13 +849,14 @@ def run(pools: Pools, counts: Counts, seed: int, windows: tuple[int, ...], detec
 
     keys = [(f, s) for f in FAMILIES for s in SEVERITIES]
     parts, probs, offsets, off = [pools.clean_emb], [pools.clean_prob], {}, len(pools.clean_emb)
-    inps = [pools.clean_inp]
+    inps = [pools.features(pools.clean_inp, pools.clean_res)]
     for k in keys:
         emb, prob = pools.shifted[k]
         offsets[k] = (off, len(emb))
         parts.append(emb)
         probs.append(prob)
-        inps.append(None if pools.shifted_inp is None else pools.shifted_inp[k])
+        inps.append(None if pools.shifted_inp is None
+                    else pools.features(pools.shifted_inp[k], None if pools.shifted_res is None else pools.shifted_res[k]))
         off += len(emb)
     pool_emb, pool_prob = np.concatenate(parts), np.concatenate(probs)
     pool_inp = None if pools.clean_inp is None else np.concatenate(inps)

@@ -57,9 +57,10 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
     rates: dict[tuple[int, str], list[float]] = {}
     for _ in range(draws):
         draw = rng.choice(len(pools.ref_emb), min(reference_size, len(pools.ref_emb)), replace=False)
-        det = NoveltyDriftDetector(seed=seed).fit(pools.ref_emb[draw], input_reference=pools.ref_inp[draw],
-                                                  texture=pools.texture, directions=pools.directions)
-        u = det.window_inputs(pools.clean_emb, pools.clean_inp)
+        det = NoveltyDriftDetector(seed=seed).fit(
+            pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], bench._rows(pools.ref_res, draw)),
+            texture=pools.texture, directions=pools.directions, subspace=pools.subspace)
+        u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_res))
         u_extra = extra(draw) if extra is not None else {}
         for w in bench.WINDOWS:
             idx = np.stack([rng.choice(len(pools.clean_emb), w, replace=False) for _ in range(windows)])

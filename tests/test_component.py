@@ -247,3 +247,11 @@ def test_the_reference_carries_the_input_statistics_of_its_images():
     refit_directions = fit_shift_directions(splits.train.images, splits.preprocess, refit)
     assert ref.shift_directions is not None
     np.testing.assert_allclose(ref.shift_directions.directions, refit_directions.directions, rtol=1e-5, atol=1e-6)
+    # the residual channel: the training images' pixel subspace, and the residuals of the same images
+    from flywheel.component.log import fit_subspace
+
+    assert ref.subspace is not None and ref.residuals.shape == (len(ref.embeddings),)
+    np.testing.assert_allclose(ref.subspace.basis, fit_subspace(splits.train.images, splits.preprocess).basis,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ref.residuals, ref.subspace.residuals(to_array(splits.val.images[pick],
+                                                                              splits.preprocess)), rtol=1e-6)

@@ -398,3 +398,91 @@ def test_reference_sample_keeps_its_texture_model_and_drops_another_versions(tmp
         np.savez(tmp_path / "new" / TEXTURE, **{**dict(z), "version": 0})
     old = ReferenceSample.load(tmp_path / "new")
     assert old.texture is None and old.texture_stats is None and old.input_stats is not None
+
+
+def test_residual_channel_catches_mild_spatter_every_other_channel_misses_and_holds_its_level(fashion_texture):
+    """The sixth channel on real Fashion-MNIST images: a pixel subspace fitted on training images (as
+    log_model fits it), the reference's own residuals as calibration. Spatter at severity 1 (a held-out
+    family of benchmarks/drift.py: 5% of the image under grey blobs, ~4 points on the default model) at 20%
+    of each window is flagged, by the residual channel, where the five other channels mostly miss it; clean
+    windows alarm at about alpha; the batch path the benchmark takes equals `test`."""
+    from flywheel.component.log import fit_subspace
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.core.shifts import corrupt_images
+
+    s, texture, ref_f, clean_f = fashion_texture
+    subspace = fit_subspace(s.train.images, s.preprocess)
+    assert subspace.pool == 1 and 500 < len(subspace.basis) < 784  # all but 0.1% of the pixel variance
+    ref_images = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]  # the fixture's reference
+
+    def with_residual(features, images):
+        return np.hstack([features, subspace.residuals(to_array(images, s.preprocess))[:, None]])
+
+    spattered = corrupt_images(s.test.images[:300], "spatter", 1, seed=0)
+    ref_r = with_residual(ref_f, ref_images)
+    clean_r = with_residual(clean_f, s.test.images[3000:6000])
+    spatter_r = with_residual(_features(s, texture, spattered), spattered)
+    rng = np.random.default_rng(9)
+    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
+    det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_r, texture=texture,
+                                                     subspace=subspace)
+    assert det.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual")
+    without = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
+    clean, mixed = _fifth_shifted_windows(rng, clean_r, spatter_r)
+    clean_p = [det.test(emb[1000:][w], clean_r[w]).p_value for w in clean]
+    results = [det.test(emb[1000:][w], m) for w, m in zip(clean, mixed, strict=True)]
+    caught = sum(r.p_value < ALPHA and r.details["p_residual"] < ALPHA / 6 for r in results)
+    caught_without = sum(without.test(emb[1000:][w], m[:, :-1]).p_value < ALPHA
+                         for w, m in zip(clean, mixed, strict=True))
+    assert sum(p < ALPHA for p in clean_p) <= 6, sorted(clean_p)[:10]  # expected <= 2 of 200 at alpha
+    assert caught >= 180 and caught_without <= 100, (caught, caught_without)  # 200 and 36 here
+    batch = det.window_inputs(emb[1000:][np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
+    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
+    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
+    np.testing.assert_allclose(per["residual"], [r.details["p_residual"] for r in results[:20]])
+    with pytest.raises(ValueError, match="not input statistics followed by"):
+        NoveltyDriftDetector().fit(emb[:1000], input_reference=ref_r[:, :1], subspace=subspace)
+
+
+def test_pixel_subspace_pools_large_images_and_refuses_images_of_another_size():
+    from flywheel.contracts.reference import SUBSPACE_MAX_VALUES, PixelSubspace
+
+    rng = np.random.default_rng(10)
+    big = PixelSubspace.fit(rng.normal(size=(40, 3, 100, 90)).astype(np.float32))
+    assert big.pool == 4 and big.mean.shape == (3 * 25 * 22,) and len(big.mean) <= SUBSPACE_MAX_VALUES
+    np.testing.assert_allclose(big.basis @ big.basis.T, np.eye(len(big.basis)), atol=1e-5)  # orthonormal rows
+    assert big.residuals(rng.normal(size=(5, 3, 100, 90))).shape == (5,)
+    with pytest.raises(ValueError, match="not the images it was fitted on"):
+        big.residuals(rng.normal(size=(5, 3, 64, 64)))
+    # images on a low-dimensional manifold: the residual of one off it is far larger than of those on it
+    basis = rng.normal(size=(4, 64))
+    on = (rng.normal(size=(300, 4)) @ basis).reshape(300, 1, 8, 8)
+    small = PixelSubspace.fit(on[:200])
+    assert len(small.basis) <= 4
+    off = on[200:] + 0.5 * rng.normal(size=on[200:].shape)
+    assert small.residuals(off).min() > small.residuals(on[200:]).max()
+    with pytest.raises(ValueError, match="at least 2 images"):
+        PixelSubspace.fit(on[:1])
+
+
+def test_reference_sample_keeps_its_pixel_subspace_and_drops_another_versions(tmp_path):
+    from flywheel.contracts.reference import SUBSPACE, PixelSubspace, ReferenceSample
+
+    rng = np.random.default_rng(11)
+    subspace = PixelSubspace.fit(rng.normal(size=(300, 1, 12, 12)).astype(np.float32))
+    residuals = subspace.residuals(rng.normal(size=(50, 1, 12, 12)))
+    sample = ReferenceSample(rng.normal(size=(50, 4)).astype(np.float32), np.arange(50) % 3, None, np.ones(3) / 3,
+                             rng.normal(size=(50, 12)), subspace=subspace, residuals=residuals)
+    sample.save(tmp_path / "new")
+    loaded = ReferenceSample.load(tmp_path / "new")
+    np.testing.assert_array_equal(loaded.subspace.basis, subspace.basis)
+    np.testing.assert_array_equal(loaded.residuals, residuals)
+    x = rng.normal(size=(7, 1, 12, 12))
+    np.testing.assert_allclose(loaded.subspace.residuals(x), subspace.residuals(x))
+    with pytest.raises(ValueError, match="residuals must be"):
+        ReferenceSample(sample.embeddings, sample.predictions, None, sample.class_priors, sample.input_stats,
+                        subspace=subspace, residuals=residuals[:10]).save(tmp_path / "bad")
+    with np.load(tmp_path / "new" / SUBSPACE) as z:
+        np.savez(tmp_path / "new" / SUBSPACE, **{**dict(z), "version": 0})
+    old = ReferenceSample.load(tmp_path / "new")
+    assert old.subspace is None and old.residuals is None and old.input_stats is not None

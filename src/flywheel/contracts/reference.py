@@ -6,7 +6,9 @@ validation-split embeddings (the drift detector's reference), the model's predic
 true labels of those samples, the training split's class priors, and per-image input statistics of
 the same samples (`input_statistics` of the preprocessed tensor the model saw: the drift detector's
 input channel), and the texture model with its statistics of the same samples (`TextureModel`: the
-drift detector's texture channel). numpy and the standard library only, as every contract.
+drift detector's texture channel), and the training images' principal pixel subspace with the
+samples' residuals outside it (`PixelSubspace`: the residual channel). numpy and the standard
+library only, as every contract.
 
 Input statistics are one definition for both ends: training computes them on the reference images,
 the monitor on captured images decoded and preprocessed with the version's spec. They are versioned
@@ -15,6 +17,7 @@ or of another version loads with `input_stats` None, and the monitor runs withou
 The texture model is versioned the same way (`TEXTURE_VERSION`): without it, no texture channel.
 The shift directions (`ShiftDirections`, with the texture model) likewise (`SHIFT_DIRECTIONS_VERSION`):
 without them the texture-shift channel tests the window's mean texture alone, as before they existed.
+The pixel subspace likewise (`SUBSPACE_VERSION`): without it, no residual channel.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ SHIFT_DIRECTIONS = "shift_directions.npz"  # `ShiftDirections`: the texture-shif
 SHIFT_DIRECTIONS_VERSION = 1  # bump when `ShiftDirections.vectors` changes: older references then load without them
 SHIFT_DIRECTIONS_COUNT = 10  # directions kept of the tuning corruptions' mean changes
 SHIFT_DIRECTION_IMAGES = 500  # training images each tuning corruption is applied to when fitting them
+SUBSPACE = "subspace.npz"  # `PixelSubspace` (training images' principal pixel subspace) and the samples' residuals
+SUBSPACE_VERSION = 1  # bump when `PixelSubspace.residuals` changes: older references then load without it
+SUBSPACE_RESIDUAL_VARIANCE = 1e-3  # share of the training images' pixel variance left outside the subspace
+SUBSPACE_MAX_VALUES = 2048  # values per image above which images are average-pooled (2x2, 3x3, ...) first
 MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
 
 
@@ -190,15 +197,109 @@ class TextureModel:
             return cls(z["filters"], z["mean"], z["scale"], z["precision"]), z["reference"]
 
 
-def image_features(x: np.ndarray, texture: TextureModel | None) -> np.ndarray:
+@dataclass(frozen=True)
+class PixelSubspace:
+    """The principal subspace of training images' pixels, and an image's residual energy outside it: the
+    squared prediction error (the Q statistic) of PCA process monitoring (Jackson & Mudholkar,
+    Technometrics 1979), a label-free novelty score for what clean images never carry. The subspace keeps
+    all but SUBSPACE_RESIDUAL_VARIANCE of the training images' pixel variance, so the residual lives in
+    the directions clean images barely use: a background that is always dark, the fine grain a camera's
+    optics never make. Paint, spatter, fog or noise put energy there even where the model's embedding and
+    the images' summary statistics barely move (benchmarks/drift.py's design log, eleventh entry).
+    Fitted on training images, never on the reference's samples, so the reference's own residuals
+    calibrate the score. Images with more than SUBSPACE_MAX_VALUES values are average-pooled by `pool`
+    (per side) first, which bounds the basis (k x D float32) whatever the component's input size."""
+
+    mean: np.ndarray  # (D,) of the training images, pooled and flattened
+    basis: np.ndarray  # (k, D) float32, orthonormal rows spanning the subspace
+    pool: int  # average-pooling factor per side before flattening (1: none)
+
+    def flatten(self, x: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) preprocessed inputs -> (N, D) float64: pooled by `pool`, flattened."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4:
+            raise ValueError(f"a pixel subspace needs (N, C, H, W) preprocessed inputs, got shape {x.shape}")
+        flat = _flatten_pooled(x, self.pool)
+        if flat.shape[1] != len(self.mean):
+            raise ValueError(f"inputs give {flat.shape[1]} values per image, the pixel subspace was fitted on "
+                             f"{len(self.mean)}: not the images it was fitted on")
+        return flat
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) preprocessed inputs -> (N,) log of the squared residual outside the subspace."""
+        centred = self.flatten(x) - self.mean
+        inside = centred @ self.basis.T.astype(np.float64)
+        energy = (centred * centred).sum(1) - (inside * inside).sum(1)  # Pythagoras: the basis is orthonormal
+        return np.log(np.maximum(energy, 0.0) + 1e-12)
+
+    @staticmethod
+    def pool_for(shape: tuple[int, ...]) -> int:
+        """The smallest pooling factor per side that leaves at most SUBSPACE_MAX_VALUES values of a (C, H, W) image."""
+        c, h, w = shape
+        f = 1
+        while c * (h // f) * (w // f) > SUBSPACE_MAX_VALUES:
+            f += 1
+        return f
+
+    @classmethod
+    def fit(cls, x, residual_variance: float = SUBSPACE_RESIDUAL_VARIANCE) -> PixelSubspace:
+        """Fit on preprocessed training images (>= 2 in all): one (N, C, H, W) array, or an iterable of such
+        batches. The subspace: the fewest principal directions holding 1 - `residual_variance` of the variance."""
+        batches = [x] if isinstance(x, np.ndarray) else list(x)
+        if not batches or len(batches[0]) == 0 or np.asarray(batches[0]).ndim != 4:
+            raise ValueError("a pixel subspace needs (N, C, H, W) preprocessed training images")
+        pool = cls.pool_for(np.asarray(batches[0]).shape[1:])
+        flat = np.concatenate([_flatten_pooled(np.asarray(b, dtype=np.float32), pool) for b in batches])
+        if len(flat) < 2:
+            raise ValueError(f"a pixel subspace needs at least 2 images, got {len(flat)}")
+        mean = flat.mean(0)
+        centred = flat - mean
+        if centred.shape[1] <= len(centred):  # the D x D scatter's eigenvectors: a tenth of an SVD's time
+            variance, vectors = np.linalg.eigh(centred.T @ centred)
+            variance, rows = np.maximum(variance[::-1], 0.0), vectors[:, ::-1].T
+        else:
+            sv, rows = np.linalg.svd(centred, full_matrices=False)[1:]
+            variance = sv ** 2
+        share = np.cumsum(variance) / max(float(variance.sum()), 1e-300)
+        k = int(np.searchsorted(share, 1.0 - residual_variance)) + 1  # share[k - 1] >= 1 - residual_variance
+        return cls(mean, rows[:min(k, len(rows))].astype(np.float32), pool)
+
+    def save(self, path: str | os.PathLike, reference_residuals: np.ndarray) -> None:
+        """The subspace and the reference samples' residuals (N,) in one file."""
+        np.savez(path, version=SUBSPACE_VERSION, mean=self.mean, basis=self.basis, pool=self.pool,
+                 reference=np.asarray(reference_residuals, dtype=np.float64))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[PixelSubspace, np.ndarray] | None:
+        """(subspace, the reference samples' residuals), or None for another SUBSPACE_VERSION's file."""
+        with np.load(path) as z:
+            if int(z["version"]) != SUBSPACE_VERSION:  # another version's residuals are not comparable
+                return None
+            return cls(z["mean"], z["basis"], int(z["pool"])), z["reference"]
+
+
+def _flatten_pooled(x: np.ndarray, pool: int) -> np.ndarray:
+    """(N, C, H, W) -> (N, D) float64: the means of whole pool x pool blocks (the edge's remainder dropped)."""
+    n, c, h, w = x.shape
+    if pool > 1:
+        x = x[:, :, :h // pool * pool, :w // pool * pool].reshape(n, c, h // pool, pool, w // pool, pool).mean((3, 5))
+    return x.reshape(n, -1).astype(np.float64)
+
+
+def image_features(x: np.ndarray, texture: TextureModel | None, subspace: PixelSubspace | None = None) -> np.ndarray:
     """What the drift detector's image channels read per image: `input_statistics`, followed by the
-    texture statistics' `texture.columns` when a texture model is given."""
-    stats = input_statistics(x)
-    return stats if texture is None else np.hstack([stats, texture.statistics(x)])
+    texture statistics' `texture.columns` when a texture model is given, and last the residual outside
+    `subspace` (one column) when one is given."""
+    parts = [input_statistics(x)] + ([texture.statistics(x)] if texture is not None else [])
+    return np.hstack(parts + ([subspace.residuals(x)[:, None]] if subspace is not None else []))
 
 
-def split_image_features(features: np.ndarray, texture: TextureModel | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input statistics, texture statistics or None) of `image_features` rows (N, F)."""
+def split_image_features(features: np.ndarray, texture: TextureModel | None,
+                         subspace: PixelSubspace | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input statistics, texture statistics or None) of `image_features` rows (N, F); with `subspace`, the
+    rows end in the residual column, which is left out (`features[:, -1]` is it)."""
+    if subspace is not None:
+        features = features[:, :-1]
     if texture is None:
         return features, None
     cut = features.shape[1] - texture.columns
@@ -280,6 +381,8 @@ class ReferenceSample:
     texture: TextureModel | None = None  # None: not logged (or another TEXTURE_VERSION)
     texture_stats: np.ndarray | None = None  # `texture.statistics` of the same samples, with `texture`
     shift_directions: ShiftDirections | None = None  # with `texture`; None: not logged (or another version)
+    subspace: PixelSubspace | None = None  # None: not logged (or another SUBSPACE_VERSION)
+    residuals: np.ndarray | None = None  # `subspace.residuals` of the same samples, with `subspace`
 
     @staticmethod
     def present(directory: str | os.PathLike) -> bool:
@@ -310,12 +413,17 @@ class ReferenceSample:
             self.texture.save(os.path.join(directory, TEXTURE), tex)
             if self.shift_directions is not None:
                 self.shift_directions.save(os.path.join(directory, SHIFT_DIRECTIONS))
+        if self.subspace is not None:
+            res = np.asarray(self.residuals, dtype=np.float64)
+            if res.shape != (len(self.embeddings),):
+                raise ValueError(f"residuals must be (N={len(self.embeddings)},), got shape {res.shape}")
+            self.subspace.save(os.path.join(directory, SUBSPACE), res)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceSample:
         """Read a saved sample. Labels are optional; missing class priors (runs of older flywheels)
-        are the predicted-class fractions; missing input statistics, or those of another
-        INPUT_STATS_VERSION, are None."""
+        are the predicted-class fractions; missing input statistics, texture model, shift directions or
+        pixel subspace, or those of another version, are None."""
         path = os.fspath(directory)
         emb = np.load(os.path.join(path, EMBEDDINGS)).astype(np.float32)
         preds = np.load(os.path.join(path, PREDICTIONS)).astype(np.int64)
@@ -342,4 +450,10 @@ class ReferenceSample:
                 texture, texture_stats = loaded
                 if os.path.isfile(os.path.join(path, SHIFT_DIRECTIONS)):
                     directions = ShiftDirections.load(os.path.join(path, SHIFT_DIRECTIONS))
-        return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats, directions)
+        subspace = residuals = None
+        if os.path.isfile(os.path.join(path, SUBSPACE)):
+            loaded_subspace = PixelSubspace.load(os.path.join(path, SUBSPACE))
+            if loaded_subspace is not None:
+                subspace, residuals = loaded_subspace
+        return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats, directions,
+                   subspace, residuals)

