@@ -294,12 +294,15 @@ def image_features(x: np.ndarray, texture: TextureModel | None, subspace: PixelS
     return np.hstack(parts + ([subspace.residuals(x)[:, None]] if subspace is not None else []))
 
 
-def split_image_features(features: np.ndarray, texture: TextureModel | None,
-                         subspace: PixelSubspace | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input statistics, texture statistics or None) of `image_features` rows (N, F); with `subspace`, the
-    rows end in the residual column, which is left out (`features[:, -1]` is it)."""
-    if subspace is not None:
-        features = features[:, :-1]
+def split_residual(features: np.ndarray, subspace: PixelSubspace | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the rows without their residual column, the residuals (N,) or None) of `image_features` rows (N, F)
+    computed with `subspace`; without one, (the rows, None)."""
+    return (features, None) if subspace is None else (features[:, :-1], features[:, -1])
+
+
+def split_image_features(features: np.ndarray, texture: TextureModel | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input statistics, texture statistics or None) of `image_features` rows (N, F) without a residual
+    column (`split_residual` takes it off)."""
     if texture is None:
         return features, None
     cut = features.shape[1] - texture.columns

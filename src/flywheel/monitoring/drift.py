@@ -114,6 +114,7 @@ from flywheel.contracts.reference import (
     TextureModel,
     robust_scale,
     split_image_features,
+    split_residual,
 )
 
 
@@ -303,7 +304,7 @@ class NoveltyDriftDetector:
                     raise ValueError(f"input_reference has {inp.shape[1]} column: not input statistics followed by "
                                      "the residual")
                 self.subspace = subspace
-                inp, residual = self._split_residual(inp)
+                inp, residual = split_residual(inp, subspace)
                 # fitted on training images, so the reference's own residuals calibrate it as they are
                 self.calibration[RESIDUAL_CHANNEL] = np.sort(residual)
             if texture is not None:
@@ -325,13 +326,6 @@ class NoveltyDriftDetector:
                              + ((RESIDUAL_CHANNEL,) if subspace is not None else ()))
         return self
 
-    def _split_residual(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(image features without the residual column, the residuals or None): the rows end in the residual
-        outside the pixel subspace when the detector has one (`contracts.reference.image_features`)."""
-        if self.subspace is None:
-            return features, None
-        return features[:, :-1], features[:, -1]
-
     @property
     def has_input(self) -> bool:
         return self.input_reference is not None
@@ -345,7 +339,7 @@ class NoveltyDriftDetector:
             if z.shape != (len(out["magnitude"]), self.input_columns):
                 raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_columns}) "
                                  f"image features, got {z.shape}")
-            z, residual = self._split_residual(z)
+            z, residual = split_residual(z, self.subspace)
             z, tex = split_image_features(z, self.texture)
             out["input"] = _euclid_knn(self.input_reference, (z - self.input_centre) / self.input_scale, self.k)
             if tex is not None:
@@ -365,7 +359,7 @@ class NoveltyDriftDetector:
         where the detector has them."""
         out = self.p_values(x, inputs)
         if "texture" in out:
-            out[SHIFT_CHANNEL] = self._shift_vectors(self._split_residual(np.asarray(inputs, dtype=np.float64))[0])
+            out[SHIFT_CHANNEL] = self._shift_vectors(split_residual(np.asarray(inputs, dtype=np.float64), self.subspace)[0])
         return out
 
     def _shift_vectors(self, features: np.ndarray) -> np.ndarray:
