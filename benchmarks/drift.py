@@ -279,6 +279,13 @@ Design log (append, never rewrite):
               background dark; residual per-sample AUC 0.80). Tried for it, scratch, not built: the residual of
               square-rooted pixels (Poisson noise's variance-stabilising transform) and the minor components'
               energy whitened by their variances: 0.72-0.80 per sample, at most 0.07 detection alone.
+              Then a fine-grain score (scratch, seed-1 windows, W=100, 20%; not built): per image, the mean over its
+              3x3 patches with a standard deviation above 0.02 of the patch's share of energy in the weakest
+              principal direction of the training images' patches (a Laplacian-like mask, close to Immerkaer's);
+              per sample shot-noise-1 0.95, gaussian-noise-2 0.98, d' 1.9. As a seventh tail-count channel: held-out
+              26 of 26, tuning 25 of 25, false alarms 0.0119, above alpha: rejected, the noise channel's finding
+              again (fine-grain statistics' tails differ between the validation split and the test images). As a
+              one-sided test of the window's mean instead: 25 of 26 (shot-noise-1 0.71), false alarms 0.0095.
 
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
