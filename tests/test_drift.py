@@ -262,6 +262,15 @@ def _fifth_shifted_windows(rng, clean_f, shifted_f, windows: int = 200):
     return clean, mixed
 
 
+def _assert_batch_path_is_test(det, emb, clean, mixed, results, channel: str) -> None:
+    """The batch path the benchmark takes (`window_inputs` + `window_p_values`) gives `test`'s p-values, the
+    window's and `channel`'s, on the first 20 windows."""
+    batch = det.window_inputs(emb[np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
+    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
+    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
+    np.testing.assert_allclose(per[channel], [r.details[f"p_{channel}"] for r in results[:20]])
+
+
 def test_texture_channel_holds_its_level_and_catches_what_the_other_channels_miss(fashion_texture):
     """The fourth channel on real Fashion-MNIST images: a texture model fitted on training images (as
     log_model fits it), the reference's own scores as calibration. Clean windows alarm at about alpha;
@@ -315,10 +324,7 @@ def test_texture_shift_channel_sees_a_mild_shift_no_single_image_stands_out_in(f
     caught_without = int((det.window_p_values(u)[0] < ALPHA).sum())
     assert sum(p < ALPHA for p in clean_p) <= 6, sorted(clean_p)[:10]  # expected <= 2 of 200 at alpha
     assert caught >= 190 and caught_without <= 170, (caught, caught_without)  # 200 and 142 here
-    batch = det.window_inputs(emb[1000:][np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
-    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
-    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
-    np.testing.assert_allclose(per["texture_shift"], [r.details["p_texture_shift"] for r in results[:20]])
+    _assert_batch_path_is_test(det, emb[1000:], clean, mixed, results, "texture_shift")
 
 
 def test_shift_directions_from_tuning_corruptions_see_a_held_out_shift_the_mean_texture_alone_misses(fashion_texture):
@@ -349,9 +355,7 @@ def test_shift_directions_from_tuning_corruptions_see_a_held_out_shift_the_mean_
     assert {"mean_shift_texture_shift", "directions_shift_texture_shift"} <= set(results[0].details)
     batch = det.window_inputs(emb[1000:][np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
     assert batch["texture_shift"].shape == (2000, texture.columns + 10)
-    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
-    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
-    np.testing.assert_allclose(per["texture_shift"], [r.details["p_texture_shift"] for r in results[:20]])
+    _assert_batch_path_is_test(det, emb[1000:], clean, mixed, results, "texture_shift")
 
 
 def test_reference_sample_keeps_its_shift_directions_and_drops_another_versions(tmp_path):
@@ -436,10 +440,7 @@ def test_residual_channel_catches_mild_spatter_every_other_channel_misses_and_ho
                          for w, m in zip(clean, mixed, strict=True))
     assert sum(p < ALPHA for p in clean_p) <= 6, sorted(clean_p)[:10]  # expected <= 2 of 200 at alpha
     assert caught >= 180 and caught_without <= 100, (caught, caught_without)  # 200 and 36 here
-    batch = det.window_inputs(emb[1000:][np.concatenate(clean[:20])], np.concatenate(mixed[:20]))
-    p, per = det.window_p_values({c: v.reshape(20, 100, *v.shape[1:]) for c, v in batch.items()})
-    np.testing.assert_allclose(p, [r.p_value for r in results[:20]])
-    np.testing.assert_allclose(per["residual"], [r.details["p_residual"] for r in results[:20]])
+    _assert_batch_path_is_test(det, emb[1000:], clean, mixed, results, "residual")
     with pytest.raises(ValueError, match="not input statistics followed by"):
         NoveltyDriftDetector().fit(emb[:1000], input_reference=ref_r[:, :1], subspace=subspace)
 
