@@ -416,7 +416,8 @@ def test_residual_channel_catches_mild_spatter_every_other_channel_misses_and_ho
 
     s, texture, ref_f, clean_f = fashion_texture
     subspace = fit_subspace(s.train.images, s.preprocess)
-    assert subspace.pool == 1 and 500 < len(subspace.basis) < 784  # all but 0.1% of the pixel variance
+    assert subspace.pool == 1 and 500 < subspace.components < 784  # all but 0.1% of the pixel variance
+    assert subspace.outside and subspace.basis.shape == (784 - subspace.components, 784)  # the smaller side
     ref_images = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]  # the fixture's reference
 
     def with_residual(features, images):
@@ -459,7 +460,7 @@ def test_pixel_subspace_pools_large_images_and_refuses_images_of_another_size():
     basis = rng.normal(size=(4, 64))
     on = (rng.normal(size=(300, 4)) @ basis).reshape(300, 1, 8, 8)
     small = PixelSubspace.fit(on[:200])
-    assert len(small.basis) <= 4
+    assert small.components <= 4 and not small.outside and len(small.basis) == small.components
     off = on[200:] + 0.5 * rng.normal(size=on[200:].shape)
     assert small.residuals(off).min() > small.residuals(on[200:]).max()
     with pytest.raises(ValueError, match="at least 2 images"):

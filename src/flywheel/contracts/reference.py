@@ -48,7 +48,7 @@ SHIFT_DIRECTIONS_VERSION = 1  # bump when `ShiftDirections.vectors` changes: old
 SHIFT_DIRECTIONS_COUNT = 10  # directions kept of the tuning corruptions' mean changes
 SHIFT_DIRECTION_IMAGES = 500  # training images each tuning corruption is applied to when fitting them
 SUBSPACE = "subspace.npz"  # `PixelSubspace` (training images' principal pixel subspace) and the samples' residuals
-SUBSPACE_VERSION = 1  # bump when `PixelSubspace.residuals` changes: older references then load without it
+SUBSPACE_VERSION = 2  # bump when `PixelSubspace.residuals` changes: older references then load without it
 SUBSPACE_RESIDUAL_VARIANCE = 1e-3  # share of the training images' pixel variance left outside the subspace
 SUBSPACE_MAX_VALUES = 2048  # values per image above which images are average-pooled (2x2, 3x3, ...) first
 MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
@@ -208,11 +208,16 @@ class PixelSubspace:
     the images' summary statistics barely move (benchmarks/drift.py's design log, eleventh entry).
     Fitted on training images, never on the reference's samples, so the reference's own residuals
     calibrate the score. Images with more than SUBSPACE_MAX_VALUES values are average-pooled by `pool`
-    (per side) first, which bounds the basis (k x D float32) whatever the component's input size."""
+    (per side) first, which bounds the basis (at most D x D float32) whatever the component's input size.
+    The basis stored is the smaller of the two sides: the D - k directions outside the subspace where the
+    training images outnumber D (their eigenvectors then span everything; 128 rows instead of 656 on
+    Fashion-MNIST), else the k inside it."""
 
     mean: np.ndarray  # (D,) of the training images, pooled and flattened
-    basis: np.ndarray  # (k, D) float32, orthonormal rows spanning the subspace
+    basis: np.ndarray  # float32 orthonormal rows: (D - k, D) spanning the outside if `outside`, else (k, D) the subspace
     pool: int  # average-pooling factor per side before flattening (1: none)
+    components: int  # k, the subspace's dimension
+    outside: bool  # whether `basis` spans the directions outside the subspace
 
     def flatten(self, x: np.ndarray) -> np.ndarray:
         """(N, C, H, W) preprocessed inputs -> (N, D) float64: pooled by `pool`, flattened."""
@@ -228,8 +233,10 @@ class PixelSubspace:
     def residuals(self, x: np.ndarray) -> np.ndarray:
         """(N, C, H, W) preprocessed inputs -> (N,) log of the squared residual outside the subspace."""
         centred = self.flatten(x) - self.mean
-        inside = centred @ self.basis.T.astype(np.float64)
-        energy = (centred * centred).sum(1) - (inside * inside).sum(1)  # Pythagoras: the basis is orthonormal
+        along = centred @ self.basis.T.astype(np.float64)
+        energy = (along * along).sum(1)
+        if not self.outside:  # Pythagoras: what the orthonormal subspace basis does not hold is outside
+            energy = (centred * centred).sum(1) - energy
         return np.log(np.maximum(energy, 0.0) + 1e-12)
 
     @staticmethod
@@ -254,19 +261,22 @@ class PixelSubspace:
             raise ValueError(f"a pixel subspace needs at least 2 images, got {len(flat)}")
         mean = flat.mean(0)
         centred = flat - mean
-        if centred.shape[1] <= len(centred):  # the D x D scatter's eigenvectors: a tenth of an SVD's time
+        complete = centred.shape[1] <= len(centred)  # eigenvectors of all D directions, the outside included
+        if complete:  # the D x D scatter's eigenvectors: a tenth of an SVD's time
             variance, vectors = np.linalg.eigh(centred.T @ centred)
             variance, rows = np.maximum(variance[::-1], 0.0), vectors[:, ::-1].T
         else:
             sv, rows = np.linalg.svd(centred, full_matrices=False)[1:]
             variance = sv ** 2
         share = np.cumsum(variance) / max(float(variance.sum()), 1e-300)
-        k = int(np.searchsorted(share, 1.0 - residual_variance)) + 1  # share[k - 1] >= 1 - residual_variance
-        return cls(mean, rows[:min(k, len(rows))].astype(np.float32), pool)
+        k = min(int(np.searchsorted(share, 1.0 - residual_variance)) + 1, len(rows))  # share[k - 1] >= 1 - it
+        outside = complete and len(rows) - k < k
+        return cls(mean, (rows[k:] if outside else rows[:k]).astype(np.float32), pool, k, outside)
 
     def save(self, path: str | os.PathLike, reference_residuals: np.ndarray) -> None:
         """The subspace and the reference samples' residuals (N,) in one file."""
         np.savez(path, version=SUBSPACE_VERSION, mean=self.mean, basis=self.basis, pool=self.pool,
+                 components=self.components, outside=self.outside,
                  reference=np.asarray(reference_residuals, dtype=np.float64))
 
     @classmethod
@@ -275,7 +285,8 @@ class PixelSubspace:
         with np.load(path) as z:
             if int(z["version"]) != SUBSPACE_VERSION:  # another version's residuals are not comparable
                 return None
-            return cls(z["mean"], z["basis"], int(z["pool"])), z["reference"]
+            return (cls(z["mean"], z["basis"], int(z["pool"]), int(z["components"]), bool(z["outside"])),
+                    z["reference"])
 
 
 def _flatten_pooled(x: np.ndarray, pool: int) -> np.ndarray:
