@@ -544,9 +544,7 @@ def residual_pools(model_uri: str, tracking_uri: str | None, cache: Path | None,
     """(residuals, pixel subspace): `contracts.reference.PixelSubspace.residuals` of every pool's images,
     preprocessed with the version's spec, and the subspace (Fashion-MNIST: fitted as `component.log.fit_subspace`
     fits it; another component: its version's own; ({}, None) where it has none). Not cached: seconds."""
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.core.models import load_model
-    from flywheel.core.shifts import FAMILIES, SEVERITIES
 
     _, spec = load_model(model_uri, tracking_uri=tracking_uri)
     if fashion:
@@ -558,21 +556,32 @@ def residual_pools(model_uri: str, tracking_uri: str | None, cache: Path | None,
         subspace = _logged_reference(model_uri, tracking_uri).subspace
     if subspace is None:
         return {}, None
+    return {name: _per_image(subspace.residuals, images, spec)
+            for name, images in _pool_images(model_uri, tracking_uri, spec, cache, counts, fashion)}, subspace
+
+
+def _pool_images(model_uri: str, tracking_uri: str | None, spec, cache: Path | None, counts: Counts, fashion: bool):
+    """(pool name, images) of every pool: "ref", "clean", then "family-severity" for each corruption of the
+    shift source (its images from the cache beside `cache`, keyed by the images and the shift code)."""
+    from flywheel.core.shifts import FAMILIES, SEVERITIES
+
     ref, clean, source, _, _ = _images(None if fashion else model_uri, tracking_uri, spec)
     if counts.source is not None:
         source = source[:counts.source]
     images_cache = cache.parent / f"images-{_digest((SRC / 'core/shifts.py').read_bytes(), source.tobytes())}" \
         if cache is not None else None
-
-    def residuals(images):
-        return np.concatenate([subspace.residuals(to_array(images[i:i + 5000], spec.preprocess))
-                               for i in range(0, len(images), 5000)])
-
-    out = {"ref": residuals(ref), "clean": residuals(clean)}
+    yield "ref", ref
+    yield "clean", clean
     for f in FAMILIES:
         for s in SEVERITIES:
-            out[f"{f}-{s}"] = residuals(corrupted(source, f, s, images_cache))
-    return out, subspace
+            yield f"{f}-{s}", corrupted(source, f, s, images_cache)
+
+
+def _per_image(fn, images: np.ndarray, spec) -> np.ndarray:
+    """`fn` of the images preprocessed with the version's spec, 5000 at a time (bounded memory)."""
+    from flywheel.contracts.preprocessing import to_array
+
+    return np.concatenate([fn(to_array(images[i:i + 5000], spec.preprocess)) for i in range(0, len(images), 5000)])
 
 
 def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts,
@@ -584,10 +593,8 @@ def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
     Fashion-MNIST fitted as `component.log.fit_texture` fits it, for another component its version's
     own. Cached beside the embeddings, keyed by the statistics' code; the model in its own format
     (`TextureModel.save`, with the reference pool's statistics)."""
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import TextureModel, image_features, split_image_features
     from flywheel.core.models import load_model
-    from flywheel.core.shifts import FAMILIES, SEVERITIES
 
     key = _digest((SRC / 'contracts/reference.py').read_bytes())
     path = cache / f"input-{key}.npz" if cache is not None else None
@@ -597,21 +604,9 @@ def input_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
         with np.load(path) as z:
             return dict(z), None if loaded is None else loaded[0]
     _, spec = load_model(model_uri, tracking_uri=tracking_uri)
-    ref, clean, source, _, _ = _images(None if fashion else model_uri, tracking_uri, spec)
-    if counts.source is not None:
-        source = source[:counts.source]
-    images_cache = cache.parent / f"images-{_digest((SRC / 'core/shifts.py').read_bytes(), source.tobytes())}" \
-        if cache is not None else None
     texture = _texture_model(model_uri, tracking_uri, spec, fashion)
-
-    def stats(images):
-        return np.concatenate([image_features(to_array(images[i:i + 5000], spec.preprocess), texture)
-                               for i in range(0, len(images), 5000)]).astype(np.float32)
-
-    out = {"ref": stats(ref), "clean": stats(clean)}
-    for f in FAMILIES:
-        for s in SEVERITIES:
-            out[f"{f}-{s}"] = stats(corrupted(source, f, s, images_cache))
+    out = {name: _per_image(lambda x: image_features(x, texture), images, spec).astype(np.float32)
+           for name, images in _pool_images(model_uri, tracking_uri, spec, cache, counts, fashion)}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if texture is not None:  # first: a features file is only read back beside its texture model
