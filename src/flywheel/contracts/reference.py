@@ -216,8 +216,12 @@ class PixelSubspace:
     mean: np.ndarray  # (D,) of the training images, pooled and flattened
     basis: np.ndarray  # float32 orthonormal rows: (D - k, D) spanning the outside if `outside`, else (k, D) the subspace
     pool: int  # average-pooling factor per side before flattening (1: none)
-    components: int  # k, the subspace's dimension
     outside: bool  # whether `basis` spans the directions outside the subspace
+
+    @property
+    def components(self) -> int:
+        """k, the subspace's dimension."""
+        return len(self.mean) - len(self.basis) if self.outside else len(self.basis)
 
     def flatten(self, x: np.ndarray) -> np.ndarray:
         """(N, C, H, W) preprocessed inputs -> (N, D) float64: pooled by `pool`, flattened."""
@@ -252,11 +256,14 @@ class PixelSubspace:
     def fit(cls, x, residual_variance: float = SUBSPACE_RESIDUAL_VARIANCE) -> PixelSubspace:
         """Fit on preprocessed training images (>= 2 in all): one (N, C, H, W) array, or an iterable of such
         batches. The subspace: the fewest principal directions holding 1 - `residual_variance` of the variance."""
-        batches = [x] if isinstance(x, np.ndarray) else list(x)
-        if not batches or len(batches[0]) == 0 or np.asarray(batches[0]).ndim != 4:
-            raise ValueError("a pixel subspace needs (N, C, H, W) preprocessed training images")
-        pool = cls.pool_for(np.asarray(batches[0]).shape[1:])
-        flat = np.concatenate([_flatten_pooled(np.asarray(b, dtype=np.float32), pool) for b in batches])
+        pool, parts = None, []
+        for batch in [x] if isinstance(x, np.ndarray) else x:  # pooled as they come: large images never all held
+            batch = np.asarray(batch, dtype=np.float32)
+            if batch.ndim != 4:
+                raise ValueError(f"a pixel subspace needs (N, C, H, W) preprocessed training images, got {batch.shape}")
+            pool = cls.pool_for(batch.shape[1:]) if pool is None else pool
+            parts.append(_flatten_pooled(batch, pool))
+        flat = np.concatenate(parts) if parts else np.zeros((0, 0))
         if len(flat) < 2:
             raise ValueError(f"a pixel subspace needs at least 2 images, got {len(flat)}")
         mean = flat.mean(0)
@@ -271,12 +278,12 @@ class PixelSubspace:
         share = np.cumsum(variance) / max(float(variance.sum()), 1e-300)
         k = min(int(np.searchsorted(share, 1.0 - residual_variance)) + 1, len(rows))  # share[k - 1] >= 1 - it
         outside = complete and len(rows) - k < k
-        return cls(mean, (rows[k:] if outside else rows[:k]).astype(np.float32), pool, k, outside)
+        return cls(mean, (rows[k:] if outside else rows[:k]).astype(np.float32), pool, outside)
 
     def save(self, path: str | os.PathLike, reference_residuals: np.ndarray) -> None:
         """The subspace and the reference samples' residuals (N,) in one file."""
         np.savez(path, version=SUBSPACE_VERSION, mean=self.mean, basis=self.basis, pool=self.pool,
-                 components=self.components, outside=self.outside,
+                 outside=self.outside,
                  reference=np.asarray(reference_residuals, dtype=np.float64))
 
     @classmethod
@@ -285,8 +292,7 @@ class PixelSubspace:
         with np.load(path) as z:
             if int(z["version"]) != SUBSPACE_VERSION:  # another version's residuals are not comparable
                 return None
-            return (cls(z["mean"], z["basis"], int(z["pool"]), int(z["components"]), bool(z["outside"])),
-                    z["reference"])
+            return cls(z["mean"], z["basis"], int(z["pool"]), bool(z["outside"])), z["reference"]
 
 
 def _flatten_pooled(x: np.ndarray, pool: int) -> np.ndarray:
