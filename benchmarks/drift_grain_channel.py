@@ -1,0 +1,188 @@
+"""The twelfth design-log entry of benchmarks/drift.py: a patch-grain score for shot noise, measured as a seventh
+channel of `NoveltyDriftDetector` and merged into the residual channel two ways, on both halves and on the
+level, and rejected every way. Kept so the entry can be re-run; nothing here is in the product.
+
+The score: per image (raw pixels scaled to [0, 1]), the mean over its 3x3 patches with a standard deviation
+above 0.02 of the share of each patch's variation (less the patch's mean) along the direction in which the
+textured patches of 2000 of the texture model's training images vary least (a Laplacian-like checkerboard).
+A share, not an energy: the garment's contrast cancels; photon noise puts a fixed share in every direction.
+Per sample it separates shot-noise-1 from clean test images with AUC 0.95.
+
+Variants, each with the built detector's six channels on the same reference draws and windows:
+  +grain   the score as a seventh tail-count channel (conformal p-values against the reference draw's own
+           scores), Bonferroni over seven;
+  merged   one pixel channel in place of the residual channel: per sample, minus the smaller of its
+           residual's and its grain's conformal p-values, calibrated on the reference draw's own values of
+           that (each against the other n - 1), Bonferroni over six;
+  fisher   the same with Fisher's combination (minus the log of the product of the two p-values).
+
+Printed: (1) with --seeds, detection at W=100, 20% shifted, of the pairs costing >= 3 points, per half,
+and clean windows' false alarms at W = 50 / 100 / 300, on drift.py's own windows and reference draws of each
+seed; (2) with --draws, the level over that many reference draws x 1000 clean windows per W, the detector
+and each variant; --simulations sets the tail-count rank null's simulations (the detector's default 20000).
+
+    python benchmarks/drift_grain_channel.py --seeds 0 1          # about 5 minutes per seed on 2 cores
+    python benchmarks/drift_grain_channel.py --draws 100 --simulations 100000   # about 7 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import drift as bench  # noqa: E402
+from drift_level import default_pools, print_halves  # noqa: E402
+from drift_shift_directions import _inputs  # noqa: E402
+
+import flywheel.monitoring.drift as detector_module  # noqa: E402
+from flywheel.component.log import _texture_fit_pick  # noqa: E402
+from flywheel.core.data import load_splits  # noqa: E402
+from flywheel.monitoring.drift import NoveltyDriftDetector, _exceedance_p  # noqa: E402
+
+MIN_STD = 0.02  # of the [0, 1] pixel range: flatter patches carry no grain
+
+
+def _patches(images: np.ndarray) -> np.ndarray:
+    return sliding_window_view(images.astype(np.float64) / 255, (3, 3), axis=(1, 2)).reshape(len(images), -1, 9)
+
+
+def grain_mask(train_images: np.ndarray) -> np.ndarray:
+    """The least-variance direction of the textured 3x3 patches of 2000 of the texture model's training images."""
+    p = _patches(train_images[_texture_fit_pick(train_images)][:2000]).reshape(-1, 9)
+    p = p[p.std(1) > MIN_STD]
+    p = p - p.mean(1, keepdims=True)
+    return np.linalg.eigh(p.T @ p / len(p))[1][:, 1]  # [:, 0] is the constant patch, which centring removed
+
+
+def grain_scores(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), 2000):
+        p = _patches(images[i:i + 2000])
+        textured = p.std(2) > MIN_STD
+        centred = p - p.mean(2, keepdims=True)
+        share = (centred @ mask) ** 2 / ((centred ** 2).sum(2) + 1e-12)
+        out.append((share * textured).sum(1) / np.maximum(textured.sum(1), 1))
+    return np.concatenate(out)
+
+
+def _leave_one_out_p(values: np.ndarray) -> np.ndarray:
+    """Each value's conformal p-value against the other n - 1: (1 + #others >= it) / n."""
+    s = np.sort(values)
+    return (len(s) - np.searchsorted(s, values, side="left")) / len(s)
+
+
+def _fit(pools, draw: np.ndarray, seed: int) -> NoveltyDriftDetector:
+    return NoveltyDriftDetector(seed=seed).fit(
+        pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], pools.ref_res[draw]),
+        texture=pools.texture, directions=pools.directions, subspace=pools.subspace)
+
+
+def decisions(det: NoveltyDriftDetector, u: dict, ref_grain: np.ndarray, ref_res: np.ndarray,
+              grain_all: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Window p-values (B,) of the built detector and both variants for windows `idx` (B, W) of the pool."""
+    p, per = det.window_p_values({c: v[idx] for c, v in u.items()})
+    u_grain = _exceedance_p(np.sort(ref_grain), grain_all)
+    ref_p = _leave_one_out_p(ref_res), _leave_one_out_p(ref_grain)
+    u_merged = _exceedance_p(np.sort(-np.minimum(*ref_p)), -np.minimum(u["residual"], u_grain))
+    u_fisher = _exceedance_p(np.sort(-np.log(ref_p[0] * ref_p[1])), -np.log(u["residual"] * u_grain))
+    seven = {**per, "grain": det.tail_p_values(u_grain[idx])}
+    others = {c: v for c, v in per.items() if c != "residual"}
+    merged = {**others, "pixel": det.tail_p_values(u_merged[idx])}
+    fisher = {**others, "pixel": det.tail_p_values(u_fisher[idx])}
+
+    def bonferroni(d):
+        return np.minimum(1.0, len(d) * np.min(list(d.values()), axis=0))
+
+    return {"built": p, "+grain": bonferroni(seven), "merged": bonferroni(merged), "fisher": bonferroni(fisher),
+            "grain alone (x7)": 7 * seven["grain"], "merged pixel alone (x6)": 6 * merged["pixel"],
+            "fisher pixel alone (x6)": 6 * fisher["pixel"]}
+
+
+def detection(pools, images, seed: int) -> None:
+    keys = list(pools.shifted)
+    mask = grain_mask(images.train)
+    ref_grain = grain_scores(images.val, mask)
+    shifted_grain = {k: grain_scores(bench.corrupted(images.source, *k, images.cache), mask) for k in keys}
+    offsets, off = {}, len(pools.clean_emb)
+    for k in keys:
+        offsets[k] = (off, len(shifted_grain[k]))
+        off += len(shifted_grain[k])
+    emb = np.concatenate([pools.clean_emb] + [pools.shifted[k][0] for k in keys])
+    inp = np.concatenate([pools.features(pools.clean_inp, pools.clean_res)]
+                         + [pools.features(pools.shifted_inp[k], pools.shifted_res[k]) for k in keys])
+    grain_all = np.concatenate([grain_scores(images.clean, mask)] + [shifted_grain[k] for k in keys])
+    counts = bench.FULL
+    rng = np.random.default_rng([seed, 1])  # drift.py's reference draws of this seed
+    draws = np.stack([rng.choice(len(pools.ref_emb), 1000, replace=False) for _ in range(counts.refs)])
+    goal = [k for k in keys if pools.accuracy_cost[k] >= bench.GOAL["accuracy_cost"]]
+    for w in bench.WINDOWS:
+        plan = bench.make_plan(np.random.default_rng([seed, w]), len(pools.clean_emb), offsets, w, counts)
+        flags = {d: {k: [] for k in ["clean", *keys]} for d in ("built", "+grain", "merged", "fisher")}
+        for r, draw in enumerate(draws):
+            det = _fit(pools, draw, seed)
+            u = _inputs(det, emb, inp)
+            sets = [("clean", plan.clean[np.arange(r, len(plan.clean), counts.refs)])]
+            if w == 100:
+                sets += [(k, plan.shifted[(*k, 0.2)][np.arange(r, counts.shifted, counts.refs)]) for k in keys]
+            for name, idx in sets:
+                for d, p in decisions(det, u, ref_grain[draw], pools.ref_res[draw], grain_all, idx).items():
+                    if d in flags:
+                        flags[d][name] += list(p < bench.ALPHA)
+        for d, f in flags.items():
+            if w == 100:
+                print_halves(f, goal, f"seed {seed} W={w} {d:6s}")
+            else:
+                print(f"seed {seed} W={w} {d:6s} false alarms {np.mean(f['clean']):.4f} of {len(f['clean'])}",
+                      flush=True)
+
+
+def level(pools, images, draws: int, seed: int = 0) -> None:
+    mask = grain_mask(images.train)
+    ref_grain, clean_grain = grain_scores(images.val, mask), grain_scores(images.clean, mask)
+    rng, rates = np.random.default_rng(seed), {}
+    for _ in range(draws):
+        draw = rng.choice(len(pools.ref_emb), 1000, replace=False)
+        det = _fit(pools, draw, seed)
+        u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_res))
+        for w in bench.WINDOWS:
+            idx = np.stack([rng.choice(len(pools.clean_emb), w, replace=False) for _ in range(1000)])
+            for d, p in decisions(det, u, ref_grain[draw], pools.ref_res[draw], clean_grain, idx).items():
+                rates.setdefault((w, d), []).append(float(np.mean(p < bench.ALPHA)))
+    print("| W | decision | false alarms | s.e. over draws |")
+    print("|---|---|---|---|")
+    for (w, d), r in rates.items():
+        r = np.asarray(r)
+        print(f"| {w} | {d} | {r.mean():.4f} | {r.std(ddof=1) / np.sqrt(len(r)):.4f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[], help="detection and false alarms on drift.py's "
+                    "windows of these seeds")
+    ap.add_argument("--draws", type=int, default=0, help="the level over this many reference draws (0: skip)")
+    ap.add_argument("--simulations", type=int, default=None,
+                    help="the tail-count rank null's simulations (default: the detector's own)")
+    args = ap.parse_args(argv)
+    if args.simulations is not None:  # the rank null only: texture_shift keeps its own null
+        rank_null = detector_module._rank_null
+        detector_module._rank_null = (lambda n, w, simulations, seed, levels=detector_module.TAIL_LEVELS:
+                                      rank_null(n, w, args.simulations, seed, levels))
+    pools = default_pools()
+    s = load_splits("fashion-mnist", seed=0)
+    source = s.test.images[:3000]  # drift.py's shift source, and its corrupted copies' cache
+    cache = bench.CACHE_ROOT / f"images-{bench._digest((bench.SRC / 'core/shifts.py').read_bytes(), source.tobytes())}"
+    images = argparse.Namespace(train=s.train.images, val=s.val.images, clean=s.test.images[3000:], source=source,
+                                cache=cache)
+    for seed in args.seeds:
+        detection(pools, images, seed)
+    if args.draws:
+        level(pools, images, args.draws)
+
+
+if __name__ == "__main__":
+    main()
