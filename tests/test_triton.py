@@ -142,7 +142,8 @@ model = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(model)
 print(json.dumps({"pp": model._pp.__file__, "flywheel": [m for m in sys.modules if m.startswith("flywheel")]}))
 """
-    proc = subprocess.run([sys.executable, "-I", "-c", code, str(folder), str(root / "backends" / "python")],
+    # -B: no __pycache__ written into the session's shared repository (the layout test lists its folders)
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", code, str(folder), str(root / "backends" / "python")],
                           capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
