@@ -19,10 +19,10 @@ Variants, each with the built detector's six channels on the same reference draw
 Printed: (1) with --seeds, detection at W=100, 20% shifted, of the pairs costing >= 3 points, per half,
 and clean windows' false alarms at W = 50 / 100 / 300, on drift.py's own windows and reference draws of each
 seed; (2) with --draws, the level over that many reference draws x 1000 clean windows per W, the detector
-and each variant; --simulations sets the tail-count rank null's simulations (the detector's default 20000).
+and each variant; --rank-simulations sets the tail-count rank null's simulations (the detector's own: 20000).
 
     python benchmarks/drift_grain_channel.py --seeds 0 1          # about 5 minutes per seed on 2 cores
-    python benchmarks/drift_grain_channel.py --draws 100 --simulations 100000   # about 7 minutes
+    python benchmarks/drift_grain_channel.py --draws 100 --rank-simulations 100000   # about 7 minutes
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
-from drift_level import default_pools, print_halves  # noqa: E402
+from drift_level import default_pools, print_halves, use_rank_simulations  # noqa: E402
 from drift_shift_directions import _inputs  # noqa: E402
 
-import flywheel.monitoring.drift as detector_module  # noqa: E402
 from flywheel.component.log import _texture_fit_pick  # noqa: E402
 from flywheel.core.data import load_splits  # noqa: E402
 from flywheel.monitoring.drift import NoveltyDriftDetector, _exceedance_p  # noqa: E402
@@ -165,13 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[], help="detection and false alarms on drift.py's "
                     "windows of these seeds")
     ap.add_argument("--draws", type=int, default=0, help="the level over this many reference draws (0: skip)")
-    ap.add_argument("--simulations", type=int, default=None,
-                    help="the tail-count rank null's simulations (default: the detector's own)")
+    ap.add_argument("--rank-simulations", type=int, default=None,
+                    help="simulations of the tail-count channels' rank null (default: the detector's own, 20000)")
     args = ap.parse_args(argv)
-    if args.simulations is not None:  # the rank null only: texture_shift keeps its own null
-        rank_null = detector_module._rank_null
-        detector_module._rank_null = (lambda n, w, simulations, seed, levels=detector_module.TAIL_LEVELS:
-                                      rank_null(n, w, args.simulations, seed, levels))
+    if args.rank_simulations is not None:
+        use_rank_simulations(args.rank_simulations)
     pools = default_pools()
     s = load_splits("fashion-mnist", seed=0)
     source = s.test.images[:3000]  # drift.py's shift source, and its corrupted copies' cache
