@@ -244,11 +244,21 @@ class LivePool:
 
 @pytest.fixture(scope="module")
 def live_pool(serving_models, tmp_path_factory):
+    yield from _live_pool(serving_models, tmp_path_factory.mktemp("pool"))
+
+
+@pytest.fixture
+def doomed_pool(serving_models, tmp_path_factory):
+    """A pool of its own for the test that kills a replica, so the module's pool stays whole in any order."""
+    yield from _live_pool(serving_models, tmp_path_factory.mktemp("doomed-pool"))
+
+
+def _live_pool(serving_models, root):
+    """3 TorchServe replicas of v1 behind HAProxy, capturing into `root`, and 300 test PNGs to send them."""
     from flywheel.contracts.preprocessing import encode_png
     from flywheel.core.models import load_spec, read_test_set
     from flywheel.serving.pool import start_pool
 
-    root = tmp_path_factory.mktemp("pool")
     v1 = serving_models.versions[0]
     spec = load_spec(f"models:/{MODEL}/{v1}", serving_models.tracking_uri)
     images, _ = read_test_set(spec, serving_models.tracking_uri)
@@ -317,11 +327,29 @@ def test_canary_promoted_to_100_with_no_failed_request(live_pool):
     assert r.status_code == 200 and r.json()["version"] == v1
 
 
+def _another_version_on_every_replica(live_pool, default: str) -> list:
+    """Load a version other than `default` on every replica that has none besides it: a release earlier in
+    the module leaves its previous version loaded, a run of the canary test alone finds v1 only. Returns
+    the clients of the replicas it loaded one on."""
+    models = live_pool.models
+    other = next(v for v in models.versions[:2] if v != default)
+    loaded_on = []
+    for replica in live_pool.pool.spec.replicas:
+        client = replica.client()
+        if set(client.versions(MODEL)) - {default}:
+            continue
+        client.register(models.mars[other].name, initial_workers=1)
+        client.wait_ready(MODEL, other)
+        loaded_on.append(client)
+    return loaded_on
+
+
 @pytest.mark.reliability
 def test_canary_share_at_10_percent(live_pool):
     """HAProxy's canary route at 10 %: 10 ± 3 % of 1000+ responses come from the canary version."""
     spec, rt = live_pool.pool.spec, live_pool.pool.runtime
     default = spec.replicas[0].client().default_version(MODEL)
+    loaded_on = _another_version_on_every_replica(live_pool, default)
     other = next(v for v in spec.replicas[0].client().versions(MODEL) if v != default)
     rt.set_map(spec.canary_map, MODEL, f"{other}:10")
     try:
@@ -329,6 +357,8 @@ def test_canary_share_at_10_percent(live_pool):
             load.wait_for(1000)
     finally:
         rt.del_map(spec.canary_map, MODEL)
+        for client in loaded_on:  # the module's pool as this test found it
+            client.unregister(MODEL, other)
     outcomes = load.snapshot()
     assert _failed(outcomes) == []
     share = sum(o.version == other for o in outcomes) / len(outcomes)
@@ -436,14 +466,14 @@ def test_rolling_release_with_no_failed_request(live_pool):
 
 
 @pytest.mark.reliability
-def test_replica_killed_under_load(live_pool):
+def test_replica_killed_under_load(doomed_pool):
     """SIGKILL one replica's whole process group mid-load: at most `kill_failure_bound` failed
-    requests while HAProxy detects it, none after it is DOWN. (Runs last: the replica stays dead.)"""
-    pool = live_pool.pool
+    requests while HAProxy detects it, none after it is DOWN. (A pool of its own: the replica stays dead.)"""
+    pool = doomed_pool.pool
     victim = pool.spec.replicas[-1].name
     bound = kill_failure_bound(pool.haproxy.cfg, CLIENTS, len(pool.spec.replicas))
     assert bound is not None
-    with Load(pool.url, pool.spec.token(), live_pool.pngs) as load:
+    with Load(pool.url, pool.spec.token(), doomed_pool.pngs) as load:
         load.wait_for(100)
         killed_at = time.monotonic()
         os.killpg(pool.server(victim).proc.pid, signal.SIGKILL)
