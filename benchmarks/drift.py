@@ -306,7 +306,7 @@ Design log (append, never rewrite):
               0.0012 / 0.0018 / 0.0012 against its 0.00143 share; merged 0.0074 / 0.0084 / 0.0081. The seventh
               channel meets the detection goal on both seeds but its level at W=100 leaves no room, so it was
               measured again with the tail-count rank null simulated 100,000 times instead of 20,000 (the null's
-              Monte Carlo error at a channel's share is about +-19% at 20,000, +-8% at 100,000;
+              Monte Carlo error at a seventh of alpha is about +-19% at 20,000 and +-8% at 100,000;
               drift_level.py --rank-simulations): with the channel 0.0094 / 0.0109 / 0.0080, above alpha at W=100.
               Rejected: seventh channel (level), merged and Fisher (detection). Found on the way, about the detector
               as built: with the finer null its level is 0.0093 / 0.0104 / 0.0084 (s.e. 0.0005 / 0.0007 / 0.0010)

@@ -72,7 +72,8 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
         if clean == "test":
             u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_res))
         else:
-            u = det.window_inputs(pools.ref_emb[rest], pools.features(pools.ref_inp[rest], bench._rows(pools.ref_res, rest)))
+            u = det.window_inputs(pools.ref_emb[rest],
+                                  pools.features(pools.ref_inp[rest], bench._rows(pools.ref_res, rest)))
         u_extra = extra(draw) if extra is not None else {}
         for w in bench.WINDOWS:
             idx = np.stack([rng.choice(len(u["direction"]), w, replace=False) for _ in range(windows)])
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 def use_rank_simulations(simulations: int) -> None:
     """Every detector of this process simulates its tail-count rank null `simulations` times: the null's
     Monte Carlo resolution at a channel's Bonferroni share (alpha / 6) is ~1 / sqrt(share x simulations),
-    +-19% at the detector's 20000, +-8% at 100000. The product keeps its own count; this measures how much
+    +-17% at the detector's 20000, +-8% at 100000. The product keeps its own count; this measures how much
     of its level is that draw of the null."""
     rank_null = detector_module._rank_null  # the module function the detector calls (lru-cached per n, w)
 
