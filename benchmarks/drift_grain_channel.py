@@ -36,7 +36,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
-from drift_level import default_pools, print_halves, use_rank_simulations  # noqa: E402
+from drift_level import default_pools, detector, print_halves  # noqa: E402
 from drift_shift_directions import _inputs  # noqa: E402
 
 from flywheel.component.log import _texture_fit_pick  # noqa: E402
@@ -75,8 +75,8 @@ def _leave_one_out_p(values: np.ndarray) -> np.ndarray:
     return (len(s) - np.searchsorted(s, values, side="left")) / len(s)
 
 
-def _fit(pools, draw: np.ndarray, seed: int) -> NoveltyDriftDetector:
-    return NoveltyDriftDetector(seed=seed).fit(
+def _fit(pools, draw: np.ndarray, seed: int, rank_simulations: int | None) -> NoveltyDriftDetector:
+    return detector(seed, rank_simulations).fit(
         pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], pools.ref_res[draw]),
         texture=pools.texture, directions=pools.directions, subspace=pools.subspace)
 
@@ -102,7 +102,7 @@ def decisions(det: NoveltyDriftDetector, u: dict, ref_grain: np.ndarray, ref_res
             "fisher pixel alone (x6)": 6 * fisher["pixel"]}
 
 
-def detection(pools, images, seed: int) -> None:
+def detection(pools, images, seed: int, rank_simulations: int | None = None) -> None:
     keys = list(pools.shifted)
     mask = grain_mask(images.train)
     ref_grain = grain_scores(images.val, mask)
@@ -123,7 +123,7 @@ def detection(pools, images, seed: int) -> None:
         plan = bench.make_plan(np.random.default_rng([seed, w]), len(pools.clean_emb), offsets, w, counts)
         flags = {d: {k: [] for k in ["clean", *keys]} for d in ("built", "+grain", "merged", "fisher")}
         for r, draw in enumerate(draws):
-            det = _fit(pools, draw, seed)
+            det = _fit(pools, draw, seed, rank_simulations)
             u = _inputs(det, emb, inp)
             sets = [("clean", plan.clean[np.arange(r, len(plan.clean), counts.refs)])]
             if w == 100:
@@ -140,13 +140,13 @@ def detection(pools, images, seed: int) -> None:
                       flush=True)
 
 
-def level(pools, images, draws: int, seed: int = 0) -> None:
+def level(pools, images, draws: int, seed: int = 0, rank_simulations: int | None = None) -> None:
     mask = grain_mask(images.train)
     ref_grain, clean_grain = grain_scores(images.val, mask), grain_scores(images.clean, mask)
     rng, rates = np.random.default_rng(seed), {}
     for _ in range(draws):
         draw = rng.choice(len(pools.ref_emb), 1000, replace=False)
-        det = _fit(pools, draw, seed)
+        det = _fit(pools, draw, seed, rank_simulations)
         u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_res))
         for w in bench.WINDOWS:
             idx = np.stack([rng.choice(len(pools.clean_emb), w, replace=False) for _ in range(1000)])
@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank-simulations", type=int, default=None,
                     help="simulations of the tail-count channels' rank null (default: the detector's own, 20000)")
     args = ap.parse_args(argv)
-    if args.rank_simulations is not None:
-        use_rank_simulations(args.rank_simulations)
     pools = default_pools()
     s = load_splits("fashion-mnist", seed=0)
     source = s.test.images[:3000]  # drift.py's shift source, and its corrupted copies' cache
@@ -176,9 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     images = argparse.Namespace(train=s.train.images, val=s.val.images, clean=s.test.images[3000:], source=source,
                                 cache=cache)
     for seed in args.seeds:
-        detection(pools, images, seed)
+        detection(pools, images, seed, args.rank_simulations)
     if args.draws:
-        level(pools, images, args.draws)
+        level(pools, images, args.draws, rank_simulations=args.rank_simulations)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 
-import flywheel.monitoring.drift as detector_module  # noqa: E402
 from flywheel.component.log import REFERENCE_SIZE  # noqa: E402
 from flywheel.monitoring.drift import NoveltyDriftDetector  # noqa: E402
 
@@ -52,13 +51,26 @@ def channel_p_values(det: NoveltyDriftDetector, u: np.ndarray) -> np.ndarray:
     return det.tail_p_values(u)
 
 
+def detector(seed: int, rank_simulations: int | None = None) -> NoveltyDriftDetector:
+    """The product's detector; with `rank_simulations`, its tail-count rank null simulated that many times
+    and the texture-shift channel's null kept at the product's count. The null's Monte Carlo resolution at
+    a channel's Bonferroni share (alpha / 6) is ~1 / sqrt(share x simulations): +-17% at the product's
+    20000, +-8% at 100000. This measures how much of the level is that draw of the null."""
+    if rank_simulations is None:
+        return NoveltyDriftDetector(seed=seed)
+    return NoveltyDriftDetector(seed=seed, simulations=rank_simulations,
+                                shift_simulations=NoveltyDriftDetector().simulations)
+
+
 def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None = None,
-                reference_size: int = REFERENCE_SIZE, clean: str = "test") -> dict:
+                reference_size: int = REFERENCE_SIZE, clean: str = "test",
+                rank_simulations: int | None = None) -> dict:
     """{(W, decision): [false-alarm rate per draw]}; decisions: "detector" (Bonferroni over its channels),
     with `extra` also "detector + extra" (Bonferroni over all), and each channel against its share.
     `clean`: "test" draws the clean windows from the test images (the benchmark's clean traffic);
     "validation" from the reference pool's samples outside the draw, which are exchangeable with it by
-    construction (a control: there the level holds unless the test itself is off; not with `extra`)."""
+    construction (a control: there the level holds unless the test itself is off; not with `extra`).
+    `rank_simulations`: the tail-count channels' rank null simulated that many times (`detector`)."""
     if clean not in ("test", "validation") or (clean == "validation" and extra is not None):
         raise ValueError(f"clean must be 'test', or 'validation' without an extra channel, got {clean!r}")
     rng = np.random.default_rng(seed)
@@ -66,7 +78,7 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
     for _ in range(draws):
         draw = rng.choice(len(pools.ref_emb), min(reference_size, len(pools.ref_emb)), replace=False)
         rest = np.setdiff1d(np.arange(len(pools.ref_emb)), draw)  # the pool's samples outside the draw
-        det = NoveltyDriftDetector(seed=seed).fit(
+        det = detector(seed, rank_simulations).fit(
             pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], bench._rows(pools.ref_res, draw)),
             texture=pools.texture, directions=pools.directions, subspace=pools.subspace)
         if clean == "test":
@@ -122,27 +134,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="simulations of the tail-count channels' rank null (default: the detector's own, "
                          "20000); the texture-shift channel keeps its own null")
     args = ap.parse_args(argv)
-    if args.rank_simulations is not None:
-        use_rank_simulations(args.rank_simulations)
     pools = default_pools()
     print(f"{pools.where}; {args.draws} reference draws of {args.reference_size} x {args.windows} clean windows "
           f"per W from the {args.clean} images, alpha {bench.ALPHA}, rank null of "
           f"{args.rank_simulations or 'the detector default'} simulations")
     print_rates(level_rates(pools, args.draws, args.windows, args.seed, reference_size=args.reference_size,
-                            clean=args.clean))
-
-
-def use_rank_simulations(simulations: int) -> None:
-    """Every detector of this process simulates its tail-count rank null `simulations` times: the null's
-    Monte Carlo resolution at a channel's Bonferroni share (alpha / 6) is ~1 / sqrt(share x simulations),
-    +-17% at the detector's 20000, +-8% at 100000. The product keeps its own count; this measures how much
-    of its level is that draw of the null."""
-    rank_null = detector_module._rank_null  # the module function the detector calls (lru-cached per n, w)
-
-    def finer(n: int, w: int, _simulations: int, seed: int, levels: tuple[float, ...] = detector_module.TAIL_LEVELS):
-        return rank_null(n, w, simulations, seed, levels)
-
-    detector_module._rank_null = finer
+                            clean=args.clean, rank_simulations=args.rank_simulations))
 
 
 if __name__ == "__main__":

@@ -488,3 +488,20 @@ def test_reference_sample_keeps_its_pixel_subspace_and_drops_another_versions(tm
         np.savez(tmp_path / "new" / SUBSPACE, **{**dict(z), "version": 0})
     old = ReferenceSample.load(tmp_path / "new")
     assert old.subspace is None and old.residuals is None and old.input_stats is not None
+
+
+def test_shift_null_takes_its_own_simulation_count_and_the_rank_null_keeps_simulations():
+    """`shift_simulations` sizes the texture-shift channel's null alone (default: `simulations`): what
+    benchmarks/drift_level.py --rank-simulations relies on to refine the rank null without the per-reference cost."""
+    from flywheel.contracts.reference import TextureModel, image_features
+
+    rng = np.random.default_rng(15)
+    x = rng.random((300, 1, 8, 8)).astype(np.float32)
+    texture = TextureModel.fit(x[:100])
+    emb, features = np.abs(rng.normal(size=(200, 4))) + 0.1, image_features(x[100:], texture)
+    same = NoveltyDriftDetector(simulations=3000).fit(emb, input_reference=features, texture=texture)
+    apart = NoveltyDriftDetector(simulations=3000, shift_simulations=1000).fit(emb, input_reference=features,
+                                                                             texture=texture)
+    assert len(same._shift_null(20)[0]) == 3000 and len(apart._shift_null(20)[0]) == 1000
+    u = rng.random((5, 20))
+    np.testing.assert_array_equal(same.tail_p_values(u), apart.tail_p_values(u))

@@ -268,12 +268,16 @@ class NoveltyDriftDetector:
     EMBEDDING_CHANNELS = ("direction", "magnitude")
 
     def __init__(self, k: int = 3, simulations: int = 20000, seed: int = 0,
-                 levels: tuple[float, ...] = TAIL_LEVELS):
+                 levels: tuple[float, ...] = TAIL_LEVELS, shift_simulations: int | None = None):
+        """`simulations`: draws of the tail-count channels' rank null (one per (n, W) for every detector of
+        the process); `shift_simulations`: draws of the texture-shift channel's null (refitted with each
+        reference; default: `simulations`)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if not levels or not all(0 < q < 1 for q in levels):
             raise ValueError(f"levels must be tail levels in (0, 1), got {levels}")
         self.k, self.simulations, self.seed, self.levels = k, simulations, seed, tuple(levels)
+        self.shift_simulations = simulations if shift_simulations is None else shift_simulations
         self.CHANNELS = self.EMBEDDING_CHANNELS
 
     def fit(self, reference: np.ndarray, classes: np.ndarray | None = None,
@@ -434,12 +438,12 @@ class NoveltyDriftDetector:
         share at W=50 and 100, a tenth of it at W=300). Scaling the null by (1/w + 1/n) / (1/w + 1/(n - w))
         was measured and rejected: it put the channel above its share at W=100 and 300 (benchmarks/
         drift.py's design log, eighth entry). Simulated once per w: (per-statistic sorted nulls
-        (simulations, 1 [+ 1]), the sorted null of their min p-value)."""
+        (shift_simulations, 1 [+ 1]), the sorted null of their min p-value)."""
         if w not in self._shift_nulls:
             ref, n = self.shift_reference, len(self.shift_reference)
             total, rng, null = ref.sum(0), np.random.default_rng([self.seed, w]), []
-            for start in range(0, self.simulations, 1000):
-                b = min(1000, self.simulations - start)
+            for start in range(0, self.shift_simulations, 1000):
+                b = min(1000, self.shift_simulations - start)
                 sums = ref[np.argpartition(rng.random((b, n)), w - 1, axis=1)[:, :w]].sum(1)
                 null.append(_split_squares(sums / w - (total - sums) / (n - w), self.texture.columns))
             null = np.concatenate(null)
