@@ -327,21 +327,22 @@ def test_canary_promoted_to_100_with_no_failed_request(live_pool):
     assert r.status_code == 200 and r.json()["version"] == v1
 
 
-def _another_version_on_every_replica(live_pool, default: str) -> list:
-    """Load a version other than `default` on every replica that has none besides it: a release earlier in
-    the module leaves its previous version loaded, a run of the canary test alone finds v1 only. Returns
-    the clients of the replicas it loaded one on."""
+def _another_version_on_every_replica(live_pool, default: str) -> tuple[str, list]:
+    """(a version other than `default`, the clients of the replicas it was loaded on here): the one replica
+    0 has besides `default` (a release earlier in the module leaves its previous version loaded), else v1 or
+    v2 (a run of the canary test alone finds v1 only), loaded on every replica that lacks it."""
     models = live_pool.models
-    other = next(v for v in models.versions[:2] if v != default)
+    replicas = live_pool.pool.spec.replicas
+    other = next((v for v in replicas[0].client().versions(MODEL) if v != default),
+                 next(v for v in models.versions[:2] if v != default))
     loaded_on = []
-    for replica in live_pool.pool.spec.replicas:
+    for replica in replicas:
         client = replica.client()
-        if set(client.versions(MODEL)) - {default}:
-            continue
-        client.register(models.mars[other].name, initial_workers=1)
-        client.wait_ready(MODEL, other)
-        loaded_on.append(client)
-    return loaded_on
+        if other not in client.versions(MODEL):
+            client.register(models.mars[other].name, initial_workers=1)
+            client.wait_ready(MODEL, other)
+            loaded_on.append(client)
+    return other, loaded_on
 
 
 @pytest.mark.reliability
@@ -349,8 +350,7 @@ def test_canary_share_at_10_percent(live_pool):
     """HAProxy's canary route at 10 %: 10 ± 3 % of 1000+ responses come from the canary version."""
     spec, rt = live_pool.pool.spec, live_pool.pool.runtime
     default = spec.replicas[0].client().default_version(MODEL)
-    loaded_on = _another_version_on_every_replica(live_pool, default)
-    other = next(v for v in spec.replicas[0].client().versions(MODEL) if v != default)
+    other, loaded_on = _another_version_on_every_replica(live_pool, default)
     rt.set_map(spec.canary_map, MODEL, f"{other}:10")
     try:
         with Load(live_pool.pool.url, spec.token(), live_pool.pngs) as load:
