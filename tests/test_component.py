@@ -255,3 +255,11 @@ def test_the_reference_carries_the_input_statistics_of_its_images():
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ref.residuals, ref.subspace.residuals(to_array(splits.val.images[pick],
                                                                               splits.preprocess)), rtol=1e-6)
+    # the pixel channel's grain: the training images' weakest patch direction, and the grain of the same images
+    from flywheel.component.log import fit_grain
+
+    assert ref.grain is not None and ref.grain_scores.shape == (len(ref.embeddings),)
+    refit_grain = fit_grain(splits.train.images, splits.preprocess)
+    assert abs(ref.grain.mask @ refit_grain.mask) > 1 - 1e-6 and ref.grain.min_std == refit_grain.min_std  # (+-)
+    np.testing.assert_allclose(ref.grain_scores, ref.grain.scores(to_array(splits.val.images[pick],
+                                                                           splits.preprocess)), rtol=1e-6)

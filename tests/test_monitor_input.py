@@ -129,18 +129,18 @@ def test_track_reads_texture_statistics_where_the_reference_has_a_texture_model(
     assert new.detector.directions is not None and "directions_shift_texture_shift" in result.details
 
 
-def test_track_reads_the_residual_where_the_reference_has_a_pixel_subspace(tmp_path, caplog):
-    """A reference with a pixel subspace (what log_model writes now): the track's per-capture features end in
-    the capture's residual outside it (`image_features` with the subspace), and the detector has the residual
-    channel; a reference without one (an older flywheel's) keeps its other channels and says in one line that
-    the residual channel is off."""
-    from flywheel.component.log import fit_shift_directions, fit_subspace, fit_texture
+def test_track_reads_the_residual_and_grain_where_the_reference_has_their_models(tmp_path, caplog):
+    """A reference with a pixel subspace and a patch grain (what log_model writes now): the track's per-capture
+    features end in the capture's residual outside the subspace and its grain (`image_features` with both), and
+    the detector has the pixel channel; a reference without them (an older flywheel's) keeps its other channels
+    and says in one line each that the residual and the grain channels are off."""
+    from flywheel.component.log import fit_grain, fit_shift_directions, fit_subspace, fit_texture
     from flywheel.contracts.reference import image_features
     from flywheel.core.data import load_splits
 
     ref_images, clean, _, spec = _fashion()
     train = load_splits("fashion-mnist", seed=0).train.images[:2000]
-    texture, subspace = fit_texture(train, spec), fit_subspace(train, spec)
+    texture, subspace, grain = fit_texture(train, spec), fit_subspace(train, spec), fit_grain(train, spec)
     x = to_array(ref_images, spec)
     rng = np.random.default_rng(3)
     emb = (np.abs(rng.normal(size=(1000, 8))) + 0.1).astype(np.float32)
@@ -148,19 +148,22 @@ def test_track_reads_the_residual_where_the_reference_has_a_pixel_subspace(tmp_p
     refs = mon.dir / "references"
     parts = (input_statistics(x), texture, texture.statistics(x), fit_shift_directions(train, spec, texture))
     ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10, *parts, subspace,
-                    subspace.residuals(x)).save(refs / "new-run" / "reference")
+                    subspace.residuals(x), grain, grain.scores(x)).save(refs / "new-run" / "reference")
     ReferenceSample(emb, np.arange(1000) % 10, None, np.ones(10) / 10, *parts).save(refs / "old-run" / "reference")
     mon._spec_of = lambda version: ("layer", None, spec)  # the versions' component specs (no registry here)
     with caplog.at_level(logging.WARNING, logger="flywheel"):
         new = mon._load_track("1", "new-run")
         old = mon._load_track("2", "old-run")
-    assert new.detector.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual")
+    assert new.detector.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual", "grain")
     assert old.detector.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift")
     off = [r.getMessage() for r in caplog.records if "residual drift channel off" in r.getMessage()]
     assert len(off) == 1 and "m v2" in off[0], off
+    off = [r.getMessage() for r in caplog.records if "grain drift channel off" in r.getMessage()]
+    assert len(off) == 1 and "m v2" in off[0], off
     pngs = [encode_png(img) for img in clean[:50]]
     features = new.input_statistics(pngs)
-    np.testing.assert_allclose(features, image_features(to_array(clean[:50], spec), texture, subspace), rtol=1e-6)
-    assert old.input_statistics(pngs).shape == (50, features.shape[1] - 1)
+    np.testing.assert_allclose(features, image_features(to_array(clean[:50], spec), texture, subspace, grain),
+                               rtol=1e-6)
+    assert old.input_statistics(pngs).shape == (50, features.shape[1] - 2)
     result = new.detector.test(emb[:50], features)
-    assert "p_residual" in result.details and "p_texture_shift" in result.details
+    assert "p_residual" in result.details and "p_grain" in result.details and "p_texture_shift" in result.details

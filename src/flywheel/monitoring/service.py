@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.contracts.reference import ARTIFACT_DIR as REFERENCE_DIR
-from flywheel.contracts.reference import ReferenceSample
+from flywheel.contracts.reference import ReferenceSample, pixel_score_columns
 from flywheel.core.config import Settings
 from flywheel.core.errors import FlywheelError
 from flywheel.monitoring.metrics import Metrics
@@ -155,10 +155,12 @@ class Reference:
         self.texture = sample.texture if sample.input_stats is not None else None  # the texture channel's model
         self.shift_directions = sample.shift_directions if self.texture is not None else None
         self.subspace = sample.subspace if sample.input_stats is not None else None  # the residual channel's
-        # what the detector's image channels read per sample: input statistics, texture statistics, residual
+        self.grain = sample.grain if sample.input_stats is not None else None  # the grain channel's
+        # what the detector's image channels read per sample: input statistics, texture statistics, residual, grain
         parts = [sample.input_stats] if sample.input_stats is not None else []
         parts += [sample.texture_stats] if self.texture is not None else []
-        parts += [sample.residuals[:, None]] if self.subspace is not None else []
+        parts += pixel_score_columns(sample.residuals if self.subspace is not None else None,
+                                     sample.grain_scores if self.grain is not None else None)
         self.image_features = np.hstack(parts) if parts else None
 
     @classmethod
@@ -199,8 +201,8 @@ class Track:
     @property
     def input_columns(self) -> int:
         """Image features per capture (`contracts.reference.image_features`: input statistics, then
-        texture statistics and the residual where the reference has their models) with the input channel
-        on, else 0."""
+        texture statistics, the residual and the grain where the reference has their models) with the
+        input channel on, else 0."""
         return 0 if self.preprocess is None else int(self.reference.image_features.shape[1])
 
     def input_statistics(self, images: list[bytes | None]) -> np.ndarray:
@@ -224,7 +226,7 @@ class Track:
                 where.append(i)
             if decoded:
                 out[where] = image_features(to_array(np.stack(decoded), self.preprocess), self.reference.texture,
-                                            self.reference.subspace)
+                                            self.reference.subspace, self.reference.grain)
         return out
 
 
@@ -409,11 +411,15 @@ class Monitor:
         if preprocess is not None and reference.subspace is None:
             log.warning("%s v%s: residual drift channel off (its reference has no pixel subspace: logged by an older "
                         "flywheel or another subspace version; retrain to turn it on)", self.cfg.model, version)
+        if preprocess is not None and reference.grain is None:
+            log.warning("%s v%s: grain drift channel off (its reference has no patch grain: logged by an older "
+                        "flywheel or another grain version; retrain to turn it on)", self.cfg.model, version)
         detector = NoveltyDriftDetector(seed=self.cfg.seed).fit(
             reference.embeddings, input_reference=None if preprocess is None else reference.image_features,
             texture=None if preprocess is None else reference.texture,
             directions=None if preprocess is None else reference.shift_directions,
-            subspace=None if preprocess is None else reference.subspace)
+            subspace=None if preprocess is None else reference.subspace,
+            grain=None if preprocess is None else reference.grain)
         accuracy, where = self._reference_accuracy(run_id, reference)
         if accuracy is None:
             log.warning("%s v%s: no reference accuracy (no test_accuracy on run %s, no labels in its reference); "
@@ -607,7 +613,7 @@ class Monitor:
     def _test_window(self, emb, pred, ts, pid, version, feedback, primary: bool = True,
                      inputs: np.ndarray | None = None) -> WindowResult:
         from flywheel.monitoring.accuracy import accuracy_test
-        from flywheel.monitoring.drift import combine_p_values, prediction_drift
+        from flywheel.monitoring.drift import prediction_drift, window_decision_p
 
         track = self._tracks[version]
         # the input channel where the version has it and every capture of the window had its image
@@ -618,7 +624,7 @@ class Monitor:
         ref_counts = np.bincount(track.reference.predictions, minlength=n_classes)
         counts = np.bincount(pred[pred >= 0], minlength=n_classes)[:n_classes]
         p_pred = prediction_drift(counts, ref_counts).p_value
-        p = combine_p_values([p_emb, p_pred])
+        p = window_decision_p(p_emb, p_pred)  # weighted Bonferroni: the chi-square at a twentieth
         labelled = [(i, feedback[str(x)]) for i, x in enumerate(pid) if str(x) in feedback]
         accuracy, tested = None, None
         names = track.class_names
