@@ -278,6 +278,26 @@ def _fifth_shifted_windows(rng, clean_f, shifted_f, windows: int = 200):
     return clean, mixed
 
 
+def _with_pixel_scores(fashion_texture, family: str, scores):
+    """The fixture's reference and clean features, and those of 300 test images through `family` at severity
+    1, each followed by `scores(preprocessed images)`'s pixel-score columns; an embedding of 1000 + 3000
+    samples blind to the shift, and the generator that drew it, for the windows."""
+    from flywheel.contracts.preprocessing import to_array
+    from flywheel.core.shifts import corrupt_images
+
+    s, texture, ref_f, clean_f = fashion_texture
+    ref_images = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]  # the fixture's reference
+    shifted = corrupt_images(s.test.images[:300], family, 1, seed=0)
+
+    def with_scores(features, images):
+        return np.hstack([features, *scores(to_array(images, s.preprocess))])
+
+    rng = np.random.default_rng(9)
+    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1
+    return (with_scores(ref_f, ref_images), with_scores(clean_f, s.test.images[3000:6000]),
+            with_scores(_features(s, texture, shifted), shifted), emb, rng)
+
+
 def _assert_batch_path_is_test(det, emb, clean, mixed, results, channel: str) -> None:
     """The batch path the benchmark takes (`window_inputs` + `window_p_values`) gives `test`'s p-values, the
     window's and `channel`'s, on the first 20 windows."""
@@ -427,28 +447,17 @@ def test_residual_channel_catches_mild_spatter_every_other_channel_misses_and_ho
     of each window is flagged, by the residual channel, where the five other channels mostly miss it; clean
     windows alarm at about alpha; the batch path the benchmark takes equals `test`."""
     from flywheel.component.log import fit_subspace
-    from flywheel.contracts.preprocessing import to_array
-    from flywheel.core.shifts import corrupt_images
 
-    s, texture, ref_f, clean_f = fashion_texture
+    s, texture = fashion_texture[:2]
     subspace = fit_subspace(s.train.images, s.preprocess)
     assert subspace.pool == 1 and 500 < subspace.components < 784  # all but 0.1% of the pixel variance
     assert subspace.outside and subspace.basis.shape == (784 - subspace.components, 784)  # the smaller side
-    ref_images = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]  # the fixture's reference
-
-    def with_residual(features, images):
-        return np.hstack([features, subspace.residuals(to_array(images, s.preprocess))[:, None]])
-
-    spattered = corrupt_images(s.test.images[:300], "spatter", 1, seed=0)
-    ref_r = with_residual(ref_f, ref_images)
-    clean_r = with_residual(clean_f, s.test.images[3000:6000])
-    spatter_r = with_residual(_features(s, texture, spattered), spattered)
-    rng = np.random.default_rng(9)
-    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
+    ref_r, clean_r, spatter_r, emb, rng = _with_pixel_scores(fashion_texture, "spatter",
+                                                             lambda x: [subspace.residuals(x)[:, None]])
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_r, texture=texture,
                                                      subspace=subspace)
     assert det.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual")
-    without = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_f, texture=texture)
+    without = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_r[:, :-1], texture=texture)
     clean, mixed = _fifth_shifted_windows(rng, clean_r, spatter_r)
     clean_p = [det.test(emb[1000:][w], clean_r[w]).p_value for w in clean]
     results = [det.test(emb[1000:][w], m) for w, m in zip(clean, mixed, strict=True)]
@@ -470,25 +479,13 @@ def test_grain_channel_catches_mild_shot_noise_the_others_half_miss_and_holds_it
     about half of them (as in benchmarks/drift.py, 0.53-0.58); clean windows alarm at about alpha; the batch
     path the benchmark takes equals `test`."""
     from flywheel.component.log import fit_grain, fit_subspace
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import pixel_score_columns
-    from flywheel.core.shifts import corrupt_images
     from flywheel.monitoring.drift import CHANNEL_SHARES
 
-    s, texture, ref_f, clean_f = fashion_texture
+    s, texture = fashion_texture[:2]
     subspace, grain = fit_subspace(s.train.images, s.preprocess), fit_grain(s.train.images, s.preprocess)
-    ref_images = s.val.images[np.random.default_rng(0).permutation(len(s.val))[:1000]]  # the fixture's reference
-
-    def with_pixel_scores(features, images):
-        x = to_array(images, s.preprocess)
-        return np.hstack([features, *pixel_score_columns(subspace.residuals(x), grain.scores(x))])
-
-    noisy = corrupt_images(s.test.images[:300], "shot-noise", 1, seed=0)
-    ref_p = with_pixel_scores(ref_f, ref_images)
-    clean_p = with_pixel_scores(clean_f, s.test.images[3000:6000])
-    noisy_p = with_pixel_scores(_features(s, texture, noisy), noisy)
-    rng = np.random.default_rng(9)
-    emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1  # an embedding blind to the shift
+    ref_p, clean_p, noisy_p, emb, rng = _with_pixel_scores(
+        fashion_texture, "shot-noise", lambda x: pixel_score_columns(subspace.residuals(x), grain.scores(x)))
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_p, texture=texture,
                                                      subspace=subspace, grain=grain)
     assert det.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual", "grain")

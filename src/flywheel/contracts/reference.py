@@ -112,6 +112,18 @@ def robust_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, np.where(scale > 1e-9, scale, x.std(0) + 1e-9)
 
 
+def _save_versioned(path: str | os.PathLike, version: int, **arrays) -> None:
+    """One .npz file of a fitted model: its format's version, its fields and the reference samples' values."""
+    np.savez(path, version=version, **arrays)
+
+
+def _load_versioned(path: str | os.PathLike, version: int) -> dict[str, np.ndarray] | None:
+    """A `_save_versioned` file's arrays, or None for a file of another version of its format: another
+    version's values (statistics, residuals, scores, vectors) are not comparable with this one's."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files} if int(z["version"]) == version else None
+
+
 @dataclass(frozen=True)
 class TextureModel:
     """Texture statistics of images and a Gaussian of them fitted on training images: a label-free
@@ -190,16 +202,14 @@ class TextureModel:
 
     def save(self, path: str | os.PathLike, reference_stats: np.ndarray) -> None:
         """The model and the reference samples' statistics (N, T) in one file."""
-        np.savez(path, version=TEXTURE_VERSION, filters=self.filters, mean=self.mean, scale=self.scale,
-                 precision=self.precision, reference=np.asarray(reference_stats, dtype=np.float64))
+        _save_versioned(path, TEXTURE_VERSION, filters=self.filters, mean=self.mean, scale=self.scale,
+                        precision=self.precision, reference=np.asarray(reference_stats, dtype=np.float64))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple[TextureModel, np.ndarray] | None:
         """(model, the reference samples' statistics), or None for another TEXTURE_VERSION's file."""
-        with np.load(path) as z:
-            if int(z["version"]) != TEXTURE_VERSION:  # another version's statistics are not comparable
-                return None
-            return cls(z["filters"], z["mean"], z["scale"], z["precision"]), z["reference"]
+        z = _load_versioned(path, TEXTURE_VERSION)
+        return None if z is None else (cls(z["filters"], z["mean"], z["scale"], z["precision"]), z["reference"])
 
 
 @dataclass(frozen=True)
@@ -287,17 +297,14 @@ class PixelSubspace:
 
     def save(self, path: str | os.PathLike, reference_residuals: np.ndarray) -> None:
         """The subspace and the reference samples' residuals (N,) in one file."""
-        np.savez(path, version=SUBSPACE_VERSION, mean=self.mean, basis=self.basis, pool=self.pool,
-                 outside=self.outside,
-                 reference=np.asarray(reference_residuals, dtype=np.float64))
+        _save_versioned(path, SUBSPACE_VERSION, mean=self.mean, basis=self.basis, pool=self.pool,
+                        outside=self.outside, reference=np.asarray(reference_residuals, dtype=np.float64))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple[PixelSubspace, np.ndarray] | None:
         """(subspace, the reference samples' residuals), or None for another SUBSPACE_VERSION's file."""
-        with np.load(path) as z:
-            if int(z["version"]) != SUBSPACE_VERSION:  # another version's residuals are not comparable
-                return None
-            return cls(z["mean"], z["basis"], int(z["pool"]), bool(z["outside"])), z["reference"]
+        z = _load_versioned(path, SUBSPACE_VERSION)
+        return None if z is None else (cls(z["mean"], z["basis"], int(z["pool"]), bool(z["outside"])), z["reference"])
 
 
 @dataclass(frozen=True)
@@ -366,16 +373,14 @@ class PatchGrain:
 
     def save(self, path: str | os.PathLike, reference_scores: np.ndarray) -> None:
         """The mask, the threshold and the reference samples' scores (N,) in one file."""
-        np.savez(path, version=GRAIN_VERSION, mask=self.mask, min_std=self.min_std,
-                 reference=np.asarray(reference_scores, dtype=np.float64))
+        _save_versioned(path, GRAIN_VERSION, mask=self.mask, min_std=self.min_std,
+                        reference=np.asarray(reference_scores, dtype=np.float64))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> tuple[PatchGrain, np.ndarray] | None:
         """(grain, the reference samples' scores), or None for another GRAIN_VERSION's file."""
-        with np.load(path) as z:
-            if int(z["version"]) != GRAIN_VERSION:  # another version's scores are not comparable
-                return None
-            return cls(z["mask"], float(z["min_std"])), z["reference"]
+        z = _load_versioned(path, GRAIN_VERSION)
+        return None if z is None else (cls(z["mask"], float(z["min_std"])), z["reference"])
 
 
 def _flatten_pooled(x: np.ndarray, pool: int) -> np.ndarray:
@@ -476,16 +481,14 @@ class ShiftDirections:
         return cls(centre, scale, whitening, directions)
 
     def save(self, path: str | os.PathLike) -> None:
-        np.savez(path, version=SHIFT_DIRECTIONS_VERSION, input_centre=self.input_centre, input_scale=self.input_scale,
-                 input_whitening=self.input_whitening, directions=self.directions)
+        _save_versioned(path, SHIFT_DIRECTIONS_VERSION, input_centre=self.input_centre, input_scale=self.input_scale,
+                        input_whitening=self.input_whitening, directions=self.directions)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ShiftDirections | None:
         """The directions, or None for another SHIFT_DIRECTIONS_VERSION's file."""
-        with np.load(path) as z:
-            if int(z["version"]) != SHIFT_DIRECTIONS_VERSION:  # another version's vectors are not comparable
-                return None
-            return cls(z["input_centre"], z["input_scale"], z["input_whitening"], z["directions"])
+        z = _load_versioned(path, SHIFT_DIRECTIONS_VERSION)
+        return None if z is None else cls(z["input_centre"], z["input_scale"], z["input_whitening"], z["directions"])
 
 
 @dataclass(frozen=True)
