@@ -247,6 +247,12 @@ def test_reference_sample_keeps_input_statistics_and_reads_old_references(tmp_pa
     assert ReferenceSample.load(tmp_path / "new").input_stats is None  # another statistics version
 
 
+def _as_another_version(path) -> None:
+    """Rewrite a versioned .npz of the reference as another version of its format would have written it."""
+    with np.load(path) as z:
+        np.savez(path, **{**dict(z), "version": 0})
+
+
 def _features(splits, texture, images):
     from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import image_features
@@ -409,8 +415,7 @@ def test_reference_sample_keeps_its_shift_directions_and_drops_another_versions(
     loaded = ReferenceSample.load(tmp_path / "new").shift_directions
     np.testing.assert_array_equal(loaded.directions, directions.directions)
     np.testing.assert_allclose(loaded.project(features, texture), directions.project(features, texture))
-    with np.load(tmp_path / "new" / SHIFT_DIRECTIONS) as z:
-        np.savez(tmp_path / "new" / SHIFT_DIRECTIONS, **{**dict(z), "version": 0})
+    _as_another_version(tmp_path / "new" / SHIFT_DIRECTIONS)
     old = ReferenceSample.load(tmp_path / "new")
     assert old.shift_directions is None and old.texture is not None  # the channel runs without them
     with pytest.raises(ValueError, match="shift directions need"):
@@ -434,8 +439,7 @@ def test_reference_sample_keeps_its_texture_model_and_drops_another_versions(tmp
     with pytest.raises(ValueError, match="texture_stats must be"):
         ReferenceSample(sample.embeddings, sample.predictions, None, sample.class_priors, sample.input_stats,
                         texture, stats[:10]).save(tmp_path / "bad")
-    with np.load(tmp_path / "new" / TEXTURE) as z:
-        np.savez(tmp_path / "new" / TEXTURE, **{**dict(z), "version": 0})
+    _as_another_version(tmp_path / "new" / TEXTURE)
     old = ReferenceSample.load(tmp_path / "new")
     assert old.texture is None and old.texture_stats is None and old.input_stats is not None
 
@@ -560,8 +564,7 @@ def test_reference_sample_keeps_its_pixel_subspace_and_drops_another_versions(tm
     with pytest.raises(ValueError, match="residuals must be"):
         ReferenceSample(sample.embeddings, sample.predictions, None, sample.class_priors, sample.input_stats,
                         subspace=subspace, residuals=residuals[:10]).save(tmp_path / "bad")
-    with np.load(tmp_path / "new" / SUBSPACE) as z:
-        np.savez(tmp_path / "new" / SUBSPACE, **{**dict(z), "version": 0})
+    _as_another_version(tmp_path / "new" / SUBSPACE)
     old = ReferenceSample.load(tmp_path / "new")
     assert old.subspace is None and old.residuals is None and old.input_stats is not None
 
@@ -627,7 +630,6 @@ def test_reference_sample_keeps_its_patch_grain_and_drops_another_versions(tmp_p
     with pytest.raises(ValueError, match="grain_scores must be"):
         ReferenceSample(sample.embeddings, sample.predictions, None, sample.class_priors, sample.input_stats,
                         grain=grain, grain_scores=scores[:10]).save(tmp_path / "bad")
-    with np.load(tmp_path / "new" / GRAIN) as z:
-        np.savez(tmp_path / "new" / GRAIN, **{**dict(z), "version": 0})
+    _as_another_version(tmp_path / "new" / GRAIN)
     old = ReferenceSample.load(tmp_path / "new")
     assert old.grain is None and old.grain_scores is None and old.input_stats is not None
