@@ -236,29 +236,34 @@ def _texture_fit_pick(train_images: np.ndarray) -> np.ndarray:
     return np.sort(np.random.default_rng(0).permutation(len(train_images))[:TEXTURE_FIT_SAMPLES])
 
 
+def _picked_batches(train_images: np.ndarray, preprocess):
+    """The texture model's pick of training images, preprocessed in batches of 500 as they are consumed: what
+    every image-channel model of the drift monitor is fitted on."""
+    from flywheel.contracts.preprocessing import to_array
+
+    pick = _texture_fit_pick(train_images)
+    return (to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500))
+
+
 def fit_texture(train_images: np.ndarray, preprocess):
     """The drift monitor's texture model (`contracts.reference.TextureModel`), fitted on a seeded pick of
     up to TEXTURE_FIT_SAMPLES training images, never on the reference's own (validation) samples;
     None with fewer than 2 training images."""
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import TextureModel
 
     if len(train_images) < 2:
         return None
-    pick = _texture_fit_pick(train_images)
-    return TextureModel.fit(to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500))
+    return TextureModel.fit(_picked_batches(train_images, preprocess))
 
 
 def fit_subspace(train_images: np.ndarray, preprocess):
     """The drift monitor's pixel subspace (`contracts.reference.PixelSubspace`), fitted on the texture model's
     pick of training images, never on the reference's own; None with fewer than 2 training images."""
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import PixelSubspace
 
     if len(train_images) < 2:
         return None
-    pick = _texture_fit_pick(train_images)
-    return PixelSubspace.fit(to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500))
+    return PixelSubspace.fit(_picked_batches(train_images, preprocess))
 
 
 def fit_grain(train_images: np.ndarray, preprocess):
@@ -266,16 +271,13 @@ def fit_grain(train_images: np.ndarray, preprocess):
     of training images, never on the reference's own; its flat-patch threshold from the preprocessing's
     scale (black to white is 1 / std on a normalised channel, averaged over channels as the channel mean
     averages them). None with fewer than 2 training images or no textured patch among them."""
-    from flywheel.contracts.preprocessing import to_array
     from flywheel.contracts.reference import PatchGrain
 
     if len(train_images) < 2:
         return None
-    pick = _texture_fit_pick(train_images)
     value_range = float(np.mean(1.0 / np.asarray(preprocess.std, dtype=np.float64)))
     try:
-        return PatchGrain.fit((to_array(train_images[pick[i:i + 500]], preprocess) for i in range(0, len(pick), 500)),
-                              value_range)
+        return PatchGrain.fit(_picked_batches(train_images, preprocess), value_range)
     except ValueError:  # flat training images (no 3x3 patch with texture): nothing to fit, no grain channel
         return None
 

@@ -143,6 +143,13 @@ def combine_p_values(p_values: list[float]) -> float:
     return float(min(1.0, len(p_values) * min(p_values)))
 
 
+def weighted_bonferroni(p_values, shares) -> np.ndarray:
+    """min(1, min over tests of p / share): each test at its share of alpha (shares summing to 1), valid under
+    any dependence between them. `p_values`: one array (or float) per test, all of one shape."""
+    return np.minimum(1.0, np.min([np.asarray(p, dtype=np.float64) / w for p, w in zip(p_values, shares, strict=True)],
+                                  axis=0))
+
+
 # The monitor's window decision combines the novelty test with the prediction-drift chi-square, the one test
 # of label shift (the class mix moving while every input looks familiar), by weighted Bonferroni. The
 # chi-square's p-value falls fast with the size of a shift, so a small share costs it little (10 balanced
@@ -157,8 +164,7 @@ def window_decision_p(p_novelty, p_prediction):
     """The monitor's window p-value from the novelty test's and the prediction-drift test's (floats or arrays
     of them): the min of p_novelty / (1 - PREDICTION_SHARE) and p_prediction / PREDICTION_SHARE, capped at 1
     (weighted Bonferroni: valid under any dependence between the two)."""
-    p = np.minimum(1.0, np.minimum(np.asarray(p_novelty, dtype=np.float64) / (1 - PREDICTION_SHARE),
-                                   np.asarray(p_prediction, dtype=np.float64) / PREDICTION_SHARE))
+    p = weighted_bonferroni([p_novelty, p_prediction], [1 - PREDICTION_SHARE, PREDICTION_SHARE])
     return float(p) if p.ndim == 0 else p
 
 
@@ -465,7 +471,7 @@ class NoveltyDriftDetector:
         if SHIFT_CHANNEL in u and SHIFT_CHANNEL in self.CHANNELS and 2 * w <= len(self.shift_reference):
             per_channel[SHIFT_CHANNEL] = self._shift_p_values(u[SHIFT_CHANNEL])
         weights = channel_weights(tuple(per_channel))
-        combined = np.minimum(1.0, np.min(np.stack([p / weights[c] for c, p in per_channel.items()]), axis=0))
+        combined = weighted_bonferroni(per_channel.values(), [weights[c] for c in per_channel])
         return combined, per_channel
 
     def tail_p_values(self, u: np.ndarray) -> np.ndarray:
