@@ -368,7 +368,7 @@ class PatchGrain:
             raise ValueError(f"patch grain needs at least 9 textured 3x3 patches in its training images, got {count}")
         # an orthonormal basis of the patches less their mean (orthogonal to the constant patch), then its weakest
         complement = np.linalg.qr(np.hstack([np.ones((9, 1)), np.eye(9)[:, :8]]))[0][:, 1:]
-        values, vectors = np.linalg.eigh(complement.T @ scatter @ complement)
+        vectors = np.linalg.eigh(complement.T @ scatter @ complement)[1]  # ascending eigenvalues
         return cls(complement @ vectors[:, 0], probe.min_std)
 
     def save(self, path: str | os.PathLike, reference_scores: np.ndarray) -> None:
@@ -397,8 +397,8 @@ def image_features(x: np.ndarray, texture: TextureModel | None, subspace: PixelS
     texture statistics' `texture.columns` when a texture model is given, then the residual outside
     `subspace` (one column) when one is given, and last the grain score (one column) when `grain` is."""
     parts = [input_statistics(x)] + ([texture.statistics(x)] if texture is not None else [])
-    parts += [subspace.residuals(x)[:, None]] if subspace is not None else []
-    return np.hstack(parts + ([grain.scores(x)[:, None]] if grain is not None else []))
+    return np.hstack(parts + pixel_score_columns(None if subspace is None else subspace.residuals(x),
+                                                 None if grain is None else grain.scores(x)))
 
 
 def pixel_score_columns(residuals: np.ndarray | None, grain_scores: np.ndarray | None) -> list[np.ndarray]:
