@@ -19,6 +19,8 @@ with the same batching (TorchServe: a handler that answers a constant; Triton: a
 model that does the same), the engine's floor; the report gives Flywheel's model as a share of it
 (goal: >=0.8x the floor's req/s at 16 clients on both engines). `--engines` picks the servers;
 `--workers N` gives Flywheel's model and the floor alike N TorchServe workers / N Triton instances.
+That share counts the served network's forward as well as Flywheel's handler; `--arch mlp` serves a
+network whose forward is near free, so what is left above the floor is the handler.
 
 Each point also reports CPU per answered request: the server's whole process tree (TorchServe's Java
 frontend and Python workers; tritonserver, its Python-backend stubs and the proxy; MLflow's uvicorn)
@@ -28,6 +30,7 @@ measures the share of the cores the servers got; CPU per request is what each an
     python benchmarks/serving.py                      # trains a small Fashion-MNIST model first
     python benchmarks/serving.py --tracking-uri URI --model NAME --version V --seconds 10
     python benchmarks/serving.py --engines torchserve triton   # no MLflow
+    python benchmarks/serving.py --arch mlp --engines torchserve triton --clients 16   # the handler's share
 """
 
 from __future__ import annotations
@@ -196,10 +199,10 @@ def noop_triton(repository: Path, max_queue_delay_us: int, instances: int = 1) -
     return "noop"
 
 
-def model_to_serve(tracking_uri: str | None, model: str, version: str | None, prefix: str):
+def model_to_serve(tracking_uri: str | None, model: str, version: str | None, prefix: str, arch: str = "small-cnn"):
     """(work dir, applied Settings, version) for a benchmark: `version` of `model` in `tracking_uri`,
-    or, without a version, a small Fashion-MNIST model (1 epoch, 5000 images) trained and registered
-    in a fresh SQLite store in the work dir."""
+    or, without a version, a small Fashion-MNIST model of the built-in architecture `arch` (1 epoch,
+    5000 images) trained and registered in a fresh SQLite store in the work dir."""
     from flywheel.core.config import Settings
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
@@ -210,8 +213,8 @@ def model_to_serve(tracking_uri: str | None, model: str, version: str | None, pr
 
         from flywheel.training.train import TrainConfig, run_training
 
-        print("training a small Fashion-MNIST model (1 epoch, 5000 images)...", flush=True)
-        result = run_training(TrainConfig(dataset="fashion-mnist", epochs=1, max_train_samples=5000,
+        print(f"training a small Fashion-MNIST {arch} (1 epoch, 5000 images)...", flush=True)
+        result = run_training(TrainConfig(dataset="fashion-mnist", model=arch, epochs=1, max_train_samples=5000,
                                           register=False), settings)
         version = str(mlflow.register_model(result.model_uri, model).version)
     return work, settings, version
@@ -222,6 +225,9 @@ def main() -> None:
     ap.add_argument("--tracking-uri")
     ap.add_argument("--model", default="fashion-classifier")
     ap.add_argument("--version")
+    ap.add_argument("--arch", default="small-cnn",
+                    help="built-in architecture trained when no --version is given; `mlp` (a forward ~25x "
+                         "cheaper than small-cnn's) measures the handler and engine rather than the network")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=float, default=10.0,
@@ -248,7 +254,7 @@ def main() -> None:
     from flywheel.serving.torchserve import ServeConfig, start_torchserve
     from flywheel.serving.triton import TritonServeConfig, encode_infer_request, start_triton
 
-    work, settings, version = model_to_serve(args.tracking_uri, args.model, args.version, "flywheel-bench-")
+    work, settings, version = model_to_serve(args.tracking_uri, args.model, args.version, "flywheel-bench-", args.arch)
     engines = args.engines
     store = work / "store"
     if "torchserve" in engines:
@@ -314,7 +320,7 @@ def main() -> None:
             stop()
         shutil.rmtree(work, ignore_errors=True)  # the temp work dir: store, servers' dirs, a trained model's db
 
-    print(f"\n{args.model} v{version}, {args.seconds:.0f} s x {args.rounds} rounds per point, batch "
+    print(f"\n{args.model} v{version}{'' if args.version else f' ({args.arch})'}, {args.seconds:.0f} s x {args.rounds} rounds per point, batch "
           f"{args.batch_size} / {args.max_batch_delay} ms, {args.workers} worker(s)/instance(s) each, {os.cpu_count()} CPUs")
     print("cpu ms/req: CPU of the server's process tree (client: this load generator) per answered request; "
           f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -49,6 +49,14 @@ def small_cnn(num_classes: int, in_channels: int = 1) -> FlywheelNet:
     return FlywheelNet(features, 128, num_classes)
 
 
+def mlp(num_classes: int, in_channels: int = 1) -> FlywheelNet:
+    """One hidden layer of 128 on the flattened 28×28 image: ~0.1M multiply-adds per image, ~25x
+    fewer than small-cnn. The cheapest forward there is: for smoke runs, and for serving benchmarks
+    that measure the handler rather than the network (`benchmarks/serving.py --arch mlp`)."""
+    features = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 128), nn.ReLU(inplace=True))
+    return FlywheelNet(features, 128, num_classes)
+
+
 def _torchvision_backbone(name: str, num_classes: int, in_channels: int) -> FlywheelNet:
     from flywheel.core.vision import import_torchvision
 
@@ -73,6 +81,7 @@ def _torchvision_backbone(name: str, num_classes: int, in_channels: int) -> Flyw
 
 ARCHITECTURES = {
     "small-cnn": "3 conv-BN blocks + global pool (CPU friendly, default)",
+    "mlp": "one hidden layer on the flat image (cheapest forward: smoke runs, serving benchmarks)",
     "resnet18": "torchvision ResNet-18, weights=None, 3x3 stem for 28x28 (GPU nodes)",
     "mobilenet_v3_small": "torchvision MobileNetV3-Small, weights=None, stride-1 stem (GPU nodes)",
 }
@@ -83,4 +92,6 @@ def build_model(name: str, num_classes: int, in_channels: int = 1) -> FlywheelNe
         raise FlywheelError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if name == "small-cnn":
         return small_cnn(num_classes, in_channels)
+    if name == "mlp":
+        return mlp(num_classes, in_channels)
     return _torchvision_backbone(name, num_classes, in_channels)
