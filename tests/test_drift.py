@@ -469,7 +469,7 @@ def test_residual_channel_catches_mild_spatter_every_other_channel_misses_and_ho
     caught_without = sum(without.test(emb[1000:][w], m[:, :-1]).p_value < ALPHA
                          for w, m in zip(clean, mixed, strict=True))
     assert sum(p < ALPHA for p in clean_p) <= 6, sorted(clean_p)[:10]  # expected <= 2 of 200 at alpha
-    assert caught >= 180 and caught_without <= 140, (caught, caught_without)  # without: about half  # 200 and 36 here
+    assert caught >= 180 and caught_without <= 100, (caught, caught_without)  # 200 and 36 here
     _assert_batch_path_is_test(det, emb[1000:], clean, mixed, results, "residual")
     with pytest.raises(ValueError, match="not input statistics followed by"):
         NoveltyDriftDetector().fit(emb[:1000], input_reference=ref_r[:, :1], subspace=subspace)
