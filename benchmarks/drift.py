@@ -616,11 +616,11 @@ def build_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, co
 
 def pixel_score_pools(model_uri: str, tracking_uri: str | None, cache: Path | None, counts: Counts, fashion: bool):
     """(pixel scores, pixel subspace, patch grain): every pool's images' (N, k) pixel-score columns
-    (`contracts.reference.pixel_score_columns`: `PixelSubspace.residuals`, `PatchGrain.scores`), preprocessed
+    (`contracts.reference.pixel_scores`: `PixelSubspace.residuals`, `PatchGrain.scores`), preprocessed
     with the version's spec, and the models (Fashion-MNIST: fitted as `component.log.fit_subspace` and
     `fit_grain` fit them; another component: its version's own; ({}, None, None) where it has neither).
     Not cached: seconds."""
-    from flywheel.contracts.reference import pixel_score_columns
+    from flywheel.contracts.reference import pixel_scores
     from flywheel.core.models import load_model
 
     _, spec = load_model(model_uri, tracking_uri=tracking_uri)
@@ -637,8 +637,7 @@ def pixel_score_pools(model_uri: str, tracking_uri: str | None, cache: Path | No
         return {}, None, None
 
     def scores(x: np.ndarray) -> np.ndarray:
-        return np.hstack(pixel_score_columns(None if subspace is None else subspace.residuals(x),
-                                             None if grain is None else grain.scores(x)))
+        return np.hstack(pixel_scores(x, subspace, grain))
 
     return {name: _per_image(scores, images, spec)
             for name, images in _pool_images(model_uri, tracking_uri, spec, cache, counts, fashion)}, subspace, grain

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift as bench  # noqa: E402
 
 from flywheel.component.log import REFERENCE_SIZE  # noqa: E402
-from flywheel.monitoring.drift import NoveltyDriftDetector, channel_weights  # noqa: E402
+from flywheel.monitoring.drift import NoveltyDriftDetector, channel_weights, weighted_bonferroni  # noqa: E402
 
 # extra channels: given a reference draw (indices into the pool), each extra channel's per-sample
 # conformal p-values of the clean pool
@@ -94,8 +94,8 @@ def level_rates(pools, draws: int, windows: int, seed: int, extra: Extra | None 
             weights = channel_weights(tuple(per))
             decisions = {"detector": p}
             if u_extra:
-                decisions["detector + " + " + ".join(u_extra)] = np.minimum(
-                    1.0, np.min([v / weights[c] for c, v in per.items()], 0))
+                decisions["detector + " + " + ".join(u_extra)] = weighted_bonferroni(per.values(),
+                                                                                     [weights[c] for c in per])
             decisions |= {c: v / weights[c] for c, v in per.items()}  # each channel against its share
             for name, values in decisions.items():
                 rates.setdefault((w, name), []).append(float(np.mean(values < bench.ALPHA)))

@@ -284,11 +284,12 @@ def _fifth_shifted_windows(rng, clean_f, shifted_f, windows: int = 200):
     return clean, mixed
 
 
-def _with_pixel_scores(fashion_texture, family: str, scores):
+def _with_pixel_scores(fashion_texture, family: str, subspace, grain):
     """The fixture's reference and clean features, and those of 300 test images through `family` at severity
-    1, each followed by `scores(preprocessed images)`'s pixel-score columns; an embedding of 1000 + 3000
-    samples blind to the shift, and the generator that drew it, for the windows."""
+    1, each followed by their pixel-score columns with `subspace` and `grain` (`pixel_scores`); an embedding
+    of 1000 + 3000 samples blind to the shift, and the generator that drew it, for the windows."""
     from flywheel.contracts.preprocessing import to_array
+    from flywheel.contracts.reference import pixel_scores
     from flywheel.core.shifts import corrupt_images
 
     s, texture, ref_f, clean_f = fashion_texture
@@ -296,7 +297,7 @@ def _with_pixel_scores(fashion_texture, family: str, scores):
     shifted = corrupt_images(s.test.images[:300], family, 1, seed=0)
 
     def with_scores(features, images):
-        return np.hstack([features, *scores(to_array(images, s.preprocess))])
+        return np.hstack([features, *pixel_scores(to_array(images, s.preprocess), subspace, grain)])
 
     rng = np.random.default_rng(9)
     emb = np.abs(rng.normal(size=(1000 + 3000, 16))) + 0.1
@@ -456,8 +457,7 @@ def test_residual_channel_catches_mild_spatter_every_other_channel_misses_and_ho
     subspace = fit_subspace(s.train.images, s.preprocess)
     assert subspace.pool == 1 and 500 < subspace.components < 784  # all but 0.1% of the pixel variance
     assert subspace.outside and subspace.basis.shape == (784 - subspace.components, 784)  # the smaller side
-    ref_r, clean_r, spatter_r, emb, rng = _with_pixel_scores(fashion_texture, "spatter",
-                                                             lambda x: [subspace.residuals(x)[:, None]])
+    ref_r, clean_r, spatter_r, emb, rng = _with_pixel_scores(fashion_texture, "spatter", subspace, None)
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_r, texture=texture,
                                                      subspace=subspace)
     assert det.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual")
@@ -483,13 +483,11 @@ def test_grain_channel_catches_mild_shot_noise_the_others_half_miss_and_holds_it
     about half of them (as in benchmarks/drift.py, 0.53-0.58); clean windows alarm at about alpha; the batch
     path the benchmark takes equals `test`."""
     from flywheel.component.log import fit_grain, fit_subspace
-    from flywheel.contracts.reference import pixel_score_columns
     from flywheel.monitoring.drift import CHANNEL_SHARES
 
     s, texture = fashion_texture[:2]
     subspace, grain = fit_subspace(s.train.images, s.preprocess), fit_grain(s.train.images, s.preprocess)
-    ref_p, clean_p, noisy_p, emb, rng = _with_pixel_scores(
-        fashion_texture, "shot-noise", lambda x: pixel_score_columns(subspace.residuals(x), grain.scores(x)))
+    ref_p, clean_p, noisy_p, emb, rng = _with_pixel_scores(fashion_texture, "shot-noise", subspace, grain)
     det = NoveltyDriftDetector(simulations=4000).fit(emb[:1000], input_reference=ref_p, texture=texture,
                                                      subspace=subspace, grain=grain)
     assert det.CHANNELS == ("direction", "magnitude", "input", "texture", "texture_shift", "residual", "grain")

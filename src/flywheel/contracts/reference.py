@@ -397,8 +397,14 @@ def image_features(x: np.ndarray, texture: TextureModel | None, subspace: PixelS
     texture statistics' `texture.columns` when a texture model is given, then the residual outside
     `subspace` (one column) when one is given, and last the grain score (one column) when `grain` is."""
     parts = [input_statistics(x)] + ([texture.statistics(x)] if texture is not None else [])
-    return np.hstack(parts + pixel_score_columns(None if subspace is None else subspace.residuals(x),
-                                                 None if grain is None else grain.scores(x)))
+    return np.hstack(parts + pixel_scores(x, subspace, grain))
+
+
+def pixel_scores(x: np.ndarray, subspace: PixelSubspace | None, grain: PatchGrain | None) -> list[np.ndarray]:
+    """The pixel-score columns of preprocessed images `x` (N, C, H, W): the residual outside `subspace` and
+    the grain score along `grain`'s mask, those of the two given, in `pixel_score_columns`' order."""
+    return pixel_score_columns(None if subspace is None else subspace.residuals(x),
+                               None if grain is None else grain.scores(x))
 
 
 def pixel_score_columns(residuals: np.ndarray | None, grain_scores: np.ndarray | None) -> list[np.ndarray]:
@@ -536,15 +542,16 @@ class ReferenceSample:
             if self.shift_directions is not None:
                 self.shift_directions.save(os.path.join(directory, SHIFT_DIRECTIONS))
         if self.subspace is not None:
-            res = np.asarray(self.residuals, dtype=np.float64)
-            if res.shape != (len(self.embeddings),):
-                raise ValueError(f"residuals must be (N={len(self.embeddings)},), got shape {res.shape}")
-            self.subspace.save(os.path.join(directory, SUBSPACE), res)
+            self.subspace.save(os.path.join(directory, SUBSPACE), self._per_sample("residuals", self.residuals))
         if self.grain is not None:
-            scores = np.asarray(self.grain_scores, dtype=np.float64)
-            if scores.shape != (len(self.embeddings),):
-                raise ValueError(f"grain_scores must be (N={len(self.embeddings)},), got shape {scores.shape}")
-            self.grain.save(os.path.join(directory, GRAIN), scores)
+            self.grain.save(os.path.join(directory, GRAIN), self._per_sample("grain_scores", self.grain_scores))
+
+    def _per_sample(self, name: str, values) -> np.ndarray:
+        """`values` as one float64 score per sample (N,), or a ValueError naming the field."""
+        scores = np.asarray(values, dtype=np.float64)
+        if scores.shape != (len(self.embeddings),):
+            raise ValueError(f"{name} must be (N={len(self.embeddings)},), got shape {scores.shape}")
+        return scores
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceSample:
@@ -570,22 +577,18 @@ class ReferenceSample:
                 meta = json.loads(f.read())
             if meta.get("version") == INPUT_STATS_VERSION:  # another version's statistics are not comparable
                 stats = np.load(os.path.join(path, INPUT_STATS)).astype(np.float64)
-        texture = texture_stats = directions = None
-        if os.path.isfile(os.path.join(path, TEXTURE)):
-            loaded = TextureModel.load(os.path.join(path, TEXTURE))
-            if loaded is not None:
-                texture, texture_stats = loaded
-                if os.path.isfile(os.path.join(path, SHIFT_DIRECTIONS)):
-                    directions = ShiftDirections.load(os.path.join(path, SHIFT_DIRECTIONS))
-        subspace = residuals = None
-        if os.path.isfile(os.path.join(path, SUBSPACE)):
-            loaded_subspace = PixelSubspace.load(os.path.join(path, SUBSPACE))
-            if loaded_subspace is not None:
-                subspace, residuals = loaded_subspace
-        grain = grain_scores = None
-        if os.path.isfile(os.path.join(path, GRAIN)):
-            loaded_grain = PatchGrain.load(os.path.join(path, GRAIN))
-            if loaded_grain is not None:
-                grain, grain_scores = loaded_grain
+        texture, texture_stats = _load_with_values(os.path.join(path, TEXTURE), TextureModel)
+        directions = None
+        if texture is not None and os.path.isfile(os.path.join(path, SHIFT_DIRECTIONS)):
+            directions = ShiftDirections.load(os.path.join(path, SHIFT_DIRECTIONS))
+        subspace, residuals = _load_with_values(os.path.join(path, SUBSPACE), PixelSubspace)
+        grain, grain_scores = _load_with_values(os.path.join(path, GRAIN), PatchGrain)
         return cls(emb, preds, labels, np.asarray(priors, dtype=np.float64), stats, texture, texture_stats, directions,
                    subspace, residuals, grain, grain_scores)
+
+
+def _load_with_values(path: str, model_type) -> tuple:
+    """(model, the reference samples' values) of a model file `model_type.save` wrote with them, or (None,
+    None) where the file is missing or of another version of its format."""
+    loaded = model_type.load(path) if os.path.isfile(path) else None
+    return (None, None) if loaded is None else loaded
